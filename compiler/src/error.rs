@@ -1,0 +1,20 @@
+//! Errors of the compiler crate.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Model(#[from] llmc_models::ModelError),
+    #[error(transparent)]
+    Ir(#[from] llmc_ir::IrError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unknown pass `{0}`")]
+    UnknownPass(String),
+}

@@ -1,0 +1,172 @@
+//! `llmc compile`: model folder → optimized graph → artifact file, written atomically.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use llmc_ir::passes;
+use llmc_models::Model;
+
+use crate::artifact::{
+    align_up, Header, Section, Target, TensorEntry, FORMAT_VERSION, MAGIC, PREAMBLE,
+};
+use crate::error::CompileError;
+
+/// What `compile` did, for the CLI to report.
+#[derive(Debug)]
+pub struct CompileReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: usize,
+    pub nodes: usize,
+}
+
+/// The target description of this host.
+pub fn host_target() -> Target {
+    Target {
+        arch: std::env::consts::ARCH.to_string(),
+        features: Vec::new(),
+    }
+}
+
+/// Compiles `model` into an artifact at `out`. The file is written to a temporary name beside
+/// `out` and renamed into place only when complete, so `out` never holds a partial artifact;
+/// on any error the temporary file is removed.
+pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError> {
+    let mut graph = model.graph.clone();
+    let pipeline = passes::standard_pipeline();
+    passes::run_pipeline(&mut graph, &pipeline)?;
+    let ir_text = llmc_ir::text::print(&graph);
+
+    // Layout: header, IR text, then the tensors the optimized graph still reads.
+    let used: Vec<_> = graph.weights();
+    let specs: Vec<_> = used
+        .iter()
+        .map(|(name, _)| model.specs.iter().find(|s| &s.name == name))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            CompileError::Ir(llmc_ir::IrError::Interp(
+                "graph reads a weight with no spec".into(),
+            ))
+        })?;
+    let mut header = Header {
+        format_version: FORMAT_VERSION,
+        llmc_version: env!("CARGO_PKG_VERSION").to_string(),
+        model_type: graph.name.clone(),
+        config: model.raw_config.clone(),
+        max_positions: model.config.max_positions(),
+        hard_context_limit: model.config.hard_context_limit(),
+        vocab_size: model.config.vocab_size(),
+        target: host_target(),
+        passes: pipeline.iter().map(|p| p.name().to_string()).collect(),
+        ir: Section {
+            offset: 0,
+            len: ir_text.len() as u64,
+        },
+        tensors: Vec::new(),
+        file_size: 0,
+    };
+    // The header's length depends on the offsets it contains: lay out with a generous estimate
+    // of the header size, then fix it (offsets only grow, so one retry suffices).
+    let mut reserve = 4096u64;
+    let header_json = loop {
+        let mut at = align_up(PREAMBLE as u64 + reserve);
+        header.ir.offset = at;
+        at = align_up(at + header.ir.len);
+        header.tensors = specs
+            .iter()
+            .map(|s| {
+                let len = s.shape.iter().product::<usize>() as u64 * 4;
+                let e = TensorEntry {
+                    name: s.name.clone(),
+                    dtype: "f32".into(),
+                    shape: s.shape.clone(),
+                    offset: at,
+                    len,
+                };
+                at = align_up(at + len);
+                e
+            })
+            .collect();
+        header.file_size = at;
+        let json = serde_json::to_vec(&header)
+            .map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
+        if json.len() as u64 <= reserve {
+            break json;
+        }
+        reserve = json.len() as u64 * 2;
+    };
+
+    let tmp = temp_path(out);
+    let result = write_file(&tmp, &header, &header_json, &ir_text, model, &specs);
+    match result {
+        Ok(()) => std::fs::rename(&tmp, out).map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            CompileError::Io {
+                path: out.to_path_buf(),
+                source,
+            }
+        })?,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    }
+    Ok(CompileReport {
+        path: out.to_path_buf(),
+        bytes: header.file_size,
+        tensors: specs.len(),
+        nodes: graph.node_count(),
+    })
+}
+
+fn temp_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "artifact".into());
+    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn write_file(
+    tmp: &Path,
+    header: &Header,
+    header_json: &[u8],
+    ir_text: &str,
+    model: &Model,
+    specs: &[&llmc_models::WeightSpec],
+) -> Result<(), CompileError> {
+    let io = |source| CompileError::Io {
+        path: tmp.to_path_buf(),
+        source,
+    };
+    let file = File::create(tmp).map_err(io)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    w.write_all(MAGIC).map_err(io)?;
+    w.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(io)?;
+    w.write_all(&(header_json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header_json).map_err(io)?;
+    pad_to(&mut w, header.ir.offset).map_err(io)?;
+    w.write_all(ir_text.as_bytes()).map_err(io)?;
+    for (entry, spec) in header.tensors.iter().zip(specs) {
+        pad_to(&mut w, entry.offset).map_err(io)?;
+        let data = spec.load(&model.files)?;
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_all(&bytes).map_err(io)?;
+    }
+    pad_to(&mut w, header.file_size).map_err(io)?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
+fn pad_to<W: Write + Seek>(w: &mut W, offset: u64) -> std::io::Result<()> {
+    let pos = w.stream_position()?;
+    if pos > offset {
+        return Err(std::io::Error::other(format!(
+            "layout error: at {pos}, section starts at {offset}"
+        )));
+    }
+    w.write_all(&vec![0u8; (offset - pos) as usize])
+}

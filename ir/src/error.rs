@@ -1,0 +1,27 @@
+//! Errors of the IR crate.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum IrError {
+    #[error("type error at {node}: {msg}")]
+    Type { node: String, msg: String },
+    #[error("the graph has a cycle")]
+    Cycle,
+    #[error("the graph has no outputs")]
+    NoOutputs,
+    #[error("IR text line {line}: {msg}")]
+    Parse { line: usize, msg: String },
+    #[error("interpreter: {0}")]
+    Interp(String),
+    #[error("missing weight `{0}`")]
+    MissingWeight(String),
+    #[error("weight `{name}` has shape {actual:?}, the graph expects {expected:?}")]
+    WeightShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("position {pos} is outside the context of {ctx} tokens")]
+    ContextOverflow { pos: usize, ctx: usize },
+}

@@ -1,0 +1,259 @@
+//! The graph: a petgraph `StableGraph` of typed nodes. Edge weights are operand indices, so
+//! the operands of a node are its incoming edges sorted by weight.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::{EdgeRef, IntoEdgeReferences};
+use petgraph::Direction;
+
+use crate::error::IrError;
+use crate::op::{InputKind, Op};
+use crate::types::{DType, Shape, Type};
+
+pub type NodeId = NodeIndex<u32>;
+
+/// One node: an op and the type of the value it produces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub ty: Type,
+}
+
+/// A forward step of a model over `n` tokens.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub name: String,
+    pub(crate) g: StableDiGraph<Node, u32>,
+    /// Named results of the step (e.g. `logits`).
+    pub outputs: Vec<(String, NodeId)>,
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Graph {
+        Graph {
+            name: name.into(),
+            g: StableDiGraph::default(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Adds a node with an explicit type (no checking; the verifier checks).
+    pub fn add_typed(&mut self, op: Op, operands: &[NodeId], ty: Type) -> NodeId {
+        let id = self.g.add_node(Node { op, ty });
+        for (i, &src) in operands.iter().enumerate() {
+            self.g.add_edge(src, id, i as u32);
+        }
+        id
+    }
+
+    /// Adds a node whose type is inferred from its operands.
+    pub fn add(&mut self, op: Op, operands: &[NodeId]) -> Result<NodeId, IrError> {
+        let tys: Vec<&Type> = operands.iter().map(|&o| &self.g[o].ty).collect();
+        let ty = op.infer(&tys).map_err(|msg| IrError::Type {
+            node: format!("new {}", op.name()),
+            msg,
+        })?;
+        Ok(self.add_typed(op, operands, ty))
+    }
+
+    pub fn input(&mut self, kind: InputKind) -> NodeId {
+        self.add_typed(Op::Input(kind), &[], Type::new(DType::I32, Shape::vec_n()))
+    }
+
+    pub fn weight(&mut self, name: impl Into<String>, dims: &[usize]) -> NodeId {
+        self.add_typed(
+            Op::Weight { name: name.into() },
+            &[],
+            Type::new(DType::F32, Shape::constant(dims)),
+        )
+    }
+
+    pub fn output(&mut self, name: impl Into<String>, id: NodeId) {
+        self.outputs.push((name.into(), id));
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.g[id]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.g[id]
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.g.contains_node(id)
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.g.node_count()
+    }
+
+    /// Operands of a node in operand order.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut e: Vec<(u32, NodeId)> = self
+            .g
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        e.sort_unstable();
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Nodes that use `id`.
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut u: Vec<NodeId> = self.g.neighbors_directed(id, Direction::Outgoing).collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    }
+
+    /// Replaces every use of `old` (operands and outputs) by `new`.
+    pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
+        let edges: Vec<_> = self
+            .g
+            .edges_directed(old, Direction::Outgoing)
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
+        for (eid, target, w) in edges {
+            self.g.remove_edge(eid);
+            self.g.add_edge(new, target, w);
+        }
+        for (_, o) in &mut self.outputs {
+            if *o == old {
+                *o = new;
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: NodeId) {
+        self.g.remove_node(id);
+    }
+
+    /// A deterministic topological order: Kahn's algorithm, smallest node index first. For a
+    /// graph built or parsed in dependency order this is exactly insertion order, which makes
+    /// the text form stable under print → parse → print.
+    pub fn topo_order(&self) -> Result<Vec<NodeId>, IrError> {
+        let mut indeg: std::collections::HashMap<NodeId, usize> =
+            self.g.node_indices().map(|n| (n, 0)).collect();
+        for e in (&self.g).edge_references() {
+            *indeg.entry(e.target()).or_default() += 1;
+        }
+        let mut ready: BinaryHeap<Reverse<NodeId>> = indeg
+            .iter()
+            .filter(|(_, &d)| d == 0)
+            .map(|(&n, _)| Reverse(n))
+            .collect();
+        let mut order = Vec::with_capacity(self.g.node_count());
+        while let Some(Reverse(n)) = ready.pop() {
+            order.push(n);
+            for e in self.g.edges_directed(n, Direction::Outgoing) {
+                let d = indeg.get_mut(&e.target()).expect("edge target is a node");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(Reverse(e.target()));
+                }
+            }
+        }
+        if order.len() != self.g.node_count() {
+            return Err(IrError::Cycle);
+        }
+        Ok(order)
+    }
+
+    /// All nodes, in index order.
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.g.node_indices().collect()
+    }
+
+    /// Names and types of every weight the graph reads, in topological order.
+    pub fn weights(&self) -> Vec<(String, Type)> {
+        let mut out = Vec::new();
+        for id in self.topo_order().unwrap_or_default() {
+            if let Op::Weight { name } = &self.g[id].op {
+                out.push((name.clone(), self.g[id].ty.clone()));
+            }
+        }
+        out
+    }
+
+    /// The attention layers (cache slots) of the graph: `(layer, kv_heads, head_dim)`, sorted.
+    pub fn kv_layers(&self) -> Vec<(usize, usize, usize)> {
+        let mut out: Vec<_> = self
+            .g
+            .node_weights()
+            .filter_map(|n| match n.op {
+                Op::Attention {
+                    layer,
+                    kv_heads,
+                    head_dim,
+                    ..
+                } => Some((layer, kv_heads, head_dim)),
+                _ => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Checks every node: operand count and types against the op's typing rule, weights and
+    /// inputs well-formed, outputs present, no cycles. Names the first offending node.
+    pub fn verify(&self) -> Result<(), IrError> {
+        let order = self.topo_order()?;
+        let numbering: std::collections::HashMap<NodeId, usize> =
+            order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        for &id in &order {
+            let node = &self.g[id];
+            let ops = self.operands(id);
+            let at = || format!("%{} ({})", numbering[&id], node.op.name());
+            match &node.op {
+                Op::Weight { name } => {
+                    if !ops.is_empty() {
+                        return Err(IrError::Type {
+                            node: at(),
+                            msg: "weight takes no operands".into(),
+                        });
+                    }
+                    if node
+                        .ty
+                        .shape
+                        .0
+                        .iter()
+                        .any(|d| matches!(d, crate::types::Dim::N))
+                    {
+                        return Err(IrError::Type {
+                            node: at(),
+                            msg: format!("weight {name:?} has a symbolic dim"),
+                        });
+                    }
+                }
+                op => {
+                    let tys: Vec<&Type> = ops.iter().map(|&o| &self.g[o].ty).collect();
+                    let want = op
+                        .infer(&tys)
+                        .map_err(|msg| IrError::Type { node: at(), msg })?;
+                    if want != node.ty {
+                        return Err(IrError::Type {
+                            node: at(),
+                            msg: format!("declared type {} but operands give {}", node.ty, want),
+                        });
+                    }
+                }
+            }
+        }
+        if self.outputs.is_empty() {
+            return Err(IrError::NoOutputs);
+        }
+        for (name, id) in &self.outputs {
+            if !self.g.contains_node(*id) {
+                return Err(IrError::Type {
+                    node: format!("output {name}"),
+                    msg: "refers to a removed node".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,449 @@
+//! The reference interpreter: executes any graph on plain f32 arrays with obvious loops.
+//!
+//! It is the oracle every pass and every JIT kernel is checked against, so it favours clarity
+//! over speed: reductions accumulate in f64, nothing is fused, nothing is clever.
+
+use std::collections::HashMap;
+
+use crate::error::IrError;
+use crate::graph::{Graph, NodeId};
+use crate::op::{InputKind, Op};
+
+/// Where weights come from at run time: a name → row-major f32 data with its shape.
+pub trait WeightSource {
+    fn weight(&self, name: &str) -> Option<(&[f32], &[usize])>;
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
+        self.get(name)
+            .map(|t| (t.data.as_slice(), t.shape.as_slice()))
+    }
+}
+
+/// A dense f32 tensor (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The keys and values of one attention layer: `[kv_heads, ctx, head_dim]` each.
+#[derive(Clone, Debug)]
+pub struct LayerKv {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Per-sequence state of every attention layer, sized for `ctx` positions.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub ctx: usize,
+    pub layers: HashMap<usize, LayerKv>,
+}
+
+impl KvCache {
+    /// A zeroed cache for the attention layers of `g`, `ctx` positions each.
+    pub fn new(g: &Graph, ctx: usize) -> KvCache {
+        let layers = g
+            .kv_layers()
+            .into_iter()
+            .map(|(l, kv_heads, head_dim)| {
+                let len = kv_heads * ctx * head_dim;
+                (
+                    l,
+                    LayerKv {
+                        kv_heads,
+                        head_dim,
+                        k: vec![0.0; len],
+                        v: vec![0.0; len],
+                    },
+                )
+            })
+            .collect();
+        KvCache { ctx, layers }
+    }
+}
+
+/// The inputs of one step: `n` tokens and their positions.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInput<'a> {
+    pub tokens: &'a [i32],
+    pub positions: &'a [i32],
+}
+
+enum Val<'w> {
+    Ids(Vec<i32>),
+    Owned(Tensor),
+    Borrowed(&'w [f32], &'w [usize]),
+}
+
+impl Val<'_> {
+    fn f32(&self) -> Result<(&[f32], &[usize]), IrError> {
+        match self {
+            Val::Owned(t) => Ok((&t.data, &t.shape)),
+            Val::Borrowed(d, s) => Ok((d, s)),
+            Val::Ids(_) => Err(IrError::Interp("expected an f32 value, got ids".into())),
+        }
+    }
+    fn ids(&self) -> Result<&[i32], IrError> {
+        match self {
+            Val::Ids(v) => Ok(v),
+            _ => Err(IrError::Interp("expected i32 ids".into())),
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> IrError {
+    IrError::Interp(msg.into())
+}
+
+/// Runs one step of `g`, updating `cache`, and returns the graph's named outputs.
+pub fn run(
+    g: &Graph,
+    step: StepInput<'_>,
+    weights: &dyn WeightSource,
+    cache: &mut KvCache,
+) -> Result<HashMap<String, Tensor>, IrError> {
+    let n = step.tokens.len();
+    if step.positions.len() != n {
+        return Err(bad(format!(
+            "{n} tokens but {} positions",
+            step.positions.len()
+        )));
+    }
+    let order = g.topo_order()?;
+    // Remaining uses of each value, so intermediates are freed as soon as possible.
+    let mut uses: HashMap<NodeId, usize> = HashMap::new();
+    for &id in &order {
+        for o in g.operands(id) {
+            *uses.entry(o).or_default() += 1;
+        }
+    }
+    for (_, o) in &g.outputs {
+        *uses.entry(*o).or_default() += 1;
+    }
+    let mut vals: HashMap<NodeId, Val<'_>> = HashMap::new();
+    for &id in &order {
+        let node = g.node(id);
+        let operands = g.operands(id);
+        let val = {
+            let args: Vec<&Val<'_>> = operands.iter().map(|o| &vals[o]).collect();
+            eval(
+                &node.op,
+                &args,
+                step,
+                weights,
+                cache,
+                n,
+                &node.ty.shape.resolve(n),
+            )?
+        };
+        vals.insert(id, val);
+        for o in operands {
+            let u = uses.get_mut(&o).ok_or_else(|| bad("use count"))?;
+            *u -= 1;
+            if *u == 0 {
+                vals.remove(&o);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for (name, id) in &g.outputs {
+        let (d, s) = vals
+            .get(id)
+            .ok_or_else(|| bad(format!("output {name} not computed")))?
+            .f32()?;
+        out.insert(
+            name.clone(),
+            Tensor {
+                shape: s.to_vec(),
+                data: d.to_vec(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn owned(shape: Vec<usize>, data: Vec<f32>) -> Val<'static> {
+    Val::Owned(Tensor { shape, data })
+}
+
+/// Dot product accumulated in f64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+fn map_rows(x: &[f32], shape: &[usize], f: impl Fn(f32) -> f32) -> Val<'static> {
+    owned(shape.to_vec(), x.iter().map(|&v| f(v)).collect())
+}
+
+fn eval<'w>(
+    op: &Op,
+    args: &[&Val<'w>],
+    step: StepInput<'_>,
+    weights: &'w dyn WeightSource,
+    cache: &mut KvCache,
+    n: usize,
+    out_shape: &[usize],
+) -> Result<Val<'w>, IrError> {
+    Ok(match op {
+        Op::Input(InputKind::Tokens) => Val::Ids(step.tokens.to_vec()),
+        Op::Input(InputKind::Positions) => Val::Ids(step.positions.to_vec()),
+        Op::Weight { name } => {
+            let (d, s) = weights
+                .weight(name)
+                .ok_or_else(|| IrError::MissingWeight(name.clone()))?;
+            if s != out_shape || d.len() != out_shape.iter().product::<usize>() {
+                return Err(IrError::WeightShape {
+                    name: name.clone(),
+                    expected: out_shape.to_vec(),
+                    actual: s.to_vec(),
+                });
+            }
+            Val::Borrowed(d, s)
+        }
+        Op::Embedding => {
+            let (table, ts) = args[0].f32()?;
+            let ids = args[1].ids()?;
+            let (vocab, d) = (ts[0], ts[1]);
+            let mut out = Vec::with_capacity(n * d);
+            for &t in ids {
+                if t < 0 || t as usize >= vocab {
+                    return Err(bad(format!(
+                        "index {t} is outside the embedding table of {vocab} rows"
+                    )));
+                }
+                out.extend_from_slice(&table[t as usize * d..(t as usize + 1) * d]);
+            }
+            owned(vec![ids.len(), d], out)
+        }
+        Op::MatMul => {
+            let (x, xs) = args[0].f32()?;
+            let (w, ws) = args[1].f32()?;
+            let bias = match args.get(2) {
+                Some(b) => Some(b.f32()?.0),
+                None => None,
+            };
+            let (rows, k, m) = (xs[0], xs[1], ws[0]);
+            let mut out = vec![0f32; rows * m];
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                for o in 0..m {
+                    let mut acc = dot(xr, &w[o * k..(o + 1) * k]);
+                    if let Some(b) = bias {
+                        acc += b[o] as f64;
+                    }
+                    out[r * m + o] = acc as f32;
+                }
+            }
+            owned(vec![rows, m], out)
+        }
+        Op::RmsNorm { eps } => {
+            let (x, xs) = args[0].f32()?;
+            let (w, _) = args[1].f32()?;
+            let d = xs[1];
+            let mut out = Vec::with_capacity(x.len());
+            for row in x.chunks(d) {
+                let ms = dot(row, row) / d as f64;
+                let inv = 1.0 / (ms + *eps as f64).sqrt();
+                out.extend(
+                    row.iter()
+                        .zip(w)
+                        .map(|(&v, &s)| ((v as f64 * inv) as f32) * s),
+                );
+            }
+            owned(xs.to_vec(), out)
+        }
+        Op::LayerNorm { eps } => {
+            let (x, xs) = args[0].f32()?;
+            let (w, _) = args[1].f32()?;
+            let (b, _) = args[2].f32()?;
+            let d = xs[1];
+            let mut out = Vec::with_capacity(x.len());
+            for row in x.chunks(d) {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (var + *eps as f64).sqrt();
+                out.extend(
+                    row.iter()
+                        .zip(w)
+                        .zip(b)
+                        .map(|((&v, &s), &o)| ((v as f64 - mean) * inv) as f32 * s + o),
+                );
+            }
+            owned(xs.to_vec(), out)
+        }
+        Op::Rope {
+            heads,
+            head_dim,
+            rotary_dim,
+            theta,
+            scaling,
+        } => {
+            let (x, xs) = args[0].f32()?;
+            let pos = args[1].ids()?;
+            let inv_freq = scaling.inv_freq(*theta, *rotary_dim);
+            let half = rotary_dim / 2;
+            let mut out = x.to_vec();
+            let width = heads * head_dim;
+            for (r, &p) in pos.iter().enumerate() {
+                let p = p as f32 / scaling.position_divisor();
+                for h in 0..*heads {
+                    let base = r * width + h * head_dim;
+                    for i in 0..half {
+                        // transformers: freqs = pos * inv_freq in f32, cos/sin of that in f32.
+                        let angle = (p * inv_freq[i]) as f64;
+                        let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+                        let a = x[base + i];
+                        let b = x[base + i + half];
+                        out[base + i] = a * cos - b * sin;
+                        out[base + i + half] = b * cos + a * sin;
+                    }
+                }
+            }
+            owned(xs.to_vec(), out)
+        }
+        Op::Attention {
+            layer,
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+            scale,
+        } => {
+            let (q, _) = args[0].f32()?;
+            let (k, _) = args[1].f32()?;
+            let (v, _) = args[2].f32()?;
+            let pos = args[3].ids()?;
+            let ctx = cache.ctx;
+            let lkv = cache
+                .layers
+                .get_mut(layer)
+                .ok_or_else(|| bad(format!("no KV cache for layer {layer}")))?;
+            let hd = *head_dim;
+            let kvw = kv_heads * hd;
+            // 1. Append this step's keys and values at their positions.
+            for (r, &p) in pos.iter().enumerate() {
+                if p < 0 || p as usize >= ctx {
+                    return Err(IrError::ContextOverflow {
+                        pos: p.max(0) as usize,
+                        ctx,
+                    });
+                }
+                for h in 0..*kv_heads {
+                    let dst = (h * ctx + p as usize) * hd;
+                    lkv.k[dst..dst + hd]
+                        .copy_from_slice(&k[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
+                    lkv.v[dst..dst + hd]
+                        .copy_from_slice(&v[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
+                }
+            }
+            // 2. Causal (optionally windowed) softmax attention over the cache.
+            let group = heads / kv_heads;
+            let qw = heads * hd;
+            let mut out = vec![0f32; pos.len() * qw];
+            for (r, &p) in pos.iter().enumerate() {
+                let p = p as usize;
+                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                for h in 0..*heads {
+                    let kh = h / group;
+                    let qv = &q[r * qw + h * hd..r * qw + (h + 1) * hd];
+                    let scores: Vec<f64> = (lo..=p)
+                        .map(|j| {
+                            dot(qv, &lkv.k[(kh * ctx + j) * hd..(kh * ctx + j + 1) * hd])
+                                * *scale as f64
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = exps.iter().sum();
+                    for dd in 0..hd {
+                        let acc: f64 = (lo..=p)
+                            .zip(&exps)
+                            .map(|(j, e)| e * lkv.v[(kh * ctx + j) * hd + dd] as f64)
+                            .sum();
+                        out[r * qw + h * hd + dd] = (acc / sum) as f32;
+                    }
+                }
+            }
+            owned(vec![pos.len(), qw], out)
+        }
+        Op::Softmax => {
+            let (x, xs) = args[0].f32()?;
+            let mut out = Vec::with_capacity(x.len());
+            for row in x.chunks(xs[1]) {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                out.extend(row.iter().map(|&v| ((v as f64 - max).exp() / sum) as f32));
+            }
+            owned(xs.to_vec(), out)
+        }
+        Op::Silu => {
+            let (x, xs) = args[0].f32()?;
+            map_rows(x, xs, |v| (v as f64 / (1.0 + (-(v as f64)).exp())) as f32)
+        }
+        Op::Gelu => {
+            let (x, xs) = args[0].f32()?;
+            map_rows(x, xs, |v| {
+                let v = v as f64;
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                (0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())) as f32
+            })
+        }
+        Op::GeluErf => {
+            let (x, xs) = args[0].f32()?;
+            map_rows(x, xs, |v| {
+                let v = v as f64;
+                (0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2))) as f32
+            })
+        }
+        Op::Add | Op::Mul => {
+            let (a, s) = args[0].f32()?;
+            let (b, _) = args[1].f32()?;
+            let f = if matches!(op, Op::Add) {
+                |x: f32, y: f32| x + y
+            } else {
+                |x: f32, y: f32| x * y
+            };
+            owned(
+                s.to_vec(),
+                a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect(),
+            )
+        }
+        Op::Scale { factor } => {
+            let (x, xs) = args[0].f32()?;
+            map_rows(x, xs, |v| v * factor)
+        }
+        Op::Slice { start, len } => {
+            let (x, xs) = args[0].f32()?;
+            let mut out = Vec::with_capacity(xs[0] * len);
+            for row in x.chunks(xs[1]) {
+                out.extend_from_slice(&row[*start..start + len]);
+            }
+            owned(vec![xs[0], *len], out)
+        }
+        Op::Concat => {
+            let parts: Vec<(&[f32], &[usize])> =
+                args.iter().map(|a| a.f32()).collect::<Result<_, _>>()?;
+            let rows = parts[0].1[0];
+            let width: usize = parts.iter().map(|p| p.1[1]).sum();
+            let mut out = Vec::with_capacity(rows * width);
+            for r in 0..rows {
+                for (d, s) in &parts {
+                    out.extend_from_slice(&d[r * s[1]..(r + 1) * s[1]]);
+                }
+            }
+            owned(vec![rows, width], out)
+        }
+        Op::TakeLast => {
+            let (x, xs) = args[0].f32()?;
+            if xs[0] == 0 {
+                return Err(bad("take_last of an empty step"));
+            }
+            owned(vec![1, xs[1]], x[(xs[0] - 1) * xs[1]..].to_vec())
+        }
+    })
+}

@@ -1,0 +1,122 @@
+//! Element types and shapes. The only symbolic dimension is `n`, the number of tokens in a step.
+
+use std::fmt;
+
+/// Element type of a value. Activations are f32; token ids and positions are i32.
+/// Weights may be stored as f16/bf16 and are widened to f32 when loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        Some(match s {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            "i32" => DType::I32,
+            _ => return None,
+        })
+    }
+}
+
+/// One dimension: the symbolic token count `n` or a constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dim {
+    N,
+    C(usize),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::N => write!(f, "n"),
+            Dim::C(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+/// A shape: a list of dims, outermost first.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shape(pub Vec<Dim>);
+
+impl Shape {
+    pub fn rows_n(cols: usize) -> Shape {
+        Shape(vec![Dim::N, Dim::C(cols)])
+    }
+    pub fn vec_n() -> Shape {
+        Shape(vec![Dim::N])
+    }
+    pub fn constant(dims: &[usize]) -> Shape {
+        Shape(dims.iter().map(|&d| Dim::C(d)).collect())
+    }
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+    /// The last dim if it is a constant.
+    pub fn last_const(&self) -> Option<usize> {
+        match self.0.last() {
+            Some(Dim::C(c)) => Some(*c),
+            _ => None,
+        }
+    }
+    /// Concrete dims for a given `n`.
+    pub fn resolve(&self, n: usize) -> Vec<usize> {
+        self.0
+            .iter()
+            .map(|d| match d {
+                Dim::N => n,
+                Dim::C(c) => *c,
+            })
+            .collect()
+    }
+    /// Number of elements for a given `n`.
+    pub fn numel(&self, n: usize) -> usize {
+        self.resolve(n).iter().product()
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// The type of a value: dtype and shape, printed as `f32[n, 64]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Type {
+    pub dtype: DType,
+    pub shape: Shape,
+}
+
+impl Type {
+    pub fn new(dtype: DType, shape: Shape) -> Type {
+        Type { dtype, shape }
+    }
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.dtype.name(), self.shape)
+    }
+}

@@ -1,0 +1,175 @@
+//! Shared building blocks for the family files: a graph under construction plus the weight
+//! specs it reads. Family files describe only what differs between architectures.
+
+use llmc_ir::{Graph, InputKind, NodeId, Op, RopeScaling};
+
+use crate::error::Result;
+use crate::weights::{Transform, WeightSpec};
+
+pub struct Builder {
+    pub g: Graph,
+    pub tokens: NodeId,
+    pub positions: NodeId,
+    pub specs: Vec<WeightSpec>,
+}
+
+/// Attention hyper-parameters of one layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnParams {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub window: Option<usize>,
+    pub scale: f32,
+    /// `None` for models without rotary embeddings.
+    pub rope: Option<(f32, RopeScaling, usize)>,
+}
+
+impl Builder {
+    pub fn new(name: &str) -> Builder {
+        let mut g = Graph::new(name);
+        let tokens = g.input(InputKind::Tokens);
+        let positions = g.input(InputKind::Positions);
+        Builder {
+            g,
+            tokens,
+            positions,
+            specs: Vec::new(),
+        }
+    }
+
+    /// A weight read from the checkpoint tensor of the same name.
+    pub fn weight(&mut self, name: &str, dims: &[usize]) -> NodeId {
+        self.weight_from(name, dims, &[name], Transform::None)
+    }
+
+    /// A weight with explicit checkpoint names and layout transform.
+    pub fn weight_from(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        candidates: &[&str],
+        transform: Transform,
+    ) -> NodeId {
+        if !self.specs.iter().any(|s| s.name == name) {
+            self.specs.push(WeightSpec {
+                name: name.to_string(),
+                shape: dims.to_vec(),
+                candidates: candidates.iter().map(|c| c.to_string()).collect(),
+                transform,
+            });
+        }
+        // A weight read twice (tied embeddings) is one node.
+        let existing = self
+            .g
+            .node_ids()
+            .into_iter()
+            .find(|&id| matches!(&self.g.node(id).op, Op::Weight { name: n } if n == name));
+        existing.unwrap_or_else(|| self.g.weight(name, dims))
+    }
+
+    pub fn op(&mut self, op: Op, args: &[NodeId]) -> Result<NodeId> {
+        Ok(self.g.add(op, args)?)
+    }
+
+    /// `x · Wᵀ (+ b)` with `W` named `{prefix}.weight` of shape `[out, in]`.
+    pub fn linear(
+        &mut self,
+        x: NodeId,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<NodeId> {
+        let w = self.weight(&format!("{prefix}.weight"), &[out, inp]);
+        let mut args = vec![x, w];
+        if bias {
+            args.push(self.weight(&format!("{prefix}.bias"), &[out]));
+        }
+        self.op(Op::MatMul, &args)
+    }
+
+    pub fn rms_norm(&mut self, x: NodeId, name: &str, d: usize, eps: f32) -> Result<NodeId> {
+        let w = self.weight(&format!("{name}.weight"), &[d]);
+        self.op(Op::RmsNorm { eps }, &[x, w])
+    }
+
+    pub fn layer_norm(&mut self, x: NodeId, name: &str, d: usize, eps: f32) -> Result<NodeId> {
+        let w = self.weight(&format!("{name}.weight"), &[d]);
+        let b = self.weight(&format!("{name}.bias"), &[d]);
+        self.op(Op::LayerNorm { eps }, &[x, w, b])
+    }
+
+    /// RoPE on q and k (if the model has it), then attention over the cache of `layer`.
+    pub fn attention(
+        &mut self,
+        layer: usize,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        p: AttnParams,
+    ) -> Result<NodeId> {
+        let (q, k) = match p.rope {
+            Some((theta, scaling, rotary_dim)) => {
+                let rope = |heads| Op::Rope {
+                    heads,
+                    head_dim: p.head_dim,
+                    rotary_dim,
+                    theta,
+                    scaling,
+                };
+                let pos = self.positions;
+                (
+                    self.op(rope(p.heads), &[q, pos])?,
+                    self.op(rope(p.kv_heads), &[k, pos])?,
+                )
+            }
+            None => (q, k),
+        };
+        let pos = self.positions;
+        self.op(
+            Op::Attention {
+                layer,
+                heads: p.heads,
+                kv_heads: p.kv_heads,
+                head_dim: p.head_dim,
+                window: p.window,
+                scale: p.scale,
+            },
+            &[q, k, v, pos],
+        )
+    }
+
+    /// Splits a fused `[n, (h + 2·kv)·hd]` projection into q, k, v.
+    pub fn split_qkv(&mut self, qkv: NodeId, p: &AttnParams) -> Result<(NodeId, NodeId, NodeId)> {
+        let (qw, kw) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
+        let q = self.op(Op::Slice { start: 0, len: qw }, &[qkv])?;
+        let k = self.op(Op::Slice { start: qw, len: kw }, &[qkv])?;
+        let v = self.op(
+            Op::Slice {
+                start: qw + kw,
+                len: kw,
+            },
+            &[qkv],
+        )?;
+        Ok((q, k, v))
+    }
+
+    /// The last row of the residual stream: only it needs logits.
+    pub fn last_row(&mut self, x: NodeId) -> Result<NodeId> {
+        self.op(Op::TakeLast, &[x])
+    }
+
+    /// Final projection of the (normed) last row to the vocabulary; the graph's output.
+    pub fn logits(&mut self, x: NodeId, lm_head: &str, vocab: usize, d: usize) -> Result<()> {
+        let w = self.weight(lm_head, &[vocab, d]);
+        let logits = self.op(Op::MatMul, &[x, w])?;
+        self.g.output("logits", logits);
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<(Graph, Vec<WeightSpec>)> {
+        self.g.verify()?;
+        Ok((self.g, self.specs))
+    }
+}

@@ -1,0 +1,160 @@
+//! llmc-models: reads Hugging Face model folders (`config.json` + safetensors) and builds the
+//! IR of one forward step for each architecture family (one file per family).
+//!
+//! **Architecture invariant:** a family file only *describes* its graph with the shared ops of
+//! `llmc-ir` (through [`builder::Builder`]); it never computes anything itself.
+
+pub mod builder;
+pub mod config;
+pub mod error;
+pub mod falcon;
+pub mod gpt2;
+pub mod llama;
+pub mod safetensors_io;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use llmc_ir::Graph;
+use serde_json::Value;
+
+pub use error::{ModelError, Result};
+pub use safetensors_io::WeightFiles;
+pub use weights::{Transform, WeightSpec};
+
+/// The `model_type`s llmc knows.
+pub const SUPPORTED: &str = "llama, mistral, qwen2, gpt2, falcon";
+
+/// A validated config of one of the supported families.
+#[derive(Clone, Debug)]
+pub enum ModelConfig {
+    Llama(llama::LlamaConfig),
+    Gpt2(gpt2::Gpt2Config),
+    Falcon(falcon::FalconConfig),
+}
+
+impl ModelConfig {
+    /// Parses and validates a raw `config.json` value; `path` is used in error messages.
+    pub fn from_json(path: &Path, v: &Value) -> Result<ModelConfig> {
+        let model_type = v
+            .get("model_type")
+            .ok_or_else(|| config::field_err(path, "model_type", "missing"))?
+            .as_str()
+            .ok_or_else(|| config::field_err(path, "model_type", "must be a string"))?;
+        Ok(match model_type {
+            "llama" | "mistral" | "qwen2" => {
+                ModelConfig::Llama(llama::LlamaConfig::parse(path, v)?)
+            }
+            "gpt2" => ModelConfig::Gpt2(gpt2::Gpt2Config::parse(path, v)?),
+            "falcon" => ModelConfig::Falcon(falcon::FalconConfig::parse(path, v)?),
+            other => {
+                return Err(ModelError::UnknownModelType {
+                    path: path.into(),
+                    model_type: other.to_string(),
+                    supported: SUPPORTED,
+                })
+            }
+        })
+    }
+
+    /// Builds the step graph and the list of weights it reads.
+    pub fn build(&self) -> Result<(Graph, Vec<WeightSpec>)> {
+        match self {
+            ModelConfig::Llama(c) => c.build(),
+            ModelConfig::Gpt2(c) => c.build(),
+            ModelConfig::Falcon(c) => c.build(),
+        }
+    }
+
+    /// The longest context the model was trained for (the default context size).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+            ModelConfig::Gpt2(c) => c.n_positions,
+            ModelConfig::Falcon(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// Whether positions past `max_positions` are impossible (learned position embeddings).
+    pub fn hard_context_limit(&self) -> bool {
+        matches!(self, ModelConfig::Gpt2(_))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Falcon(c) => c.vocab_size,
+        }
+    }
+}
+
+/// A model folder opened for compilation: its config, the raw JSON, its step graph, the
+/// weights the graph reads and the files they come from.
+pub struct Model {
+    pub config_path: PathBuf,
+    pub raw_config: Value,
+    pub config: ModelConfig,
+    pub graph: Graph,
+    pub specs: Vec<WeightSpec>,
+    pub files: WeightFiles,
+}
+
+/// Reads only the config and builds the graph (no weights needed).
+pub fn load_config(path: &Path) -> Result<(PathBuf, Value, ModelConfig)> {
+    let config_path = config::config_path(path);
+    let raw = config::read_json(&config_path)?;
+    let config = ModelConfig::from_json(&config_path, &raw)?;
+    Ok((config_path, raw, config))
+}
+
+/// Opens a model: `path` is a `config.json` (any name) or a folder holding one; the weights are
+/// `weights` if given, else `model.safetensors` or `model.safetensors.index.json` beside the
+/// config. Every tensor the graph reads is checked to exist with the right shape and dtype.
+pub fn load(path: &Path, weights: Option<&Path>) -> Result<Model> {
+    let (config_path, raw_config, config) = load_config(path)?;
+    let (graph, specs) = config.build()?;
+    let files = match weights {
+        Some(w) => WeightFiles::open(w)?,
+        None => WeightFiles::find_beside(&config_path)?,
+    };
+    for spec in &specs {
+        check_spec(&files, spec)?;
+    }
+    Ok(Model {
+        config_path,
+        raw_config,
+        config,
+        graph,
+        specs,
+        files,
+    })
+}
+
+fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
+    let (src, loc) = spec
+        .candidates
+        .iter()
+        .find_map(|c| files.get(c).map(|l| (c, l)))
+        .ok_or_else(|| ModelError::MissingTensor {
+            name: spec.name.clone(),
+            files: files.describe_files(),
+        })?;
+    if loc.shape != spec.stored_shape() {
+        return Err(ModelError::TensorShape {
+            path: files.path_of(loc).to_path_buf(),
+            name: src.clone(),
+            expected: spec.stored_shape(),
+            actual: loc.shape.clone(),
+        });
+    }
+    use safetensors::tensor::Dtype;
+    if !matches!(loc.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        return Err(ModelError::TensorDtype {
+            path: files.path_of(loc).to_path_buf(),
+            name: src.clone(),
+            dtype: format!("{:?}", loc.dtype),
+        });
+    }
+    Ok(())
+}

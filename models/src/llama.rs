@@ -1,0 +1,226 @@
+//! The Llama family: `llama` (Llama 2/3, SmolLM), `mistral` (sliding window) and `qwen2`
+//! (QKV bias). Pre-RMSNorm blocks, GQA attention with RoPE, SwiGLU MLP.
+//!
+//! ```text
+//! x = embed(tokens)
+//! per layer:  x += o_proj(attn(rope(q(h)), rope(k(h)), v(h)))   with h = rms_norm(x)
+//!             x += down(silu(gate(h)) * up(h))                  with h = rms_norm(x)
+//! logits = lm_head(rms_norm(x)[last])
+//! ```
+
+use std::path::Path;
+
+use llmc_ir::Op;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::builder::{AttnParams, Builder};
+use crate::config::{check_dim, field_err, typed, RopeParams};
+use crate::error::Result;
+use crate::weights::WeightSpec;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// `config.json` of the Llama family, with HF's field names.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(skip)]
+    pub rope: Option<RopeParams>,
+}
+
+impl LlamaConfig {
+    pub fn parse(path: &Path, v: &Value) -> Result<LlamaConfig> {
+        let mut c: LlamaConfig = typed(path, v)?;
+        c.rope = Some(RopeParams::from_config(path, v, 10000.0)?);
+        for (field, val) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("num_key_value_heads", c.kv_heads()),
+            ("head_dim", c.head_dim()),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ] {
+            check_dim(path, field, val)?;
+        }
+        if c.head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
+            return Err(field_err(
+                path,
+                "num_attention_heads",
+                "does not divide hidden_size and head_dim is not given",
+            ));
+        }
+        if c.num_attention_heads % c.kv_heads() != 0 {
+            return Err(field_err(
+                path,
+                "num_key_value_heads",
+                "must divide num_attention_heads",
+            ));
+        }
+        if c.hidden_act != "silu" {
+            return Err(field_err(
+                path,
+                "hidden_act",
+                format!("`{}` is not supported (silu only)", c.hidden_act),
+            ));
+        }
+        if !(c.rms_norm_eps > 0.0 && c.rms_norm_eps < 1.0) {
+            return Err(field_err(
+                path,
+                "rms_norm_eps",
+                format!("{} is not a valid epsilon", c.rms_norm_eps),
+            ));
+        }
+        if let Some(types) = &c.layer_types {
+            if types.len() != c.num_hidden_layers {
+                return Err(field_err(
+                    path,
+                    "layer_types",
+                    "must have one entry per layer",
+                ));
+            }
+        }
+        if c.sliding_window == Some(0) {
+            return Err(field_err(path, "sliding_window", "must be positive"));
+        }
+        let rd = c.rotary_dim();
+        if rd == 0 || rd % 2 != 0 {
+            return Err(field_err(
+                path,
+                "partial_rotary_factor",
+                "gives an odd or empty rotary dimension",
+            ));
+        }
+        Ok(c)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn rope(&self) -> RopeParams {
+        self.rope.unwrap_or(RopeParams {
+            theta: 10000.0,
+            scaling: llmc_ir::RopeScaling::None,
+            partial_rotary_factor: 1.0,
+        })
+    }
+
+    fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f32 * self.rope().partial_rotary_factor) as usize
+    }
+
+    /// The sliding window of layer `i`, if it has one.
+    fn window(&self, i: usize) -> Option<usize> {
+        if let Some(types) = &self.layer_types {
+            return (types[i] == "sliding_attention")
+                .then_some(self.sliding_window)
+                .flatten();
+        }
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" if self.use_sliding_window == Some(true) => (i
+                >= self.max_window_layers.unwrap_or(0))
+            .then_some(self.sliding_window)
+            .flatten(),
+            _ => None,
+        }
+    }
+
+    pub fn build(&self) -> Result<(llmc_ir::Graph, Vec<WeightSpec>)> {
+        let (d, hd) = (self.hidden_size, self.head_dim());
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        let eps = self.rms_norm_eps as f32;
+        let qkv_bias = self.attention_bias || self.model_type == "qwen2";
+        let rope = self.rope();
+        let mut b = Builder::new(&self.model_type);
+        let embed = b.weight("model.embed_tokens.weight", &[self.vocab_size, d]);
+        let tokens = b.tokens;
+        let mut x = b.op(Op::Embedding, &[embed, tokens])?;
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let attn = AttnParams {
+                heads: h,
+                kv_heads: kv,
+                head_dim: hd,
+                window: self.window(i),
+                scale: 1.0 / (hd as f32).sqrt(),
+                rope: Some((rope.theta, rope.scaling, self.rotary_dim())),
+            };
+            let hn = b.rms_norm(x, &format!("{p}.input_layernorm"), d, eps)?;
+            let q = b.linear(hn, &format!("{p}.self_attn.q_proj"), h * hd, d, qkv_bias)?;
+            let k = b.linear(hn, &format!("{p}.self_attn.k_proj"), kv * hd, d, qkv_bias)?;
+            let v = b.linear(hn, &format!("{p}.self_attn.v_proj"), kv * hd, d, qkv_bias)?;
+            let a = b.attention(i, q, k, v, attn)?;
+            let o = b.linear(
+                a,
+                &format!("{p}.self_attn.o_proj"),
+                d,
+                h * hd,
+                self.attention_bias,
+            )?;
+            x = b.op(Op::Add, &[x, o])?;
+            let hn = b.rms_norm(x, &format!("{p}.post_attention_layernorm"), d, eps)?;
+            let ff = self.intermediate_size;
+            let gate = b.linear(hn, &format!("{p}.mlp.gate_proj"), ff, d, self.mlp_bias)?;
+            let up = b.linear(hn, &format!("{p}.mlp.up_proj"), ff, d, self.mlp_bias)?;
+            let act = b.op(Op::Silu, &[gate])?;
+            let prod = b.op(Op::Mul, &[act, up])?;
+            let down = b.linear(prod, &format!("{p}.mlp.down_proj"), d, ff, self.mlp_bias)?;
+            x = b.op(Op::Add, &[x, down])?;
+        }
+        let last = b.last_row(x)?;
+        let x = b.rms_norm(last, "model.norm", d, eps)?;
+        let head = if self.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        b.logits(x, head, self.vocab_size, d)?;
+        b.finish()
+    }
+}

@@ -1,0 +1,201 @@
+//! Safetensors loading: memory-mapped files, single or sharded (`model.safetensors.index.json`),
+//! with f32/f16/bf16 tensors widened to f32 on read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::error::{ModelError, Result};
+
+/// Where one tensor lives.
+#[derive(Clone, Debug)]
+pub struct TensorLoc {
+    pub file: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range in the file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A set of memory-mapped safetensors files and the index of their tensors.
+pub struct WeightFiles {
+    pub paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    pub tensors: HashMap<String, TensorLoc>,
+}
+
+impl WeightFiles {
+    /// Opens `model.safetensors` or the shards listed by `model.safetensors.index.json` in `dir`.
+    pub fn find_beside(config: &Path) -> Result<WeightFiles> {
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            WeightFiles::open(&single)
+        } else if index.exists() {
+            WeightFiles::open(&index)
+        } else {
+            Err(ModelError::NoWeights {
+                config: config.to_path_buf(),
+            })
+        }
+    }
+
+    /// Opens a `.safetensors` file or a `.safetensors.index.json` shard index.
+    pub fn open(path: &Path) -> Result<WeightFiles> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".json") {
+            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+                path: path.into(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Json {
+                    path: path.into(),
+                    msg: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Field {
+                    path: path.into(),
+                    field: "weight_map".into(),
+                    msg: "missing or not an object".into(),
+                })?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let mut shards: BTreeMap<String, ()> = BTreeMap::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| ModelError::Field {
+                    path: path.into(),
+                    field: format!("weight_map.{tensor}"),
+                    msg: "must be a file name".into(),
+                })?;
+                if file.contains('/') || file.contains('\\') || file.starts_with("..") {
+                    return Err(ModelError::Field {
+                        path: path.into(),
+                        field: format!("weight_map.{tensor}"),
+                        msg: format!("shard `{file}` must be a plain file name beside the index"),
+                    });
+                }
+                shards.insert(file.to_string(), ());
+            }
+            let files: Vec<PathBuf> = shards.keys().map(|f| dir.join(f)).collect();
+            WeightFiles::open_files(&files)
+        } else {
+            WeightFiles::open_files(&[path.to_path_buf()])
+        }
+    }
+
+    fn open_files(paths: &[PathBuf]) -> Result<WeightFiles> {
+        let mut maps = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the map is read-only; llmc never writes the weight files, and every read
+            // is bounds-checked against the header validated just below. A file truncated by
+            // another process while mapped would fault; that is the documented mmap caveat.
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
+                    path: path.clone(),
+                    msg: describe(&e, map.len()),
+                })?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                tensors.insert(
+                    name.clone(),
+                    TensorLoc {
+                        file: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
+                );
+            }
+            maps.push(map);
+        }
+        Ok(WeightFiles {
+            paths: paths.to_vec(),
+            maps,
+            tensors,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorLoc> {
+        self.tensors.get(name)
+    }
+
+    pub fn path_of(&self, loc: &TensorLoc) -> &Path {
+        &self.paths[loc.file]
+    }
+
+    /// A short list of the files, for error messages.
+    pub fn describe_files(&self) -> String {
+        self.paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Reads a tensor as f32, widening f16/bf16.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let loc = self.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.into(),
+            files: self.describe_files(),
+        })?;
+        let bytes = &self.maps[loc.file][loc.start..loc.end];
+        let path = self.paths[loc.file].clone();
+        let out = match loc.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::TensorDtype {
+                    path,
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(out)
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => {
+            format!("file of {len} bytes is too small for a safetensors header (truncated?)")
+        }
+        E::InvalidHeaderLength => {
+            format!("header length points past the end of the {len}-byte file (truncated?)")
+        }
+        E::MetadataIncompleteBuffer => {
+            format!("tensor data offsets do not match the {len}-byte file (truncated, or offsets past the end)")
+        }
+        E::InvalidOffset(t) => format!("tensor `{t}` has invalid data offsets"),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,159 @@
+//! Loading an artifact: mmap the file, check the header against it, parse the IR.
+//! Weights are used in place from the map, never copied.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use llmc_compiler::artifact::{Header, ALIGN, FORMAT_VERSION, MAGIC, PREAMBLE};
+use llmc_ir::interp::WeightSource;
+use llmc_ir::Graph;
+use memmap2::Mmap;
+
+use crate::error::RuntimeError;
+
+/// An opened, validated artifact.
+pub struct Artifact {
+    pub path: PathBuf,
+    pub header: Header,
+    pub graph: Graph,
+    pub ir_text: String,
+    map: Mmap,
+    /// name → (index into `header.tensors`)
+    index: HashMap<String, usize>,
+}
+
+impl Artifact {
+    pub fn open(path: &Path) -> Result<Artifact, RuntimeError> {
+        let bad = |msg: String| RuntimeError::BadArtifact {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let file = File::open(path).map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
+        // SAFETY: read-only map of a file llmc wrote atomically (temp + rename) and never
+        // modifies in place; every range read below is checked against the map's length.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
+        if map.len() < PREAMBLE || &map[..8] != MAGIC {
+            return Err(bad(
+                "missing the LLMCART magic (not an artifact, or truncated)".into(),
+            ));
+        }
+        let version = u32::from_le_bytes([map[8], map[9], map[10], map[11]]);
+        if version != FORMAT_VERSION {
+            return Err(RuntimeError::Version {
+                path: path.into(),
+                found: version,
+                expected: FORMAT_VERSION,
+            });
+        }
+        let mut hl = [0u8; 8];
+        hl.copy_from_slice(&map[12..20]);
+        let header_len = u64::from_le_bytes(hl);
+        let header_end = (PREAMBLE as u64)
+            .checked_add(header_len)
+            .filter(|&e| e <= map.len() as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "header length {header_len} runs past the end of the {}-byte file",
+                    map.len()
+                ))
+            })?;
+        let header: Header = serde_json::from_slice(&map[PREAMBLE..header_end as usize])
+            .map_err(|e| bad(format!("header is not valid: {e}")))?;
+        if header.file_size != map.len() as u64 {
+            return Err(bad(format!(
+                "header says the file has {} bytes but it has {} (truncated or corrupt)",
+                header.file_size,
+                map.len()
+            )));
+        }
+        let in_file = |what: &str, off: u64, len: u64| -> Result<(), RuntimeError> {
+            match off.checked_add(len) {
+                Some(end) if off >= header_end && end <= map.len() as u64 => Ok(()),
+                _ => Err(bad(format!(
+                    "{what} at offset {off} (+{len} bytes) lies outside the file"
+                ))),
+            }
+        };
+        in_file("the IR section", header.ir.offset, header.ir.len)?;
+        let ir_text = std::str::from_utf8(
+            &map[header.ir.offset as usize..(header.ir.offset + header.ir.len) as usize],
+        )
+        .map_err(|_| bad("the IR section is not UTF-8".into()))?
+        .to_string();
+        let graph = llmc_ir::text::parse(&ir_text)?;
+        let mut index = HashMap::new();
+        for (i, t) in header.tensors.iter().enumerate() {
+            in_file(&format!("tensor `{}`", t.name), t.offset, t.len)?;
+            if t.dtype != "f32" {
+                return Err(bad(format!(
+                    "tensor `{}` has unsupported dtype {}",
+                    t.name, t.dtype
+                )));
+            }
+            let numel = t
+                .shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            if numel.and_then(|n| n.checked_mul(4)) != Some(t.len) {
+                return Err(bad(format!(
+                    "tensor `{}`: {} bytes do not match shape {:?}",
+                    t.name, t.len, t.shape
+                )));
+            }
+            if t.offset % ALIGN != 0 {
+                return Err(bad(format!("tensor `{}` is not 64-byte aligned", t.name)));
+            }
+            index.insert(t.name.clone(), i);
+        }
+        for (name, ty) in graph.weights() {
+            let i = index
+                .get(&name)
+                .ok_or_else(|| bad(format!("the IR reads weight `{name}` which the file lacks")))?;
+            if header.tensors[*i].shape != ty.shape.resolve(0) {
+                return Err(bad(format!(
+                    "tensor `{name}` has shape {:?}, the IR expects {}",
+                    header.tensors[*i].shape, ty.shape
+                )));
+            }
+        }
+        Ok(Artifact {
+            path: path.to_path_buf(),
+            header,
+            graph,
+            ir_text,
+            map,
+            index,
+        })
+    }
+
+    /// A weight's f32 data, in place in the map.
+    pub fn tensor(&self, name: &str) -> Option<(&[f32], &[usize])> {
+        let t = &self.header.tensors[*self.index.get(name)?];
+        let bytes = &self.map[t.offset as usize..(t.offset + t.len) as usize];
+        // SAFETY: `bytes` lies inside the map (checked at open), its start is 64-byte aligned
+        // within a page-aligned map (so aligned for f32), its length is 4 × numel (checked at
+        // open), and any bit pattern is a valid f32. The map is read-only and lives as long as
+        // `self`.
+        let data =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) };
+        Some((data, t.shape.as_slice()))
+    }
+
+    /// Total bytes of weights.
+    pub fn weight_bytes(&self) -> u64 {
+        self.header.tensors.iter().map(|t| t.len).sum()
+    }
+}
+
+impl WeightSource for Artifact {
+    fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
+        self.tensor(name)
+    }
+}

@@ -1,0 +1,12 @@
+//! llmc-runtime: loads an artifact (mmap), runs forward steps over a per-sequence state,
+//! samples tokens and drives generation.
+
+pub mod artifact;
+pub mod error;
+pub mod sampler;
+pub mod session;
+
+pub use artifact::Artifact;
+pub use error::RuntimeError;
+pub use sampler::{Sampler, SamplerConfig};
+pub use session::{generate, Backend, Generation, Session};

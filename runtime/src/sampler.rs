@@ -1,0 +1,231 @@
+//! Token sampling, in llama.cpp's order: repetition penalty → top-k → top-p → min-p →
+//! temperature → draw. `temperature == 0` is greedy (argmax, first index on ties).
+
+/// Sampling settings (llama.cpp's flag names and defaults).
+#[derive(Clone, Debug)]
+pub struct SamplerConfig {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+pub struct Sampler {
+    pub cfg: SamplerConfig,
+    rng: SplitMix64,
+}
+
+/// A small, seeded, reproducible generator (SplitMix64).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplerConfig) -> Sampler {
+        let rng = SplitMix64(cfg.seed);
+        Sampler { cfg, rng }
+    }
+
+    pub fn greedy() -> Sampler {
+        Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        })
+    }
+
+    /// Applies the repetition penalty to the tokens seen in the last `repeat_last_n` of `history`.
+    pub fn penalize(&self, logits: &mut [f32], history: &[i32]) {
+        let p = self.cfg.repeat_penalty;
+        if p == 1.0 || self.cfg.repeat_last_n == 0 {
+            return;
+        }
+        let start = history.len().saturating_sub(self.cfg.repeat_last_n);
+        let mut seen: Vec<usize> = history[start..]
+            .iter()
+            .filter_map(|&t| usize::try_from(t).ok())
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            if let Some(l) = logits.get_mut(t) {
+                *l = if *l > 0.0 { *l / p } else { *l * p };
+            }
+        }
+    }
+
+    /// The candidates left after top-k, top-p and min-p, with their probabilities at the
+    /// configured temperature (sorted by probability, descending).
+    pub fn candidates(&self, logits: &[f32]) -> Vec<(usize, f64)> {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if self.cfg.top_k > 0 {
+            idx.truncate(self.cfg.top_k);
+        }
+        let probs = |ids: &[usize], temp: f64| -> Vec<f64> {
+            let max = logits[ids[0]] as f64;
+            let e: Vec<f64> = ids
+                .iter()
+                .map(|&i| ((logits[i] as f64 - max) / temp).exp())
+                .collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / s).collect()
+        };
+        // top-p: the smallest prefix with mass >= p (probabilities at temperature 1, as llama.cpp).
+        if self.cfg.top_p < 1.0 {
+            let p = probs(&idx, 1.0);
+            let mut mass = 0.0;
+            let mut keep = idx.len();
+            for (i, q) in p.iter().enumerate() {
+                mass += q;
+                if mass >= self.cfg.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            idx.truncate(keep.max(1));
+        }
+        // min-p: drop tokens whose probability is below min_p × the top probability.
+        if self.cfg.min_p > 0.0 {
+            let p = probs(&idx, 1.0);
+            let threshold = p[0] * self.cfg.min_p as f64;
+            let keep = p.iter().take_while(|&&q| q >= threshold).count();
+            idx.truncate(keep.max(1));
+        }
+        let p = probs(&idx, self.cfg.temperature.max(1e-6) as f64);
+        idx.into_iter().zip(p).collect()
+    }
+
+    /// Picks the next token.
+    pub fn sample(&mut self, logits: &[f32], history: &[i32]) -> i32 {
+        let mut l = logits.to_vec();
+        self.penalize(&mut l, history);
+        if self.cfg.temperature <= 0.0 {
+            return argmax(&l) as i32;
+        }
+        let cands = self.candidates(&l);
+        let r = self.rng.next_f64();
+        let mut acc = 0.0;
+        for &(i, p) in &cands {
+            acc += p;
+            if r < acc {
+                return i as i32;
+            }
+        }
+        cands.last().map_or(0, |c| c.0 as i32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplerConfig {
+        SamplerConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn temperature_zero_is_argmax_first_on_ties() {
+        let mut s = Sampler::greedy();
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(cfg(1.5, 1, 1.0, 0.0));
+        for _ in 0..50 {
+            assert_eq!(s.sample(&[0.3, 0.2, 2.0, 1.9], &[]), 2);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_set_with_mass() {
+        // probabilities ∝ e^[2, 1, 0, -5] ≈ [0.665, 0.245, 0.090, 0.0006]
+        let s = Sampler::new(cfg(1.0, 0, 0.9, 0.0));
+        let c = s.candidates(&[2.0, 1.0, 0.0, -5.0]);
+        assert_eq!(c.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let s = Sampler::new(cfg(1.0, 0, 0.6, 0.0));
+        assert_eq!(s.candidates(&[2.0, 1.0, 0.0, -5.0]).len(), 1);
+    }
+
+    #[test]
+    fn min_p_is_relative_to_top() {
+        let s = Sampler::new(cfg(1.0, 0, 1.0, 0.2));
+        // p1/p0 = e^-1 ≈ 0.37 kept, p2/p0 = e^-2 ≈ 0.135 dropped
+        let c = s.candidates(&[2.0, 1.0, 0.0]);
+        assert_eq!(c.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn penalty_applies_to_seen_tokens_only() {
+        let s = Sampler::new(SamplerConfig {
+            repeat_penalty: 2.0,
+            ..cfg(0.0, 0, 1.0, 0.0)
+        });
+        let mut l = vec![4.0, -4.0, 4.0];
+        s.penalize(&mut l, &[0, 1]);
+        assert_eq!(l, vec![2.0, -8.0, 4.0]);
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplerConfig {
+                seed,
+                ..cfg(1.0, 0, 1.0, 0.0)
+            });
+            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+    }
+}

@@ -1,0 +1,219 @@
+//! `llmc`: the command line. Library errors are typed; here they become one clear line on
+//! stderr and a non-zero exit.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use llmc_runtime::{generate, Artifact, Backend, Sampler, SamplerConfig, Session};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "llmc",
+    version,
+    about = "Ahead-of-time compiler and runtime for language models on CPUs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compile a model (config.json + safetensors) into an artifact.
+    Compile {
+        /// The model's config.json (any file name) or the folder that holds it.
+        model: PathBuf,
+        /// Where to write the artifact.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// The weights (a .safetensors file or a .safetensors.index.json); default: beside the config.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// Run a compiled artifact.
+    Run(RunArgs),
+    /// Print the IR of a model (config.json, model folder or artifact).
+    Ir { model: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The artifact written by `llmc compile`.
+    artifact: PathBuf,
+    /// Prompt as token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Vec<i64>,
+    /// Number of tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    n_predict: usize,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long = "ctx-size")]
+    ctx_size: Option<usize>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability mass reaches p (1.0 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than min-p × the most likely one (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for repeating recent tokens (1.0 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers.
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    repeat_last_n: usize,
+    /// RNG seed for sampling.
+    #[arg(short = 's', long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// With --json: include the full logits at the last prompt position.
+    #[arg(long)]
+    logits: bool,
+    /// Executor: interp (reference interpreter) or jit. Default: the fastest available.
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Compile {
+            model,
+            output,
+            weights,
+        } => {
+            let m = llmc_models::load(&model, weights.as_deref())?;
+            let report = llmc_compiler::compile(&m, &output)?;
+            eprintln!(
+                "compiled {} → {} ({} nodes, {} tensors, {:.1} MB)",
+                m.config_path.display(),
+                report.path.display(),
+                report.nodes,
+                report.tensors,
+                report.bytes as f64 / 1e6
+            );
+            Ok(())
+        }
+        Cmd::Ir { model } => {
+            let text = if is_artifact(&model) {
+                Artifact::open(&model)?.ir_text
+            } else {
+                let (_, _, cfg) = llmc_models::load_config(&model)?;
+                let (g, _) = cfg.build()?;
+                llmc_ir::text::print(&g)
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Run(args) => run(args),
+    }
+}
+
+fn is_artifact(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .map(|_| &magic == llmc_compiler::artifact::MAGIC)
+        .unwrap_or(false)
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let backend = match &a.backend {
+        Some(b) => Backend::parse(b)?,
+        None => Backend::fastest(),
+    };
+    if a.ids.is_empty() {
+        bail!("no prompt: give token ids with --ids 1,2,3");
+    }
+    let art = Artifact::open(&a.artifact)?;
+    let vocab = art.header.vocab_size;
+    let prompt: Vec<i32> = a
+        .ids
+        .iter()
+        .map(|&id| {
+            i32::try_from(id)
+                .ok()
+                .filter(|&t| t >= 0 && (t as usize) < vocab)
+                .with_context(|| {
+                    format!("--ids: token id {id} is outside the vocabulary of {vocab}")
+                })
+        })
+        .collect::<Result<_>>()?;
+    let mut session = Session::new(&art, backend, a.ctx_size)?;
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        repeat_last_n: a.repeat_last_n,
+        seed: a.seed,
+    });
+    let json_mode = a.json;
+    let stdout = std::io::stdout();
+    let g = generate(
+        &mut session,
+        &prompt,
+        a.n_predict,
+        &mut sampler,
+        &[],
+        |tok| {
+            if !json_mode {
+                let mut out = stdout.lock();
+                let _ = write!(out, "{tok} ");
+                let _ = out.flush();
+            }
+        },
+    )?;
+    let prefill_tok_s = prompt.len() as f64 / g.prefill_s.max(1e-9);
+    let decode_tok_s = g.decode_steps as f64 / g.decode_s.max(1e-9);
+    if json_mode {
+        let mut obj = json!({
+            "prompt_ids": prompt,
+            "generated_ids": g.generated,
+            "timings": {
+                "prefill_s": g.prefill_s,
+                "decode_s": g.decode_s,
+                "prefill_tok_s": prefill_tok_s,
+                "decode_tok_s": decode_tok_s,
+                "prompt_tokens": prompt.len(),
+                "decode_steps": g.decode_steps,
+            },
+        });
+        if a.logits {
+            obj["logits_last"] = json!(g.logits_last);
+        }
+        println!("{obj}");
+    } else {
+        println!();
+        eprintln!(
+            "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",
+            prompt.len(),
+            prefill_tok_s,
+            g.generated.len(),
+            decode_tok_s
+        );
+    }
+    Ok(())
+}
