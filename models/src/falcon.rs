@@ -274,3 +274,34 @@ impl FalconConfig {
         b.finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouped_qkv_rows_are_permuted_to_q_k_v() {
+        let v = serde_json::json!({"vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_kv_heads": 2, "new_decoder_architecture": true});
+        let c = FalconConfig::parse(Path::new("config.json"), &v).unwrap();
+        // head_dim 1; checkpoint rows per group: [q q k v] → [q0 q1 k0 v0 q2 q3 k1 v1]
+        assert_eq!(c.qkv_permutation().unwrap(), vec![0, 1, 4, 5, 2, 6, 3, 7]);
+        // Falcon-7B multi-query: already [q.. k v]
+        let v = serde_json::json!({"vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "multi_query": true});
+        assert!(FalconConfig::parse(Path::new("config.json"), &v)
+            .unwrap()
+            .qkv_permutation()
+            .is_none());
+        // Old layout without multi_query: per-head [q k v] triples.
+        let v = serde_json::json!({"vocab_size": 8, "hidden_size": 2, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "multi_query": false});
+        assert_eq!(
+            FalconConfig::parse(Path::new("config.json"), &v)
+                .unwrap()
+                .qkv_permutation()
+                .unwrap(),
+            vec![0, 3, 1, 4, 2, 5]
+        );
+    }
+}

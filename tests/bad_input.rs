@@ -1,0 +1,468 @@
+//! Bad input gets one clear error line naming the culprit, a non-zero exit, no panic, and no
+//! artifact left behind.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::{fixture, llmc, stderr};
+
+/// A copy of a fixture folder in a temp dir, for mutilation.
+fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        fs::copy(fixture(name).join(f), model.join(f)).unwrap();
+    }
+    (dir, model)
+}
+
+/// Compiles and expects failure; returns stderr. Checks that nothing was written.
+fn compile_fails(model: &Path) -> String {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.llmc");
+    let o = llmc(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "compile should fail");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(
+        fs::read_dir(out_dir.path()).unwrap().count(),
+        0,
+        "nothing may be left in the output folder"
+    );
+    err
+}
+
+fn edit_config(model: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = model.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    fs::write(p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// One tensor of a safetensors file: name, dtype, shape, raw bytes.
+type StTensor = (String, String, serde_json::Value, Vec<u8>);
+
+fn read_st(path: &Path) -> Vec<StTensor> {
+    let bytes = fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut names: Vec<_> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = &header[&name];
+            let (a, b) = (
+                t["data_offsets"][0].as_u64().unwrap() as usize,
+                t["data_offsets"][1].as_u64().unwrap() as usize,
+            );
+            (
+                name.clone(),
+                t["dtype"].as_str().unwrap().to_string(),
+                t["shape"].clone(),
+                data[a..b].to_vec(),
+            )
+        })
+        .collect()
+}
+
+fn write_st(path: &Path, tensors: &[StTensor]) {
+    let mut header = serde_json::Map::new();
+    let mut blob = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        let start = blob.len();
+        blob.extend_from_slice(bytes);
+        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, blob.len()]}));
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&blob);
+    fs::write(path, out).unwrap();
+}
+
+/// Rewrites the model's safetensors keeping only the tensors `keep` accepts.
+fn drop_tensor(model: &Path, name: &str) {
+    let p = model.join("model.safetensors");
+    let t: Vec<_> = read_st(&p).into_iter().filter(|t| t.0 != name).collect();
+    write_st(&p, &t);
+}
+
+/// Rewrites the safetensors header in place (same data section), e.g. to make it lie.
+fn edit_safetensors_header(model: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = model.join("model.safetensors");
+    let bytes = fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    f(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    fs::write(p, out).unwrap();
+}
+
+#[test]
+fn unknown_model_type() {
+    let (_d, m) = copy_fixture("llama");
+    edit_config(&m, |v| v["model_type"] = "gpt-j-9000".into());
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("unknown model_type `gpt-j-9000`") && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_field() {
+    let (_d, m) = copy_fixture("llama");
+    edit_config(&m, |v| {
+        v.as_object_mut().unwrap().remove("num_hidden_layers");
+    });
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("num_hidden_layers") && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn absurd_field() {
+    let (_d, m) = copy_fixture("qwen2");
+    edit_config(&m, |v| v["num_key_value_heads"] = 3.into());
+    let e = compile_fails(&m);
+    assert!(e.contains("num_key_value_heads"), "{e}");
+}
+
+#[test]
+fn non_json_config() {
+    let (_d, m) = copy_fixture("gpt2");
+    fs::write(m.join("config.json"), "model_type: gpt2\n").unwrap();
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("not valid JSON") && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_weights_file() {
+    let (_d, m) = copy_fixture("gpt2");
+    fs::remove_file(m.join("model.safetensors")).unwrap();
+    let e = compile_fails(&m);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn tensor_with_wrong_shape() {
+    let (_d, m) = copy_fixture("llama");
+    // Pretend the model is wider than its weights.
+    edit_config(&m, |v| v["intermediate_size"] = 255.into());
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("[256, 128]")
+            && e.contains("[255, 128]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let (_d, m) = copy_fixture("falcon");
+    drop_tensor(&m, "transformer.h.1.self_attention.dense.weight");
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("transformer.h.1.self_attention.dense.weight") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn untied_model_without_lm_head() {
+    let (_d, m) = copy_fixture("mistral");
+    drop_tensor(&m, "lm_head.weight");
+    let e = compile_fails(&m);
+    assert!(e.contains("lm_head.weight"), "{e}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_d, m) = copy_fixture("gpt2");
+    let p = m.join("model.safetensors");
+    let bytes = fs::read(&p).unwrap();
+    fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    fs::write(&p, &bytes[..5]).unwrap();
+    let e = compile_fails(&m);
+    assert!(e.contains("too small"), "{e}");
+}
+
+#[test]
+fn safetensors_offsets_past_end_of_file() {
+    let (_d, m) = copy_fixture("qwen2");
+    edit_safetensors_header(&m, |h| {
+        let t = &mut h["model.norm.weight"]["data_offsets"];
+        let end = t[1].as_u64().unwrap();
+        t[1] = (end + 1_000_000).into();
+    });
+    let e = compile_fails(&m);
+    assert!(
+        e.contains("model.safetensors") && e.contains("invalid safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_by_any_name_and_explicit_weights() {
+    // `llmc compile llama.json -o llama.bin --weights ...`
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("llama.json");
+    fs::copy(fixture("llama").join("config.json"), &cfg).unwrap();
+    let out = dir.path().join("llama.bin");
+    let weights = fixture("llama").join("model.safetensors");
+    let o = llmc(&[
+        "compile",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "no weights beside llama.json");
+    assert!(stderr(&o).contains("llama.json"), "{}", stderr(&o));
+    let o = llmc(&[
+        "compile",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = common::run_json(&out, &[1, 2, 3], 2, &["--backend", "interp"]);
+    assert_eq!(r["generated_ids"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn sharded_checkpoint() {
+    // Split the llama fixture into two shards with an index, as save_pretrained does.
+    let (_d, m) = copy_fixture("llama");
+    let mut shards: [Vec<StTensor>; 2] = [Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, t) in read_st(&m.join("model.safetensors"))
+        .into_iter()
+        .enumerate()
+    {
+        weight_map.insert(
+            t.0.clone(),
+            format!("model-0000{}-of-00002.safetensors", i % 2 + 1).into(),
+        );
+        shards[i % 2].push(t);
+    }
+    for (s, tensors) in shards.iter().enumerate() {
+        write_st(
+            &m.join(format!("model-0000{}-of-00002.safetensors", s + 1)),
+            tensors,
+        );
+    }
+    fs::remove_file(m.join("model.safetensors")).unwrap();
+    fs::write(
+        m.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let out = m.join("sharded.llmc");
+    common::compile(&m, &out);
+    let exp = common::expected("llama");
+    let r = common::run_json(
+        &out,
+        &common::ints(&exp["prompt_ids"]),
+        24,
+        &["--backend", "interp"],
+    );
+    assert_eq!(
+        common::ints(&r["generated_ids"]),
+        common::ints(&exp["greedy_ids"])
+    );
+}
+
+#[test]
+fn bf16_and_f16_weights_are_widened() {
+    // Rewrite every tensor as bf16 (then f16): the model still runs and greedy decoding mostly
+    // agrees with f32 (the values changed, so only the first token is asserted).
+    for (dtype, conv) in [("BF16", 0), ("F16", 1)] {
+        let (_d, m) = copy_fixture("llama");
+        let p = m.join("model.safetensors");
+        let tensors: Vec<StTensor> = read_st(&p)
+            .into_iter()
+            .map(|(name, _, shape, bytes)| {
+                let half: Vec<u8> = bytes
+                    .chunks_exact(4)
+                    .flat_map(|c| {
+                        let x = f32::from_le_bytes(c.try_into().unwrap());
+                        if conv == 0 {
+                            half::bf16::from_f32(x).to_le_bytes()
+                        } else {
+                            half::f16::from_f32(x).to_le_bytes()
+                        }
+                    })
+                    .collect();
+                (name, dtype.to_string(), shape, half)
+            })
+            .collect();
+        write_st(&p, &tensors);
+        let art = m.join("half.llmc");
+        common::compile(&m, &art);
+        let exp = common::expected("llama");
+        let r = common::run_json(
+            &art,
+            &common::ints(&exp["prompt_ids"]),
+            4,
+            &["--backend", "interp", "--logits"],
+        );
+        let got = common::floats(&r["logits_last"]);
+        let want = common::floats(&exp["logits_last"]);
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            err < 0.5 && err > 0.0,
+            "{dtype}: logits error {err} (rounded weights must change them a little)"
+        );
+    }
+}
+
+// ---- artifacts whose header lies ----
+
+fn compiled(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("m.llmc");
+    common::compile(&fixture(name), &art);
+    (dir, art)
+}
+
+fn run_fails(art: &Path) -> String {
+    let o = llmc(&[
+        "run",
+        art.to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "-n",
+        "2",
+        "--json",
+        "--backend",
+        "interp",
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(!e.contains("panicked"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    e
+}
+
+#[test]
+fn truncated_artifact() {
+    let (_d, art) = compiled("gpt2");
+    let bytes = fs::read(&art).unwrap();
+    fs::write(&art, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(run_fails(&art).contains("truncated"));
+    fs::write(&art, &bytes[..10]).unwrap();
+    assert!(run_fails(&art).contains("not an llmc artifact"));
+}
+
+#[test]
+fn artifact_with_wrong_version() {
+    let (_d, art) = compiled("gpt2");
+    let mut bytes = fs::read(&art).unwrap();
+    bytes[8] = 99;
+    fs::write(&art, &bytes).unwrap();
+    let e = run_fails(&art);
+    assert!(e.contains("version 99"), "{e}");
+}
+
+/// Rewrites the artifact's JSON header in place (same length, padded with spaces).
+fn edit_artifact_header(art: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut bytes = fs::read(art).unwrap();
+    let n = u64::from_le_bytes(bytes[12..20].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[20..20 + n]).unwrap();
+    h["llmc_version"] = "".into(); // room for longer numbers
+    f(&mut h);
+    let mut new = serde_json::to_vec(&h).unwrap();
+    assert!(new.len() <= n);
+    new.resize(n, b' ');
+    bytes[20..20 + n].copy_from_slice(&new);
+    fs::write(art, bytes).unwrap();
+}
+
+#[test]
+fn artifact_offsets_past_eof() {
+    let (_d, art) = compiled("llama");
+    edit_artifact_header(&art, |h| h["tensors"][3]["offset"] = 99_999_999u64.into());
+    let e = run_fails(&art);
+    assert!(e.contains("outside the file"), "{e}");
+}
+
+#[test]
+fn artifact_shape_lies() {
+    let (_d, art) = compiled("llama");
+    edit_artifact_header(&art, |h| {
+        h["tensors"][0]["shape"] = serde_json::json!([256, 127])
+    });
+    let e = run_fails(&art);
+    assert!(e.contains("model.embed_tokens.weight"), "{e}");
+}
+
+#[test]
+fn run_usage_errors() {
+    let (_d, art) = compiled("gpt2");
+    let a = art.to_str().unwrap();
+    let o = llmc(&["run", a, "--ids", "1,999", "-n", "2", "--json"]);
+    assert!(!o.status.success() && stderr(&o).contains("999") && stderr(&o).contains("vocabulary"));
+    // GPT-2 has 64 learned positions: 60 + 10 does not fit.
+    let ids = vec!["1"; 60].join(",");
+    let o = llmc(&[
+        "run",
+        a,
+        "--ids",
+        &ids,
+        "-n",
+        "10",
+        "--json",
+        "--backend",
+        "interp",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("context"),
+        "{}",
+        stderr(&o)
+    );
+    let o = llmc(&["run", a, "--ids", "1", "--backend", "cuda"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown backend"));
+}
