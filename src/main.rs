@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use llmc_runtime::{generate, Artifact, Backend, Sampler, SamplerConfig, Session};
+use llmc_runtime::{generate, Artifact, Backend, Engine, Sampler, SamplerConfig, Session};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -83,6 +83,9 @@ struct RunArgs {
     /// Executor: interp (reference interpreter) or jit. Default: the fastest available.
     #[arg(long)]
     backend: Option<String>,
+    /// Threads (0 = all cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
 }
 
 fn main() -> ExitCode {
@@ -146,8 +149,8 @@ fn run(a: RunArgs) -> Result<()> {
     if a.ids.is_empty() {
         bail!("no prompt: give token ids with --ids 1,2,3");
     }
-    let art = Artifact::open(&a.artifact)?;
-    let vocab = art.header.vocab_size;
+    let engine = Engine::open(&a.artifact, a.threads)?;
+    let vocab = engine.art.header.vocab_size;
     let prompt: Vec<i32> = a
         .ids
         .iter()
@@ -160,7 +163,7 @@ fn run(a: RunArgs) -> Result<()> {
                 })
         })
         .collect::<Result<_>>()?;
-    let mut session = Session::new(&art, backend, a.ctx_size)?;
+    let mut session = Session::new(&engine, backend, a.ctx_size)?;
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: a.temp,
         top_k: a.top_k,
@@ -193,6 +196,8 @@ fn run(a: RunArgs) -> Result<()> {
             "prompt_ids": prompt,
             "generated_ids": g.generated,
             "timings": {
+                "load_s": engine.load_s,
+                "jit_s": engine.jit_s,
                 "prefill_s": g.prefill_s,
                 "decode_s": g.decode_s,
                 "prefill_tok_s": prefill_tok_s,

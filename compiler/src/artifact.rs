@@ -6,15 +6,18 @@
 //!       12   header length H, u64 little-endian
 //!       20   header: JSON (`Header`), H bytes
 //!            ... sections, each starting at a 64-byte aligned offset:
-//!            the optimized IR in text form, then every weight tensor (f32, row-major)
+//!            the optimized IR in text form, then every weight tensor (f32, in the layout its
+//!            kernel reads: see `program::Layout`)
 //! ```
 //! Offsets in the header are absolute. `file_size` must equal the file's length.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::program::{Layout, Program};
+
 pub const MAGIC: &[u8; 8] = b"LLMCART\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes before the JSON header.
 pub const PREAMBLE: usize = 20;
 /// Alignment of every section.
@@ -32,7 +35,10 @@ pub struct Section {
 pub struct TensorEntry {
     pub name: String,
     pub dtype: String,
+    /// The logical (IR) shape.
     pub shape: Vec<usize>,
+    /// How the values are stored (the JIT kernels read this layout in place).
+    pub layout: Layout,
     pub offset: u64,
     pub len: u64,
 }
@@ -62,6 +68,8 @@ pub struct Header {
     /// The passes that produced the stored IR, in order.
     pub passes: Vec<String>,
     pub ir: Section,
+    /// The lowered program: kernel specs, schedule, memory plan.
+    pub program: Program,
     pub tensors: Vec<TensorEntry>,
     pub file_size: u64,
 }

@@ -15,6 +15,8 @@ pub enum CompileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("JIT: {0}")]
+    Jit(String),
     #[error("unknown pass `{0}`")]
     UnknownPass(String),
 }

@@ -11,6 +11,7 @@ use crate::artifact::{
     align_up, Header, Section, Target, TensorEntry, FORMAT_VERSION, MAGIC, PREAMBLE,
 };
 use crate::error::CompileError;
+use crate::pack;
 
 /// What `compile` did, for the CLI to report.
 #[derive(Debug)]
@@ -21,12 +22,14 @@ pub struct CompileReport {
     pub nodes: usize,
 }
 
-/// The target description of this host.
-pub fn host_target() -> Target {
-    Target {
+/// The target description of this host: its architecture and the ISA features Cranelift
+/// detects (the kernels are specialized for them at load).
+pub fn host_target() -> Result<Target, CompileError> {
+    let isa = crate::jit::host_isa().map_err(|e| CompileError::Jit(e.to_string()))?;
+    Ok(Target {
         arch: std::env::consts::ARCH.to_string(),
-        features: Vec::new(),
-    }
+        features: crate::jit::isa_features(&*isa),
+    })
 }
 
 /// Compiles `model` into an artifact at `out`. The file is written to a temporary name beside
@@ -37,6 +40,7 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
     let pipeline = passes::standard_pipeline();
     passes::run_pipeline(&mut graph, &pipeline)?;
     let ir_text = llmc_ir::text::print(&graph);
+    let program = crate::lower::lower(&graph)?;
 
     // Layout: header, IR text, then the tensors the optimized graph still reads.
     let used: Vec<_> = graph.weights();
@@ -57,8 +61,9 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
         max_positions: model.config.max_positions(),
         hard_context_limit: model.config.hard_context_limit(),
         vocab_size: model.config.vocab_size(),
-        target: host_target(),
+        target: host_target()?,
         passes: pipeline.iter().map(|p| p.name().to_string()).collect(),
+        program: program.clone(),
         ir: Section {
             offset: 0,
             len: ir_text.len() as u64,
@@ -76,11 +81,13 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
         header.tensors = specs
             .iter()
             .map(|s| {
-                let len = s.shape.iter().product::<usize>() as u64 * 4;
+                let layout = program.layout_of(&s.name);
+                let len = pack::packed_len(layout, &s.shape) as u64 * 4;
                 let e = TensorEntry {
                     name: s.name.clone(),
                     dtype: "f32".into(),
                     shape: s.shape.clone(),
+                    layout,
                     offset: at,
                     len,
                 };
@@ -151,7 +158,7 @@ fn write_file(
     w.write_all(ir_text.as_bytes()).map_err(io)?;
     for (entry, spec) in header.tensors.iter().zip(specs) {
         pad_to(&mut w, entry.offset).map_err(io)?;
-        let data = spec.load(&model.files)?;
+        let data = pack::pack(entry.layout, &entry.shape, &spec.load(&model.files)?);
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_all(&bytes).map_err(io)?;
     }

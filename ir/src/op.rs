@@ -24,7 +24,7 @@ impl InputKind {
 }
 
 /// Frequency scaling of rotary embeddings (HF `rope_type`).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RopeScaling {
     /// Plain `theta^(-2i/d)` frequencies.
     None,

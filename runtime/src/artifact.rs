@@ -5,7 +5,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::sync::OnceLock;
+
 use llmc_compiler::artifact::{Header, ALIGN, FORMAT_VERSION, MAGIC, PREAMBLE};
+use llmc_compiler::pack;
+use llmc_compiler::program::Layout;
 use llmc_ir::interp::WeightSource;
 use llmc_ir::Graph;
 use memmap2::Mmap;
@@ -21,6 +25,8 @@ pub struct Artifact {
     map: Mmap,
     /// name → (index into `header.tensors`)
     index: HashMap<String, usize>,
+    /// Row-major copies of packed tensors, made on demand for the interpreter only.
+    unpacked: Vec<OnceLock<Vec<f32>>>,
 }
 
 impl Artifact {
@@ -123,6 +129,8 @@ impl Artifact {
                 )));
             }
         }
+        check_target(path, &header)?;
+        let unpacked = header.tensors.iter().map(|_| OnceLock::new()).collect();
         Ok(Artifact {
             path: path.to_path_buf(),
             header,
@@ -130,6 +138,7 @@ impl Artifact {
             ir_text,
             map,
             index,
+            unpacked,
         })
     }
 
@@ -153,7 +162,47 @@ impl Artifact {
 }
 
 impl WeightSource for Artifact {
+    /// Row-major weights for the interpreter: packed tensors are unpacked once, on first use.
     fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
-        self.tensor(name)
+        let i = *self.index.get(name)?;
+        let t = &self.header.tensors[i];
+        let (raw, shape) = self.tensor(name)?;
+        if t.layout == Layout::RowMajor {
+            return Some((raw, shape));
+        }
+        let data = self.unpacked[i].get_or_init(|| pack::unpack(t.layout, &t.shape, raw));
+        Some((data.as_slice(), shape))
     }
+}
+
+/// The artifact must target this CPU: same architecture, and every ISA feature its header
+/// lists present on the host.
+fn check_target(path: &Path, header: &Header) -> Result<(), RuntimeError> {
+    let bad = |msg: String| RuntimeError::BadArtifact {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if header.target.arch != std::env::consts::ARCH {
+        return Err(bad(format!(
+            "compiled for {}, this CPU is {}",
+            header.target.arch,
+            std::env::consts::ARCH
+        )));
+    }
+    let isa = llmc_compiler::jit::host_isa().map_err(|e| bad(e.to_string()))?;
+    let host = llmc_compiler::jit::isa_features(&*isa);
+    let missing: Vec<&str> = header
+        .target
+        .features
+        .iter()
+        .filter(|f| !host.contains(f))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(bad(format!(
+            "compiled for ISA features this CPU lacks: {}; recompile on this machine",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }

@@ -3,10 +3,11 @@
 
 pub mod artifact;
 pub mod error;
+pub mod jit_exec;
 pub mod sampler;
 pub mod session;
 
 pub use artifact::Artifact;
 pub use error::RuntimeError;
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{generate, Backend, Generation, Session};
+pub use session::{generate, Backend, Engine, Generation, Session};

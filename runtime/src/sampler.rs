@@ -191,7 +191,10 @@ mod tests {
         // probabilities ∝ e^[2, 1, 0, -5] ≈ [0.665, 0.245, 0.090, 0.0006]
         let ids = |p| {
             let s = Sampler::new(cfg(1.0, 0, p, 0.0));
-            s.candidates(&[2.0, 1.0, 0.0, -5.0]).iter().map(|c| c.0).collect::<Vec<_>>()
+            s.candidates(&[2.0, 1.0, 0.0, -5.0])
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>()
         };
         assert_eq!(ids(0.9), vec![0, 1]); // 0.665 + 0.245 = 0.91 >= 0.9
         assert_eq!(ids(0.95), vec![0, 1, 2]);

@@ -1,12 +1,15 @@
 //! A session: one sequence's state (KV cache, position) over an opened artifact, and the
 //! generation loop.
 
+use std::path::Path;
 use std::time::Instant;
 
+use llmc_compiler::jit::Kernels;
 use llmc_ir::interp::{self, KvCache, StepInput};
 
 use crate::artifact::Artifact;
 use crate::error::RuntimeError;
+use crate::jit_exec::JitState;
 use crate::sampler::Sampler;
 
 /// Which executor runs the graph.
@@ -14,15 +17,15 @@ use crate::sampler::Sampler;
 pub enum Backend {
     /// The reference interpreter (slow, obviously correct).
     Interp,
+    /// Native kernels compiled by Cranelift.
+    Jit,
 }
 
 impl Backend {
     pub fn parse(s: &str) -> Result<Backend, RuntimeError> {
         match s {
             "interp" => Ok(Backend::Interp),
-            "jit" => Err(RuntimeError::Usage(
-                "the JIT backend is not available in this build yet; use --backend interp".into(),
-            )),
+            "jit" => Ok(Backend::Jit),
             other => Err(RuntimeError::Usage(format!(
                 "unknown backend `{other}` (interp or jit)"
             ))),
@@ -31,26 +34,79 @@ impl Backend {
 
     /// The fastest backend this build has.
     pub fn fastest() -> Backend {
-        Backend::Interp
+        Backend::Jit
     }
 }
 
+/// An opened artifact with its kernels compiled for this CPU and a thread pool.
+pub struct Engine {
+    pub art: Artifact,
+    pub kernels: Kernels,
+    pub pool: rayon::ThreadPool,
+    /// Seconds spent mapping and checking the artifact, and JIT-compiling the kernels.
+    pub load_s: f64,
+    pub jit_s: f64,
+}
+
+impl Engine {
+    /// Maps the artifact, checks it against the file and the host, and JITs its kernels.
+    /// `threads` = 0 uses every core.
+    pub fn open(path: &Path, threads: usize) -> Result<Engine, RuntimeError> {
+        let t0 = Instant::now();
+        let art = Artifact::open(path)?;
+        let load_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let kernels = llmc_compiler::jit::compile(&art.header.program.kernels).map_err(|e| {
+            RuntimeError::BadArtifact {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            }
+        })?;
+        let jit_s = t1.elapsed().as_secs_f64();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| RuntimeError::Usage(format!("thread pool: {e}")))?;
+        Ok(Engine {
+            art,
+            kernels,
+            pool,
+            load_s,
+            jit_s,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+enum State {
+    Interp(KvCache),
+    Jit(Box<JitState>),
+}
+
+/// One sequence over an engine: its per-layer state and how many positions are filled.
 pub struct Session<'a> {
-    art: &'a Artifact,
-    backend: Backend,
-    cache: KvCache,
+    engine: &'a Engine,
+    state: State,
     /// Positions filled so far.
     pub pos: usize,
     pub ctx: usize,
 }
 
+/// Tokens per step of a chunked prefill (and rows of the activation arena).
+pub const DEFAULT_CHUNK: usize = 256;
+
 impl<'a> Session<'a> {
-    /// A new sequence with room for `ctx` positions (default: the model's trained context).
+    /// A new sequence with room for `ctx` positions (default: the model's trained context,
+    /// at most 4096).
     pub fn new(
-        art: &'a Artifact,
+        engine: &'a Engine,
         backend: Backend,
         ctx: Option<usize>,
     ) -> Result<Session<'a>, RuntimeError> {
+        let art = &engine.art;
         let max = art.header.max_positions;
         let ctx = ctx.unwrap_or(max.min(4096));
         if ctx == 0 || (art.header.hard_context_limit && ctx > max) {
@@ -58,23 +114,28 @@ impl<'a> Session<'a> {
                 "context size {ctx} must be in 1..={max} for this model"
             )));
         }
+        let state = match backend {
+            Backend::Interp => State::Interp(KvCache::new(&art.graph, ctx)),
+            Backend::Jit => State::Jit(Box::new(JitState::new(art, ctx, DEFAULT_CHUNK)?)),
+        };
         Ok(Session {
-            art,
-            backend,
-            cache: KvCache::new(&art.graph, ctx),
+            engine,
+            state,
             pos: 0,
             ctx,
         })
     }
 
-    /// Runs the tokens through the model at the next positions; returns the logits of the last.
+    /// Runs the tokens through the model at the next positions; returns the logits of the
+    /// last. Long inputs run as several steps of at most `DEFAULT_CHUNK` tokens.
     pub fn step(&mut self, tokens: &[i32]) -> Result<Vec<f32>, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Usage(
                 "a step needs at least one token".into(),
             ));
         }
-        let vocab = self.art.header.vocab_size;
+        let art = &self.engine.art;
+        let vocab = art.header.vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
             return Err(RuntimeError::TokenId {
                 id: bad as i64,
@@ -85,28 +146,42 @@ impl<'a> Session<'a> {
             return Err(RuntimeError::Context {
                 need: self.pos + tokens.len(),
                 ctx: self.ctx,
-                max: self.art.header.max_positions,
+                max: art.header.max_positions,
             });
         }
-        let positions: Vec<i32> = (self.pos..self.pos + tokens.len())
-            .map(|p| p as i32)
-            .collect();
-        let out = match self.backend {
-            Backend::Interp => interp::run(
-                &self.art.graph,
-                StepInput {
-                    tokens,
-                    positions: &positions,
-                },
-                self.art,
-                &mut self.cache,
-            )?,
-        };
-        self.pos += tokens.len();
-        let logits = out
-            .get("logits")
-            .ok_or_else(|| RuntimeError::Usage("the graph has no logits output".into()))?;
-        Ok(logits.data.clone())
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(DEFAULT_CHUNK) {
+            let positions: Vec<i32> = (self.pos..self.pos + chunk.len())
+                .map(|p| p as i32)
+                .collect();
+            logits = match &mut self.state {
+                State::Interp(cache) => {
+                    let mut out = interp::run(
+                        &art.graph,
+                        StepInput {
+                            tokens: chunk,
+                            positions: &positions,
+                        },
+                        art,
+                        cache,
+                    )?;
+                    out.remove("logits")
+                        .ok_or_else(|| {
+                            RuntimeError::Usage("the graph has no logits output".into())
+                        })?
+                        .data
+                }
+                State::Jit(st) => st.step(
+                    &art.header.program,
+                    &self.engine.kernels,
+                    &self.engine.pool,
+                    chunk,
+                    &positions,
+                ),
+            };
+            self.pos += chunk.len();
+        }
+        Ok(logits)
     }
 }
 
@@ -138,7 +213,7 @@ pub fn generate(
         return Err(RuntimeError::Context {
             need,
             ctx: session.ctx,
-            max: session.art.header.max_positions,
+            max: session.engine.art.header.max_positions,
         });
     }
     let mut g = Generation::default();

@@ -1,0 +1,170 @@
+//! Cranelift setup: the host ISA, one JIT module per engine, and compilation of every kernel
+//! spec into a native function.
+//!
+//! Every kernel has the same signature:
+//! `extern "C" fn(args: *const *mut u8, n: i64, lo: i64, hi: i64, cap: i64)` — a table of
+//! pointers (the spec says which), the rows of the step, the range of work units this call
+//! does, and the KV cache capacity (KV kernels only). Kernels call nothing: the compiler checks
+//! that each has zero relocations.
+
+use std::sync::Arc;
+
+use cranelift_codegen::ir::{types, AbiParam, Signature, UserFuncName};
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::Context;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module};
+use thiserror::Error;
+
+use crate::kernels;
+use crate::program::KernelSpec;
+
+#[derive(Debug, Error)]
+pub enum JitError {
+    #[error("host ISA: {0}")]
+    Isa(String),
+    #[error("kernel {kernel}: {msg}")]
+    Codegen { kernel: String, msg: String },
+}
+
+/// A compiled kernel.
+pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, n: i64, lo: i64, hi: i64, cap: i64);
+
+/// The Cranelift ISA for this host, with opt_level=speed and the CPU's features.
+pub fn host_isa() -> Result<OwnedTargetIsa, JitError> {
+    let mut flags = settings::builder();
+    flags
+        .set("opt_level", "speed")
+        .map_err(|e| JitError::Isa(e.to_string()))?;
+    flags
+        .set("is_pic", "false")
+        .map_err(|e| JitError::Isa(e.to_string()))?;
+    let isa = cranelift_native::builder().map_err(|e| JitError::Isa(e.to_string()))?;
+    isa.finish(settings::Flags::new(flags))
+        .map_err(|e| JitError::Isa(e.to_string()))
+}
+
+/// The ISA feature flags enabled on this host (`has_avx2`, `has_fma`, ...).
+pub fn isa_features(isa: &dyn TargetIsa) -> Vec<String> {
+    isa.isa_flags()
+        .iter()
+        .filter(|v| v.as_bool() == Some(true))
+        .map(|v| v.name.to_string())
+        .collect()
+}
+
+/// The compiled kernels of one program. Owns the executable memory.
+pub struct Kernels {
+    module: Option<JITModule>,
+    pub fns: Vec<KernelFn>,
+    pub features: Vec<String>,
+}
+
+// SAFETY: after `finalize_definitions` the module is only kept alive to own the code memory;
+// the function pointers refer to immutable executable memory and may be called from any thread.
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        if let Some(m) = self.module.take() {
+            // SAFETY: `fns` dies with `self`, and callers cannot keep copies past the engine
+            // that owns this value (the executor borrows it for each step).
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+pub fn signature(isa: &dyn TargetIsa) -> Signature {
+    let mut sig = Signature::new(isa.default_call_conv());
+    sig.params.push(AbiParam::new(types::I64)); // args
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(types::I64)); // n, lo, hi, cap
+    }
+    sig
+}
+
+/// JIT-compiles every spec for the host.
+pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
+    let isa = host_isa()?;
+    let features = isa_features(&*isa);
+    let isa: Arc<dyn TargetIsa> = isa;
+    let mut module = JITModule::new(JITBuilder::with_isa(
+        isa.clone(),
+        cranelift_module::default_libcall_names(),
+    ));
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let name = format!("k{i}_{}", spec.name());
+        let cg = |msg: String| JitError::Codegen {
+            kernel: name.clone(),
+            msg,
+        };
+        let sig = signature(&*isa);
+        let id = module
+            .declare_function(&name, Linkage::Local, &sig)
+            .map_err(|e| cg(e.to_string()))?;
+        ctx.func.signature = sig;
+        ctx.func.name = UserFuncName::user(0, i as u32);
+        {
+            let b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            kernels::build(spec, b, isa.frontend_config());
+        }
+        module
+            .define_function(id, &mut ctx)
+            .map_err(|e| cg(format!("{e:?}")))?;
+        let relocs = ctx
+            .compiled_code()
+            .map(|c| c.buffer.relocs().len())
+            .unwrap_or(0);
+        if relocs != 0 {
+            return Err(cg(format!(
+                "has {relocs} relocations; kernels must call nothing"
+            )));
+        }
+        module.clear_context(&mut ctx);
+        ids.push(id);
+    }
+    module
+        .finalize_definitions()
+        .map_err(|e| JitError::Codegen {
+            kernel: "finalize".into(),
+            msg: e.to_string(),
+        })?;
+    let fns = ids
+        .into_iter()
+        .map(|id| {
+            let p = module.get_finalized_function(id);
+            // SAFETY: the function was declared with `signature`, which is this C ABI type.
+            unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
+        })
+        .collect();
+    Ok(Kernels {
+        module: Some(module),
+        fns,
+        features,
+    })
+}
+
+/// Compiles one spec and returns its CLIF text after optimization (for inspection and tests).
+pub fn clif_text(spec: &KernelSpec) -> Result<String, JitError> {
+    let isa = host_isa()?;
+    let mut ctx = Context::new();
+    ctx.func.signature = signature(&*isa);
+    let mut fctx = FunctionBuilderContext::new();
+    kernels::build(
+        spec,
+        FunctionBuilder::new(&mut ctx.func, &mut fctx),
+        isa.frontend_config(),
+    );
+    ctx.optimize(&*isa, &mut Default::default())
+        .map_err(|e| JitError::Codegen {
+            kernel: spec.name(),
+            msg: format!("{e:?}"),
+        })?;
+    Ok(ctx.func.display().to_string())
+}

@@ -1,0 +1,47 @@
+//! One file per kernel family; `build` dispatches a spec to its generator.
+
+pub mod attention;
+pub mod elementwise;
+pub mod kb;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::FunctionBuilder;
+
+use crate::program::KernelSpec;
+use kb::Kb;
+
+/// Emits the body of the kernel for `spec` into `b`.
+pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig) {
+    let mut k = Kb::new(b, cfg);
+    match spec {
+        KernelSpec::Embedding { d, packed } => elementwise::embedding(&mut k, *d, *packed),
+        KernelSpec::MatMul { k: kd, m, bias } => matmul::matmul(&mut k, *kd, *m, *bias),
+        KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
+        KernelSpec::LayerNorm { d, eps } => norm::layer_norm(&mut k, *d, *eps),
+        KernelSpec::Rope {
+            heads,
+            head_dim,
+            rotary_dim,
+        } => rope::rope(&mut k, *heads, *head_dim, *rotary_dim),
+        KernelSpec::KvAppend { kv_heads, head_dim } => {
+            attention::kv_append(&mut k, kv_heads * head_dim)
+        }
+        KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+            scale,
+        } => attention::attention(&mut k, *heads, *kv_heads, *head_dim, *window, *scale),
+        KernelSpec::Unary { op, d } => elementwise::unary(&mut k, *op, *d),
+        KernelSpec::Binary { op, d } => elementwise::binary(&mut k, *op, *d),
+        KernelSpec::Slice { d, start, len } => elementwise::slice(&mut k, *d, *start, *len),
+        KernelSpec::Concat { widths } => elementwise::concat(&mut k, widths),
+        KernelSpec::TakeLast { d } => elementwise::take_last(&mut k, *d),
+        KernelSpec::Softmax { d } => elementwise::softmax(&mut k, *d),
+    }
+    k.finish();
+}

@@ -1,0 +1,447 @@
+//! Lowering: optimized graph → [`Program`]. Each compute node becomes one kernel call (attention
+//! becomes a KV append and the attention proper); identical specs share one kernel; buffers are
+//! placed by a liveness-based first-fit memory plan.
+
+use std::collections::HashMap;
+
+use llmc_ir::{Dim, Graph, InputKind, IrError, NodeId, Op};
+
+use crate::pack::PANEL;
+use crate::program::{
+    Arg, Binary, Buffer, Call, KernelSpec, KvLayer, Layout, Program, RopeTable, Rows, Unary, Units,
+};
+
+fn err(msg: impl Into<String>) -> IrError {
+    IrError::Interp(format!("lowering: {}", msg.into()))
+}
+
+struct Lowerer<'g> {
+    g: &'g Graph,
+    prog: Program,
+    vals: HashMap<NodeId, Arg>,
+}
+
+impl Lowerer<'_> {
+    fn kernel(&mut self, spec: KernelSpec) -> usize {
+        if let Some(i) = self.prog.kernels.iter().position(|k| *k == spec) {
+            return i;
+        }
+        self.prog.kernels.push(spec);
+        self.prog.kernels.len() - 1
+    }
+
+    fn buffer(&mut self, width: usize, rows: Rows) -> usize {
+        self.prog.buffers.push(Buffer {
+            width,
+            rows,
+            offset: 0,
+        });
+        self.prog.buffers.len() - 1
+    }
+
+    fn arg(&self, id: NodeId) -> Result<Arg, IrError> {
+        self.vals
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| err("operand not lowered"))
+    }
+
+    fn set_layout(&mut self, arg: &Arg, layout: Layout) -> Result<(), IrError> {
+        let Arg::Weight(name) = arg else {
+            return Err(err("matmul weights and biases must be weights (computed matrices are not supported yet)"));
+        };
+        match self.prog.layouts.iter_mut().find(|(n, _)| n == name) {
+            Some((_, l)) if *l == layout || *l == Layout::Panel16 => {}
+            Some((_, l)) => *l = layout,
+            None => self.prog.layouts.push((name.clone(), layout)),
+        }
+        Ok(())
+    }
+
+    fn call(&mut self, spec: KernelSpec, args: Vec<Arg>, units: Units, rows: Rows, work: usize) {
+        let kernel = self.kernel(spec);
+        self.prog.calls.push(Call {
+            kernel,
+            args,
+            units,
+            rows,
+            layer: None,
+            work_per_unit: work,
+        });
+    }
+
+    fn lower_node(&mut self, id: NodeId) -> Result<(), IrError> {
+        let node = self.g.node(id);
+        let ops = self.g.operands(id);
+        let a: Vec<Arg> = ops.iter().map(|&o| self.arg(o)).collect::<Result<_, _>>()?;
+        let shape = &node.ty.shape.0;
+        let rows = match shape.first() {
+            Some(Dim::N) => Rows::N,
+            _ => Rows::One,
+        };
+        let width = node.ty.shape.last_const().unwrap_or(0);
+        let in_width = |i: usize| self.g.node(ops[i]).ty.shape.last_const().unwrap_or(0);
+        let result = match &node.op {
+            Op::Input(InputKind::Tokens) => Arg::Tokens,
+            Op::Input(InputKind::Positions) => Arg::Positions,
+            Op::Weight { name } => Arg::Weight(name.clone()),
+            op => {
+                let out = self.buffer(width, rows);
+                let mut args = a.clone();
+                args.push(Arg::Buf(out));
+                match op {
+                    Op::Embedding => {
+                        // Gathers read a packed table when it is also a matmul weight (tied
+                        // embeddings): decided after all matmuls are seen, see `finish`.
+                        self.call(
+                            KernelSpec::Embedding {
+                                d: width,
+                                packed: false,
+                            },
+                            args,
+                            Units::Rows,
+                            rows,
+                            width,
+                        );
+                    }
+                    Op::MatMul => {
+                        let (k, m) = (in_width(0), width);
+                        self.set_layout(&a[1], Layout::Panel16)?;
+                        if a.len() == 3 {
+                            self.set_layout(&a[2], Layout::Padded16)?;
+                        }
+                        let spec = KernelSpec::MatMul {
+                            k,
+                            m,
+                            bias: a.len() == 3,
+                        };
+                        self.call(
+                            spec,
+                            args,
+                            Units::Panels(m.div_ceil(PANEL)),
+                            rows,
+                            PANEL * k,
+                        );
+                    }
+                    Op::RmsNorm { eps } => self.call(
+                        KernelSpec::RmsNorm {
+                            d: width,
+                            eps: *eps,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::LayerNorm { eps } => self.call(
+                        KernelSpec::LayerNorm {
+                            d: width,
+                            eps: *eps,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Rope {
+                        heads,
+                        head_dim,
+                        rotary_dim,
+                        theta,
+                        scaling,
+                    } => {
+                        let table = RopeTable {
+                            theta: *theta,
+                            scaling: *scaling,
+                            rotary_dim: *rotary_dim,
+                        };
+                        let t = match self.prog.rope_tables.iter().position(|r| *r == table) {
+                            Some(t) => t,
+                            None => {
+                                self.prog.rope_tables.push(table);
+                                self.prog.rope_tables.len() - 1
+                            }
+                        };
+                        let args =
+                            vec![a[0].clone(), a[1].clone(), Arg::RopeTable(t), Arg::Buf(out)];
+                        let spec = KernelSpec::Rope {
+                            heads: *heads,
+                            head_dim: *head_dim,
+                            rotary_dim: *rotary_dim,
+                        };
+                        self.call(spec, args, Units::Rows, rows, width);
+                    }
+                    Op::Attention {
+                        layer,
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        window,
+                        scale,
+                    } => {
+                        if !self.prog.kv_layers.iter().any(|l| l.layer == *layer) {
+                            self.prog.kv_layers.push(KvLayer {
+                                layer: *layer,
+                                kv_heads: *kv_heads,
+                                head_dim: *head_dim,
+                                window: *window,
+                            });
+                        }
+                        let (kc, vc) = (Arg::KCache(*layer), Arg::VCache(*layer));
+                        let append = KernelSpec::KvAppend {
+                            kv_heads: *kv_heads,
+                            head_dim: *head_dim,
+                        };
+                        let kvw = kv_heads * head_dim;
+                        self.call(
+                            append,
+                            vec![
+                                a[1].clone(),
+                                a[2].clone(),
+                                a[3].clone(),
+                                kc.clone(),
+                                vc.clone(),
+                            ],
+                            Units::Rows,
+                            rows,
+                            kvw,
+                        );
+                        self.prog
+                            .calls
+                            .last_mut()
+                            .ok_or_else(|| err("no call"))?
+                            .layer = Some(*layer);
+                        let spec = KernelSpec::Attention {
+                            heads: *heads,
+                            kv_heads: *kv_heads,
+                            head_dim: *head_dim,
+                            window: *window,
+                            scale: *scale,
+                        };
+                        // Work grows with the context; 4096 floats is a fair guess per unit.
+                        self.call(
+                            spec,
+                            vec![a[0].clone(), a[3].clone(), kc, vc, Arg::Buf(out)],
+                            Units::KvHeadsByRows(*kv_heads),
+                            rows,
+                            4096,
+                        );
+                        self.prog
+                            .calls
+                            .last_mut()
+                            .ok_or_else(|| err("no call"))?
+                            .layer = Some(*layer);
+                    }
+                    Op::Softmax => self.call(
+                        KernelSpec::Softmax { d: width },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Silu => self.call(
+                        KernelSpec::Unary {
+                            op: Unary::Silu,
+                            d: width,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Gelu => self.call(
+                        KernelSpec::Unary {
+                            op: Unary::Gelu,
+                            d: width,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::GeluErf => self.call(
+                        KernelSpec::Unary {
+                            op: Unary::GeluErf,
+                            d: width,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Scale { factor } => self.call(
+                        KernelSpec::Unary {
+                            op: Unary::Scale(*factor),
+                            d: width,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Add => self.call(
+                        KernelSpec::Binary {
+                            op: Binary::Add,
+                            d: width,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Mul => self.call(
+                        KernelSpec::Binary {
+                            op: Binary::Mul,
+                            d: width,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Slice { start, len } => self.call(
+                        KernelSpec::Slice {
+                            d: in_width(0),
+                            start: *start,
+                            len: *len,
+                        },
+                        args,
+                        Units::Rows,
+                        rows,
+                        width,
+                    ),
+                    Op::Concat => {
+                        let widths = (0..ops.len()).map(in_width).collect();
+                        self.call(
+                            KernelSpec::Concat { widths },
+                            args,
+                            Units::Rows,
+                            rows,
+                            width,
+                        )
+                    }
+                    Op::TakeLast => self.call(
+                        KernelSpec::TakeLast { d: width },
+                        args,
+                        Units::Single,
+                        Rows::N,
+                        width,
+                    ),
+                    Op::Input(_) | Op::Weight { .. } => unreachable!("handled above"),
+                }
+                Arg::Buf(out)
+            }
+        };
+        self.vals.insert(id, result);
+        Ok(())
+    }
+
+    /// Embedding tables that are also matmul weights are read in their packed layout.
+    fn fix_embeddings(&mut self) {
+        let packed: Vec<String> = self
+            .prog
+            .layouts
+            .iter()
+            .filter(|(_, l)| *l == Layout::Panel16)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for ci in 0..self.prog.calls.len() {
+            let call = &self.prog.calls[ci];
+            if let KernelSpec::Embedding { d, .. } = self.prog.kernels[call.kernel] {
+                let is_packed = matches!(&call.args[0], Arg::Weight(n) if packed.contains(n));
+                let k = self.kernel(KernelSpec::Embedding {
+                    d,
+                    packed: is_packed,
+                });
+                self.prog.calls[ci].kernel = k;
+            }
+        }
+        // Drop kernels no call uses any more, renumbering the calls.
+        let used: Vec<bool> = (0..self.prog.kernels.len())
+            .map(|k| self.prog.calls.iter().any(|c| c.kernel == k))
+            .collect();
+        let mut remap = vec![usize::MAX; used.len()];
+        let mut kept = Vec::new();
+        for (i, k) in self.prog.kernels.drain(..).enumerate() {
+            if used[i] {
+                remap[i] = kept.len();
+                kept.push(k);
+            }
+        }
+        self.prog.kernels = kept;
+        for c in &mut self.prog.calls {
+            c.kernel = remap[c.kernel];
+        }
+    }
+
+    /// Liveness-based first-fit placement. A buffer lives from the call that writes it to the
+    /// last call that reads it (outputs: to the end); a call's inputs and output never overlap.
+    fn plan_memory(&mut self) {
+        let nb = self.prog.buffers.len();
+        let mut def = vec![usize::MAX; nb];
+        let mut last = vec![0usize; nb];
+        for (ci, c) in self.prog.calls.iter().enumerate() {
+            for a in &c.args {
+                if let Arg::Buf(b) = a {
+                    def[*b] = def[*b].min(ci);
+                    last[*b] = last[*b].max(ci);
+                }
+            }
+        }
+        for (_, b) in &self.prog.outputs {
+            last[*b] = usize::MAX;
+        }
+        let mut order: Vec<usize> = (0..nb).filter(|&b| def[b] != usize::MAX).collect();
+        order.sort_by_key(|&b| (def[b], b));
+        // (offset, width, last use) of buffers currently placed.
+        let mut live: Vec<(usize, usize, usize)> = Vec::new();
+        let mut arena = 0;
+        for b in order {
+            live.retain(|&(_, _, end)| end >= def[b]);
+            let width = self.prog.buffers[b].width.div_ceil(16) * 16;
+            live.sort_unstable();
+            let mut at = 0;
+            for &(off, w, _) in &live {
+                if at + width <= off {
+                    break;
+                }
+                at = at.max(off + w);
+            }
+            live.push((at, width, last[b]));
+            self.prog.buffers[b].offset = at;
+            arena = arena.max(at + width);
+        }
+        self.prog.arena_width = arena;
+    }
+}
+
+/// Lowers a verified graph to a program.
+pub fn lower(g: &Graph) -> Result<Program, IrError> {
+    g.verify()?;
+    let mut l = Lowerer {
+        g,
+        prog: Program {
+            kernels: Vec::new(),
+            calls: Vec::new(),
+            buffers: Vec::new(),
+            arena_width: 0,
+            outputs: Vec::new(),
+            rope_tables: Vec::new(),
+            kv_layers: Vec::new(),
+            layouts: Vec::new(),
+        },
+        vals: HashMap::new(),
+    };
+    for id in g.topo_order()? {
+        l.lower_node(id)?;
+    }
+    for (name, id) in &g.outputs {
+        match l.arg(*id)? {
+            Arg::Buf(b) => l.prog.outputs.push((name.clone(), b)),
+            _ => return Err(err(format!("output {name} must be computed"))),
+        }
+    }
+    l.fix_embeddings();
+    l.plan_memory();
+    Ok(l.prog)
+}

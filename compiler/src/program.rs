@@ -1,0 +1,227 @@
+//! The lowered form of a graph: kernel specs with every model dim constant, a linear schedule
+//! of kernel calls, and the buffers of a liveness-based memory plan. Stored in the artifact
+//! header; the runtime JITs the kernels and walks the schedule.
+
+use llmc_ir::RopeScaling;
+use serde::{Deserialize, Serialize};
+
+/// How a weight is stored in the artifact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    /// Row-major, as the IR's logical shape.
+    RowMajor,
+    /// A `[rows, cols]` matrix in panels of 16 rows, k-major inside a panel:
+    /// `panel[p][k][r] = W[16p + r][k]`, rows padded with zeros to a multiple of 16. One
+    /// broadcast activation feeds 16 output rows from one 64-byte cache line.
+    Panel16,
+    /// A vector padded with zeros to a multiple of 16 (matmul biases).
+    Padded16,
+}
+
+/// Elementwise unary functions.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Unary {
+    Silu,
+    /// tanh approximation
+    Gelu,
+    /// erf form
+    GeluErf,
+    Scale(f32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Binary {
+    Add,
+    Mul,
+}
+
+/// One kernel, specialized for constant dims. The comment gives its arguments (pointers, in
+/// order) and its unit of work (what `lo..hi` counts).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum KernelSpec {
+    /// `[table, ids, out]`, units: rows. `packed`: the table is in `Panel16` layout.
+    Embedding { d: usize, packed: bool },
+    /// `[x, w (Panel16), bias (Padded16)?, out]`, units: 16-row panels of `w`.
+    MatMul { k: usize, m: usize, bias: bool },
+    /// `[x, w, out]`, units: rows.
+    RmsNorm { d: usize, eps: f32 },
+    /// `[x, w, b, out]`, units: rows.
+    LayerNorm { d: usize, eps: f32 },
+    /// `[x, positions, table, out]`, units: rows. `table[pos][0..rd/2]` = cos, `[rd/2..rd]` = sin.
+    Rope {
+        heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+    },
+    /// `[k, v, positions, kcache, vcache]`, units: rows. Cache layout `[cap, kv_heads, head_dim]`,
+    /// slot `pos % cap` (a ring when the layer has a window).
+    KvAppend { kv_heads: usize, head_dim: usize },
+    /// `[q, positions, kcache, vcache, out]`, units: `kv_heads × n` (kv head, token) pairs.
+    /// Online softmax in one pass over the cached positions; the query heads of a group share
+    /// every K and V load.
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+        scale: f32,
+    },
+    /// `[x, out]`, units: rows.
+    Unary { op: Unary, d: usize },
+    /// `[a, b, out]`, units: rows.
+    Binary { op: Binary, d: usize },
+    /// `[x, out]`, units: rows. Columns `start..start+len` of a `d`-wide row.
+    Slice { d: usize, start: usize, len: usize },
+    /// `[x0, x1, ..., out]`, units: rows.
+    Concat { widths: Vec<usize> },
+    /// `[x, out]`, units: 1. Copies row `n - 1`.
+    TakeLast { d: usize },
+    /// `[x, out]`, units: rows.
+    Softmax { d: usize },
+}
+
+impl KernelSpec {
+    pub fn name(&self) -> String {
+        match self {
+            KernelSpec::Embedding { d, packed } => {
+                format!("embedding_d{d}{}", if *packed { "_packed" } else { "" })
+            }
+            KernelSpec::MatMul { k, m, bias } => {
+                format!("matmul_k{k}_m{m}{}", if *bias { "_bias" } else { "" })
+            }
+            KernelSpec::RmsNorm { d, .. } => format!("rms_norm_d{d}"),
+            KernelSpec::LayerNorm { d, .. } => format!("layer_norm_d{d}"),
+            KernelSpec::Rope {
+                heads,
+                head_dim,
+                rotary_dim,
+            } => format!("rope_h{heads}_hd{head_dim}_rd{rotary_dim}"),
+            KernelSpec::KvAppend { kv_heads, head_dim } => {
+                format!("kv_append_kv{kv_heads}_hd{head_dim}")
+            }
+            KernelSpec::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                window,
+                ..
+            } => {
+                format!(
+                    "attention_h{heads}_kv{kv_heads}_hd{head_dim}{}",
+                    window.map_or(String::new(), |w| format!("_w{w}"))
+                )
+            }
+            KernelSpec::Unary { op, d } => format!("{op:?}_d{d}").to_lowercase(),
+            KernelSpec::Binary { op, d } => format!("{op:?}_d{d}").to_lowercase(),
+            KernelSpec::Slice { d, start, len } => format!("slice_d{d}_{start}_{len}"),
+            KernelSpec::Concat { widths } => format!("concat_{}", widths.len()),
+            KernelSpec::TakeLast { d } => format!("take_last_d{d}"),
+            KernelSpec::Softmax { d } => format!("softmax_d{d}"),
+        }
+    }
+}
+
+/// Whether a value has one row per token of the step or a single row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rows {
+    N,
+    One,
+}
+
+/// How many units of work a call has, given the rows `n` it is called with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Units {
+    Rows,
+    Panels(usize),
+    KvHeadsByRows(usize),
+    Single,
+}
+
+impl Units {
+    pub fn count(self, n: usize) -> usize {
+        match self {
+            Units::Rows => n,
+            Units::Panels(p) => p,
+            Units::KvHeadsByRows(kv) => kv * n,
+            Units::Single => 1,
+        }
+    }
+}
+
+/// A kernel argument.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Arg {
+    /// An activation buffer of the arena.
+    Buf(usize),
+    /// A weight tensor of the artifact, by name.
+    Weight(String),
+    Tokens,
+    Positions,
+    KCache(usize),
+    VCache(usize),
+    /// A cos/sin table, by index into `Program::rope_tables`.
+    RopeTable(usize),
+}
+
+/// One call of the schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    pub kernel: usize,
+    pub args: Vec<Arg>,
+    pub units: Units,
+    pub rows: Rows,
+    /// The attention layer whose cache capacity is passed (KV kernels only).
+    pub layer: Option<usize>,
+    /// Rough work per unit, in floats touched: the executor splits big calls over threads.
+    pub work_per_unit: usize,
+}
+
+/// An activation buffer: `width` floats per row; placed at `offset × n_cap` floats in the arena.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub width: usize,
+    pub rows: Rows,
+    /// In floats per row of capacity (multiples of 16 floats, so every buffer is 64-byte aligned).
+    pub offset: usize,
+}
+
+/// A table of RoPE cos/sin values, computed by the runtime for its context size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeTable {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+    pub rotary_dim: usize,
+}
+
+/// The KV cache of one attention layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvLayer {
+    pub layer: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub window: Option<usize>,
+}
+
+/// The lowered program.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub kernels: Vec<KernelSpec>,
+    pub calls: Vec<Call>,
+    pub buffers: Vec<Buffer>,
+    /// Arena size in floats per row of capacity.
+    pub arena_width: usize,
+    pub outputs: Vec<(String, usize)>,
+    pub rope_tables: Vec<RopeTable>,
+    pub kv_layers: Vec<KvLayer>,
+    /// Storage layout of each weight the program reads.
+    pub layouts: Vec<(String, Layout)>,
+}
+
+impl Program {
+    pub fn layout_of(&self, name: &str) -> Layout {
+        self.layouts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(Layout::RowMajor, |(_, l)| *l)
+    }
+}

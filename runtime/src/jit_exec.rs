@@ -1,0 +1,225 @@
+//! The JIT executor: one sequence's arena, KV caches and RoPE tables, and the walk over the
+//! program's schedule calling native kernels, split over threads by rayon.
+
+use llmc_compiler::jit::{KernelFn, Kernels};
+use llmc_compiler::program::{Arg, Program, Rows};
+use rayon::prelude::*;
+
+use crate::artifact::Artifact;
+use crate::error::RuntimeError;
+
+/// 16 floats, 64-byte aligned: the unit of every buffer the kernels touch.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Block([f32; 16]);
+
+/// A 64-byte aligned, zeroed f32 buffer.
+struct Aligned(Vec<Block>);
+
+impl Aligned {
+    fn new(floats: usize) -> Aligned {
+        Aligned(vec![Block([0.0; 16]); floats.div_ceil(16).max(1)])
+    }
+    fn ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr() as *mut u8
+    }
+}
+
+/// Floats of work below which a call runs on one thread.
+const SPLIT_THRESHOLD: usize = 16 * 1024;
+
+/// Per-sequence state of the JIT backend.
+pub struct JitState {
+    arena: Vec<Block>,
+    caches: Vec<(usize, Aligned, Aligned, usize)>, // (layer, k, v, cap)
+    tables: Vec<Vec<f32>>,
+    tokens: Vec<i32>,
+    positions: Vec<i32>,
+    /// Pointer table of every call, fixed for the session.
+    args: Vec<Vec<*mut u8>>,
+    caps: Vec<i64>,
+    pub n_cap: usize,
+    pub ctx: usize,
+}
+
+// SAFETY: the raw pointers point into buffers this struct owns (arena, caches, tables, tokens,
+// positions) or into the artifact's read-only map, which outlives the session.
+unsafe impl Send for JitState {}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*const *mut u8);
+// SAFETY: shared across the workers of one call, which write disjoint ranges (see `step`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl JitState {
+    pub fn new(art: &Artifact, ctx: usize, n_cap: usize) -> Result<JitState, RuntimeError> {
+        let prog = &art.header.program;
+        let n_cap = n_cap.clamp(1, ctx);
+        let arena = vec![Block([0.0; 16]); (prog.arena_width * n_cap).div_ceil(16).max(1)];
+        let caches = prog
+            .kv_layers
+            .iter()
+            .map(|l| {
+                // Sliding-window layers keep a ring big enough for the window plus one chunk.
+                let cap = l.window.map_or(ctx, |w| (w + n_cap).min(ctx));
+                let len = cap * l.kv_heads * l.head_dim;
+                (l.layer, Aligned::new(len), Aligned::new(len), cap)
+            })
+            .collect();
+        let tables = prog
+            .rope_tables
+            .iter()
+            .map(|t| {
+                let inv = t.scaling.inv_freq(t.theta, t.rotary_dim);
+                let half = t.rotary_dim / 2;
+                let mut tab = vec![0f32; ctx * t.rotary_dim];
+                for p in 0..ctx {
+                    let pf = p as f32 / t.scaling.position_divisor();
+                    for (i, f) in inv.iter().enumerate() {
+                        // The interpreter's formula: f32 angle, cos/sin rounded from f64.
+                        let angle = (pf * f) as f64;
+                        tab[p * t.rotary_dim + i] = angle.cos() as f32;
+                        tab[p * t.rotary_dim + half + i] = angle.sin() as f32;
+                    }
+                }
+                tab
+            })
+            .collect();
+        let mut s = JitState {
+            arena,
+            caches,
+            tables,
+            tokens: vec![0; n_cap],
+            positions: vec![0; n_cap],
+            args: Vec::new(),
+            caps: Vec::new(),
+            n_cap,
+            ctx,
+        };
+        s.build_args(art, prog)?;
+        Ok(s)
+    }
+
+    fn build_args(&mut self, art: &Artifact, prog: &Program) -> Result<(), RuntimeError> {
+        let arena = self.arena.as_mut_ptr() as *mut u8;
+        let missing = |what: String| RuntimeError::BadArtifact {
+            path: art.path.clone(),
+            msg: what,
+        };
+        let mut tables = Vec::new();
+        let mut caps = Vec::new();
+        for call in &prog.calls {
+            let mut ptrs = Vec::new();
+            for a in &call.args {
+                let p = match a {
+                    Arg::Buf(b) => {
+                        let buf = prog
+                            .buffers
+                            .get(*b)
+                            .ok_or_else(|| missing(format!("call refers to buffer {b}")))?;
+                        // SAFETY: offset × n_cap + width × n_cap <= arena_width × n_cap floats.
+                        unsafe { arena.add(buf.offset * self.n_cap * 4) }
+                    }
+                    Arg::Weight(name) => art
+                        .tensor(name)
+                        .ok_or_else(|| missing(format!("call reads missing weight `{name}`")))?
+                        .0
+                        .as_ptr() as *mut u8,
+                    Arg::Tokens => self.tokens.as_mut_ptr() as *mut u8,
+                    Arg::Positions => self.positions.as_mut_ptr() as *mut u8,
+                    Arg::KCache(l) | Arg::VCache(l) => {
+                        let c = self
+                            .caches
+                            .iter_mut()
+                            .find(|c| c.0 == *l)
+                            .ok_or_else(|| missing(format!("no cache for layer {l}")))?;
+                        if matches!(a, Arg::KCache(_)) {
+                            c.1.ptr()
+                        } else {
+                            c.2.ptr()
+                        }
+                    }
+                    Arg::RopeTable(t) => self
+                        .tables
+                        .get_mut(*t)
+                        .ok_or_else(|| missing(format!("no rope table {t}")))?
+                        .as_mut_ptr() as *mut u8,
+                };
+                ptrs.push(p);
+            }
+            let cap = call
+                .layer
+                .and_then(|l| self.caches.iter().find(|c| c.0 == l))
+                .map_or(0, |c| c.3 as i64);
+            tables.push(ptrs);
+            caps.push(cap);
+        }
+        self.args = tables;
+        self.caps = caps;
+        Ok(())
+    }
+
+    /// Runs one step of `tokens.len() <= n_cap` tokens at `positions` (already validated:
+    /// ids inside the vocabulary, positions inside the context) and returns the logits.
+    pub fn step(
+        &mut self,
+        prog: &Program,
+        kernels: &Kernels,
+        pool: &rayon::ThreadPool,
+        tokens: &[i32],
+        positions: &[i32],
+    ) -> Vec<f32> {
+        let n = tokens.len();
+        self.tokens[..n].copy_from_slice(tokens);
+        self.positions[..n].copy_from_slice(positions);
+        let threads = pool.current_num_threads();
+        let tables: Vec<SendPtr> = self.args.iter().map(|a| SendPtr(a.as_ptr())).collect();
+        let caps = &self.caps;
+        pool.install(|| {
+            for (ci, call) in prog.calls.iter().enumerate() {
+                let f: KernelFn = kernels.fns[call.kernel];
+                let n_call = if call.rows == Rows::One { 1 } else { n };
+                let units = call.units.count(n_call);
+                let table = tables[ci];
+                let cap = caps[ci];
+                let chunks =
+                    if threads > 1 && units >= 2 && units * call.work_per_unit >= SPLIT_THRESHOLD {
+                        threads.min(units)
+                    } else {
+                        1
+                    };
+                let run = |c: usize| {
+                    let t = table;
+                    let lo = units * c / chunks;
+                    let hi = units * (c + 1) / chunks;
+                    // SAFETY: the pointer table matches the kernel's spec (built by lowering);
+                    // every buffer holds n_cap >= n rows; workers get disjoint unit ranges and a
+                    // kernel writes only the rows/panels/heads of its own range; calls run in
+                    // schedule order, so inputs are complete before a call starts.
+                    unsafe { f(t.0, n_call as i64, lo as i64, hi as i64, cap) }
+                };
+                if chunks == 1 {
+                    run(0);
+                } else {
+                    (0..chunks).into_par_iter().for_each(run);
+                }
+            }
+        });
+        let logits = prog
+            .outputs
+            .iter()
+            .find(|(name, _)| name == "logits")
+            .map_or(usize::MAX, |(_, b)| *b);
+        match prog.buffers.get(logits) {
+            Some(buf) => {
+                let start = buf.offset * self.n_cap;
+                let arena: &[f32] =
+                    // SAFETY: Block is 16 plain f32s; the arena is one contiguous allocation.
+                    unsafe { std::slice::from_raw_parts(self.arena.as_ptr() as *const f32, self.arena.len() * 16) };
+                arena[start..start + buf.width].to_vec()
+            }
+            None => Vec::new(),
+        }
+    }
+}
