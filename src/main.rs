@@ -36,6 +36,25 @@ enum Cmd {
     },
     /// Run a compiled artifact.
     Run(RunArgs),
+    /// Measure prefill and decode speed against the memory bandwidth (JIT backend).
+    Bench {
+        artifact: PathBuf,
+        /// Prompt tokens to prefill.
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+        n_prompt: usize,
+        /// Tokens to decode.
+        #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+        n_gen: usize,
+        /// Threads (0 = all cores).
+        #[arg(short = 't', long, default_value_t = 0)]
+        threads: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also time every kernel during decode.
+        #[arg(long)]
+        profile: bool,
+    },
     /// Print the IR of a model (config.json, model folder or artifact).
     Ir { model: PathBuf },
 }
@@ -130,6 +149,34 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run(args),
+        Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
+            let engine = Engine::open(&artifact, threads)?;
+            let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}: {} threads", artifact.display(), r.threads);
+                println!("  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s", r.prefill_tokens, r.prefill_tok_s, r.prefill_gflop_s);
+                println!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s);
+                println!(
+                    "  {:.1} MB of weights per token, bandwidth {:.1} GB/s, roofline fraction {:.2}",
+                    r.bytes_per_token as f64 / 1e6,
+                    r.bandwidth_gb_s,
+                    r.roofline_fraction
+                );
+                println!(
+                    "  {} kernel calls per token ({} kernels), load {:.1} ms, JIT {:.1} ms",
+                    r.kernel_calls_per_token,
+                    r.kernels,
+                    r.load_s * 1e3,
+                    r.jit_s * 1e3
+                );
+                for (name, ms, calls) in &r.decode_profile {
+                    println!("    {ms:>8.3} ms/token  {calls:>4} calls  {name}");
+                }
+            }
+            Ok(())
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub struct JitState {
     caps: Vec<i64>,
     pub n_cap: usize,
     pub ctx: usize,
+    /// When set, seconds spent in each kernel (indexed like `Program::kernels`) and calls.
+    pub profile: Option<Vec<(f64, usize)>>,
 }
 
 // SAFETY: the raw pointers point into buffers this struct owns (arena, caches, tables, tokens,
@@ -53,8 +55,19 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl JitState {
+    /// State for running `art`'s program with `ctx` positions, steps of at most `n_cap` tokens.
     pub fn new(art: &Artifact, ctx: usize, n_cap: usize) -> Result<JitState, RuntimeError> {
-        let prog = &art.header.program;
+        JitState::with_weights(&art.header.program, &|name| art.tensor(name).map(|t| t.0), ctx, n_cap)
+    }
+
+    /// The same for any program: `weights` gives each weight's data in the layout the program
+    /// asks for. The data must outlive the state (the runtime's map, or a test's vectors).
+    pub fn with_weights<'w>(
+        prog: &Program,
+        weights: &dyn Fn(&str) -> Option<&'w [f32]>,
+        ctx: usize,
+        n_cap: usize,
+    ) -> Result<JitState, RuntimeError> {
         let n_cap = n_cap.clamp(1, ctx);
         let arena = vec![Block([0.0; 16]); (prog.arena_width * n_cap).div_ceil(16).max(1)];
         let caches = prog
@@ -96,17 +109,15 @@ impl JitState {
             caps: Vec::new(),
             n_cap,
             ctx,
+            profile: None,
         };
-        s.build_args(art, prog)?;
+        s.build_args(prog, weights)?;
         Ok(s)
     }
 
-    fn build_args(&mut self, art: &Artifact, prog: &Program) -> Result<(), RuntimeError> {
+    fn build_args<'w>(&mut self, prog: &Program, weights: &dyn Fn(&str) -> Option<&'w [f32]>) -> Result<(), RuntimeError> {
         let arena = self.arena.as_mut_ptr() as *mut u8;
-        let missing = |what: String| RuntimeError::BadArtifact {
-            path: art.path.clone(),
-            msg: what,
-        };
+        let missing = |what: String| RuntimeError::Usage(format!("invalid program: {what}"));
         let mut tables = Vec::new();
         let mut caps = Vec::new();
         for call in &prog.calls {
@@ -121,11 +132,10 @@ impl JitState {
                         // SAFETY: offset × n_cap + width × n_cap <= arena_width × n_cap floats.
                         unsafe { arena.add(buf.offset * self.n_cap * 4) }
                     }
-                    Arg::Weight(name) => art
-                        .tensor(name)
-                        .ok_or_else(|| missing(format!("call reads missing weight `{name}`")))?
-                        .0
-                        .as_ptr() as *mut u8,
+                    Arg::Weight(name) => {
+                        weights(name).ok_or_else(|| missing(format!("call reads missing weight `{name}`")))?.as_ptr()
+                            as *mut u8
+                    }
                     Arg::Tokens => self.tokens.as_mut_ptr() as *mut u8,
                     Arg::Positions => self.positions.as_mut_ptr() as *mut u8,
                     Arg::KCache(l) | Arg::VCache(l) => {
@@ -161,7 +171,8 @@ impl JitState {
     }
 
     /// Runs one step of `tokens.len() <= n_cap` tokens at `positions` (already validated:
-    /// ids inside the vocabulary, positions inside the context) and returns the logits.
+    /// ids inside the vocabulary, positions inside the context) and returns the `logits`
+    /// output (all its rows).
     pub fn step(
         &mut self,
         prog: &Program,
@@ -176,6 +187,10 @@ impl JitState {
         let threads = pool.current_num_threads();
         let tables: Vec<SendPtr> = self.args.iter().map(|a| SendPtr(a.as_ptr())).collect();
         let caps = &self.caps;
+        let profile = &mut self.profile;
+        if let Some(p) = profile.as_mut() {
+            p.resize(prog.kernels.len(), (0.0, 0));
+        }
         pool.install(|| {
             for (ci, call) in prog.calls.iter().enumerate() {
                 let f: KernelFn = kernels.fns[call.kernel];
@@ -199,10 +214,15 @@ impl JitState {
                     // schedule order, so inputs are complete before a call starts.
                     unsafe { f(t.0, n_call as i64, lo as i64, hi as i64, cap) }
                 };
+                let t0 = profile.as_ref().map(|_| std::time::Instant::now());
                 if chunks == 1 {
                     run(0);
                 } else {
                     (0..chunks).into_par_iter().for_each(run);
+                }
+                if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
+                    p[call.kernel].0 += t0.elapsed().as_secs_f64();
+                    p[call.kernel].1 += 1;
                 }
             }
         });
@@ -214,10 +234,11 @@ impl JitState {
         match prog.buffers.get(logits) {
             Some(buf) => {
                 let start = buf.offset * self.n_cap;
+                let rows = if buf.rows == Rows::One { 1 } else { n };
                 let arena: &[f32] =
                     // SAFETY: Block is 16 plain f32s; the arena is one contiguous allocation.
                     unsafe { std::slice::from_raw_parts(self.arena.as_ptr() as *const f32, self.arena.len() * 16) };
-                arena[start..start + buf.width].to_vec()
+                arena[start..start + rows * buf.width].to_vec()
             }
             None => Vec::new(),
         }

@@ -2,6 +2,7 @@
 //! samples tokens and drives generation.
 
 pub mod artifact;
+pub mod bench;
 pub mod error;
 pub mod jit_exec;
 pub mod sampler;

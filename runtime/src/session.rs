@@ -126,6 +126,21 @@ impl<'a> Session<'a> {
         })
     }
 
+    /// Turns per-kernel timing on (JIT backend only).
+    pub fn enable_profile(&mut self) {
+        if let State::Jit(st) = &mut self.state {
+            st.profile = Some(Vec::new());
+        }
+    }
+
+    /// Seconds and calls per kernel since profiling was enabled.
+    pub fn profile(&self) -> Option<&[(f64, usize)]> {
+        match &self.state {
+            State::Jit(st) => st.profile.as_deref(),
+            State::Interp(_) => None,
+        }
+    }
+
     /// Runs the tokens through the model at the next positions; returns the logits of the
     /// last. Long inputs run as several steps of at most `DEFAULT_CHUNK` tokens.
     pub fn step(&mut self, tokens: &[i32]) -> Result<Vec<f32>, RuntimeError> {

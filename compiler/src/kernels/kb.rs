@@ -203,6 +203,22 @@ impl<'a> Kb<'a> {
         self.b.use_var(iv)
     }
 
+    /// `while var < end { body }`: the body must advance `var` (a pointer walked by the loop).
+    pub fn for_ptr(&mut self, var: Variable, end: Value, body: impl FnOnce(&mut Kb<'a>)) {
+        let header = self.b.create_block();
+        let body_b = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let v = self.b.use_var(var);
+        let ok = self.b.ins().icmp(IntCC::UnsignedLessThan, v, end);
+        self.b.ins().brif(ok, body_b, &[], exit, &[]);
+        self.b.switch_to_block(body_b);
+        body(self);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+    }
+
     /// `for iv in start..end`.
     pub fn for_range(&mut self, start: Value, end: Value, body: impl FnMut(&mut Kb<'a>, Value)) {
         self.for_step(start, end, 1, body);

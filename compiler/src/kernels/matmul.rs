@@ -12,7 +12,7 @@ use cranelift_codegen::ir::InstBuilder;
 use cranelift_codegen::ir::Value;
 use cranelift_frontend::Variable;
 
-use super::kb::{Kb, F32, V4};
+use super::kb::{Kb, F32, I64, V4};
 use crate::pack::PANEL;
 
 struct Ctx {
@@ -24,44 +24,58 @@ struct Ctx {
 }
 
 /// One register tile: `tokens` rows starting at token `t`, vectors `v0..v0+nv` of panel `p`.
-fn tile(
-    k: &mut Kb<'_>,
-    c: &Ctx,
-    p: Value,
-    wp: Value,
-    t: Value,
-    tokens: usize,
-    v0: usize,
-    nv: usize,
-) {
+/// The k loop walks pointers (no index arithmetic in the loop). With one token it unrolls k by
+/// two into a second set of accumulators, so two independent FMA chains keep more loads in
+/// flight.
+#[allow(clippy::too_many_arguments)]
+fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) {
     let zero = k.c(V4, 0.0);
-    let accs: Vec<Vec<Variable>> = (0..tokens)
-        .map(|_| (0..nv).map(|_| k.var(V4, zero)).collect())
-        .collect();
-    let xrows: Vec<Value> = (0..tokens)
-        .map(|tt| {
-            let r = k.addi(t, tt as i64);
-            k.at(c.x, r, (c.kd * 4) as i64)
-        })
-        .collect();
-    let k0 = k.ic(0);
-    let kend = k.ic(c.kd as i64);
-    k.for_range(k0, kend, |k, kk| {
-        let wk = k.at(wp, kk, (PANEL * 4) as i64);
-        let wv: Vec<Value> = (0..nv)
-            .map(|j| k.ld(V4, wk, ((v0 + j) * 16) as i64))
-            .collect();
-        for (tt, xr) in xrows.iter().enumerate() {
-            let px = k.at(*xr, kk, 4);
-            let xs = k.ld(F32, px, 0);
+    let sets = if tokens == 1 && c.kd >= 2 { 2 } else { 1 };
+    let accs: Vec<Vec<Vec<Variable>>> =
+        (0..sets).map(|_| (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()).collect();
+    let x0 = k.at(c.x, t, (c.kd * 4) as i64);
+    let wv = k.var(I64, wp);
+    let xv = k.var(I64, x0);
+    let step = sets;
+    let main = c.kd / step * step;
+    let wend = k.addi(wp, (main * PANEL * 4) as i64);
+    let body = |k: &mut Kb<'_>, set: usize, kk: usize| {
+        let w = k.get(wv);
+        let x = k.get(xv);
+        let ws: Vec<Value> = (0..nv).map(|j| k.ld(V4, w, ((kk * PANEL + (v0 + j) * 4) * 4) as i64)).collect();
+        for tt in 0..tokens {
+            let xs = k.ld(F32, x, ((tt * c.kd + kk) * 4) as i64);
             let xb = k.splat(xs);
-            for (j, w) in wv.iter().enumerate() {
-                let a = k.get(accs[tt][j]);
-                let a = k.fma(*w, xb, a);
-                k.set(accs[tt][j], a);
+            for (j, wj) in ws.iter().enumerate() {
+                let a = k.get(accs[set][tt][j]);
+                let a = k.fma(*wj, xb, a);
+                k.set(accs[set][tt][j], a);
             }
         }
+    };
+    k.for_ptr(wv, wend, |k| {
+        for s in 0..step {
+            body(k, s, s);
+        }
+        let w = k.get(wv);
+        let w = k.addi(w, (step * PANEL * 4) as i64);
+        k.set(wv, w);
+        let x = k.get(xv);
+        let x = k.addi(x, (step * 4) as i64);
+        k.set(xv, x);
     });
+    if main < c.kd {
+        body(k, 0, 0);
+    }
+    if sets == 2 {
+        for j in 0..nv {
+            let a = k.get(accs[0][0][j]);
+            let b = k.get(accs[1][0][j]);
+            let s = k.fadd(a, b);
+            k.set(accs[0][0][j], s);
+        }
+    }
+    let accs = &accs[0];
     // Epilogue: bias, then store (lane by lane in the padded last panel).
     let mut vals = Vec::new();
     for (tt, row) in accs.iter().enumerate() {

@@ -1,0 +1,147 @@
+//! `llmc bench`: prefill and decode throughput, weight bytes read per decoded token, memory
+//! bandwidth measured in the same process, and the roofline fraction
+//! `decode tok/s × bytes per token ÷ bandwidth`.
+
+use std::time::Instant;
+
+use llmc_compiler::program::{Arg, KernelSpec};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::RuntimeError;
+use crate::sampler::argmax;
+use crate::session::{Backend, Engine, Session};
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Matmul FLOP per token × prefill tok/s.
+    pub prefill_gflop_s: f64,
+    pub bytes_per_token: u64,
+    pub bandwidth_gb_s: f64,
+    pub roofline_fraction: f64,
+    pub threads: usize,
+    pub kernel_calls_per_token: usize,
+    pub kernels: usize,
+    pub arena_bytes: u64,
+    pub load_s: f64,
+    pub jit_s: f64,
+    /// With profiling: (kernel name, decode milliseconds per token, calls per token), slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decode_profile: Vec<(String, f64, usize)>,
+}
+
+/// Bytes of weights one decode step reads: whole tensors, except embedding gathers (one row).
+pub fn bytes_per_token(engine: &Engine) -> u64 {
+    let prog = &engine.art.header.program;
+    let size = |name: &str| engine.art.header.tensors.iter().find(|t| t.name == name).map_or(0, |t| t.len);
+    let mut total = 0;
+    for call in &prog.calls {
+        for a in &call.args {
+            if let Arg::Weight(name) = a {
+                total += match prog.kernels[call.kernel] {
+                    KernelSpec::Embedding { d, .. } => (d * 4) as u64,
+                    _ => size(name),
+                };
+            }
+        }
+    }
+    total
+}
+
+/// Matmul multiply-adds × 2 per token.
+pub fn flops_per_token(engine: &Engine) -> u64 {
+    let prog = &engine.art.header.program;
+    prog.calls
+        .iter()
+        .map(|c| match prog.kernels[c.kernel] {
+            KernelSpec::MatMul { k, m, .. } => 2 * (k * m) as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Read bandwidth in GB/s: best of several passes summing a 512 MiB buffer on the pool.
+pub fn measure_bandwidth(pool: &rayon::ThreadPool) -> f64 {
+    let words = 64 << 20; // u64s = 512 MiB
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let threads = pool.current_num_threads();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(words / threads / 4)
+                .map(|c| {
+                    let mut acc = [0u64; 8];
+                    for w in c.chunks_exact(8) {
+                        for i in 0..8 {
+                            acc[i] = acc[i].wrapping_add(w[i]);
+                        }
+                    }
+                    acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                })
+                .reduce(|| 0, |a, b| a.wrapping_add(b))
+        });
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
+
+/// Runs the benchmark: a `prefill`-token prompt, then `decode` greedy tokens, on the JIT.
+pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Result<BenchReport, RuntimeError> {
+    let vocab = engine.art.header.vocab_size;
+    let prompt: Vec<i32> = (0..prefill.max(1)).map(|i| ((i * 7919 + 13) % vocab) as i32).collect();
+    let ctx = prompt.len() + decode + 1;
+    // Warm-up: touch every weight page once.
+    {
+        let mut s = Session::new(engine, Backend::Jit, Some(ctx))?;
+        s.step(&prompt[..1])?;
+    }
+    let mut s = Session::new(engine, Backend::Jit, Some(ctx))?;
+    let t0 = Instant::now();
+    let mut logits = s.step(&prompt)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    if profile {
+        s.enable_profile();
+    }
+    let t1 = Instant::now();
+    for _ in 0..decode {
+        let tok = argmax(&logits) as i32;
+        logits = s.step(&[tok])?;
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let bw = measure_bandwidth(&engine.pool);
+    let bytes = bytes_per_token(engine);
+    let decode_tok_s = decode as f64 / decode_s.max(1e-9);
+    let prefill_tok_s = prompt.len() as f64 / prefill_s.max(1e-9);
+    let prog = &engine.art.header.program;
+    let mut decode_profile: Vec<(String, f64, usize)> = s
+        .profile()
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+        .map(|(k, &(secs, calls))| (prog.kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1)))
+        .collect();
+    decode_profile.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(BenchReport {
+        decode_profile,
+        prefill_tokens: prompt.len(),
+        decode_tokens: decode,
+        prefill_tok_s,
+        decode_tok_s,
+        prefill_gflop_s: flops_per_token(engine) as f64 * prefill_tok_s / 1e9,
+        bytes_per_token: bytes,
+        bandwidth_gb_s: bw,
+        roofline_fraction: decode_tok_s * bytes as f64 / (bw * 1e9),
+        threads: engine.threads(),
+        kernel_calls_per_token: prog.calls.len(),
+        kernels: prog.kernels.len(),
+        arena_bytes: (prog.arena_width * crate::session::DEFAULT_CHUNK * 4) as u64,
+        load_s: engine.load_s,
+        jit_s: engine.jit_s,
+    })
+}

@@ -1,0 +1,270 @@
+//! Every JIT kernel against the reference interpreter on random shapes and values, odd sizes
+//! included (dims that are not multiples of 4 or of the 16-row panel), through the same
+//! lowering, packing and executor the runtime uses. Also the error bounds of the polynomial
+//! `exp`/`tanh`/`erf` inside the activations.
+
+use std::collections::HashMap;
+
+use llmc_compiler::{jit, lower, pack};
+use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
+use llmc_ir::{Graph, InputKind, NodeId, Op, RopeScaling};
+use llmc_runtime::jit_exec::JitState;
+use proptest::prelude::*;
+
+/// Deterministic values in [-scale, scale].
+fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+struct Case {
+    g: Graph,
+    weights: HashMap<String, Tensor>,
+    seed: u64,
+}
+
+impl Case {
+    fn new(seed: u64) -> Case {
+        let mut g = Graph::new("kernel");
+        g.input(InputKind::Tokens);
+        g.input(InputKind::Positions);
+        Case { g, weights: HashMap::new(), seed }
+    }
+    fn tokens(&self) -> NodeId {
+        self.g.node_ids()[0]
+    }
+    fn positions(&self) -> NodeId {
+        self.g.node_ids()[1]
+    }
+    fn weight(&mut self, name: &str, dims: &[usize], scale: f32) -> NodeId {
+        self.seed += 1;
+        let data = values(self.seed, dims.iter().product(), scale);
+        self.weights.insert(name.into(), Tensor { shape: dims.to_vec(), data });
+        self.g.weight(name, dims)
+    }
+    /// `[n, d]` activations: rows of a random table gathered by the step's tokens.
+    fn rows(&mut self, name: &str, vocab: usize, d: usize, scale: f32) -> NodeId {
+        let t = self.weight(name, &[vocab, d], scale);
+        let tok = self.tokens();
+        self.g.add(Op::Embedding, &[t, tok]).unwrap()
+    }
+    /// Runs the steps on both backends; returns the max abs difference relative to
+    /// max(1, max |reference|).
+    fn compare(mut self, out: NodeId, steps: &[(Vec<i32>, Vec<i32>)], ctx: usize, n_cap: usize) -> f64 {
+        self.g.output("logits", out);
+        self.g.verify().unwrap();
+        let prog = lower::lower(&self.g).unwrap();
+        let kernels = jit::compile(&prog.kernels).unwrap();
+        let packed: HashMap<String, Vec<f32>> = self
+            .weights
+            .iter()
+            .map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data)))
+            .collect();
+        let lookup = |n: &str| packed.get(n).map(|v| v.as_slice());
+        let mut st = JitState::with_weights(&prog, &lookup, ctx, n_cap).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut cache = KvCache::new(&self.g, ctx);
+        let mut worst = 0f64;
+        for (tokens, positions) in steps {
+            let want = interp::run(&self.g, StepInput { tokens, positions }, &self.weights, &mut cache).unwrap();
+            let want = &want["logits"].data;
+            let got = st.step(&prog, &kernels, &pool, tokens, positions);
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(1f64, |m, x| m.max(x.abs() as f64));
+            for (a, b) in got.iter().zip(want) {
+                assert!(a.is_finite(), "non-finite output");
+                worst = worst.max((*a as f64 - *b as f64).abs() / scale);
+            }
+        }
+        worst
+    }
+}
+
+fn prefill(n: usize) -> Vec<(Vec<i32>, Vec<i32>)> {
+    vec![((0..n as i32).collect(), (0..n as i32).collect())]
+}
+
+const TOL: f64 = 2e-5;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    #[test]
+    fn matmul(k in 1usize..80, m in 1usize..70, n in 1usize..10, bias in any::<bool>(), seed in 0u64..1000) {
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, k, 1.0);
+        let w = c.weight("w", &[m, k], 1.0);
+        let mut args = vec![x, w];
+        if bias {
+            args.push(c.weight("b", &[m], 1.0));
+        }
+        let y = c.g.add(Op::MatMul, &args).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    #[test]
+    fn tied_embedding_reads_packed_table(vocab in 1usize..40, d in 1usize..30, n in 1usize..6, seed in 0u64..1000) {
+        let mut c = Case::new(seed);
+        let t = c.weight("table", &[vocab, d], 1.0);
+        let tok = c.tokens();
+        let x = c.g.add(Op::Embedding, &[t, tok]).unwrap();
+        let y = c.g.add(Op::MatMul, &[x, t]).unwrap();
+        let toks: Vec<i32> = (0..n).map(|i| ((i * 7 + seed as usize) % vocab) as i32).collect();
+        let err = c.compare(y, &[(toks, (0..n as i32).collect())], 16, 16);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    #[test]
+    fn norms(d in 1usize..100, n in 1usize..6, layer in any::<bool>(), seed in 0u64..1000) {
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, d, 3.0);
+        let w = c.weight("w", &[d], 1.0);
+        let y = if layer {
+            let b = c.weight("b", &[d], 1.0);
+            c.g.add(Op::LayerNorm { eps: 1e-5 }, &[x, w, b]).unwrap()
+        } else {
+            c.g.add(Op::RmsNorm { eps: 1e-6 }, &[x, w]).unwrap()
+        };
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    #[test]
+    fn rope(heads in 1usize..4, half_hd in 1usize..20, rot in 1usize..20, n in 1usize..6, llama3 in any::<bool>(), seed in 0u64..1000) {
+        let hd = 2 * half_hd;
+        let rd = 2 * rot.min(half_hd);
+        let scaling = if llama3 {
+            RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 64 }
+        } else {
+            RopeScaling::None
+        };
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, heads * hd, 1.0);
+        let pos = c.positions();
+        let y = c.g.add(Op::Rope { heads, head_dim: hd, rotary_dim: rd, theta: 10000.0, scaling }, &[x, pos]).unwrap();
+        // positions far from 0 so the angles are large
+        let positions: Vec<i32> = (0..n as i32).map(|i| 90 + 3 * i).collect();
+        let err = c.compare(y, &[((0..n as i32).collect(), positions)], 128, 16);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    #[test]
+    fn attention_over_steps(kv in 1usize..4, group in 1usize..4, hd in 1usize..20, window in proptest::option::of(1usize..9),
+                            first in 1usize..8, seed in 0u64..1000) {
+        let heads = kv * group;
+        let mut c = Case::new(seed);
+        let q = c.rows("q", 64, heads * hd, 2.0);
+        let k = c.rows("k", 64, kv * hd, 2.0);
+        let v = c.rows("v", 64, kv * hd, 2.0);
+        let pos = c.positions();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let y = c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos]).unwrap();
+        // A prefill of `first` tokens, then single-token decode steps past the window and the
+        // ring buffer's size (window + n_cap), then a second multi-token step.
+        let mut steps = vec![((0..first as i32).map(|i| (i * 5 + 1) % 64).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
+        let mut p = first as i32;
+        for _ in 0..14 {
+            steps.push((vec![(p * 11 + 3) % 64], vec![p]));
+            p += 1;
+        }
+        steps.push(((0..3).map(|i| (p + i) % 64).collect(), (p..p + 3).collect()));
+        let err = c.compare(y, &steps, 40, 8);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    #[test]
+    fn elementwise(d in 1usize..50, n in 1usize..6, which in 0usize..9, seed in 0u64..1000) {
+        let mut c = Case::new(seed);
+        let a = c.rows("a", n, d, 6.0);
+        let b = c.rows("b", n, d, 6.0);
+        let y = match which {
+            0 => c.g.add(Op::Silu, &[a]).unwrap(),
+            1 => c.g.add(Op::Gelu, &[a]).unwrap(),
+            2 => c.g.add(Op::GeluErf, &[a]).unwrap(),
+            3 => c.g.add(Op::Scale { factor: -0.37 }, &[a]).unwrap(),
+            4 => c.g.add(Op::Add, &[a, b]).unwrap(),
+            5 => c.g.add(Op::Mul, &[a, b]).unwrap(),
+            6 => c.g.add(Op::Softmax, &[a]).unwrap(),
+            7 => {
+                let s = c.g.add(Op::Slice { start: d / 3, len: d - d / 3 }, &[a]).unwrap();
+                c.g.add(Op::Concat, &[s, b, s]).unwrap()
+            }
+            _ => c.g.add(Op::TakeLast, &[a]).unwrap(),
+        };
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "op {which}: err {err}");
+    }
+}
+
+/// Max error of the activations (and so of the `exp`, `tanh` and `erf` approximations inside
+/// them) on a dense grid over [-20, 20], against f64 formulas.
+#[test]
+fn activation_error_bounds() {
+    let xs: Vec<f32> = (0..40001).map(|i| -20.0 + i as f32 * 0.001).collect();
+    let n = xs.len();
+    let reference: [(Op, fn(f64) -> f64); 3] = [
+        (Op::Silu, |x| x / (1.0 + (-x).exp())),
+        (Op::Gelu, |x| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())),
+        (Op::GeluErf, |x| 0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))),
+    ];
+    for (op, f) in reference {
+        let mut c = Case::new(0);
+        c.weights.insert("x".into(), Tensor { shape: vec![1, n], data: xs.clone() });
+        let t = c.g.weight("x", &[1, n]);
+        let tok = c.tokens();
+        let x = c.g.add(Op::Embedding, &[t, tok]).unwrap();
+        let name = op.name();
+        let y = c.g.add(op, &[x]).unwrap();
+        c.g.output("logits", y);
+        let prog = lower::lower(&c.g).unwrap();
+        let kernels = jit::compile(&prog.kernels).unwrap();
+        let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_slice());
+        let mut st = JitState::with_weights(&prog, &lookup, 4, 1).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let got = st.step(&prog, &kernels, &pool, &[0], &[0]);
+        let mut worst = 0f64;
+        for (g, &x) in got.iter().zip(&xs) {
+            let r = f(x as f64);
+            worst = worst.max((*g as f64 - r).abs() / r.abs().max(1.0));
+        }
+        eprintln!("{name}: max error {worst:.2e} (relative, or absolute where |y| < 1)");
+        assert!(worst < 1e-6, "{name}: {worst}");
+    }
+}
+
+/// erf by its series/continued fraction in f64 (reference only).
+fn libm_erf(x: f64) -> f64 {
+    // Abramowitz-Stegun 7.1.26 is what the kernel uses; the reference must be exact, so sum the
+    // Taylor series for |x| < 3 and use erfc's asymptotic expansion beyond.
+    let a = x.abs();
+    let v = if a < 3.0 {
+        let mut term = a;
+        let mut sum = a;
+        let mut k = 0.0;
+        loop {
+            k += 1.0;
+            term *= -a * a / k;
+            let t = term / (2.0 * k + 1.0);
+            sum += t;
+            if t.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let mut s = 1.0;
+        let mut t = 1.0;
+        for k in 1..8 {
+            t *= -((2 * k - 1) as f64) / (2.0 * a * a);
+            s += t;
+        }
+        1.0 - (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * s
+    };
+    v.copysign(x)
+}
