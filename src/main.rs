@@ -149,15 +149,28 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run(args),
-        Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
+        Cmd::Bench {
+            artifact,
+            n_prompt,
+            n_gen,
+            threads,
+            json,
+            profile,
+        } => {
             let engine = Engine::open(&artifact, threads)?;
             let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("{}: {} threads", artifact.display(), r.threads);
-                println!("  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s", r.prefill_tokens, r.prefill_tok_s, r.prefill_gflop_s);
-                println!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s);
+                println!(
+                    "  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s",
+                    r.prefill_tokens, r.prefill_tok_s, r.prefill_gflop_s
+                );
+                println!(
+                    "  decode  {:>5} tokens  {:>9.1} tok/s",
+                    r.decode_tokens, r.decode_tok_s
+                );
                 println!(
                     "  {:.1} MB of weights per token, bandwidth {:.1} GB/s, roofline fraction {:.2}",
                     r.bytes_per_token as f64 / 1e6,

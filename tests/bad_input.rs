@@ -466,3 +466,19 @@ fn run_usage_errors() {
     let o = llmc(&["run", a, "--ids", "1", "--backend", "cuda"]);
     assert!(!o.status.success() && stderr(&o).contains("unknown backend"));
 }
+
+#[test]
+fn artifact_for_a_cpu_with_other_isa_features() {
+    let (_d, art) = compiled("llama");
+    edit_artifact_header(&art, |h| {
+        h["target"]["features"] = serde_json::json!(["has_avx1024"]);
+    });
+    let e = run_fails(&art);
+    assert!(
+        e.contains("ISA features this CPU lacks: has_avx1024"),
+        "{e}"
+    );
+    edit_artifact_header(&art, |h| h["target"]["arch"] = "riscv64".into());
+    let e = run_fails(&art);
+    assert!(e.contains("compiled for riscv64"), "{e}");
+}

@@ -27,3 +27,42 @@ fn qwen2_interp() {
 fn falcon_interp() {
     common::check_parity("falcon", "interp");
 }
+
+#[test]
+fn gpt2_jit() {
+    common::check_parity("gpt2", "jit");
+}
+
+#[test]
+fn llama_jit() {
+    common::check_parity("llama", "jit");
+}
+
+#[test]
+fn mistral_jit() {
+    common::check_parity("mistral", "jit");
+}
+
+#[test]
+fn qwen2_jit() {
+    common::check_parity("qwen2", "jit");
+}
+
+#[test]
+fn falcon_jit() {
+    common::check_parity("falcon", "jit");
+}
+
+/// Without --backend the fastest backend (the JIT) runs, with the same results.
+#[test]
+fn default_backend_is_jit() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("m.llmc");
+    common::compile(&common::fixture("mistral"), &art);
+    let exp = common::expected("mistral");
+    let out = common::run_json(&art, &common::ints(&exp["prompt_ids"]), 24, &["-t", "2"]);
+    assert_eq!(
+        common::ints(&out["generated_ids"]),
+        common::ints(&exp["greedy_ids"])
+    );
+}

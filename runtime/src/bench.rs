@@ -37,7 +37,15 @@ pub struct BenchReport {
 /// Bytes of weights one decode step reads: whole tensors, except embedding gathers (one row).
 pub fn bytes_per_token(engine: &Engine) -> u64 {
     let prog = &engine.art.header.program;
-    let size = |name: &str| engine.art.header.tensors.iter().find(|t| t.name == name).map_or(0, |t| t.len);
+    let size = |name: &str| {
+        engine
+            .art
+            .header
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map_or(0, |t| t.len)
+    };
     let mut total = 0;
     for call in &prog.calls {
         for a in &call.args {
@@ -92,9 +100,16 @@ pub fn measure_bandwidth(pool: &rayon::ThreadPool) -> f64 {
 }
 
 /// Runs the benchmark: a `prefill`-token prompt, then `decode` greedy tokens, on the JIT.
-pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Result<BenchReport, RuntimeError> {
+pub fn run(
+    engine: &Engine,
+    prefill: usize,
+    decode: usize,
+    profile: bool,
+) -> Result<BenchReport, RuntimeError> {
     let vocab = engine.art.header.vocab_size;
-    let prompt: Vec<i32> = (0..prefill.max(1)).map(|i| ((i * 7919 + 13) % vocab) as i32).collect();
+    let prompt: Vec<i32> = (0..prefill.max(1))
+        .map(|i| ((i * 7919 + 13) % vocab) as i32)
+        .collect();
     let ctx = prompt.len() + decode + 1;
     // Warm-up: touch every weight page once.
     {
@@ -124,7 +139,13 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         .unwrap_or(&[])
         .iter()
         .enumerate()
-        .map(|(k, &(secs, calls))| (prog.kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1)))
+        .map(|(k, &(secs, calls))| {
+            (
+                prog.kernels[k].name(),
+                secs * 1e3 / decode.max(1) as f64,
+                calls / decode.max(1),
+            )
+        })
         .collect();
     decode_profile.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(BenchReport {

@@ -57,7 +57,12 @@ unsafe impl Sync for SendPtr {}
 impl JitState {
     /// State for running `art`'s program with `ctx` positions, steps of at most `n_cap` tokens.
     pub fn new(art: &Artifact, ctx: usize, n_cap: usize) -> Result<JitState, RuntimeError> {
-        JitState::with_weights(&art.header.program, &|name| art.tensor(name).map(|t| t.0), ctx, n_cap)
+        JitState::with_weights(
+            &art.header.program,
+            &|name| art.tensor(name).map(|t| t.0),
+            ctx,
+            n_cap,
+        )
     }
 
     /// The same for any program: `weights` gives each weight's data in the layout the program
@@ -115,7 +120,11 @@ impl JitState {
         Ok(s)
     }
 
-    fn build_args<'w>(&mut self, prog: &Program, weights: &dyn Fn(&str) -> Option<&'w [f32]>) -> Result<(), RuntimeError> {
+    fn build_args<'w>(
+        &mut self,
+        prog: &Program,
+        weights: &dyn Fn(&str) -> Option<&'w [f32]>,
+    ) -> Result<(), RuntimeError> {
         let arena = self.arena.as_mut_ptr() as *mut u8;
         let missing = |what: String| RuntimeError::Usage(format!("invalid program: {what}"));
         let mut tables = Vec::new();
@@ -132,10 +141,9 @@ impl JitState {
                         // SAFETY: offset × n_cap + width × n_cap <= arena_width × n_cap floats.
                         unsafe { arena.add(buf.offset * self.n_cap * 4) }
                     }
-                    Arg::Weight(name) => {
-                        weights(name).ok_or_else(|| missing(format!("call reads missing weight `{name}`")))?.as_ptr()
-                            as *mut u8
-                    }
+                    Arg::Weight(name) => weights(name)
+                        .ok_or_else(|| missing(format!("call reads missing weight `{name}`")))?
+                        .as_ptr() as *mut u8,
                     Arg::Tokens => self.tokens.as_mut_ptr() as *mut u8,
                     Arg::Positions => self.positions.as_mut_ptr() as *mut u8,
                     Arg::KCache(l) | Arg::VCache(l) => {

@@ -28,11 +28,25 @@ struct Ctx {
 /// two into a second set of accumulators, so two independent FMA chains keep more loads in
 /// flight.
 #[allow(clippy::too_many_arguments)]
-fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) {
+fn tile(
+    k: &mut Kb<'_>,
+    c: &Ctx,
+    p: Value,
+    wp: Value,
+    t: Value,
+    tokens: usize,
+    v0: usize,
+    nv: usize,
+) {
     let zero = k.c(V4, 0.0);
     let sets = if tokens == 1 && c.kd >= 2 { 2 } else { 1 };
-    let accs: Vec<Vec<Vec<Variable>>> =
-        (0..sets).map(|_| (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()).collect();
+    let accs: Vec<Vec<Vec<Variable>>> = (0..sets)
+        .map(|_| {
+            (0..tokens)
+                .map(|_| (0..nv).map(|_| k.var(V4, zero)).collect())
+                .collect()
+        })
+        .collect();
     let x0 = k.at(c.x, t, (c.kd * 4) as i64);
     let wv = k.var(I64, wp);
     let xv = k.var(I64, x0);
@@ -42,7 +56,9 @@ fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v
     let body = |k: &mut Kb<'_>, set: usize, kk: usize| {
         let w = k.get(wv);
         let x = k.get(xv);
-        let ws: Vec<Value> = (0..nv).map(|j| k.ld(V4, w, ((kk * PANEL + (v0 + j) * 4) * 4) as i64)).collect();
+        let ws: Vec<Value> = (0..nv)
+            .map(|j| k.ld(V4, w, ((kk * PANEL + (v0 + j) * 4) * 4) as i64))
+            .collect();
         for tt in 0..tokens {
             let xs = k.ld(F32, x, ((tt * c.kd + kk) * 4) as i64);
             let xb = k.splat(xs);

@@ -1,0 +1,64 @@
+//! Criterion benchmarks of the JIT kernels that dominate decode: the matvec (one token through
+//! a SmolLM2-sized projection, in cache and streaming from DRAM) and attention over a filled KV
+//! cache. `cargo bench --bench kernels`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use llmc_compiler::program::{KernelSpec, Layout};
+use llmc_compiler::{jit, pack};
+
+fn matvec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matvec");
+    for (k, m) in [(576usize, 1536usize), (576, 49152)] {
+        let kernels = jit::compile(&[KernelSpec::MatMul { k, m, bias: false }]).expect("jit");
+        let w = pack::pack(Layout::Panel16, &[m, k], &vec![0.25f32; m * k]);
+        let x = vec![1.0f32; k];
+        let mut out = vec![0f32; m];
+        let args = [
+            x.as_ptr() as *mut u8,
+            w.as_ptr() as *mut u8,
+            out.as_mut_ptr() as *mut u8,
+        ];
+        g.throughput(Throughput::Bytes((w.len() * 4) as u64));
+        g.bench_function(format!("k{k}_m{m}"), |b| {
+            // SAFETY: the pointer table matches the MatMul spec: x has k floats, w is the packed
+            // m×k matrix, out has m floats; n = 1 row over all panels.
+            b.iter(|| unsafe { (kernels.fns[0])(args.as_ptr(), 1, 0, m.div_ceil(16) as i64, 0) })
+        });
+    }
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let (heads, kv, hd, ctx) = (9usize, 3usize, 64usize, 512usize);
+    let kernels = jit::compile(&[KernelSpec::Attention {
+        heads,
+        kv_heads: kv,
+        head_dim: hd,
+        window: None,
+        scale: 0.125,
+    }])
+    .expect("jit");
+    let q = vec![0.1f32; heads * hd];
+    let kc = vec![0.2f32; ctx * kv * hd];
+    let vc = vec![0.3f32; ctx * kv * hd];
+    let pos = [ctx as i32 - 1];
+    let mut out = vec![0f32; heads * hd];
+    let args = [
+        q.as_ptr() as *mut u8,
+        pos.as_ptr() as *mut u8,
+        kc.as_ptr() as *mut u8,
+        vc.as_ptr() as *mut u8,
+        out.as_mut_ptr() as *mut u8,
+    ];
+    let mut g = c.benchmark_group("attention");
+    g.throughput(Throughput::Bytes((2 * ctx * kv * hd * 4) as u64));
+    g.bench_function(format!("h{heads}_kv{kv}_hd{hd}_ctx{ctx}"), |b| {
+        // SAFETY: the table matches the Attention spec; the caches hold `ctx` positions and
+        // the query sits at position ctx-1; units = kv heads × 1 row.
+        b.iter(|| unsafe { (kernels.fns[0])(args.as_ptr(), 1, 0, kv as i64, ctx as i64) })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matvec, attention);
+criterion_main!(benches);
