@@ -184,18 +184,31 @@ impl Graph {
             .g
             .node_weights()
             .filter_map(|n| match n.op {
-                Op::Attention {
-                    layer,
-                    kv_heads,
-                    head_dim,
-                    ..
-                } => Some((layer, kv_heads, head_dim)),
+                Op::Attention { layer, kv_heads, head_dim, .. } | Op::QkvRope { layer, kv_heads, head_dim, .. } => {
+                    Some((layer, kv_heads, head_dim))
+                }
                 _ => None,
             })
             .collect();
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// Whether a node's value is known at compile time (it depends on no step input).
+    pub fn is_const(&self, id: NodeId) -> bool {
+        let mut stack = vec![id];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(n) = stack.pop() {
+            if !seen.insert(n) {
+                continue;
+            }
+            if matches!(self.g[n].op, Op::Input(_)) {
+                return false;
+            }
+            stack.extend(self.operands(n));
+        }
+        true
     }
 
     /// Checks every node: operand count and types against the op's typing rule, weights and

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use crate::error::IrError;
 use crate::graph::{Graph, NodeId};
-use crate::op::{InputKind, Op};
+use crate::op::{Act, InputKind, Op};
 
 /// Where weights come from at run time: a name → row-major f32 data with its shape.
 pub trait WeightSource {
@@ -176,6 +176,98 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
+fn silu(v: f32) -> f32 {
+    (v as f64 / (1.0 + (-(v as f64)).exp())) as f32
+}
+
+fn gelu_tanh(v: f32) -> f32 {
+    let v = v as f64;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    (0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())) as f32
+}
+
+fn gelu_erf(v: f32) -> f32 {
+    let v = v as f64;
+    (0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2))) as f32
+}
+
+/// `(x · wᵀ) · s + bias` per row, `s` = the RMS prologue's `1/sqrt(mean(x²) + eps)` or 1.
+fn project(x: &[f32], k: usize, w: &[f32], r: usize, rms_eps: Option<f32>, bias: Option<&[f32]>) -> Vec<f32> {
+    let rows = x.len() / k.max(1);
+    let mut y = vec![0f32; rows * r];
+    for t in 0..rows {
+        let xr = &x[t * k..(t + 1) * k];
+        let s = rms_eps.map_or(1.0, |eps| 1.0 / (dot(xr, xr) / k as f64 + eps as f64).sqrt());
+        for o in 0..r {
+            let mut acc = dot(xr, &w[o * k..(o + 1) * k]) * s;
+            if let Some(b) = bias {
+                acc += b[o] as f64;
+            }
+            y[t * r + o] = acc as f32;
+        }
+    }
+    y
+}
+
+/// Writes this step's keys and values into the cache of `layer` at their positions.
+fn kv_append(cache: &mut KvCache, layer: usize, k: &[f32], v: &[f32], kvw: usize, pos: &[i32]) -> Result<(), IrError> {
+    let ctx = cache.ctx;
+    let lkv = cache.layers.get_mut(&layer).ok_or_else(|| bad(format!("no KV cache for layer {layer}")))?;
+    let hd = lkv.head_dim;
+    for (r, &p) in pos.iter().enumerate() {
+        if p < 0 || p as usize >= ctx {
+            return Err(IrError::ContextOverflow { pos: p.max(0) as usize, ctx });
+        }
+        for h in 0..kvw / hd {
+            let dst = (h * ctx + p as usize) * hd;
+            lkv.k[dst..dst + hd].copy_from_slice(&k[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
+            lkv.v[dst..dst + hd].copy_from_slice(&v[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
+        }
+    }
+    Ok(())
+}
+
+/// Causal (optionally windowed) softmax attention of `q` over the cache of `layer`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    cache: &KvCache,
+    layer: usize,
+    q: &[f32],
+    pos: &[i32],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Vec<f32>, IrError> {
+    let ctx = cache.ctx;
+    let lkv = cache.layers.get(&layer).ok_or_else(|| bad(format!("no KV cache for layer {layer}")))?;
+    let group = heads / kv_heads;
+    let qw = heads * hd;
+    let mut out = vec![0f32; pos.len() * qw];
+    for (r, &p) in pos.iter().enumerate() {
+        if p < 0 || p as usize >= ctx {
+            return Err(IrError::ContextOverflow { pos: p.max(0) as usize, ctx });
+        }
+        let p = p as usize;
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        for h in 0..heads {
+            let kh = h / group;
+            let qv = &q[r * qw + h * hd..r * qw + (h + 1) * hd];
+            let scores: Vec<f64> =
+                (lo..=p).map(|j| dot(qv, &lkv.k[(kh * ctx + j) * hd..(kh * ctx + j + 1) * hd]) * scale as f64).collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            for dd in 0..hd {
+                let acc: f64 = (lo..=p).zip(&exps).map(|(j, e)| e * lkv.v[(kh * ctx + j) * hd + dd] as f64).sum();
+                out[r * qw + h * hd + dd] = (acc / sum) as f32;
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn map_rows(x: &[f32], shape: &[usize], f: impl Fn(f32) -> f32) -> Val<'static> {
     owned(shape.to_vec(), x.iter().map(|&v| f(v)).collect())
 }
@@ -259,8 +351,9 @@ fn eval<'w>(
         }
         Op::LayerNorm { eps } => {
             let (x, xs) = args[0].f32()?;
-            let (w, _) = args[1].f32()?;
-            let (b, _) = args[2].f32()?;
+            let ones = vec![1f32; xs[1]];
+            let zeros = vec![0f32; xs[1]];
+            let (w, b) = if args.len() == 3 { (args[1].f32()?.0, args[2].f32()?.0) } else { (&ones[..], &zeros[..]) };
             let d = xs[1];
             let mut out = Vec::with_capacity(x.len());
             for row in x.chunks(d) {
@@ -306,70 +399,143 @@ fn eval<'w>(
             }
             owned(xs.to_vec(), out)
         }
-        Op::Attention {
-            layer,
-            heads,
-            kv_heads,
-            head_dim,
-            window,
-            scale,
-        } => {
+        Op::Attention { layer, heads, kv_heads, head_dim, window, scale } => {
             let (q, _) = args[0].f32()?;
             let (k, _) = args[1].f32()?;
             let (v, _) = args[2].f32()?;
             let pos = args[3].ids()?;
-            let ctx = cache.ctx;
-            let lkv = cache
-                .layers
-                .get_mut(layer)
-                .ok_or_else(|| bad(format!("no KV cache for layer {layer}")))?;
-            let hd = *head_dim;
-            let kvw = kv_heads * hd;
-            // 1. Append this step's keys and values at their positions.
-            for (r, &p) in pos.iter().enumerate() {
-                if p < 0 || p as usize >= ctx {
-                    return Err(IrError::ContextOverflow {
-                        pos: p.max(0) as usize,
-                        ctx,
-                    });
-                }
-                for h in 0..*kv_heads {
-                    let dst = (h * ctx + p as usize) * hd;
-                    lkv.k[dst..dst + hd]
-                        .copy_from_slice(&k[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
-                    lkv.v[dst..dst + hd]
-                        .copy_from_slice(&v[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
+            kv_append(cache, *layer, k, v, *kv_heads * head_dim, pos)?;
+            let out = attend(cache, *layer, q, pos, *heads, *kv_heads, *head_dim, *window, *scale)?;
+            owned(vec![pos.len(), heads * head_dim], out)
+        }
+        Op::Attend { layer, heads, kv_heads, head_dim, window, scale } => {
+            let (q, _) = args[0].f32()?;
+            let pos = args[1].ids()?;
+            let out = attend(cache, *layer, q, pos, *heads, *kv_heads, *head_dim, *window, *scale)?;
+            owned(vec![pos.len(), heads * head_dim], out)
+        }
+        Op::Linear { rms_eps, act, bias, residual } => {
+            let (x, xs) = args[0].f32()?;
+            let (w, ws) = args[1].f32()?;
+            let b = if *bias { Some(args[2].f32()?.0) } else { None };
+            let y = project(x, xs[1], w, ws[0], *rms_eps, b);
+            let rows = xs[0];
+            let (r, m) = (ws[0], out_shape[1]);
+            let mut out = vec![0f32; rows * m];
+            for t in 0..rows {
+                let yr = &y[t * r..(t + 1) * r];
+                for j in 0..m {
+                    out[t * m + j] = match act {
+                        Act::None => yr[j],
+                        Act::Gelu => gelu_tanh(yr[j]),
+                        Act::GeluErf => gelu_erf(yr[j]),
+                        Act::SwiGlu => {
+                            let g = 16 * (j / 8) + j % 8;
+                            silu(yr[g]) * yr[g + 8]
+                        }
+                    };
                 }
             }
-            // 2. Causal (optionally windowed) softmax attention over the cache.
-            let group = heads / kv_heads;
-            let qw = heads * hd;
-            let mut out = vec![0f32; pos.len() * qw];
-            for (r, &p) in pos.iter().enumerate() {
-                let p = p as usize;
-                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                for h in 0..*heads {
-                    let kh = h / group;
-                    let qv = &q[r * qw + h * hd..r * qw + (h + 1) * hd];
-                    let scores: Vec<f64> = (lo..=p)
-                        .map(|j| {
-                            dot(qv, &lkv.k[(kh * ctx + j) * hd..(kh * ctx + j + 1) * hd])
-                                * *scale as f64
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let sum: f64 = exps.iter().sum();
-                    for dd in 0..hd {
-                        let acc: f64 = (lo..=p)
-                            .zip(&exps)
-                            .map(|(j, e)| e * lkv.v[(kh * ctx + j) * hd + dd] as f64)
-                            .sum();
-                        out[r * qw + h * hd + dd] = (acc / sum) as f32;
+            if *residual {
+                let (res, _) = args[args.len() - 1].f32()?;
+                for (o, r) in out.iter_mut().zip(res) {
+                    *o += r;
+                }
+            }
+            owned(vec![rows, m], out)
+        }
+        Op::QkvRope { layer, heads, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, bias } => {
+            let (x, xs) = args[0].f32()?;
+            let (w, ws) = args[1].f32()?;
+            let b = if *bias { Some(args[2].f32()?.0) } else { None };
+            let pos = args[args.len() - 1].ids()?;
+            let r = ws[0];
+            let mut y = project(x, xs[1], w, r, *rms_eps, b);
+            let hd = *head_dim;
+            let inv_freq = scaling.inv_freq(*theta, *rotary_dim);
+            // RoPE on pairs (2i, 2i+1) of every q and k head.
+            for (t, &p) in pos.iter().enumerate() {
+                let pf = p as f32 / scaling.position_divisor();
+                for h in 0..heads + kv_heads {
+                    let base = t * r + h * hd;
+                    for (i, f) in inv_freq.iter().enumerate() {
+                        let angle = (pf * f) as f64;
+                        let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+                        let (a, bb) = (y[base + 2 * i], y[base + 2 * i + 1]);
+                        y[base + 2 * i] = a * cos - bb * sin;
+                        y[base + 2 * i + 1] = bb * cos + a * sin;
                     }
                 }
             }
-            owned(vec![pos.len(), qw], out)
+            let (qw, kw) = (heads * hd, kv_heads * hd);
+            let mut q = Vec::with_capacity(pos.len() * qw);
+            let mut k = Vec::with_capacity(pos.len() * kw);
+            let mut v = Vec::with_capacity(pos.len() * kw);
+            for t in 0..pos.len() {
+                let row = &y[t * r..(t + 1) * r];
+                q.extend_from_slice(&row[..qw]);
+                k.extend_from_slice(&row[qw..qw + kw]);
+                v.extend_from_slice(&row[qw + kw..]);
+            }
+            kv_append(cache, *layer, &k, &v, kw, pos)?;
+            owned(vec![pos.len(), qw], q)
+        }
+        Op::ConcatRows => {
+            let mut data = Vec::new();
+            for a in args {
+                data.extend_from_slice(a.f32()?.0);
+            }
+            owned(out_shape.to_vec(), data)
+        }
+        Op::ConcatCols => {
+            let parts: Vec<(&[f32], &[usize])> = args.iter().map(|a| a.f32()).collect::<Result<_, _>>()?;
+            let mut data = Vec::with_capacity(out_shape.iter().product());
+            for r in 0..out_shape[0] {
+                for (d, s) in &parts {
+                    data.extend_from_slice(&d[r * s[1]..(r + 1) * s[1]]);
+                }
+            }
+            owned(out_shape.to_vec(), data)
+        }
+        Op::InterleaveRows8 => {
+            let (a, s) = args[0].f32()?;
+            let (b, _) = args[1].f32()?;
+            let width = s[1..].iter().product::<usize>();
+            let block = 8 * width;
+            let mut data = Vec::with_capacity(2 * a.len());
+            for (ca, cb) in a.chunks(block).zip(b.chunks(block)) {
+                data.extend_from_slice(ca);
+                data.extend_from_slice(cb);
+            }
+            owned(out_shape.to_vec(), data)
+        }
+        Op::ScaleCols => {
+            let (w, ws) = args[0].f32()?;
+            let (sc, _) = args[1].f32()?;
+            let k = ws[1];
+            owned(ws.to_vec(), w.iter().enumerate().map(|(i, &x)| x * sc[i % k]).collect())
+        }
+        Op::WeightMatVec => {
+            let (w, ws) = args[0].f32()?;
+            let (v, _) = args[1].f32()?;
+            let k = ws[1];
+            owned(vec![ws[0]], (0..ws[0]).map(|o| dot(&w[o * k..(o + 1) * k], v) as f32).collect())
+        }
+        Op::RopeInterleave { heads, kv_heads, head_dim, rotary_dim } => {
+            let (w, ws) = args[0].f32()?;
+            let width = ws[1..].iter().product::<usize>();
+            let mut data = w.to_vec();
+            let half = rotary_dim / 2;
+            for h in 0..heads + kv_heads {
+                let base = h * head_dim;
+                for i in 0..half {
+                    for (dst, src) in [(2 * i, i), (2 * i + 1, i + half)] {
+                        let (d, s) = ((base + dst) * width, (base + src) * width);
+                        data[d..d + width].copy_from_slice(&w[s..s + width]);
+                    }
+                }
+            }
+            owned(ws.to_vec(), data)
         }
         Op::Softmax => {
             let (x, xs) = args[0].f32()?;
@@ -383,22 +549,15 @@ fn eval<'w>(
         }
         Op::Silu => {
             let (x, xs) = args[0].f32()?;
-            map_rows(x, xs, |v| (v as f64 / (1.0 + (-(v as f64)).exp())) as f32)
+            map_rows(x, xs, silu)
         }
         Op::Gelu => {
             let (x, xs) = args[0].f32()?;
-            map_rows(x, xs, |v| {
-                let v = v as f64;
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                (0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())) as f32
-            })
+            map_rows(x, xs, gelu_tanh)
         }
         Op::GeluErf => {
             let (x, xs) = args[0].f32()?;
-            map_rows(x, xs, |v| {
-                let v = v as f64;
-                (0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2))) as f32
-            })
+            map_rows(x, xs, gelu_erf)
         }
         Op::Add | Op::Mul => {
             let (a, s) = args[0].f32()?;

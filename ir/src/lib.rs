@@ -16,5 +16,5 @@ pub mod types;
 
 pub use error::IrError;
 pub use graph::{Graph, Node, NodeId};
-pub use op::{InputKind, Op, RopeScaling};
+pub use op::{Act, InputKind, Op, RopeScaling};
 pub use types::{DType, Dim, Shape, Type};

@@ -128,7 +128,8 @@ pub enum Op {
     MatMul,
     /// `(x [n, d], w [d]) -> [n, d]`: `x / sqrt(mean(x²) + eps) * w`.
     RmsNorm { eps: f32 },
-    /// `(x [n, d], w [d], b [d]) -> [n, d]`: `(x - mean) / sqrt(var + eps) * w + b`.
+    /// `(x [n, d], w [d], b [d]) -> [n, d]`: `(x - mean) / sqrt(var + eps) * w + b`; with the
+    /// single operand `x`, no scale and no bias.
     LayerNorm { eps: f32 },
     /// `(x [n, heads*head_dim], positions) -> same`: rotate-half (NeoX) rotary embedding on the
     /// first `rotary_dim` dims of each head.
@@ -170,6 +171,82 @@ pub enum Op {
     Concat,
     /// `[n, d] -> [1, d]`: the last row (the logits that sampling needs).
     TakeLast,
+
+    // ---- fused ops, created by passes ----
+    /// `(x [n, k], w [r, k], bias? [r], residual? [n, m]) -> [n, m]`: a projection with a fused
+    /// prologue and epilogue: `y = (x · wᵀ) · s + bias`, where `s = 1/sqrt(mean(x²) + eps)` with
+    /// `rms_eps` (an RMSNorm whose scale was folded into `w`) and 1 otherwise; then `act`; then
+    /// `+ residual`. With `act = swiglu`, `w` holds gate and up rows interleaved in blocks of 8
+    /// (`interleave_rows8`) and `m = r / 2`: `out[j] = silu(y[g(j)]) · y[g(j) + 8]`,
+    /// `g(j) = 16·(j / 8) + j % 8`.
+    Linear { rms_eps: Option<f32>, act: Act, bias: bool, residual: bool },
+    /// `(x [n, k], w [(h+2kv)·hd, k], bias?, positions) -> q [n, h·hd]`: the fused Q/K/V
+    /// projection (with the optional RMS prologue of `linear`), RoPE applied in its epilogue to
+    /// q and k in *pair-interleaved* order (the rows of `w` were permuted by `rope_interleave`,
+    /// so dims `2i, 2i+1` of a head are a rotated pair), and k, v appended to the KV cache of
+    /// `layer`. Returns the rotated q; an `attend` reads the cache.
+    QkvRope {
+        layer: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f32,
+        scaling: RopeScaling,
+        rms_eps: Option<f32>,
+        bias: bool,
+    },
+    /// `(q [n, h·hd], positions) -> [n, h·hd]`: attention over the KV cache of `layer`, which a
+    /// `qkv_rope` of the same step filled.
+    Attend { layer: usize, heads: usize, kv_heads: usize, head_dim: usize, window: Option<usize>, scale: f32 },
+
+    // ---- compile-time ops on weights (the compiler evaluates them once) ----
+    /// Rows of every operand stacked (matrices `[r_i, k]` or vectors `[r_i]`).
+    ConcatRows,
+    /// Columns stacked: `[m, k_i]` operands → `[m, Σ k_i]`.
+    ConcatCols,
+    /// `(a [r, ...], b [r, ...]) -> [2r, ...]`: blocks of 8 rows of a, then of b, alternating.
+    InterleaveRows8,
+    /// `(w [m, k], s [k]) -> [m, k]`: `w[o, i] · s[i]` (a norm scale folded into a projection).
+    ScaleCols,
+    /// `(w [m, k], v [k]) -> [m]`: `w · v` (a norm bias folded into a projection bias).
+    WeightMatVec,
+    /// Permutes the rows of a fused `[q | k | v]` weight (or bias) so that in each q and k head
+    /// the rotary dims `i` and `i + rotary_dim/2` become neighbours `2i, 2i+1`.
+    RopeInterleave { heads: usize, kv_heads: usize, head_dim: usize, rotary_dim: usize },
+}
+
+/// The activation fused into a `linear` epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    Gelu,
+    GeluErf,
+    SwiGlu,
+}
+
+impl Act {
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::None => "none",
+            Act::Gelu => "gelu",
+            Act::GeluErf => "gelu_erf",
+            Act::SwiGlu => "swiglu",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Act> {
+        Some(match s {
+            "none" => Act::None,
+            "gelu" => Act::Gelu,
+            "gelu_erf" => Act::GeluErf,
+            "swiglu" => Act::SwiGlu,
+            _ => return None,
+        })
+    }
+}
+
+fn opt_f32(v: Option<f32>) -> String {
+    v.map_or("none".to_string(), |e| format!("{e:?}"))
 }
 
 impl Op {
@@ -194,6 +271,15 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat => "concat",
             Op::TakeLast => "take_last",
+            Op::Linear { .. } => "linear",
+            Op::QkvRope { .. } => "qkv_rope",
+            Op::Attend { .. } => "attend",
+            Op::ConcatRows => "concat_rows",
+            Op::ConcatCols => "concat_cols",
+            Op::InterleaveRows8 => "interleave_rows8",
+            Op::ScaleCols => "scale_cols",
+            Op::WeightMatVec => "weight_matvec",
+            Op::RopeInterleave { .. } => "rope_interleave",
         }
     }
 
@@ -238,6 +324,38 @@ impl Op {
             Op::Slice { start, len } => {
                 vec![("start", start.to_string()), ("len", len.to_string())]
             }
+            Op::Linear { rms_eps, act, bias, residual } => vec![
+                ("rms_eps", opt_f32(*rms_eps)),
+                ("act", act.name().to_string()),
+                ("bias", bias.to_string()),
+                ("residual", residual.to_string()),
+            ],
+            Op::QkvRope { layer, heads, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, bias } => vec![
+                ("layer", layer.to_string()),
+                ("heads", heads.to_string()),
+                ("kv_heads", kv_heads.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("rotary_dim", rotary_dim.to_string()),
+                ("theta", format!("{theta:?}")),
+                ("scaling", scaling.print()),
+                ("rms_eps", opt_f32(*rms_eps)),
+                ("bias", bias.to_string()),
+            ],
+            Op::Attend { layer, heads, kv_heads, head_dim, window, scale } => vec![
+                ("layer", layer.to_string()),
+                ("heads", heads.to_string()),
+                ("kv_heads", kv_heads.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("window", window.map_or("none".to_string(), |w| w.to_string())),
+                ("scale", format!("{scale:?}")),
+            ],
+            Op::RopeInterleave { heads, kv_heads, head_dim, rotary_dim } => vec![
+                ("heads", heads.to_string()),
+                ("kv_heads", kv_heads.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("rotary_dim", rotary_dim.to_string()),
+            ],
+            Op::ConcatRows | Op::ConcatCols | Op::InterleaveRows8 | Op::ScaleCols | Op::WeightMatVec => vec![],
             Op::Embedding
             | Op::MatMul
             | Op::Softmax
@@ -305,6 +423,42 @@ impl Op {
             },
             "concat" => Op::Concat,
             "take_last" => Op::TakeLast,
+            "linear" => Op::Linear {
+                rms_eps: attrs.opt_num("rms_eps")?,
+                act: Act::parse(attrs.str("act")?).ok_or_else(|| "bad act".to_string())?,
+                bias: attrs.num("bias")?,
+                residual: attrs.num("residual")?,
+            },
+            "qkv_rope" => Op::QkvRope {
+                layer: attrs.num("layer")?,
+                heads: attrs.num("heads")?,
+                kv_heads: attrs.num("kv_heads")?,
+                head_dim: attrs.num("head_dim")?,
+                rotary_dim: attrs.num("rotary_dim")?,
+                theta: attrs.num("theta")?,
+                scaling: RopeScaling::parse(attrs.str("scaling")?).ok_or_else(|| "bad rope scaling".to_string())?,
+                rms_eps: attrs.opt_num("rms_eps")?,
+                bias: attrs.num("bias")?,
+            },
+            "attend" => Op::Attend {
+                layer: attrs.num("layer")?,
+                heads: attrs.num("heads")?,
+                kv_heads: attrs.num("kv_heads")?,
+                head_dim: attrs.num("head_dim")?,
+                window: attrs.opt_num("window")?,
+                scale: attrs.num("scale")?,
+            },
+            "concat_rows" => Op::ConcatRows,
+            "concat_cols" => Op::ConcatCols,
+            "interleave_rows8" => Op::InterleaveRows8,
+            "scale_cols" => Op::ScaleCols,
+            "weight_matvec" => Op::WeightMatVec,
+            "rope_interleave" => Op::RopeInterleave {
+                heads: attrs.num("heads")?,
+                kv_heads: attrs.num("kv_heads")?,
+                head_dim: attrs.num("head_dim")?,
+                rotary_dim: attrs.num("rotary_dim")?,
+            },
             other => return Err(format!("unknown op `{other}`")),
         };
         Ok(op)
@@ -321,6 +475,12 @@ impl Op {
                 ))
             } else {
                 Ok(())
+            }
+        };
+        let matrix = |t: &Type, what: &str| -> Result<(usize, usize), String> {
+            match t.shape.0.as_slice() {
+                [Dim::C(m), Dim::C(k)] => Ok((*m, *k)),
+                _ => Err(format!("{what} must be a constant matrix, got {t}")),
             }
         };
         let rows = |t: &Type, what: &str| -> Result<usize, String> {
@@ -384,18 +544,13 @@ impl Op {
                 Ok(same_rows(m))
             }
             Op::RmsNorm { .. } | Op::LayerNorm { .. } => {
-                arity(
-                    if matches!(self, Op::RmsNorm { .. }) {
-                        2
-                    } else {
-                        3
-                    },
-                    if matches!(self, Op::RmsNorm { .. }) {
-                        2
-                    } else {
-                        3
-                    },
-                )?;
+                // RMSNorm: (x, w); LayerNorm: (x, w, b), or (x) alone once fold_norm moved its
+                // scale and bias into the next projection.
+                if matches!(self, Op::RmsNorm { .. }) {
+                    arity(2, 2)?;
+                } else if ins.len() != 1 {
+                    arity(3, 3)?;
+                }
                 let d = rows(ins[0], "norm input")?;
                 for w in &ins[1..] {
                     vector(w, d, "norm weight/bias")?;
@@ -458,7 +613,11 @@ impl Op {
             }
             Op::Add | Op::Mul => {
                 arity(2, 2)?;
-                rows(ins[0], self.name())?;
+                // rows of activations, or constant vectors (folded biases)
+                let is_vec = matches!(ins[0].shape.0.as_slice(), [Dim::C(_)]) && ins[0].dtype == DType::F32;
+                if !is_vec {
+                    rows(ins[0], self.name())?;
+                }
                 if ins[0] != ins[1] {
                     return Err(format!(
                         "{} operands differ: {} vs {}",
@@ -496,6 +655,122 @@ impl Op {
                 let d = rows(ins[0], "take_last input")?;
                 Ok(Type::new(DType::F32, Shape::constant(&[1, d])))
             }
+            Op::Linear { act, bias, residual, .. } => {
+                let want = 2 + *bias as usize + *residual as usize;
+                arity(want, want)?;
+                let k = rows(ins[0], "linear input")?;
+                let r = matrix(ins[1], "linear weight")?;
+                if r.1 != k {
+                    return Err(format!("linear input has {k} columns but weight {} expects {}", ins[1], r.1));
+                }
+                if *bias {
+                    vector(ins[2], r.0, "linear bias")?;
+                }
+                let m = if *act == Act::SwiGlu {
+                    if r.0 % 16 != 0 {
+                        return Err(format!("swiglu weight rows {} must be a multiple of 16", r.0));
+                    }
+                    r.0 / 2
+                } else {
+                    r.0
+                };
+                let out = same_rows(m);
+                if *residual && *ins[ins.len() - 1] != out {
+                    return Err(format!("linear residual {} does not match output {out}", ins[ins.len() - 1]));
+                }
+                Ok(out)
+            }
+            Op::QkvRope { heads, kv_heads, head_dim, rotary_dim, bias, .. } => {
+                let want = 3 + *bias as usize;
+                arity(want, want)?;
+                let k = rows(ins[0], "qkv_rope input")?;
+                let rows_w = (heads + 2 * kv_heads) * head_dim;
+                if matrix(ins[1], "qkv_rope weight")? != (rows_w, k) {
+                    return Err(format!("qkv_rope weight must be [{rows_w}, {k}], got {}", ins[1]));
+                }
+                if *bias {
+                    vector(ins[2], rows_w, "qkv_rope bias")?;
+                }
+                ids(ins[want - 1], "qkv_rope positions")?;
+                if *kv_heads == 0 || heads % kv_heads != 0 || rotary_dim % 4 != 0 || rotary_dim > head_dim || head_dim % 4 != 0 {
+                    return Err("qkv_rope needs kv_heads | heads and head_dim, rotary_dim multiples of 4".into());
+                }
+                Ok(same_rows(heads * head_dim))
+            }
+            Op::Attend { heads, kv_heads, head_dim, window, .. } => {
+                arity(2, 2)?;
+                if *kv_heads == 0 || heads % kv_heads != 0 || *window == Some(0) {
+                    return Err("attend needs kv_heads | heads and a positive window".into());
+                }
+                let q = rows(ins[0], "attend q")?;
+                if q != heads * head_dim {
+                    return Err(format!("attend q has {q} columns, expected {}", heads * head_dim));
+                }
+                ids(ins[1], "attend positions")?;
+                Ok(ins[0].clone())
+            }
+            Op::ConcatRows => {
+                arity(1, usize::MAX)?;
+                let first = &ins[0].shape.0;
+                let mut total = 0;
+                for t in ins {
+                    let s = &t.shape.0;
+                    if s.len() != first.len() || s[1..] != first[1..] || t.dtype != DType::F32 {
+                        return Err(format!("concat_rows operands differ: {} vs {}", ins[0], t));
+                    }
+                    match s[0] {
+                        Dim::C(r) => total += r,
+                        Dim::N => return Err("concat_rows is for weights".into()),
+                    }
+                }
+                let mut shape = first.clone();
+                shape[0] = Dim::C(total);
+                Ok(Type::new(DType::F32, Shape(shape)))
+            }
+            Op::ConcatCols => {
+                arity(1, usize::MAX)?;
+                let m = matrix(ins[0], "concat_cols operand")?.0;
+                let mut total = 0;
+                for t in ins {
+                    let (r, k) = matrix(t, "concat_cols operand")?;
+                    if r != m {
+                        return Err(format!("concat_cols operands differ in rows: {} vs {}", ins[0], t));
+                    }
+                    total += k;
+                }
+                Ok(Type::new(DType::F32, Shape::constant(&[m, total])))
+            }
+            Op::InterleaveRows8 => {
+                arity(2, 2)?;
+                if ins[0] != ins[1] || ins[0].shape.0.iter().any(|d| *d == Dim::N) {
+                    return Err(format!("interleave_rows8 operands differ: {} vs {}", ins[0], ins[1]));
+                }
+                match ins[0].shape.0.first() {
+                    Some(Dim::C(r)) if r % 8 == 0 => {
+                        let mut shape = ins[0].shape.0.clone();
+                        shape[0] = Dim::C(2 * r);
+                        Ok(Type::new(DType::F32, Shape(shape)))
+                    }
+                    _ => Err(format!("interleave_rows8 needs a multiple of 8 rows, got {}", ins[0])),
+                }
+            }
+            Op::ScaleCols | Op::WeightMatVec => {
+                arity(2, 2)?;
+                let (m, k) = matrix(ins[0], self.name())?;
+                vector(ins[1], k, self.name())?;
+                Ok(if matches!(self, Op::ScaleCols) { ins[0].clone() } else { Type::new(DType::F32, Shape::constant(&[m])) })
+            }
+            Op::RopeInterleave { heads, kv_heads, head_dim, rotary_dim } => {
+                arity(1, 1)?;
+                let r = match ins[0].shape.0.first() {
+                    Some(Dim::C(r)) => *r,
+                    _ => return Err("rope_interleave is for weights".into()),
+                };
+                if r != (heads + 2 * kv_heads) * head_dim || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+                    return Err(format!("rope_interleave: {} rows do not match the heads", r));
+                }
+                Ok(ins[0].clone())
+            }
         }
     }
 }
@@ -516,6 +791,13 @@ impl Attrs {
         let s = self.str(key)?;
         s.parse()
             .map_err(|_| format!("attribute `{key}` has bad value `{s}`"))
+    }
+    /// `none` or a number.
+    pub fn opt_num<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, String> {
+        match self.str(key)? {
+            "none" => Ok(None),
+            _ => self.num(key).map(Some),
+        }
     }
     pub fn quoted(&self, key: &str) -> Result<String, String> {
         let s = self.str(key)?;
