@@ -9,15 +9,11 @@ use llmc_compiler::{jit, pack};
 fn matvec(c: &mut Criterion) {
     let mut g = c.benchmark_group("matvec");
     for (k, m) in [(576usize, 1536usize), (576, 49152)] {
-        let kernels = jit::compile(&[KernelSpec::MatMul { k, m, bias: false }]).expect("jit");
+        let kernels = jit::compile(&[KernelSpec::matmul(k, m, false)]).expect("jit");
         let w = pack::pack(Layout::Panel16, &[m, k], &vec![0.25f32; m * k]);
         let x = vec![1.0f32; k];
         let mut out = vec![0f32; m];
-        let args = [
-            x.as_ptr() as *mut u8,
-            w.as_ptr() as *mut u8,
-            out.as_mut_ptr() as *mut u8,
-        ];
+        let args = [x.as_ptr() as *mut u8, w.as_ptr() as *mut u8, out.as_mut_ptr() as *mut u8];
         g.throughput(Throughput::Bytes((w.len() * 4) as u64));
         g.bench_function(format!("k{k}_m{m}"), |b| {
             // SAFETY: the pointer table matches the MatMul spec: x has k floats, w is the packed
@@ -30,14 +26,9 @@ fn matvec(c: &mut Criterion) {
 
 fn attention(c: &mut Criterion) {
     let (heads, kv, hd, ctx) = (9usize, 3usize, 64usize, 512usize);
-    let kernels = jit::compile(&[KernelSpec::Attention {
-        heads,
-        kv_heads: kv,
-        head_dim: hd,
-        window: None,
-        scale: 0.125,
-    }])
-    .expect("jit");
+    let kernels =
+        jit::compile(&[KernelSpec::Attention { heads, kv_heads: kv, head_dim: hd, window: None, scale: 0.125 }])
+            .expect("jit");
     let q = vec![0.1f32; heads * hd];
     let kc = vec![0.2f32; ctx * kv * hd];
     let vc = vec![0.3f32; ctx * kv * hd];

@@ -11,11 +11,7 @@ use llmc_runtime::{generate, Artifact, Backend, Engine, Sampler, SamplerConfig, 
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(
-    name = "llmc",
-    version,
-    about = "Ahead-of-time compiler and runtime for language models on CPUs"
-)]
+#[command(name = "llmc", version, about = "Ahead-of-time compiler and runtime for language models on CPUs")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,6 +29,12 @@ enum Cmd {
         /// The weights (a .safetensors file or a .safetensors.index.json); default: beside the config.
         #[arg(long)]
         weights: Option<PathBuf>,
+        /// Run these passes (comma-separated, in order) instead of the standard pipeline.
+        #[arg(long, conflicts_with = "no_opt")]
+        passes: Option<String>,
+        /// Run no optimization pass.
+        #[arg(long)]
+        no_opt: bool,
     },
     /// Run a compiled artifact.
     Run(RunArgs),
@@ -56,7 +58,16 @@ enum Cmd {
         profile: bool,
     },
     /// Print the IR of a model (config.json, model folder or artifact).
-    Ir { model: PathBuf },
+    Ir {
+        /// A config.json, a model folder or an artifact (whose IR is already optimized).
+        model: Option<PathBuf>,
+        /// Print the graph after the standard pipeline has run up to and including this pass.
+        #[arg(long)]
+        after: Option<String>,
+        /// List the passes of the standard pipeline, in order.
+        #[arg(long)]
+        list_passes: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -120,13 +131,14 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Compile {
-            model,
-            output,
-            weights,
-        } => {
+        Cmd::Compile { model, output, weights, passes, no_opt } => {
+            let pipeline = match (&passes, no_opt) {
+                (_, true) => Vec::new(),
+                (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,
+                (None, false) => llmc_ir::passes::standard_pipeline(),
+            };
             let m = llmc_models::load(&model, weights.as_deref())?;
-            let report = llmc_compiler::compile(&m, &output)?;
+            let report = llmc_compiler::compile(&m, &output, &pipeline)?;
             eprintln!(
                 "compiled {} → {} ({} nodes, {} tensors, {:.1} MB)",
                 m.config_path.display(),
@@ -137,26 +149,40 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Ir { model } => {
+        Cmd::Ir { model, after, list_passes } => {
+            if list_passes {
+                for p in llmc_ir::passes::standard_pipeline() {
+                    println!("{}", p.name());
+                }
+                return Ok(());
+            }
+            let Some(model) = model else { bail!("give a config.json, a model folder or an artifact") };
             let text = if is_artifact(&model) {
+                if after.is_some() {
+                    bail!(
+                        "{}: an artifact holds the IR after its whole pipeline; --after needs a model",
+                        model.display()
+                    );
+                }
                 Artifact::open(&model)?.ir_text
             } else {
                 let (_, _, cfg) = llmc_models::load_config(&model)?;
-                let (g, _) = cfg.build()?;
+                let (mut g, _) = cfg.build()?;
+                if let Some(stop) = after {
+                    let all = llmc_ir::passes::standard_pipeline();
+                    let upto = all
+                        .iter()
+                        .position(|p| p.name() == stop)
+                        .with_context(|| format!("unknown pass `{stop}` (see --list-passes)"))?;
+                    llmc_ir::passes::run_pipeline(&mut g, &all[..=upto])?;
+                }
                 llmc_ir::text::print(&g)
             };
             print!("{text}");
             Ok(())
         }
         Cmd::Run(args) => run(args),
-        Cmd::Bench {
-            artifact,
-            n_prompt,
-            n_gen,
-            threads,
-            json,
-            profile,
-        } => {
+        Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
             let engine = Engine::open(&artifact, threads)?;
             let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
             if json {
@@ -167,10 +193,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     "  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s",
                     r.prefill_tokens, r.prefill_tok_s, r.prefill_gflop_s
                 );
-                println!(
-                    "  decode  {:>5} tokens  {:>9.1} tok/s",
-                    r.decode_tokens, r.decode_tok_s
-                );
+                println!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s);
                 println!(
                     "  {:.1} MB of weights per token, bandwidth {:.1} GB/s, roofline fraction {:.2}",
                     r.bytes_per_token as f64 / 1e6,
@@ -218,9 +241,7 @@ fn run(a: RunArgs) -> Result<()> {
             i32::try_from(id)
                 .ok()
                 .filter(|&t| t >= 0 && (t as usize) < vocab)
-                .with_context(|| {
-                    format!("--ids: token id {id} is outside the vocabulary of {vocab}")
-                })
+                .with_context(|| format!("--ids: token id {id} is outside the vocabulary of {vocab}"))
         })
         .collect::<Result<_>>()?;
     let mut session = Session::new(&engine, backend, a.ctx_size)?;
@@ -235,20 +256,13 @@ fn run(a: RunArgs) -> Result<()> {
     });
     let json_mode = a.json;
     let stdout = std::io::stdout();
-    let g = generate(
-        &mut session,
-        &prompt,
-        a.n_predict,
-        &mut sampler,
-        &[],
-        |tok| {
-            if !json_mode {
-                let mut out = stdout.lock();
-                let _ = write!(out, "{tok} ");
-                let _ = out.flush();
-            }
-        },
-    )?;
+    let g = generate(&mut session, &prompt, a.n_predict, &mut sampler, &[], |tok| {
+        if !json_mode {
+            let mut out = stdout.lock();
+            let _ = write!(out, "{tok} ");
+            let _ = out.flush();
+        }
+    })?;
     let prefill_tok_s = prompt.len() as f64 / g.prefill_s.max(1e-9);
     let decode_tok_s = g.decode_steps as f64 / g.decode_s.max(1e-9);
     if json_mode {

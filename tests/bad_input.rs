@@ -23,22 +23,13 @@ fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
 fn compile_fails(model: &Path) -> String {
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("out.llmc");
-    let o = llmc(&[
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = llmc(&["compile", model.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     let err = stderr(&o);
     assert!(!o.status.success(), "compile should fail");
     assert!(!err.contains("panicked"), "panic: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("error: "), "{err}");
-    assert_eq!(
-        fs::read_dir(out_dir.path()).unwrap().count(),
-        0,
-        "nothing may be left in the output folder"
-    );
+    assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 0, "nothing may be left in the output folder");
     err
 }
 
@@ -57,28 +48,15 @@ fn read_st(path: &Path) -> Vec<StTensor> {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let data = &bytes[8 + n..];
-    let mut names: Vec<_> = header
-        .as_object()
-        .unwrap()
-        .keys()
-        .filter(|k| *k != "__metadata__")
-        .cloned()
-        .collect();
+    let mut names: Vec<_> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
     names.sort();
     names
         .into_iter()
         .map(|name| {
             let t = &header[&name];
-            let (a, b) = (
-                t["data_offsets"][0].as_u64().unwrap() as usize,
-                t["data_offsets"][1].as_u64().unwrap() as usize,
-            );
-            (
-                name.clone(),
-                t["dtype"].as_str().unwrap().to_string(),
-                t["shape"].clone(),
-                data[a..b].to_vec(),
-            )
+            let (a, b) =
+                (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+            (name.clone(), t["dtype"].as_str().unwrap().to_string(), t["shape"].clone(), data[a..b].to_vec())
         })
         .collect()
 }
@@ -89,7 +67,10 @@ fn write_st(path: &Path, tensors: &[StTensor]) {
     for (name, dtype, shape, bytes) in tensors {
         let start = blob.len();
         blob.extend_from_slice(bytes);
-        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, blob.len()]}));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, blob.len()]}),
+        );
     }
     let mut h = serde_json::to_vec(&header).unwrap();
     while h.len() % 8 != 0 {
@@ -130,10 +111,7 @@ fn unknown_model_type() {
     let (_d, m) = copy_fixture("llama");
     edit_config(&m, |v| v["model_type"] = "gpt-j-9000".into());
     let e = compile_fails(&m);
-    assert!(
-        e.contains("unknown model_type `gpt-j-9000`") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("unknown model_type `gpt-j-9000`") && e.contains("config.json"), "{e}");
 }
 
 #[test]
@@ -143,10 +121,7 @@ fn missing_field() {
         v.as_object_mut().unwrap().remove("num_hidden_layers");
     });
     let e = compile_fails(&m);
-    assert!(
-        e.contains("num_hidden_layers") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("num_hidden_layers") && e.contains("config.json"), "{e}");
 }
 
 #[test]
@@ -162,10 +137,7 @@ fn non_json_config() {
     let (_d, m) = copy_fixture("gpt2");
     fs::write(m.join("config.json"), "model_type: gpt2\n").unwrap();
     let e = compile_fails(&m);
-    assert!(
-        e.contains("not valid JSON") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("not valid JSON") && e.contains("config.json"), "{e}");
 }
 
 #[test]
@@ -183,9 +155,7 @@ fn tensor_with_wrong_shape() {
     edit_config(&m, |v| v["intermediate_size"] = 255.into());
     let e = compile_fails(&m);
     assert!(
-        e.contains("model.layers.0.mlp.gate_proj.weight")
-            && e.contains("[256, 128]")
-            && e.contains("[255, 128]"),
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("[256, 128]") && e.contains("[255, 128]"),
         "{e}"
     );
 }
@@ -195,10 +165,7 @@ fn missing_tensor() {
     let (_d, m) = copy_fixture("falcon");
     drop_tensor(&m, "transformer.h.1.self_attention.dense.weight");
     let e = compile_fails(&m);
-    assert!(
-        e.contains("transformer.h.1.self_attention.dense.weight") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("transformer.h.1.self_attention.dense.weight") && e.contains("missing"), "{e}");
 }
 
 #[test]
@@ -216,10 +183,7 @@ fn truncated_safetensors() {
     let bytes = fs::read(&p).unwrap();
     fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = compile_fails(&m);
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
     fs::write(&p, &bytes[..5]).unwrap();
     let e = compile_fails(&m);
     assert!(e.contains("too small"), "{e}");
@@ -234,10 +198,7 @@ fn safetensors_offsets_past_end_of_file() {
         t[1] = (end + 1_000_000).into();
     });
     let e = compile_fails(&m);
-    assert!(
-        e.contains("model.safetensors") && e.contains("invalid safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("invalid safetensors"), "{e}");
 }
 
 #[test]
@@ -248,22 +209,11 @@ fn config_by_any_name_and_explicit_weights() {
     fs::copy(fixture("llama").join("config.json"), &cfg).unwrap();
     let out = dir.path().join("llama.bin");
     let weights = fixture("llama").join("model.safetensors");
-    let o = llmc(&[
-        "compile",
-        cfg.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = llmc(&["compile", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(!o.status.success(), "no weights beside llama.json");
     assert!(stderr(&o).contains("llama.json"), "{}", stderr(&o));
-    let o = llmc(&[
-        "compile",
-        cfg.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--weights",
-        weights.to_str().unwrap(),
-    ]);
+    let o =
+        llmc(&["compile", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--weights", weights.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r = common::run_json(&out, &[1, 2, 3], 2, &["--backend", "interp"]);
     assert_eq!(r["generated_ids"].as_array().unwrap().len(), 2);
@@ -275,21 +225,12 @@ fn sharded_checkpoint() {
     let (_d, m) = copy_fixture("llama");
     let mut shards: [Vec<StTensor>; 2] = [Vec::new(), Vec::new()];
     let mut weight_map = serde_json::Map::new();
-    for (i, t) in read_st(&m.join("model.safetensors"))
-        .into_iter()
-        .enumerate()
-    {
-        weight_map.insert(
-            t.0.clone(),
-            format!("model-0000{}-of-00002.safetensors", i % 2 + 1).into(),
-        );
+    for (i, t) in read_st(&m.join("model.safetensors")).into_iter().enumerate() {
+        weight_map.insert(t.0.clone(), format!("model-0000{}-of-00002.safetensors", i % 2 + 1).into());
         shards[i % 2].push(t);
     }
     for (s, tensors) in shards.iter().enumerate() {
-        write_st(
-            &m.join(format!("model-0000{}-of-00002.safetensors", s + 1)),
-            tensors,
-        );
+        write_st(&m.join(format!("model-0000{}-of-00002.safetensors", s + 1)), tensors);
     }
     fs::remove_file(m.join("model.safetensors")).unwrap();
     fs::write(
@@ -300,16 +241,8 @@ fn sharded_checkpoint() {
     let out = m.join("sharded.llmc");
     common::compile(&m, &out);
     let exp = common::expected("llama");
-    let r = common::run_json(
-        &out,
-        &common::ints(&exp["prompt_ids"]),
-        24,
-        &["--backend", "interp"],
-    );
-    assert_eq!(
-        common::ints(&r["generated_ids"]),
-        common::ints(&exp["greedy_ids"])
-    );
+    let r = common::run_json(&out, &common::ints(&exp["prompt_ids"]), 24, &["--backend", "interp"]);
+    assert_eq!(common::ints(&r["generated_ids"]), common::ints(&exp["greedy_ids"]));
 }
 
 #[test]
@@ -340,22 +273,11 @@ fn bf16_and_f16_weights_are_widened() {
         let art = m.join("half.llmc");
         common::compile(&m, &art);
         let exp = common::expected("llama");
-        let r = common::run_json(
-            &art,
-            &common::ints(&exp["prompt_ids"]),
-            4,
-            &["--backend", "interp", "--logits"],
-        );
+        let r = common::run_json(&art, &common::ints(&exp["prompt_ids"]), 4, &["--backend", "interp", "--logits"]);
         let got = common::floats(&r["logits_last"]);
         let want = common::floats(&exp["logits_last"]);
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
-        assert!(
-            err < 0.5 && err > 0.0,
-            "{dtype}: logits error {err} (rounded weights must change them a little)"
-        );
+        let err = got.iter().zip(&want).fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(err < 0.5 && err > 0.0, "{dtype}: logits error {err} (rounded weights must change them a little)");
     }
 }
 
@@ -369,17 +291,7 @@ fn compiled(name: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn run_fails(art: &Path) -> String {
-    let o = llmc(&[
-        "run",
-        art.to_str().unwrap(),
-        "--ids",
-        "1,2",
-        "-n",
-        "2",
-        "--json",
-        "--backend",
-        "interp",
-    ]);
+    let o = llmc(&["run", art.to_str().unwrap(), "--ids", "1,2", "-n", "2", "--json", "--backend", "interp"]);
     let e = stderr(&o);
     assert!(!o.status.success());
     assert!(!e.contains("panicked"), "{e}");
@@ -432,9 +344,7 @@ fn artifact_offsets_past_eof() {
 #[test]
 fn artifact_shape_lies() {
     let (_d, art) = compiled("llama");
-    edit_artifact_header(&art, |h| {
-        h["tensors"][0]["shape"] = serde_json::json!([256, 127])
-    });
+    edit_artifact_header(&art, |h| h["tensors"][0]["shape"] = serde_json::json!([256, 127]));
     let e = run_fails(&art);
     assert!(e.contains("model.embed_tokens.weight"), "{e}");
 }
@@ -447,22 +357,8 @@ fn run_usage_errors() {
     assert!(!o.status.success() && stderr(&o).contains("999") && stderr(&o).contains("vocabulary"));
     // GPT-2 has 64 learned positions: 60 + 10 does not fit.
     let ids = vec!["1"; 60].join(",");
-    let o = llmc(&[
-        "run",
-        a,
-        "--ids",
-        &ids,
-        "-n",
-        "10",
-        "--json",
-        "--backend",
-        "interp",
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("context"),
-        "{}",
-        stderr(&o)
-    );
+    let o = llmc(&["run", a, "--ids", &ids, "-n", "10", "--json", "--backend", "interp"]);
+    assert!(!o.status.success() && stderr(&o).contains("context"), "{}", stderr(&o));
     let o = llmc(&["run", a, "--ids", "1", "--backend", "cuda"]);
     assert!(!o.status.success() && stderr(&o).contains("unknown backend"));
 }
@@ -474,10 +370,7 @@ fn artifact_for_a_cpu_with_other_isa_features() {
         h["target"]["features"] = serde_json::json!(["has_avx1024"]);
     });
     let e = run_fails(&art);
-    assert!(
-        e.contains("ISA features this CPU lacks: has_avx1024"),
-        "{e}"
-    );
+    assert!(e.contains("ISA features this CPU lacks: has_avx1024"), "{e}");
     edit_artifact_header(&art, |h| h["target"]["arch"] = "riscv64".into());
     let e = run_fails(&art);
     assert!(e.contains("compiled for riscv64"), "{e}");

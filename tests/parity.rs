@@ -61,8 +61,5 @@ fn default_backend_is_jit() {
     common::compile(&common::fixture("mistral"), &art);
     let exp = common::expected("mistral");
     let out = common::run_json(&art, &common::ints(&exp["prompt_ids"]), 24, &["-t", "2"]);
-    assert_eq!(
-        common::ints(&out["generated_ids"]),
-        common::ints(&exp["greedy_ids"])
-    );
+    assert_eq!(common::ints(&out["generated_ids"]), common::ints(&exp["greedy_ids"]));
 }

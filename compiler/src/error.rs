@@ -11,10 +11,7 @@ pub enum CompileError {
     #[error(transparent)]
     Ir(#[from] llmc_ir::IrError),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("JIT: {0}")]
     Jit(String),
     #[error("unknown pass `{0}`")]

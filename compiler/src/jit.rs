@@ -35,24 +35,15 @@ pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, n: i64, lo: i64, 
 /// The Cranelift ISA for this host, with opt_level=speed and the CPU's features.
 pub fn host_isa() -> Result<OwnedTargetIsa, JitError> {
     let mut flags = settings::builder();
-    flags
-        .set("opt_level", "speed")
-        .map_err(|e| JitError::Isa(e.to_string()))?;
-    flags
-        .set("is_pic", "false")
-        .map_err(|e| JitError::Isa(e.to_string()))?;
+    flags.set("opt_level", "speed").map_err(|e| JitError::Isa(e.to_string()))?;
+    flags.set("is_pic", "false").map_err(|e| JitError::Isa(e.to_string()))?;
     let isa = cranelift_native::builder().map_err(|e| JitError::Isa(e.to_string()))?;
-    isa.finish(settings::Flags::new(flags))
-        .map_err(|e| JitError::Isa(e.to_string()))
+    isa.finish(settings::Flags::new(flags)).map_err(|e| JitError::Isa(e.to_string()))
 }
 
 /// The ISA feature flags enabled on this host (`has_avx2`, `has_fma`, ...).
 pub fn isa_features(isa: &dyn TargetIsa) -> Vec<String> {
-    isa.isa_flags()
-        .iter()
-        .filter(|v| v.as_bool() == Some(true))
-        .map(|v| v.name.to_string())
-        .collect()
+    isa.isa_flags().iter().filter(|v| v.as_bool() == Some(true)).map(|v| v.name.to_string()).collect()
 }
 
 /// The compiled kernels of one program. Owns the executable memory.
@@ -91,50 +82,30 @@ pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
     let isa = host_isa()?;
     let features = isa_features(&*isa);
     let isa: Arc<dyn TargetIsa> = isa;
-    let mut module = JITModule::new(JITBuilder::with_isa(
-        isa.clone(),
-        cranelift_module::default_libcall_names(),
-    ));
+    let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let name = format!("k{i}_{}", spec.name());
-        let cg = |msg: String| JitError::Codegen {
-            kernel: name.clone(),
-            msg,
-        };
+        let cg = |msg: String| JitError::Codegen { kernel: name.clone(), msg };
         let sig = signature(&*isa);
-        let id = module
-            .declare_function(&name, Linkage::Local, &sig)
-            .map_err(|e| cg(e.to_string()))?;
+        let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| cg(e.to_string()))?;
         ctx.func.signature = sig;
         ctx.func.name = UserFuncName::user(0, i as u32);
         {
             let b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
             kernels::build(spec, b, isa.frontend_config());
         }
-        module
-            .define_function(id, &mut ctx)
-            .map_err(|e| cg(format!("{e:?}")))?;
-        let relocs = ctx
-            .compiled_code()
-            .map(|c| c.buffer.relocs().len())
-            .unwrap_or(0);
+        module.define_function(id, &mut ctx).map_err(|e| cg(format!("{e:?}")))?;
+        let relocs = ctx.compiled_code().map(|c| c.buffer.relocs().len()).unwrap_or(0);
         if relocs != 0 {
-            return Err(cg(format!(
-                "has {relocs} relocations; kernels must call nothing"
-            )));
+            return Err(cg(format!("has {relocs} relocations; kernels must call nothing")));
         }
         module.clear_context(&mut ctx);
         ids.push(id);
     }
-    module
-        .finalize_definitions()
-        .map_err(|e| JitError::Codegen {
-            kernel: "finalize".into(),
-            msg: e.to_string(),
-        })?;
+    module.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "finalize".into(), msg: e.to_string() })?;
     let fns = ids
         .into_iter()
         .map(|id| {
@@ -143,11 +114,7 @@ pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
             unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
         })
         .collect();
-    Ok(Kernels {
-        module: Some(module),
-        fns,
-        features,
-    })
+    Ok(Kernels { module: Some(module), fns, features })
 }
 
 /// Compiles one spec and returns its CLIF text after optimization (for inspection and tests).
@@ -156,15 +123,8 @@ pub fn clif_text(spec: &KernelSpec) -> Result<String, JitError> {
     let mut ctx = Context::new();
     ctx.func.signature = signature(&*isa);
     let mut fctx = FunctionBuilderContext::new();
-    kernels::build(
-        spec,
-        FunctionBuilder::new(&mut ctx.func, &mut fctx),
-        isa.frontend_config(),
-    );
+    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config());
     ctx.optimize(&*isa, &mut Default::default())
-        .map_err(|e| JitError::Codegen {
-            kernel: spec.name(),
-            msg: format!("{e:?}"),
-        })?;
+        .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
     Ok(ctx.func.display().to_string())
 }

@@ -4,12 +4,10 @@
 
 use std::collections::HashMap;
 
-use llmc_ir::{Dim, Graph, InputKind, IrError, NodeId, Op};
+use llmc_ir::{Act, Dim, Graph, InputKind, IrError, NodeId, Op};
 
 use crate::pack::PANEL;
-use crate::program::{
-    Arg, Binary, Buffer, Call, KernelSpec, KvLayer, Layout, Program, RopeTable, Rows, Unary, Units,
-};
+use crate::program::{Arg, Binary, Buffer, Call, KernelSpec, KvLayer, Layout, Program, RopeTable, Rows, Unary, Units};
 
 fn err(msg: impl Into<String>) -> IrError {
     IrError::Interp(format!("lowering: {}", msg.into()))
@@ -31,19 +29,30 @@ impl Lowerer<'_> {
     }
 
     fn buffer(&mut self, width: usize, rows: Rows) -> usize {
-        self.prog.buffers.push(Buffer {
-            width,
-            rows,
-            offset: 0,
-        });
+        self.prog.buffers.push(Buffer { width, rows, offset: 0 });
         self.prog.buffers.len() - 1
     }
 
+    fn rope_table(&mut self, table: RopeTable) -> usize {
+        match self.prog.rope_tables.iter().position(|r| *r == table) {
+            Some(t) => t,
+            None => {
+                self.prog.rope_tables.push(table);
+                self.prog.rope_tables.len() - 1
+            }
+        }
+    }
+
+    /// Records the KV cache of `layer`; the window comes from whichever op knows it.
+    fn kv_layer(&mut self, layer: usize, kv_heads: usize, head_dim: usize, window: Option<usize>) {
+        match self.prog.kv_layers.iter_mut().find(|l| l.layer == layer) {
+            Some(l) => l.window = l.window.or(window),
+            None => self.prog.kv_layers.push(KvLayer { layer, kv_heads, head_dim, window }),
+        }
+    }
+
     fn arg(&self, id: NodeId) -> Result<Arg, IrError> {
-        self.vals
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| err("operand not lowered"))
+        self.vals.get(&id).cloned().ok_or_else(|| err("operand not lowered"))
     }
 
     fn set_layout(&mut self, arg: &Arg, layout: Layout) -> Result<(), IrError> {
@@ -60,14 +69,7 @@ impl Lowerer<'_> {
 
     fn call(&mut self, spec: KernelSpec, args: Vec<Arg>, units: Units, rows: Rows, work: usize) {
         let kernel = self.kernel(spec);
-        self.prog.calls.push(Call {
-            kernel,
-            args,
-            units,
-            rows,
-            layer: None,
-            work_per_unit: work,
-        });
+        self.prog.calls.push(Call { kernel, args, units, rows, layer: None, work_per_unit: work });
     }
 
     fn lower_node(&mut self, id: NodeId) -> Result<(), IrError> {
@@ -93,124 +95,107 @@ impl Lowerer<'_> {
                     Op::Embedding => {
                         // Gathers read a packed table when it is also a matmul weight (tied
                         // embeddings): decided after all matmuls are seen, see `finish`.
-                        self.call(
-                            KernelSpec::Embedding {
-                                d: width,
-                                packed: false,
-                            },
-                            args,
-                            Units::Rows,
-                            rows,
-                            width,
-                        );
+                        self.call(KernelSpec::Embedding { d: width, packed: false }, args, Units::Rows, rows, width);
                     }
-                    Op::MatMul => {
-                        let (k, m) = (in_width(0), width);
+                    Op::MatMul | Op::Linear { .. } => {
+                        let (rms_eps, act, bias, residual) = match op {
+                            Op::Linear { rms_eps, act, bias, residual } => (*rms_eps, *act, *bias, *residual),
+                            _ => (None, Act::None, a.len() == 3, false),
+                        };
+                        let k = in_width(0);
+                        let m = self.g.node(ops[1]).ty.shape.resolve(0)[0];
                         self.set_layout(&a[1], Layout::Panel16)?;
-                        if a.len() == 3 {
+                        if bias {
                             self.set_layout(&a[2], Layout::Padded16)?;
                         }
-                        let spec = KernelSpec::MatMul {
-                            k,
-                            m,
-                            bias: a.len() == 3,
-                        };
-                        self.call(
-                            spec,
-                            args,
-                            Units::Panels(m.div_ceil(PANEL)),
-                            rows,
-                            PANEL * k,
-                        );
+                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual };
+                        self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                     }
-                    Op::RmsNorm { eps } => self.call(
-                        KernelSpec::RmsNorm {
-                            d: width,
-                            eps: *eps,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
-                    Op::LayerNorm { eps } => self.call(
-                        KernelSpec::LayerNorm {
-                            d: width,
-                            eps: *eps,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
-                    Op::Rope {
-                        heads,
-                        head_dim,
-                        rotary_dim,
-                        theta,
-                        scaling,
-                    } => {
-                        let table = RopeTable {
+                    Op::QkvRope { layer, heads, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, bias } => {
+                        let k = in_width(0);
+                        let m = (heads + 2 * kv_heads) * head_dim;
+                        self.set_layout(&a[1], Layout::Panel16)?;
+                        if *bias {
+                            self.set_layout(&a[2], Layout::Padded16)?;
+                        }
+                        let t = self.rope_table(RopeTable {
                             theta: *theta,
                             scaling: *scaling,
                             rotary_dim: *rotary_dim,
-                        };
-                        let t = match self.prog.rope_tables.iter().position(|r| *r == table) {
-                            Some(t) => t,
-                            None => {
-                                self.prog.rope_tables.push(table);
-                                self.prog.rope_tables.len() - 1
-                            }
-                        };
-                        let args =
-                            vec![a[0].clone(), a[1].clone(), Arg::RopeTable(t), Arg::Buf(out)];
-                        let spec = KernelSpec::Rope {
-                            heads: *heads,
-                            head_dim: *head_dim,
-                            rotary_dim: *rotary_dim,
-                        };
-                        self.call(spec, args, Units::Rows, rows, width);
-                    }
-                    Op::Attention {
-                        layer,
-                        heads,
-                        kv_heads,
-                        head_dim,
-                        window,
-                        scale,
-                    } => {
-                        if !self.prog.kv_layers.iter().any(|l| l.layer == *layer) {
-                            self.prog.kv_layers.push(KvLayer {
-                                layer: *layer,
-                                kv_heads: *kv_heads,
-                                head_dim: *head_dim,
-                                window: *window,
-                            });
+                            interleaved: true,
+                        });
+                        self.kv_layer(*layer, *kv_heads, *head_dim, None);
+                        let mut args = vec![a[0].clone(), a[1].clone()];
+                        if *bias {
+                            args.push(a[2].clone());
                         }
-                        let (kc, vc) = (Arg::KCache(*layer), Arg::VCache(*layer));
-                        let append = KernelSpec::KvAppend {
+                        let pos = a[a.len() - 1].clone();
+                        args.extend([pos, Arg::RopeTable(t), Arg::KCache(*layer), Arg::VCache(*layer), Arg::Buf(out)]);
+                        let spec = KernelSpec::QkvRope {
+                            k,
+                            heads: *heads,
                             kv_heads: *kv_heads,
                             head_dim: *head_dim,
+                            rotary_dim: *rotary_dim,
+                            rms_eps: *rms_eps,
+                            bias: *bias,
                         };
+                        self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
+                        self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
+                    }
+                    Op::Attend { layer, heads, kv_heads, head_dim, window, scale } => {
+                        self.kv_layer(*layer, *kv_heads, *head_dim, *window);
+                        let (kc, vc) = (Arg::KCache(*layer), Arg::VCache(*layer));
+                        let spec = KernelSpec::Attention {
+                            heads: *heads,
+                            kv_heads: *kv_heads,
+                            head_dim: *head_dim,
+                            window: *window,
+                            scale: *scale,
+                        };
+                        let args = vec![a[0].clone(), a[1].clone(), kc, vc, Arg::Buf(out)];
+                        self.call(spec, args, Units::KvHeadsByRows(*kv_heads), rows, 4096);
+                        self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
+                    }
+                    Op::ConcatRows
+                    | Op::ConcatCols
+                    | Op::InterleaveRows8
+                    | Op::ScaleCols
+                    | Op::WeightMatVec
+                    | Op::RopeInterleave { .. } => {
+                        return Err(err(format!("{} must be evaluated at compile time", op.name())));
+                    }
+                    Op::RmsNorm { eps } => {
+                        self.call(KernelSpec::RmsNorm { d: width, eps: *eps }, args, Units::Rows, rows, width)
+                    }
+                    Op::LayerNorm { eps } => {
+                        let affine = a.len() == 3;
+                        self.call(KernelSpec::LayerNorm { d: width, eps: *eps, affine }, args, Units::Rows, rows, width)
+                    }
+                    Op::Rope { heads, head_dim, rotary_dim, theta, scaling } => {
+                        let t = self.rope_table(RopeTable {
+                            theta: *theta,
+                            scaling: *scaling,
+                            rotary_dim: *rotary_dim,
+                            interleaved: false,
+                        });
+                        let args = vec![a[0].clone(), a[1].clone(), Arg::RopeTable(t), Arg::Buf(out)];
+                        let spec = KernelSpec::Rope { heads: *heads, head_dim: *head_dim, rotary_dim: *rotary_dim };
+                        self.call(spec, args, Units::Rows, rows, width);
+                    }
+                    Op::Attention { layer, heads, kv_heads, head_dim, window, scale } => {
+                        self.kv_layer(*layer, *kv_heads, *head_dim, *window);
+                        let (kc, vc) = (Arg::KCache(*layer), Arg::VCache(*layer));
+                        let append = KernelSpec::KvAppend { kv_heads: *kv_heads, head_dim: *head_dim };
                         let kvw = kv_heads * head_dim;
                         self.call(
                             append,
-                            vec![
-                                a[1].clone(),
-                                a[2].clone(),
-                                a[3].clone(),
-                                kc.clone(),
-                                vc.clone(),
-                            ],
+                            vec![a[1].clone(), a[2].clone(), a[3].clone(), kc.clone(), vc.clone()],
                             Units::Rows,
                             rows,
                             kvw,
                         );
-                        self.prog
-                            .calls
-                            .last_mut()
-                            .ok_or_else(|| err("no call"))?
-                            .layer = Some(*layer);
+                        self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
                         let spec = KernelSpec::Attention {
                             heads: *heads,
                             kv_heads: *kv_heads,
@@ -226,85 +211,33 @@ impl Lowerer<'_> {
                             rows,
                             4096,
                         );
-                        self.prog
-                            .calls
-                            .last_mut()
-                            .ok_or_else(|| err("no call"))?
-                            .layer = Some(*layer);
+                        self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
                     }
-                    Op::Softmax => self.call(
-                        KernelSpec::Softmax { d: width },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
-                    Op::Silu => self.call(
-                        KernelSpec::Unary {
-                            op: Unary::Silu,
-                            d: width,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
-                    Op::Gelu => self.call(
-                        KernelSpec::Unary {
-                            op: Unary::Gelu,
-                            d: width,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
-                    Op::GeluErf => self.call(
-                        KernelSpec::Unary {
-                            op: Unary::GeluErf,
-                            d: width,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
+                    Op::Softmax => self.call(KernelSpec::Softmax { d: width }, args, Units::Rows, rows, width),
+                    Op::Silu => {
+                        self.call(KernelSpec::Unary { op: Unary::Silu, d: width }, args, Units::Rows, rows, width)
+                    }
+                    Op::Gelu => {
+                        self.call(KernelSpec::Unary { op: Unary::Gelu, d: width }, args, Units::Rows, rows, width)
+                    }
+                    Op::GeluErf => {
+                        self.call(KernelSpec::Unary { op: Unary::GeluErf, d: width }, args, Units::Rows, rows, width)
+                    }
                     Op::Scale { factor } => self.call(
-                        KernelSpec::Unary {
-                            op: Unary::Scale(*factor),
-                            d: width,
-                        },
+                        KernelSpec::Unary { op: Unary::Scale(*factor), d: width },
                         args,
                         Units::Rows,
                         rows,
                         width,
                     ),
-                    Op::Add => self.call(
-                        KernelSpec::Binary {
-                            op: Binary::Add,
-                            d: width,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
-                    Op::Mul => self.call(
-                        KernelSpec::Binary {
-                            op: Binary::Mul,
-                            d: width,
-                        },
-                        args,
-                        Units::Rows,
-                        rows,
-                        width,
-                    ),
+                    Op::Add => {
+                        self.call(KernelSpec::Binary { op: Binary::Add, d: width }, args, Units::Rows, rows, width)
+                    }
+                    Op::Mul => {
+                        self.call(KernelSpec::Binary { op: Binary::Mul, d: width }, args, Units::Rows, rows, width)
+                    }
                     Op::Slice { start, len } => self.call(
-                        KernelSpec::Slice {
-                            d: in_width(0),
-                            start: *start,
-                            len: *len,
-                        },
+                        KernelSpec::Slice { d: in_width(0), start: *start, len: *len },
                         args,
                         Units::Rows,
                         rows,
@@ -312,21 +245,9 @@ impl Lowerer<'_> {
                     ),
                     Op::Concat => {
                         let widths = (0..ops.len()).map(in_width).collect();
-                        self.call(
-                            KernelSpec::Concat { widths },
-                            args,
-                            Units::Rows,
-                            rows,
-                            width,
-                        )
+                        self.call(KernelSpec::Concat { widths }, args, Units::Rows, rows, width)
                     }
-                    Op::TakeLast => self.call(
-                        KernelSpec::TakeLast { d: width },
-                        args,
-                        Units::Single,
-                        Rows::N,
-                        width,
-                    ),
+                    Op::TakeLast => self.call(KernelSpec::TakeLast { d: width }, args, Units::Single, Rows::N, width),
                     Op::Input(_) | Op::Weight { .. } => unreachable!("handled above"),
                 }
                 Arg::Buf(out)
@@ -338,28 +259,19 @@ impl Lowerer<'_> {
 
     /// Embedding tables that are also matmul weights are read in their packed layout.
     fn fix_embeddings(&mut self) {
-        let packed: Vec<String> = self
-            .prog
-            .layouts
-            .iter()
-            .filter(|(_, l)| *l == Layout::Panel16)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let packed: Vec<String> =
+            self.prog.layouts.iter().filter(|(_, l)| *l == Layout::Panel16).map(|(n, _)| n.clone()).collect();
         for ci in 0..self.prog.calls.len() {
             let call = &self.prog.calls[ci];
             if let KernelSpec::Embedding { d, .. } = self.prog.kernels[call.kernel] {
                 let is_packed = matches!(&call.args[0], Arg::Weight(n) if packed.contains(n));
-                let k = self.kernel(KernelSpec::Embedding {
-                    d,
-                    packed: is_packed,
-                });
+                let k = self.kernel(KernelSpec::Embedding { d, packed: is_packed });
                 self.prog.calls[ci].kernel = k;
             }
         }
         // Drop kernels no call uses any more, renumbering the calls.
-        let used: Vec<bool> = (0..self.prog.kernels.len())
-            .map(|k| self.prog.calls.iter().any(|c| c.kernel == k))
-            .collect();
+        let used: Vec<bool> =
+            (0..self.prog.kernels.len()).map(|k| self.prog.calls.iter().any(|c| c.kernel == k)).collect();
         let mut remap = vec![usize::MAX; used.len()];
         let mut kept = Vec::new();
         for (i, k) in self.prog.kernels.drain(..).enumerate() {

@@ -2,6 +2,7 @@
 //! of kernel calls, and the buffers of a liveness-based memory plan. Stored in the artifact
 //! header; the runtime JITs the kernels and walks the schedule.
 
+pub use llmc_ir::Act;
 use llmc_ir::RopeScaling;
 use serde::{Deserialize, Serialize};
 
@@ -41,31 +42,37 @@ pub enum Binary {
 pub enum KernelSpec {
     /// `[table, ids, out]`, units: rows. `packed`: the table is in `Panel16` layout.
     Embedding { d: usize, packed: bool },
-    /// `[x, w (Panel16), bias (Padded16)?, out]`, units: 16-row panels of `w`.
-    MatMul { k: usize, m: usize, bias: bool },
-    /// `[x, w, out]`, units: rows.
-    RmsNorm { d: usize, eps: f32 },
-    /// `[x, w, b, out]`, units: rows.
-    LayerNorm { d: usize, eps: f32 },
-    /// `[x, positions, table, out]`, units: rows. `table[pos][0..rd/2]` = cos, `[rd/2..rd]` = sin.
-    Rope {
+    /// `[x, w (Panel16), bias (Padded16)?, residual?, out]`, units: 16-row panels of `w`
+    /// (`m` rows). Prologue: with `rms_eps`, each output row is scaled by `1/rms(x row)`.
+    /// Epilogue: bias, `act` (`swiglu`: panels hold 8 gate then 8 up rows, `m/2` outputs), then
+    /// `+ residual`.
+    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool },
+    /// `[x, w (Panel16), bias (Padded16)?, positions, table, kcache, vcache, q_out]`, units:
+    /// panels. The fused QKV projection: RoPE on the pair-interleaved q and k rows (table:
+    /// per position `rotary_dim` cosines, each twice, then `rotary_dim` signed sines
+    /// `-s, +s`), q to `q_out`, k and v into the cache slot of each token's position.
+    QkvRope {
+        k: usize,
         heads: usize,
+        kv_heads: usize,
         head_dim: usize,
         rotary_dim: usize,
+        rms_eps: Option<f32>,
+        bias: bool,
     },
+    /// `[x, w, out]`, units: rows.
+    RmsNorm { d: usize, eps: f32 },
+    /// `[x, w, b, out]` (`affine`) or `[x, out]`, units: rows.
+    LayerNorm { d: usize, eps: f32, affine: bool },
+    /// `[x, positions, table, out]`, units: rows. `table[pos][0..rd/2]` = cos, `[rd/2..rd]` = sin.
+    Rope { heads: usize, head_dim: usize, rotary_dim: usize },
     /// `[k, v, positions, kcache, vcache]`, units: rows. Cache layout `[cap, kv_heads, head_dim]`,
     /// slot `pos % cap` (a ring when the layer has a window).
     KvAppend { kv_heads: usize, head_dim: usize },
     /// `[q, positions, kcache, vcache, out]`, units: `kv_heads × n` (kv head, token) pairs.
     /// Online softmax in one pass over the cached positions; the query heads of a group share
     /// every K and V load.
-    Attention {
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        window: Option<usize>,
-        scale: f32,
-    },
+    Attention { heads: usize, kv_heads: usize, head_dim: usize, window: Option<usize>, scale: f32 },
     /// `[x, out]`, units: rows.
     Unary { op: Unary, d: usize },
     /// `[a, b, out]`, units: rows.
@@ -81,31 +88,33 @@ pub enum KernelSpec {
 }
 
 impl KernelSpec {
+    /// A plain matmul (no prologue, no activation, no residual).
+    pub fn matmul(k: usize, m: usize, bias: bool) -> KernelSpec {
+        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false }
+    }
+
     pub fn name(&self) -> String {
         match self {
             KernelSpec::Embedding { d, packed } => {
                 format!("embedding_d{d}{}", if *packed { "_packed" } else { "" })
             }
-            KernelSpec::MatMul { k, m, bias } => {
-                format!("matmul_k{k}_m{m}{}", if *bias { "_bias" } else { "" })
+            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual } => format!(
+                "matmul_k{k}_m{m}{}{}{}{}",
+                if rms_eps.is_some() { "_rms" } else { "" },
+                if *bias { "_bias" } else { "" },
+                if *act != Act::None { format!("_{}", act.name()) } else { String::new() },
+                if *residual { "_res" } else { "" }
+            ),
+            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, .. } => {
+                format!("qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}")
             }
             KernelSpec::RmsNorm { d, .. } => format!("rms_norm_d{d}"),
             KernelSpec::LayerNorm { d, .. } => format!("layer_norm_d{d}"),
-            KernelSpec::Rope {
-                heads,
-                head_dim,
-                rotary_dim,
-            } => format!("rope_h{heads}_hd{head_dim}_rd{rotary_dim}"),
+            KernelSpec::Rope { heads, head_dim, rotary_dim } => format!("rope_h{heads}_hd{head_dim}_rd{rotary_dim}"),
             KernelSpec::KvAppend { kv_heads, head_dim } => {
                 format!("kv_append_kv{kv_heads}_hd{head_dim}")
             }
-            KernelSpec::Attention {
-                heads,
-                kv_heads,
-                head_dim,
-                window,
-                ..
-            } => {
+            KernelSpec::Attention { heads, kv_heads, head_dim, window, .. } => {
                 format!(
                     "attention_h{heads}_kv{kv_heads}_hd{head_dim}{}",
                     window.map_or(String::new(), |w| format!("_w{w}"))
@@ -191,6 +200,8 @@ pub struct RopeTable {
     pub theta: f32,
     pub scaling: RopeScaling,
     pub rotary_dim: usize,
+    /// The `qkv_rope` layout (cos twice, then signed sin, per pair) instead of `rope`'s.
+    pub interleaved: bool,
 }
 
 /// The KV cache of one attention layer.
@@ -219,9 +230,6 @@ pub struct Program {
 
 impl Program {
     pub fn layout_of(&self, name: &str) -> Layout {
-        self.layouts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(Layout::RowMajor, |(_, l)| *l)
+        self.layouts.iter().find(|(n, _)| n == name).map_or(Layout::RowMajor, |(_, l)| *l)
     }
 }

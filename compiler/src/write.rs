@@ -4,12 +4,14 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use llmc_ir::passes;
-use llmc_models::Model;
+use std::collections::HashMap;
 
-use crate::artifact::{
-    align_up, Header, Section, Target, TensorEntry, FORMAT_VERSION, MAGIC, PREAMBLE,
-};
+use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
+use llmc_ir::passes::{self, Pass};
+use llmc_ir::{Graph, NodeId, Op};
+use llmc_models::{Model, WeightSpec};
+
+use crate::artifact::{align_up, Header, Section, Target, TensorEntry, FORMAT_VERSION, MAGIC, PREAMBLE};
 use crate::error::CompileError;
 use crate::pack;
 
@@ -26,33 +28,30 @@ pub struct CompileReport {
 /// detects (the kernels are specialized for them at load).
 pub fn host_target() -> Result<Target, CompileError> {
     let isa = crate::jit::host_isa().map_err(|e| CompileError::Jit(e.to_string()))?;
-    Ok(Target {
-        arch: std::env::consts::ARCH.to_string(),
-        features: crate::jit::isa_features(&*isa),
-    })
+    Ok(Target { arch: std::env::consts::ARCH.to_string(), features: crate::jit::isa_features(&*isa) })
 }
 
 /// Compiles `model` into an artifact at `out`. The file is written to a temporary name beside
 /// `out` and renamed into place only when complete, so `out` never holds a partial artifact;
 /// on any error the temporary file is removed.
-pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError> {
+pub fn compile(model: &Model, out: &Path, pipeline: &[Box<dyn Pass>]) -> Result<CompileReport, CompileError> {
     let mut graph = model.graph.clone();
-    let pipeline = passes::standard_pipeline();
-    passes::run_pipeline(&mut graph, &pipeline)?;
+    passes::run_pipeline(&mut graph, pipeline)?;
+    let mut derived = materialize(&mut graph, model)?;
     let ir_text = llmc_ir::text::print(&graph);
     let program = crate::lower::lower(&graph)?;
 
-    // Layout: header, IR text, then the tensors the optimized graph still reads.
+    // Layout: header, IR text, then the tensors the optimized graph reads: checkpoint tensors
+    // (by spec) and tensors computed at compile time (folded norms, fused weights).
     let used: Vec<_> = graph.weights();
-    let specs: Vec<_> = used
+    let specs: Vec<Source> = used
         .iter()
-        .map(|(name, _)| model.specs.iter().find(|s| &s.name == name))
+        .map(|(name, ty)| match derived.remove(name) {
+            Some(data) => Some(Source::Derived { name: name.clone(), shape: ty.shape.resolve(0), data }),
+            None => model.specs.iter().find(|s| &s.name == name).map(Source::Checkpoint),
+        })
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| {
-            CompileError::Ir(llmc_ir::IrError::Interp(
-                "graph reads a weight with no spec".into(),
-            ))
-        })?;
+        .ok_or_else(|| CompileError::Ir(llmc_ir::IrError::Interp("graph reads a weight with no spec".into())))?;
     let mut header = Header {
         format_version: FORMAT_VERSION,
         llmc_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -64,10 +63,7 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
         target: host_target()?,
         passes: pipeline.iter().map(|p| p.name().to_string()).collect(),
         program: program.clone(),
-        ir: Section {
-            offset: 0,
-            len: ir_text.len() as u64,
-        },
+        ir: Section { offset: 0, len: ir_text.len() as u64 },
         tensors: Vec::new(),
         file_size: 0,
     };
@@ -81,12 +77,12 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
         header.tensors = specs
             .iter()
             .map(|s| {
-                let layout = program.layout_of(&s.name);
-                let len = pack::packed_len(layout, &s.shape) as u64 * 4;
+                let layout = program.layout_of(s.name());
+                let len = pack::packed_len(layout, s.shape()) as u64 * 4;
                 let e = TensorEntry {
-                    name: s.name.clone(),
+                    name: s.name().to_string(),
                     dtype: "f32".into(),
-                    shape: s.shape.clone(),
+                    shape: s.shape().to_vec(),
                     layout,
                     offset: at,
                     len,
@@ -96,8 +92,8 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
             })
             .collect();
         header.file_size = at;
-        let json = serde_json::to_vec(&header)
-            .map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
+        let json =
+            serde_json::to_vec(&header).map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
         if json.len() as u64 <= reserve {
             break json;
         }
@@ -109,10 +105,7 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
     match result {
         Ok(()) => std::fs::rename(&tmp, out).map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
-            CompileError::Io {
-                path: out.to_path_buf(),
-                source,
-            }
+            CompileError::Io { path: out.to_path_buf(), source }
         })?,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -128,10 +121,7 @@ pub fn compile(model: &Model, out: &Path) -> Result<CompileReport, CompileError>
 }
 
 fn temp_path(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "artifact".into());
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "artifact".into());
     out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -141,24 +131,23 @@ fn write_file(
     header_json: &[u8],
     ir_text: &str,
     model: &Model,
-    specs: &[&llmc_models::WeightSpec],
+    specs: &[Source<'_>],
 ) -> Result<(), CompileError> {
-    let io = |source| CompileError::Io {
-        path: tmp.to_path_buf(),
-        source,
-    };
+    let io = |source| CompileError::Io { path: tmp.to_path_buf(), source };
     let file = File::create(tmp).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(MAGIC).map_err(io)?;
     w.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(io)?;
-    w.write_all(&(header_json.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    w.write_all(&(header_json.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(header_json).map_err(io)?;
     pad_to(&mut w, header.ir.offset).map_err(io)?;
     w.write_all(ir_text.as_bytes()).map_err(io)?;
     for (entry, spec) in header.tensors.iter().zip(specs) {
         pad_to(&mut w, entry.offset).map_err(io)?;
-        let data = pack::pack(entry.layout, &entry.shape, &spec.load(&model.files)?);
+        let data = match spec {
+            Source::Checkpoint(s) => pack::pack(entry.layout, &entry.shape, &s.load(&model.files)?),
+            Source::Derived { data, .. } => pack::pack(entry.layout, &entry.shape, data),
+        };
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_all(&bytes).map_err(io)?;
     }
@@ -171,9 +160,91 @@ fn write_file(
 fn pad_to<W: Write + Seek>(w: &mut W, offset: u64) -> std::io::Result<()> {
     let pos = w.stream_position()?;
     if pos > offset {
-        return Err(std::io::Error::other(format!(
-            "layout error: at {pos}, section starts at {offset}"
-        )));
+        return Err(std::io::Error::other(format!("layout error: at {pos}, section starts at {offset}")));
     }
     w.write_all(&vec![0u8; (offset - pos) as usize])
+}
+
+/// Where a tensor of the artifact comes from.
+enum Source<'a> {
+    Checkpoint(&'a WeightSpec),
+    Derived { name: String, shape: Vec<usize>, data: Vec<f32> },
+}
+
+impl Source<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Source::Checkpoint(s) => &s.name,
+            Source::Derived { name, .. } => name,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            Source::Checkpoint(s) => &s.shape,
+            Source::Derived { shape, .. } => shape,
+        }
+    }
+}
+
+/// Evaluates, once, every value the passes left computable from weights alone (`scale_cols`,
+/// `concat_rows`, ...) with the interpreter, and replaces it by a weight named after its first
+/// checkpoint tensor and op (e.g. `model.layers.0.self_attn.q_proj.weight#rope_interleave`).
+/// Returns the computed tensors, row-major.
+fn materialize(g: &mut Graph, model: &Model) -> Result<HashMap<String, Vec<f32>>, CompileError> {
+    let order = g.topo_order()?;
+    let mut is_const: HashMap<NodeId, bool> = HashMap::new();
+    for &id in &order {
+        let c = match g.node(id).op {
+            Op::Input(_) => false,
+            Op::Weight { .. } => true,
+            _ => g.operands(id).iter().all(|o| is_const[o]),
+        };
+        is_const.insert(id, c);
+    }
+    let roots: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&id| {
+            is_const[&id]
+                && !matches!(g.node(id).op, Op::Weight { .. })
+                && (g.users(id).iter().any(|u| !is_const[u]) || g.outputs.iter().any(|(_, o)| *o == id))
+        })
+        .collect();
+    if roots.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut sub = g.clone();
+    sub.outputs = roots.iter().enumerate().map(|(i, &r)| (format!("r{i}"), r)).collect();
+    passes::Dce.run(&mut sub)?;
+    let mut leaves: HashMap<String, Tensor> = HashMap::new();
+    for (name, ty) in sub.weights() {
+        let spec = model.specs.iter().find(|s| s.name == name).ok_or_else(|| {
+            CompileError::Ir(llmc_ir::IrError::Interp(format!("weight `{name}` has no checkpoint tensor")))
+        })?;
+        leaves.insert(name, Tensor { shape: ty.shape.resolve(0), data: spec.load(&model.files)? });
+    }
+    let mut cache = KvCache::new(&sub, 1);
+    let mut values = interp::run(&sub, StepInput { tokens: &[], positions: &[] }, &leaves, &mut cache)?;
+    let mut out = HashMap::new();
+    for (i, &root) in roots.iter().enumerate() {
+        let t =
+            values.remove(&format!("r{i}")).ok_or_else(|| CompileError::Ir(llmc_ir::IrError::Interp("fold".into())))?;
+        let mut name = format!("{}#{}", first_leaf(g, root), g.node(root).op.name());
+        if out.contains_key(&name) {
+            name = format!("{name}.{i}");
+        }
+        let w = g.weight(name.clone(), &t.shape);
+        g.replace_uses(root, w);
+        out.insert(name, t.data);
+    }
+    passes::Dce.run(g)?;
+    Ok(out)
+}
+
+/// The first checkpoint weight under a node (depth first, operand order).
+fn first_leaf(g: &Graph, id: NodeId) -> String {
+    match &g.node(id).op {
+        Op::Weight { name } => name.clone(),
+        _ => g.operands(id).first().map_or_else(|| "const".to_string(), |&o| first_leaf(g, o)),
+    }
 }

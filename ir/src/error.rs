@@ -17,11 +17,7 @@ pub enum IrError {
     #[error("missing weight `{0}`")]
     MissingWeight(String),
     #[error("weight `{name}` has shape {actual:?}, the graph expects {expected:?}")]
-    WeightShape {
-        name: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    WeightShape { name: String, expected: Vec<usize>, actual: Vec<usize> },
     #[error("position {pos} is outside the context of {ctx} tokens")]
     ContextOverflow { pos: usize, ctx: usize },
 }

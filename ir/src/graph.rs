@@ -32,11 +32,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            g: StableDiGraph::default(),
-            outputs: Vec::new(),
-        }
+        Graph { name: name.into(), g: StableDiGraph::default(), outputs: Vec::new() }
     }
 
     /// Adds a node with an explicit type (no checking; the verifier checks).
@@ -51,10 +47,7 @@ impl Graph {
     /// Adds a node whose type is inferred from its operands.
     pub fn add(&mut self, op: Op, operands: &[NodeId]) -> Result<NodeId, IrError> {
         let tys: Vec<&Type> = operands.iter().map(|&o| &self.g[o].ty).collect();
-        let ty = op.infer(&tys).map_err(|msg| IrError::Type {
-            node: format!("new {}", op.name()),
-            msg,
-        })?;
+        let ty = op.infer(&tys).map_err(|msg| IrError::Type { node: format!("new {}", op.name()), msg })?;
         Ok(self.add_typed(op, operands, ty))
     }
 
@@ -63,11 +56,7 @@ impl Graph {
     }
 
     pub fn weight(&mut self, name: impl Into<String>, dims: &[usize]) -> NodeId {
-        self.add_typed(
-            Op::Weight { name: name.into() },
-            &[],
-            Type::new(DType::F32, Shape::constant(dims)),
-        )
+        self.add_typed(Op::Weight { name: name.into() }, &[], Type::new(DType::F32, Shape::constant(dims)))
     }
 
     pub fn output(&mut self, name: impl Into<String>, id: NodeId) {
@@ -92,11 +81,8 @@ impl Graph {
 
     /// Operands of a node in operand order.
     pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
-        let mut e: Vec<(u32, NodeId)> = self
-            .g
-            .edges_directed(id, Direction::Incoming)
-            .map(|e| (*e.weight(), e.source()))
-            .collect();
+        let mut e: Vec<(u32, NodeId)> =
+            self.g.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
         e.sort_unstable();
         e.into_iter().map(|(_, s)| s).collect()
     }
@@ -111,11 +97,8 @@ impl Graph {
 
     /// Replaces every use of `old` (operands and outputs) by `new`.
     pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
-        let edges: Vec<_> = self
-            .g
-            .edges_directed(old, Direction::Outgoing)
-            .map(|e| (e.id(), e.target(), *e.weight()))
-            .collect();
+        let edges: Vec<_> =
+            self.g.edges_directed(old, Direction::Outgoing).map(|e| (e.id(), e.target(), *e.weight())).collect();
         for (eid, target, w) in edges {
             self.g.remove_edge(eid);
             self.g.add_edge(new, target, w);
@@ -135,16 +118,12 @@ impl Graph {
     /// graph built or parsed in dependency order this is exactly insertion order, which makes
     /// the text form stable under print → parse → print.
     pub fn topo_order(&self) -> Result<Vec<NodeId>, IrError> {
-        let mut indeg: std::collections::HashMap<NodeId, usize> =
-            self.g.node_indices().map(|n| (n, 0)).collect();
+        let mut indeg: std::collections::HashMap<NodeId, usize> = self.g.node_indices().map(|n| (n, 0)).collect();
         for e in (&self.g).edge_references() {
             *indeg.entry(e.target()).or_default() += 1;
         }
-        let mut ready: BinaryHeap<Reverse<NodeId>> = indeg
-            .iter()
-            .filter(|(_, &d)| d == 0)
-            .map(|(&n, _)| Reverse(n))
-            .collect();
+        let mut ready: BinaryHeap<Reverse<NodeId>> =
+            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| Reverse(n)).collect();
         let mut order = Vec::with_capacity(self.g.node_count());
         while let Some(Reverse(n)) = ready.pop() {
             order.push(n);
@@ -224,29 +203,15 @@ impl Graph {
             match &node.op {
                 Op::Weight { name } => {
                     if !ops.is_empty() {
-                        return Err(IrError::Type {
-                            node: at(),
-                            msg: "weight takes no operands".into(),
-                        });
+                        return Err(IrError::Type { node: at(), msg: "weight takes no operands".into() });
                     }
-                    if node
-                        .ty
-                        .shape
-                        .0
-                        .iter()
-                        .any(|d| matches!(d, crate::types::Dim::N))
-                    {
-                        return Err(IrError::Type {
-                            node: at(),
-                            msg: format!("weight {name:?} has a symbolic dim"),
-                        });
+                    if node.ty.shape.0.iter().any(|d| matches!(d, crate::types::Dim::N)) {
+                        return Err(IrError::Type { node: at(), msg: format!("weight {name:?} has a symbolic dim") });
                     }
                 }
                 op => {
                     let tys: Vec<&Type> = ops.iter().map(|&o| &self.g[o].ty).collect();
-                    let want = op
-                        .infer(&tys)
-                        .map_err(|msg| IrError::Type { node: at(), msg })?;
+                    let want = op.infer(&tys).map_err(|msg| IrError::Type { node: at(), msg })?;
                     if want != node.ty {
                         return Err(IrError::Type {
                             node: at(),
@@ -261,10 +226,7 @@ impl Graph {
         }
         for (name, id) in &self.outputs {
             if !self.g.contains_node(*id) {
-                return Err(IrError::Type {
-                    node: format!("output {name}"),
-                    msg: "refers to a removed node".into(),
-                });
+                return Err(IrError::Type { node: format!("output {name}"), msg: "refers to a removed node".into() });
             }
         }
         Ok(())

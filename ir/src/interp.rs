@@ -16,8 +16,7 @@ pub trait WeightSource {
 
 impl WeightSource for HashMap<String, Tensor> {
     fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
-        self.get(name)
-            .map(|t| (t.data.as_slice(), t.shape.as_slice()))
+        self.get(name).map(|t| (t.data.as_slice(), t.shape.as_slice()))
     }
 }
 
@@ -52,15 +51,7 @@ impl KvCache {
             .into_iter()
             .map(|(l, kv_heads, head_dim)| {
                 let len = kv_heads * ctx * head_dim;
-                (
-                    l,
-                    LayerKv {
-                        kv_heads,
-                        head_dim,
-                        k: vec![0.0; len],
-                        v: vec![0.0; len],
-                    },
-                )
+                (l, LayerKv { kv_heads, head_dim, k: vec![0.0; len], v: vec![0.0; len] })
             })
             .collect();
         KvCache { ctx, layers }
@@ -109,10 +100,7 @@ pub fn run(
 ) -> Result<HashMap<String, Tensor>, IrError> {
     let n = step.tokens.len();
     if step.positions.len() != n {
-        return Err(bad(format!(
-            "{n} tokens but {} positions",
-            step.positions.len()
-        )));
+        return Err(bad(format!("{n} tokens but {} positions", step.positions.len())));
     }
     let order = g.topo_order()?;
     // Remaining uses of each value, so intermediates are freed as soon as possible.
@@ -131,15 +119,7 @@ pub fn run(
         let operands = g.operands(id);
         let val = {
             let args: Vec<&Val<'_>> = operands.iter().map(|o| &vals[o]).collect();
-            eval(
-                &node.op,
-                &args,
-                step,
-                weights,
-                cache,
-                n,
-                &node.ty.shape.resolve(n),
-            )?
+            eval(&node.op, &args, step, weights, cache, n, &node.ty.shape.resolve(n))?
         };
         vals.insert(id, val);
         for o in operands {
@@ -152,17 +132,8 @@ pub fn run(
     }
     let mut out = HashMap::new();
     for (name, id) in &g.outputs {
-        let (d, s) = vals
-            .get(id)
-            .ok_or_else(|| bad(format!("output {name} not computed")))?
-            .f32()?;
-        out.insert(
-            name.clone(),
-            Tensor {
-                shape: s.to_vec(),
-                data: d.to_vec(),
-            },
-        );
+        let (d, s) = vals.get(id).ok_or_else(|| bad(format!("output {name} not computed")))?.f32()?;
+        out.insert(name.clone(), Tensor { shape: s.to_vec(), data: d.to_vec() });
     }
     Ok(out)
 }
@@ -254,8 +225,9 @@ fn attend(
         for h in 0..heads {
             let kh = h / group;
             let qv = &q[r * qw + h * hd..r * qw + (h + 1) * hd];
-            let scores: Vec<f64> =
-                (lo..=p).map(|j| dot(qv, &lkv.k[(kh * ctx + j) * hd..(kh * ctx + j + 1) * hd]) * scale as f64).collect();
+            let scores: Vec<f64> = (lo..=p)
+                .map(|j| dot(qv, &lkv.k[(kh * ctx + j) * hd..(kh * ctx + j + 1) * hd]) * scale as f64)
+                .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = exps.iter().sum();
@@ -285,9 +257,7 @@ fn eval<'w>(
         Op::Input(InputKind::Tokens) => Val::Ids(step.tokens.to_vec()),
         Op::Input(InputKind::Positions) => Val::Ids(step.positions.to_vec()),
         Op::Weight { name } => {
-            let (d, s) = weights
-                .weight(name)
-                .ok_or_else(|| IrError::MissingWeight(name.clone()))?;
+            let (d, s) = weights.weight(name).ok_or_else(|| IrError::MissingWeight(name.clone()))?;
             if s != out_shape || d.len() != out_shape.iter().product::<usize>() {
                 return Err(IrError::WeightShape {
                     name: name.clone(),
@@ -304,9 +274,7 @@ fn eval<'w>(
             let mut out = Vec::with_capacity(n * d);
             for &t in ids {
                 if t < 0 || t as usize >= vocab {
-                    return Err(bad(format!(
-                        "index {t} is outside the embedding table of {vocab} rows"
-                    )));
+                    return Err(bad(format!("index {t} is outside the embedding table of {vocab} rows")));
                 }
                 out.extend_from_slice(&table[t as usize * d..(t as usize + 1) * d]);
             }
@@ -341,11 +309,7 @@ fn eval<'w>(
             for row in x.chunks(d) {
                 let ms = dot(row, row) / d as f64;
                 let inv = 1.0 / (ms + *eps as f64).sqrt();
-                out.extend(
-                    row.iter()
-                        .zip(w)
-                        .map(|(&v, &s)| ((v as f64 * inv) as f32) * s),
-                );
+                out.extend(row.iter().zip(w).map(|(&v, &s)| ((v as f64 * inv) as f32) * s));
             }
             owned(xs.to_vec(), out)
         }
@@ -360,22 +324,11 @@ fn eval<'w>(
                 let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
                 let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
                 let inv = 1.0 / (var + *eps as f64).sqrt();
-                out.extend(
-                    row.iter()
-                        .zip(w)
-                        .zip(b)
-                        .map(|((&v, &s), &o)| ((v as f64 - mean) * inv) as f32 * s + o),
-                );
+                out.extend(row.iter().zip(w).zip(b).map(|((&v, &s), &o)| ((v as f64 - mean) * inv) as f32 * s + o));
             }
             owned(xs.to_vec(), out)
         }
-        Op::Rope {
-            heads,
-            head_dim,
-            rotary_dim,
-            theta,
-            scaling,
-        } => {
+        Op::Rope { heads, head_dim, rotary_dim, theta, scaling } => {
             let (x, xs) = args[0].f32()?;
             let pos = args[1].ids()?;
             let inv_freq = scaling.inv_freq(*theta, *rotary_dim);
@@ -562,15 +515,8 @@ fn eval<'w>(
         Op::Add | Op::Mul => {
             let (a, s) = args[0].f32()?;
             let (b, _) = args[1].f32()?;
-            let f = if matches!(op, Op::Add) {
-                |x: f32, y: f32| x + y
-            } else {
-                |x: f32, y: f32| x * y
-            };
-            owned(
-                s.to_vec(),
-                a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect(),
-            )
+            let f = if matches!(op, Op::Add) { |x: f32, y: f32| x + y } else { |x: f32, y: f32| x * y };
+            owned(s.to_vec(), a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect())
         }
         Op::Scale { factor } => {
             let (x, xs) = args[0].f32()?;
@@ -585,8 +531,7 @@ fn eval<'w>(
             owned(vec![xs[0], *len], out)
         }
         Op::Concat => {
-            let parts: Vec<(&[f32], &[usize])> =
-                args.iter().map(|a| a.f32()).collect::<Result<_, _>>()?;
+            let parts: Vec<(&[f32], &[usize])> = args.iter().map(|a| a.f32()).collect::<Result<_, _>>()?;
             let rows = parts[0].1[0];
             let width: usize = parts.iter().map(|p| p.1[1]).sum();
             let mut out = Vec::with_capacity(rows * width);

@@ -31,12 +31,7 @@ pub enum RopeScaling {
     /// `rope_type: linear`: positions divided by `factor`.
     Linear { factor: f32 },
     /// `rope_type: llama3`: wavelength-dependent frequency scaling.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position: usize,
-    },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: usize },
 }
 
 impl RopeScaling {
@@ -44,12 +39,7 @@ impl RopeScaling {
         match self {
             RopeScaling::None => "none".into(),
             RopeScaling::Linear { factor } => format!("linear:{factor:?}"),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
                 format!("llama3:{factor:?}:{low_freq_factor:?}:{high_freq_factor:?}:{original_max_position}")
             }
         }
@@ -59,9 +49,7 @@ impl RopeScaling {
         let parts: Vec<&str> = s.split(':').collect();
         match parts.as_slice() {
             ["none"] => Some(RopeScaling::None),
-            ["linear", f] => Some(RopeScaling::Linear {
-                factor: f.parse().ok()?,
-            }),
+            ["linear", f] => Some(RopeScaling::Linear { factor: f.parse().ok()? }),
             ["llama3", f, lo, hi, orig] => Some(RopeScaling::Llama3 {
                 factor: f.parse().ok()?,
                 low_freq_factor: lo.parse().ok()?,
@@ -82,12 +70,7 @@ impl RopeScaling {
                 let base = 1.0f32 / theta.powf(exponent);
                 match *self {
                     RopeScaling::None | RopeScaling::Linear { .. } => base,
-                    RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_max_position,
-                    } => {
+                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
                         let low_wavelen = original_max_position as f32 / low_freq_factor;
                         let high_wavelen = original_max_position as f32 / high_freq_factor;
                         let wavelen = 2.0 * std::f32::consts::PI / base;
@@ -133,24 +116,11 @@ pub enum Op {
     LayerNorm { eps: f32 },
     /// `(x [n, heads*head_dim], positions) -> same`: rotate-half (NeoX) rotary embedding on the
     /// first `rotary_dim` dims of each head.
-    Rope {
-        heads: usize,
-        head_dim: usize,
-        rotary_dim: usize,
-        theta: f32,
-        scaling: RopeScaling,
-    },
+    Rope { heads: usize, head_dim: usize, rotary_dim: usize, theta: f32, scaling: RopeScaling },
     /// `(q [n, heads*hd], k [n, kv_heads*hd], v [n, kv_heads*hd], positions) -> [n, heads*hd]`.
     /// Appends k and v of every token to the KV cache of `layer` at its position, then each query
     /// attends causally over the cached positions `p` with `pos - window < p <= pos`.
-    Attention {
-        layer: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        window: Option<usize>,
-        scale: f32,
-    },
+    Attention { layer: usize, heads: usize, kv_heads: usize, head_dim: usize, window: Option<usize>, scale: f32 },
     /// Row-wise softmax over the last dim.
     Softmax,
     /// `x * sigmoid(x)`.
@@ -217,7 +187,7 @@ pub enum Op {
 }
 
 /// The activation fused into a `linear` epilogue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Act {
     None,
     Gelu,
@@ -289,35 +259,19 @@ impl Op {
             Op::Input(k) => vec![("kind", k.name().to_string())],
             Op::Weight { name } => vec![("name", format!("{name:?}"))],
             Op::RmsNorm { eps } | Op::LayerNorm { eps } => vec![("eps", format!("{eps:?}"))],
-            Op::Rope {
-                heads,
-                head_dim,
-                rotary_dim,
-                theta,
-                scaling,
-            } => vec![
+            Op::Rope { heads, head_dim, rotary_dim, theta, scaling } => vec![
                 ("heads", heads.to_string()),
                 ("head_dim", head_dim.to_string()),
                 ("rotary_dim", rotary_dim.to_string()),
                 ("theta", format!("{theta:?}")),
                 ("scaling", scaling.print()),
             ],
-            Op::Attention {
-                layer,
-                heads,
-                kv_heads,
-                head_dim,
-                window,
-                scale,
-            } => vec![
+            Op::Attention { layer, heads, kv_heads, head_dim, window, scale } => vec![
                 ("layer", layer.to_string()),
                 ("heads", heads.to_string()),
                 ("kv_heads", kv_heads.to_string()),
                 ("head_dim", head_dim.to_string()),
-                (
-                    "window",
-                    window.map_or("none".to_string(), |w| w.to_string()),
-                ),
+                ("window", window.map_or("none".to_string(), |w| w.to_string())),
                 ("scale", format!("{scale:?}")),
             ],
             Op::Scale { factor } => vec![("factor", format!("{factor:?}"))],
@@ -377,25 +331,18 @@ impl Op {
                 "positions" => InputKind::Positions,
                 other => return Err(format!("unknown input kind `{other}`")),
             }),
-            "weight" => Op::Weight {
-                name: attrs.quoted("name")?,
-            },
+            "weight" => Op::Weight { name: attrs.quoted("name")? },
             "embedding" => Op::Embedding,
             "matmul" => Op::MatMul,
-            "rms_norm" => Op::RmsNorm {
-                eps: attrs.num("eps")?,
-            },
-            "layer_norm" => Op::LayerNorm {
-                eps: attrs.num("eps")?,
-            },
+            "rms_norm" => Op::RmsNorm { eps: attrs.num("eps")? },
+            "layer_norm" => Op::LayerNorm { eps: attrs.num("eps")? },
             "rope" => Op::Rope {
                 heads: attrs.num("heads")?,
                 head_dim: attrs.num("head_dim")?,
                 rotary_dim: attrs.num("rotary_dim")?,
                 theta: attrs.num("theta")?,
-                scaling: RopeScaling::parse(attrs.str("scaling")?).ok_or_else(|| {
-                    format!("bad rope scaling `{}`", attrs.str("scaling").unwrap_or(""))
-                })?,
+                scaling: RopeScaling::parse(attrs.str("scaling")?)
+                    .ok_or_else(|| format!("bad rope scaling `{}`", attrs.str("scaling").unwrap_or("")))?,
             },
             "attention" => Op::Attention {
                 layer: attrs.num("layer")?,
@@ -414,13 +361,8 @@ impl Op {
             "gelu_erf" => Op::GeluErf,
             "add" => Op::Add,
             "mul" => Op::Mul,
-            "scale" => Op::Scale {
-                factor: attrs.num("factor")?,
-            },
-            "slice" => Op::Slice {
-                start: attrs.num("start")?,
-                len: attrs.num("len")?,
-            },
+            "scale" => Op::Scale { factor: attrs.num("factor")? },
+            "slice" => Op::Slice { start: attrs.num("start")?, len: attrs.num("len")? },
             "concat" => Op::Concat,
             "take_last" => Op::TakeLast,
             "linear" => Op::Linear {
@@ -468,11 +410,7 @@ impl Op {
     pub fn infer(&self, ins: &[&Type]) -> Result<Type, String> {
         let arity = |lo: usize, hi: usize| -> Result<(), String> {
             if ins.len() < lo || ins.len() > hi {
-                Err(format!(
-                    "{} takes {lo}..={hi} operands, got {}",
-                    self.name(),
-                    ins.len()
-                ))
+                Err(format!("{} takes {lo}..={hi} operands, got {}", self.name(), ins.len()))
             } else {
                 Ok(())
             }
@@ -503,8 +441,7 @@ impl Op {
                 Err(format!("{what} must be [{d}], got {t}"))
             }
         };
-        let same_rows =
-            |cols: usize| Type::new(DType::F32, Shape(vec![ins[0].shape.0[0], Dim::C(cols)]));
+        let same_rows = |cols: usize| Type::new(DType::F32, Shape(vec![ins[0].shape.0[0], Dim::C(cols)]));
         match self {
             Op::Input(_) => {
                 arity(0, 0)?;
@@ -515,12 +452,7 @@ impl Op {
                 arity(2, 2)?;
                 let d = match ins[0].shape.0.as_slice() {
                     [Dim::C(_), Dim::C(d)] => *d,
-                    _ => {
-                        return Err(format!(
-                            "embedding table must be [vocab, d], got {}",
-                            ins[0]
-                        ))
-                    }
+                    _ => return Err(format!("embedding table must be [vocab, d], got {}", ins[0])),
                 };
                 ids(ins[1], "embedding ids")?;
                 Ok(Type::new(DType::F32, Shape::rows_n(d)))
@@ -533,10 +465,7 @@ impl Op {
                     _ => return Err(format!("matmul weight must be [out, in], got {}", ins[1])),
                 };
                 if kw != k {
-                    return Err(format!(
-                        "matmul input has {k} columns but weight {} expects {kw}",
-                        ins[1]
-                    ));
+                    return Err(format!("matmul input has {k} columns but weight {} expects {kw}", ins[1]));
                 }
                 if let Some(b) = ins.get(2) {
                     vector(b, m, "matmul bias")?;
@@ -557,40 +486,22 @@ impl Op {
                 }
                 Ok(ins[0].clone())
             }
-            Op::Rope {
-                heads,
-                head_dim,
-                rotary_dim,
-                ..
-            } => {
+            Op::Rope { heads, head_dim, rotary_dim, .. } => {
                 arity(2, 2)?;
                 let d = rows(ins[0], "rope input")?;
                 if d != heads * head_dim {
-                    return Err(format!(
-                        "rope input has {d} columns, expected heads*head_dim = {}",
-                        heads * head_dim
-                    ));
+                    return Err(format!("rope input has {d} columns, expected heads*head_dim = {}", heads * head_dim));
                 }
                 if *rotary_dim > *head_dim || rotary_dim % 2 != 0 {
-                    return Err(format!(
-                        "rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}"
-                    ));
+                    return Err(format!("rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}"));
                 }
                 ids(ins[1], "rope positions")?;
                 Ok(ins[0].clone())
             }
-            Op::Attention {
-                heads,
-                kv_heads,
-                head_dim,
-                window,
-                ..
-            } => {
+            Op::Attention { heads, kv_heads, head_dim, window, .. } => {
                 arity(4, 4)?;
                 if *kv_heads == 0 || heads % kv_heads != 0 {
-                    return Err(format!(
-                        "heads {heads} must be a multiple of kv_heads {kv_heads}"
-                    ));
+                    return Err(format!("heads {heads} must be a multiple of kv_heads {kv_heads}"));
                 }
                 if *window == Some(0) {
                     return Err("attention window must be positive".into());
@@ -619,12 +530,7 @@ impl Op {
                     rows(ins[0], self.name())?;
                 }
                 if ins[0] != ins[1] {
-                    return Err(format!(
-                        "{} operands differ: {} vs {}",
-                        self.name(),
-                        ins[0],
-                        ins[1]
-                    ));
+                    return Err(format!("{} operands differ: {} vs {}", self.name(), ins[0], ins[1]));
                 }
                 Ok(ins[0].clone())
             }
@@ -642,10 +548,7 @@ impl Op {
                 for t in ins {
                     total += rows(t, "concat operand")?;
                     if t.shape.0[0] != ins[0].shape.0[0] {
-                        return Err(format!(
-                            "concat operands have different rows: {} vs {}",
-                            ins[0], t
-                        ));
+                        return Err(format!("concat operands have different rows: {} vs {}", ins[0], t));
                     }
                 }
                 Ok(same_rows(total))
@@ -692,7 +595,12 @@ impl Op {
                     vector(ins[2], rows_w, "qkv_rope bias")?;
                 }
                 ids(ins[want - 1], "qkv_rope positions")?;
-                if *kv_heads == 0 || heads % kv_heads != 0 || rotary_dim % 4 != 0 || rotary_dim > head_dim || head_dim % 4 != 0 {
+                if *kv_heads == 0
+                    || heads % kv_heads != 0
+                    || rotary_dim % 4 != 0
+                    || rotary_dim > head_dim
+                    || head_dim % 4 != 0
+                {
                     return Err("qkv_rope needs kv_heads | heads and head_dim, rotary_dim multiples of 4".into());
                 }
                 Ok(same_rows(heads * head_dim))
@@ -758,7 +666,11 @@ impl Op {
                 arity(2, 2)?;
                 let (m, k) = matrix(ins[0], self.name())?;
                 vector(ins[1], k, self.name())?;
-                Ok(if matches!(self, Op::ScaleCols) { ins[0].clone() } else { Type::new(DType::F32, Shape::constant(&[m])) })
+                Ok(if matches!(self, Op::ScaleCols) {
+                    ins[0].clone()
+                } else {
+                    Type::new(DType::F32, Shape::constant(&[m]))
+                })
             }
             Op::RopeInterleave { heads, kv_heads, head_dim, rotary_dim } => {
                 arity(1, 1)?;
@@ -789,8 +701,7 @@ impl Attrs {
     }
     pub fn num<T: std::str::FromStr>(&self, key: &str) -> Result<T, String> {
         let s = self.str(key)?;
-        s.parse()
-            .map_err(|_| format!("attribute `{key}` has bad value `{s}`"))
+        s.parse().map_err(|_| format!("attribute `{key}` has bad value `{s}`"))
     }
     /// `none` or a number.
     pub fn opt_num<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, String> {

@@ -42,11 +42,7 @@ pub fn print(g: &Graph) -> String {
         let _ = writeln!(s, " : {}", node.ty);
     }
     for (name, id) in &g.outputs {
-        let _ = writeln!(
-            s,
-            "  output {name} = %{}",
-            num.get(id).copied().unwrap_or(usize::MAX)
-        );
+        let _ = writeln!(s, "  output {name} = %{}", num.get(id).copied().unwrap_or(usize::MAX));
     }
     s.push_str("}\n");
     s
@@ -82,25 +78,17 @@ pub fn parse(text: &str) -> Result<Graph, IrError> {
             continue;
         }
         if let Some(rest) = line.strip_prefix("output ") {
-            let (name, val) = rest
-                .split_once('=')
-                .ok_or_else(|| err("expected `output NAME = %K`".into()))?;
-            let id = *ids
-                .get(val.trim())
-                .ok_or_else(|| err(format!("unknown value `{}`", val.trim())))?;
+            let (name, val) = rest.split_once('=').ok_or_else(|| err("expected `output NAME = %K`".into()))?;
+            let id = *ids.get(val.trim()).ok_or_else(|| err(format!("unknown value `{}`", val.trim())))?;
             g.output(name.trim(), id);
             continue;
         }
-        let (lhs, rhs) = line
-            .split_once(" = ")
-            .ok_or_else(|| err(format!("expected `%K = op ...`, got `{line}`")))?;
+        let (lhs, rhs) = line.split_once(" = ").ok_or_else(|| err(format!("expected `%K = op ...`, got `{line}`")))?;
         let lhs = lhs.trim();
         if !lhs.starts_with('%') || ids.contains_key(lhs) {
             return Err(err(format!("bad or duplicate value name `{lhs}`")));
         }
-        let (body, ty) = rhs
-            .rsplit_once(" : ")
-            .ok_or_else(|| err("missing ` : TYPE`".into()))?;
+        let (body, ty) = rhs.rsplit_once(" : ").ok_or_else(|| err("missing ` : TYPE`".into()))?;
         let ty = parse_type(ty.trim()).map_err(err)?;
         let name_end = body.find(['(', ' ']).unwrap_or(body.len());
         let op_name = &body[..name_end];
@@ -110,10 +98,7 @@ pub fn parse(text: &str) -> Result<Graph, IrError> {
             let close = r.find(')').ok_or_else(|| err("unclosed `(`".into()))?;
             for a in r[..close].split(',') {
                 let a = a.trim();
-                operands.push(
-                    *ids.get(a)
-                        .ok_or_else(|| err(format!("unknown value `{a}`")))?,
-                );
+                operands.push(*ids.get(a).ok_or_else(|| err(format!("unknown value `{a}`")))?);
             }
             rest = &r[close + 1..];
         }
@@ -122,15 +107,9 @@ pub fn parse(text: &str) -> Result<Graph, IrError> {
         let id = g.add_typed(op, &operands, ty);
         ids.insert(lhs.to_string(), id);
     }
-    let g = graph.ok_or(IrError::Parse {
-        line: 0,
-        msg: "empty IR text".into(),
-    })?;
+    let g = graph.ok_or(IrError::Parse { line: 0, msg: "empty IR text".into() })?;
     if !closed {
-        return Err(IrError::Parse {
-            line: text.lines().count(),
-            msg: "missing closing `}`".into(),
-        });
+        return Err(IrError::Parse { line: text.lines().count(), msg: "missing closing `}`".into() });
     }
     g.verify()?;
     Ok(g)
@@ -139,16 +118,10 @@ pub fn parse(text: &str) -> Result<Graph, IrError> {
 fn parse_type(s: &str) -> Result<Type, String> {
     let (dt, dims) = s.split_once('[').ok_or_else(|| format!("bad type `{s}`"))?;
     let dtype = DType::parse(dt).ok_or_else(|| format!("unknown dtype `{dt}`"))?;
-    let dims = dims
-        .strip_suffix(']')
-        .ok_or_else(|| format!("bad type `{s}`"))?;
+    let dims = dims.strip_suffix(']').ok_or_else(|| format!("bad type `{s}`"))?;
     let mut shape = Vec::new();
     for d in dims.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        shape.push(if d == "n" {
-            Dim::N
-        } else {
-            Dim::C(d.parse().map_err(|_| format!("bad dim `{d}`"))?)
-        });
+        shape.push(if d == "n" { Dim::N } else { Dim::C(d.parse().map_err(|_| format!("bad dim `{d}`"))?) });
     }
     Ok(Type::new(dtype, Shape(shape)))
 }

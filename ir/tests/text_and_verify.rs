@@ -18,54 +18,14 @@ fn block(d: usize, heads: usize, kv: usize, window: Option<usize>) -> Graph {
     let h = g.add(Op::RmsNorm { eps: 1e-5 }, &[x, nw]).unwrap();
     let wqkv = g.weight("qkv", &[(heads + 2 * kv) * hd, d]);
     let qkv = g.add(Op::MatMul, &[h, wqkv]).unwrap();
-    let q = g
-        .add(
-            Op::Slice {
-                start: 0,
-                len: heads * hd,
-            },
-            &[qkv],
-        )
-        .unwrap();
-    let k = g
-        .add(
-            Op::Slice {
-                start: heads * hd,
-                len: kv * hd,
-            },
-            &[qkv],
-        )
-        .unwrap();
-    let v = g
-        .add(
-            Op::Slice {
-                start: (heads + kv) * hd,
-                len: kv * hd,
-            },
-            &[qkv],
-        )
-        .unwrap();
-    let rope = |h| Op::Rope {
-        heads: h,
-        head_dim: hd,
-        rotary_dim: hd,
-        theta: 10000.0,
-        scaling: RopeScaling::None,
-    };
+    let q = g.add(Op::Slice { start: 0, len: heads * hd }, &[qkv]).unwrap();
+    let k = g.add(Op::Slice { start: heads * hd, len: kv * hd }, &[qkv]).unwrap();
+    let v = g.add(Op::Slice { start: (heads + kv) * hd, len: kv * hd }, &[qkv]).unwrap();
+    let rope = |h| Op::Rope { heads: h, head_dim: hd, rotary_dim: hd, theta: 10000.0, scaling: RopeScaling::None };
     let q = g.add(rope(heads), &[q, pos]).unwrap();
     let k = g.add(rope(kv), &[k, pos]).unwrap();
     let a = g
-        .add(
-            Op::Attention {
-                layer: 0,
-                heads,
-                kv_heads: kv,
-                head_dim: hd,
-                window,
-                scale: 0.5,
-            },
-            &[q, k, v, pos],
-        )
+        .add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale: 0.5 }, &[q, k, v, pos])
         .unwrap();
     let s = g.add(Op::Silu, &[a]).unwrap();
     let y = g.add(Op::Add, &[x, s]).unwrap();
@@ -100,15 +60,10 @@ fn parse_errors_name_the_line() {
     let good = text::print(&block(8, 2, 1, None));
     let bad = good.replace("rms_norm(", "rms_normz(");
     let e = text::parse(&bad).unwrap_err().to_string();
-    assert!(
-        e.contains("unknown op `rms_normz`") && e.contains("line"),
-        "{e}"
-    );
+    assert!(e.contains("unknown op `rms_normz`") && e.contains("line"), "{e}");
     let bad = good.replace("%2 = weight", "%2 = weight_missing_close");
     assert!(text::parse(&bad).is_err());
-    let e = text::parse("graph \"x\" {\n  %0 = input kind=tokens : i32[n]\n")
-        .unwrap_err()
-        .to_string();
+    let e = text::parse("graph \"x\" {\n  %0 = input kind=tokens : i32[n]\n").unwrap_err().to_string();
     assert!(e.contains("missing closing"), "{e}");
 }
 
@@ -116,17 +71,10 @@ fn parse_errors_name_the_line() {
 fn verifier_names_the_node_and_the_mismatch() {
     let good = text::print(&block(8, 2, 1, None));
     // Declare the wrong width for the q slice.
-    let line = good
-        .lines()
-        .find(|l| l.contains("slice(") && l.contains("start=0"))
-        .unwrap()
-        .to_string();
+    let line = good.lines().find(|l| l.contains("slice(") && l.contains("start=0")).unwrap().to_string();
     let bad = good.replace(&line, &line.replace("f32[n, 8]", "f32[n, 9]"));
     let e = text::parse(&bad).unwrap_err().to_string();
-    assert!(
-        e.contains("slice") && e.contains("declared type f32[n, 9]"),
-        "{e}"
-    );
+    assert!(e.contains("slice") && e.contains("declared type f32[n, 9]"), "{e}");
     // A matmul whose weight has the wrong inner dim.
     let mut g = Graph::new("bad");
     let tok = g.input(InputKind::Tokens);
@@ -138,18 +86,7 @@ fn verifier_names_the_node_and_the_mismatch() {
 }
 
 fn weights(pairs: &[(&str, Vec<usize>, Vec<f32>)]) -> HashMap<String, Tensor> {
-    pairs
-        .iter()
-        .map(|(n, s, d)| {
-            (
-                n.to_string(),
-                Tensor {
-                    shape: s.clone(),
-                    data: d.clone(),
-                },
-            )
-        })
-        .collect()
+    pairs.iter().map(|(n, s, d)| (n.to_string(), Tensor { shape: s.clone(), data: d.clone() })).collect()
 }
 
 /// One-head attention with a window of 2 over values 1, 2, 4, 8 with equal scores: each query
@@ -164,14 +101,7 @@ fn attention_window_and_cache_across_steps() {
     let zero = g.add(Op::Scale { factor: 0.0 }, &[x]).unwrap();
     let a = g
         .add(
-            Op::Attention {
-                layer: 0,
-                heads: 1,
-                kv_heads: 1,
-                head_dim: 1,
-                window: Some(2),
-                scale: 1.0,
-            },
+            Op::Attention { layer: 0, heads: 1, kv_heads: 1, head_dim: 1, window: Some(2), scale: 1.0 },
             &[zero, zero, x, pos],
         )
         .unwrap();
@@ -179,38 +109,11 @@ fn attention_window_and_cache_across_steps() {
     let w = weights(&[("emb", vec![4, 1], vec![1.0, 2.0, 4.0, 8.0])]);
     let mut cache = KvCache::new(&g, 8);
     // Prefill three tokens, then decode one: the cache carries the earlier values.
-    let out = interp::run(
-        &g,
-        StepInput {
-            tokens: &[0, 1, 2],
-            positions: &[0, 1, 2],
-        },
-        &w,
-        &mut cache,
-    )
-    .unwrap();
+    let out = interp::run(&g, StepInput { tokens: &[0, 1, 2], positions: &[0, 1, 2] }, &w, &mut cache).unwrap();
     assert_eq!(out["out"].data, vec![1.0, 1.5, 3.0]);
-    let out = interp::run(
-        &g,
-        StepInput {
-            tokens: &[3],
-            positions: &[3],
-        },
-        &w,
-        &mut cache,
-    )
-    .unwrap();
+    let out = interp::run(&g, StepInput { tokens: &[3], positions: &[3] }, &w, &mut cache).unwrap();
     assert_eq!(out["out"].data, vec![6.0]);
-    let e = interp::run(
-        &g,
-        StepInput {
-            tokens: &[3],
-            positions: &[8],
-        },
-        &w,
-        &mut cache,
-    )
-    .unwrap_err();
+    let e = interp::run(&g, StepInput { tokens: &[3], positions: &[8] }, &w, &mut cache).unwrap_err();
     assert!(e.to_string().contains("outside the context of 8"), "{e}");
 }
 
@@ -223,54 +126,26 @@ fn rope_rotates_half_pairs() {
     let emb = g.weight("emb", &[1, 4]);
     let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
     let r = g
-        .add(
-            Op::Rope {
-                heads: 1,
-                head_dim: 4,
-                rotary_dim: 4,
-                theta: 100.0,
-                scaling: RopeScaling::None,
-            },
-            &[x, pos],
-        )
+        .add(Op::Rope { heads: 1, head_dim: 4, rotary_dim: 4, theta: 100.0, scaling: RopeScaling::None }, &[x, pos])
         .unwrap();
     g.output("out", r);
     let w = weights(&[("emb", vec![1, 4], vec![1.0, 2.0, 0.0, 0.0])]);
     let mut cache = KvCache::new(&g, 4);
-    let out = interp::run(
-        &g,
-        StepInput {
-            tokens: &[0],
-            positions: &[3],
-        },
-        &w,
-        &mut cache,
-    )
-    .unwrap();
+    let out = interp::run(&g, StepInput { tokens: &[0], positions: &[3] }, &w, &mut cache).unwrap();
     let (a0, a1) = (3.0f64, 3.0f64 * 0.1); // inv_freq = [1, 100^-0.5]
     let want = [a0.cos(), 2.0 * a1.cos(), a0.sin(), 2.0 * a1.sin()];
     for (o, w) in out["out"].data.iter().zip(want) {
-        assert!(
-            (*o as f64 - w).abs() < 1e-6,
-            "{:?} vs {want:?}",
-            out["out"].data
-        );
+        assert!((*o as f64 - w).abs() < 1e-6, "{:?} vs {want:?}", out["out"].data);
     }
 }
 
 #[test]
 fn llama3_scaling_matches_transformers_formula() {
     // transformers' _compute_llama3_parameters for factor 8, low 1, high 4, original 8192.
-    let s = RopeScaling::Llama3 {
-        factor: 8.0,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position: 8192,
-    };
+    let s =
+        RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 };
     let f = s.inv_freq(500000.0, 128);
-    let base: Vec<f64> = (0..64)
-        .map(|i| 1.0 / 500000f64.powf(2.0 * i as f64 / 128.0))
-        .collect();
+    let base: Vec<f64> = (0..64).map(|i| 1.0 / 500000f64.powf(2.0 * i as f64 / 128.0)).collect();
     assert!((f[0] as f64 - base[0]).abs() < 1e-7); // high frequency: unchanged
     assert!((f[63] as f64 - base[63] / 8.0).abs() / (base[63] / 8.0) < 1e-5); // low frequency: divided
     let mid = (0..64).find(|&i| {

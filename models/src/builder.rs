@@ -30,12 +30,7 @@ impl Builder {
         let mut g = Graph::new(name);
         let tokens = g.input(InputKind::Tokens);
         let positions = g.input(InputKind::Positions);
-        Builder {
-            g,
-            tokens,
-            positions,
-            specs: Vec::new(),
-        }
+        Builder { g, tokens, positions, specs: Vec::new() }
     }
 
     /// A weight read from the checkpoint tensor of the same name.
@@ -44,13 +39,7 @@ impl Builder {
     }
 
     /// A weight with explicit checkpoint names and layout transform.
-    pub fn weight_from(
-        &mut self,
-        name: &str,
-        dims: &[usize],
-        candidates: &[&str],
-        transform: Transform,
-    ) -> NodeId {
+    pub fn weight_from(&mut self, name: &str, dims: &[usize], candidates: &[&str], transform: Transform) -> NodeId {
         if !self.specs.iter().any(|s| s.name == name) {
             self.specs.push(WeightSpec {
                 name: name.to_string(),
@@ -73,14 +62,7 @@ impl Builder {
     }
 
     /// `x · Wᵀ (+ b)` with `W` named `{prefix}.weight` of shape `[out, in]`.
-    pub fn linear(
-        &mut self,
-        x: NodeId,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<NodeId> {
+    pub fn linear(&mut self, x: NodeId, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<NodeId> {
         let w = self.weight(&format!("{prefix}.weight"), &[out, inp]);
         let mut args = vec![x, w];
         if bias {
@@ -101,28 +83,12 @@ impl Builder {
     }
 
     /// RoPE on q and k (if the model has it), then attention over the cache of `layer`.
-    pub fn attention(
-        &mut self,
-        layer: usize,
-        q: NodeId,
-        k: NodeId,
-        v: NodeId,
-        p: AttnParams,
-    ) -> Result<NodeId> {
+    pub fn attention(&mut self, layer: usize, q: NodeId, k: NodeId, v: NodeId, p: AttnParams) -> Result<NodeId> {
         let (q, k) = match p.rope {
             Some((theta, scaling, rotary_dim)) => {
-                let rope = |heads| Op::Rope {
-                    heads,
-                    head_dim: p.head_dim,
-                    rotary_dim,
-                    theta,
-                    scaling,
-                };
+                let rope = |heads| Op::Rope { heads, head_dim: p.head_dim, rotary_dim, theta, scaling };
                 let pos = self.positions;
-                (
-                    self.op(rope(p.heads), &[q, pos])?,
-                    self.op(rope(p.kv_heads), &[k, pos])?,
-                )
+                (self.op(rope(p.heads), &[q, pos])?, self.op(rope(p.kv_heads), &[k, pos])?)
             }
             None => (q, k),
         };
@@ -145,13 +111,7 @@ impl Builder {
         let (qw, kw) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
         let q = self.op(Op::Slice { start: 0, len: qw }, &[qkv])?;
         let k = self.op(Op::Slice { start: qw, len: kw }, &[qkv])?;
-        let v = self.op(
-            Op::Slice {
-                start: qw + kw,
-                len: kw,
-            },
-            &[qkv],
-        )?;
+        let v = self.op(Op::Slice { start: qw + kw, len: kw }, &[qkv])?;
         Ok((q, k, v))
     }
 

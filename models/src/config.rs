@@ -10,22 +10,13 @@ use crate::error::{ModelError, Result};
 
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })?;
-    serde_json::from_slice(&text).map_err(|e| ModelError::Json {
-        path: path.into(),
-        msg: e.to_string(),
-    })
+    let text = std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    serde_json::from_slice(&text).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })
 }
 
 /// Deserializes a family's typed config from the raw JSON; serde's message names the field.
 pub fn typed<T: DeserializeOwned>(path: &Path, v: &Value) -> Result<T> {
-    serde_json::from_value(v.clone()).map_err(|e| ModelError::Config {
-        path: path.into(),
-        msg: e.to_string(),
-    })
+    serde_json::from_value(v.clone()).map_err(|e| ModelError::Config { path: path.into(), msg: e.to_string() })
 }
 
 /// Checks that a dimension is positive and not absurd.
@@ -42,11 +33,7 @@ pub fn check_dim(path: &Path, field: &str, value: usize) -> Result<()> {
 }
 
 pub fn field_err(path: &Path, field: &str, msg: impl Into<String>) -> ModelError {
-    ModelError::Field {
-        path: path.into(),
-        field: field.into(),
-        msg: msg.into(),
-    }
+    ModelError::Field { path: path.into(), field: field.into(), msg: msg.into() }
 }
 
 /// RoPE settings, from either dialect: transformers 5 `rope_parameters` or the older top-level
@@ -62,51 +49,28 @@ impl RopeParams {
     pub fn from_config(path: &Path, v: &Value, default_theta: f32) -> Result<RopeParams> {
         let params = v.get("rope_parameters").filter(|p| p.is_object());
         let scaling_obj = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
-        let num =
-            |obj: Option<&Value>, key: &str| obj.and_then(|o| o.get(key)).and_then(Value::as_f64);
-        let theta = num(params, "rope_theta")
-            .or_else(|| num(Some(v), "rope_theta"))
-            .unwrap_or(default_theta as f64);
+        let num = |obj: Option<&Value>, key: &str| obj.and_then(|o| o.get(key)).and_then(Value::as_f64);
+        let theta = num(params, "rope_theta").or_else(|| num(Some(v), "rope_theta")).unwrap_or(default_theta as f64);
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(field_err(
-                path,
-                "rope_theta",
-                format!("{theta} must be positive"),
-            ));
+            return Err(field_err(path, "rope_theta", format!("{theta} must be positive")));
         }
-        let partial = num(params, "partial_rotary_factor")
-            .or_else(|| num(Some(v), "partial_rotary_factor"))
-            .unwrap_or(1.0);
+        let partial =
+            num(params, "partial_rotary_factor").or_else(|| num(Some(v), "partial_rotary_factor")).unwrap_or(1.0);
         if !(partial > 0.0 && partial <= 1.0) {
-            return Err(field_err(
-                path,
-                "partial_rotary_factor",
-                format!("{partial} must be in (0, 1]"),
-            ));
+            return Err(field_err(path, "partial_rotary_factor", format!("{partial} must be in (0, 1]")));
         }
         let kind = scaling_obj
             .and_then(|o| o.get("rope_type").or_else(|| o.get("type")))
             .and_then(Value::as_str)
             .unwrap_or("default");
-        let field = if params.is_some() {
-            "rope_parameters"
-        } else {
-            "rope_scaling"
-        };
+        let field = if params.is_some() { "rope_parameters" } else { "rope_scaling" };
         let need = |key: &str| {
-            num(scaling_obj, key).ok_or_else(|| {
-                field_err(
-                    path,
-                    &format!("{field}.{key}"),
-                    "missing for this rope_type",
-                )
-            })
+            num(scaling_obj, key)
+                .ok_or_else(|| field_err(path, &format!("{field}.{key}"), "missing for this rope_type"))
         };
         let scaling = match kind {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: need("factor")? as f32,
-            },
+            "linear" => RopeScaling::Linear { factor: need("factor")? as f32 },
             "llama3" => RopeScaling::Llama3 {
                 factor: need("factor")? as f32,
                 low_freq_factor: need("low_freq_factor")? as f32,
@@ -114,18 +78,10 @@ impl RopeParams {
                 original_max_position: need("original_max_position_embeddings")? as usize,
             },
             other => {
-                return Err(field_err(
-                    path,
-                    &format!("{field}.rope_type"),
-                    format!("`{other}` is not supported yet"),
-                ));
+                return Err(field_err(path, &format!("{field}.rope_type"), format!("`{other}` is not supported yet")));
             }
         };
-        Ok(RopeParams {
-            theta: theta as f32,
-            scaling,
-            partial_rotary_factor: partial as f32,
-        })
+        Ok(RopeParams { theta: theta as f32, scaling, partial_rotary_factor: partial as f32 })
     }
 }
 

@@ -7,24 +7,13 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not valid JSON: {msg}")]
     Json { path: PathBuf, msg: String },
     #[error("{path}: unknown model_type `{model_type}` (supported: {supported})")]
-    UnknownModelType {
-        path: PathBuf,
-        model_type: String,
-        supported: &'static str,
-    },
+    UnknownModelType { path: PathBuf, model_type: String, supported: &'static str },
     #[error("{path}: field `{field}`: {msg}")]
-    Field {
-        path: PathBuf,
-        field: String,
-        msg: String,
-    },
+    Field { path: PathBuf, field: String, msg: String },
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("{path}: invalid safetensors file: {msg}")]
@@ -34,18 +23,9 @@ pub enum ModelError {
     #[error("tensor `{name}` is missing from the weights ({files})")]
     MissingTensor { name: String, files: String },
     #[error("{path}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
-    TensorShape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
     #[error("{path}: tensor `{name}` has dtype {dtype}, which llmc cannot read (F32, F16 and BF16 are supported)")]
-    TensorDtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    TensorDtype { path: PathBuf, name: String, dtype: String },
     #[error("building the graph: {0}")]
     Ir(#[from] llmc_ir::IrError),
 }

@@ -89,32 +89,16 @@ impl FalconConfig {
             check_dim(path, field, val)?;
         }
         if c.hidden_size % c.num_attention_heads != 0 {
-            return Err(field_err(
-                path,
-                "num_attention_heads",
-                "must divide hidden_size",
-            ));
+            return Err(field_err(path, "num_attention_heads", "must divide hidden_size"));
         }
         if c.num_attention_heads % c.kv_heads() != 0 {
-            return Err(field_err(
-                path,
-                "num_kv_heads",
-                "must divide num_attention_heads",
-            ));
+            return Err(field_err(path, "num_kv_heads", "must divide num_attention_heads"));
         }
         if c.alibi {
-            return Err(field_err(
-                path,
-                "alibi",
-                "ALiBi Falcon models are not supported (rotary only)",
-            ));
+            return Err(field_err(path, "alibi", "ALiBi Falcon models are not supported (rotary only)"));
         }
         if c.new_decoder_architecture && !c.parallel_attn && c.num_ln() == 1 {
-            return Err(field_err(
-                path,
-                "parallel_attn",
-                "sequential blocks need the old decoder architecture",
-            ));
+            return Err(field_err(path, "parallel_attn", "sequential blocks need the old decoder architecture"));
         }
         c.act(path)?;
         Ok(c)
@@ -148,21 +132,13 @@ impl FalconConfig {
         match self.activation.as_str() {
             "gelu" => Ok(Op::GeluErf),
             "gelu_new" | "gelu_pytorch_tanh" => Ok(Op::Gelu),
-            other => Err(field_err(
-                path,
-                "activation",
-                format!("`{other}` is not supported"),
-            )),
+            other => Err(field_err(path, "activation", format!("`{other}` is not supported"))),
         }
     }
 
     /// Checkpoint row of each IR row of the fused QKV weight (IR: all q, all k, all v).
     fn qkv_permutation(&self) -> Option<Vec<usize>> {
-        let (h, kv, hd) = (
-            self.num_attention_heads,
-            self.kv_heads(),
-            self.hidden_size / self.num_attention_heads,
-        );
+        let (h, kv, hd) = (self.num_attention_heads, self.kv_heads(), self.hidden_size / self.num_attention_heads);
         if !self.new_decoder_architecture && self.multi_query {
             return None; // already [q | k | v]
         }
@@ -204,11 +180,7 @@ impl FalconConfig {
                 head_dim: hd,
                 window: None,
                 scale: 1.0 / (hd as f32).sqrt(),
-                rope: Some((
-                    rope.theta,
-                    rope.scaling,
-                    (hd as f32 * rope.partial_rotary_factor) as usize,
-                )),
+                rope: Some((rope.theta, rope.scaling, (hd as f32 * rope.partial_rotary_factor) as usize)),
             };
             let (ln_a, ln_m) = if self.num_ln() == 2 {
                 (
@@ -216,10 +188,7 @@ impl FalconConfig {
                     Some(b.layer_norm(x, &format!("{p}.ln_mlp"), d, eps)?),
                 )
             } else {
-                (
-                    b.layer_norm(x, &format!("{p}.input_layernorm"), d, eps)?,
-                    None,
-                )
+                (b.layer_norm(x, &format!("{p}.input_layernorm"), d, eps)?, None)
             };
             // Fused QKV, rows permuted to [q | k | v] when the checkpoint groups them.
             let name = format!("{p}.self_attention.query_key_value");
@@ -241,21 +210,9 @@ impl FalconConfig {
                 x = b.op(Op::Add, &[x, attn_out])?;
                 b.layer_norm(x, &format!("{p}.post_attention_layernorm"), d, eps)?
             };
-            let up = b.linear(
-                mlp_in,
-                &format!("{p}.mlp.dense_h_to_4h"),
-                self.ffn(),
-                d,
-                self.bias,
-            )?;
+            let up = b.linear(mlp_in, &format!("{p}.mlp.dense_h_to_4h"), self.ffn(), d, self.bias)?;
             let up = b.op(act.clone(), &[up])?;
-            let down = b.linear(
-                up,
-                &format!("{p}.mlp.dense_4h_to_h"),
-                d,
-                self.ffn(),
-                self.bias,
-            )?;
+            let down = b.linear(up, &format!("{p}.mlp.dense_4h_to_h"), d, self.ffn(), self.bias)?;
             if self.parallel_attn || self.new_decoder_architecture {
                 let both = b.op(Op::Add, &[down, attn_out])?;
                 x = b.op(Op::Add, &[x, both])?;
@@ -265,11 +222,7 @@ impl FalconConfig {
         }
         let last = b.last_row(x)?;
         let x = b.layer_norm(last, "transformer.ln_f", d, eps)?;
-        let head = if self.tie_word_embeddings {
-            "transformer.word_embeddings.weight"
-        } else {
-            "lm_head.weight"
-        };
+        let head = if self.tie_word_embeddings { "transformer.word_embeddings.weight" } else { "lm_head.weight" };
         b.logits(x, head, self.vocab_size, d)?;
         b.finish()
     }
@@ -289,18 +242,12 @@ mod tests {
         // Falcon-7B multi-query: already [q.. k v]
         let v = serde_json::json!({"vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
             "num_attention_heads": 4, "multi_query": true});
-        assert!(FalconConfig::parse(Path::new("config.json"), &v)
-            .unwrap()
-            .qkv_permutation()
-            .is_none());
+        assert!(FalconConfig::parse(Path::new("config.json"), &v).unwrap().qkv_permutation().is_none());
         // Old layout without multi_query: per-head [q k v] triples.
         let v = serde_json::json!({"vocab_size": 8, "hidden_size": 2, "num_hidden_layers": 1,
             "num_attention_heads": 2, "multi_query": false});
         assert_eq!(
-            FalconConfig::parse(Path::new("config.json"), &v)
-                .unwrap()
-                .qkv_permutation()
-                .unwrap(),
+            FalconConfig::parse(Path::new("config.json"), &v).unwrap().qkv_permutation().unwrap(),
             vec![0, 3, 1, 4, 2, 5]
         );
     }

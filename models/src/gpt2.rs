@@ -79,11 +79,7 @@ impl Gpt2Config {
         match self.activation_function.as_str() {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Op::Gelu),
             "gelu" => Ok(Op::GeluErf),
-            other => Err(field_err(
-                path,
-                "activation_function",
-                format!("`{other}` is not supported"),
-            )),
+            other => Err(field_err(path, "activation_function", format!("`{other}` is not supported"))),
         }
     }
 
@@ -100,12 +96,7 @@ impl Gpt2Config {
             b.weight_from(&full, dims, &[&full, name], t)
         };
         let linear = |b: &mut Builder, x, name: &str, out: usize, inp: usize| -> Result<_> {
-            let wt = w(
-                b,
-                &format!("{name}.weight"),
-                &[out, inp],
-                Transform::Transpose,
-            );
+            let wt = w(b, &format!("{name}.weight"), &[out, inp], Transform::Transpose);
             let bias = w(b, &format!("{name}.bias"), &[out], Transform::None);
             b.op(Op::MatMul, &[x, wt, bias])
         };
@@ -115,33 +106,17 @@ impl Gpt2Config {
             b.op(Op::LayerNorm { eps }, &[x, wt, bias])
         };
         let wte = w(&mut b, "wte.weight", &[self.vocab_size, d], Transform::None);
-        let wpe = w(
-            &mut b,
-            "wpe.weight",
-            &[self.n_positions, d],
-            Transform::None,
-        );
+        let wpe = w(&mut b, "wpe.weight", &[self.n_positions, d], Transform::None);
         let (tokens, positions) = (b.tokens, b.positions);
         let te = b.op(Op::Embedding, &[wte, tokens])?;
         let pe = b.op(Op::Embedding, &[wpe, positions])?;
         let mut x = b.op(Op::Add, &[te, pe])?;
         for i in 0..self.n_layer {
-            let mut scale = if self.scale_attn_weights {
-                1.0 / (hd as f32).sqrt()
-            } else {
-                1.0
-            };
+            let mut scale = if self.scale_attn_weights { 1.0 / (hd as f32).sqrt() } else { 1.0 };
             if self.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f32;
             }
-            let attn = AttnParams {
-                heads: h,
-                kv_heads: h,
-                head_dim: hd,
-                window: None,
-                scale,
-                rope: None,
-            };
+            let attn = AttnParams { heads: h, kv_heads: h, head_dim: hd, window: None, scale, rope: None };
             let hn = norm(&mut b, x, &format!("h.{i}.ln_1"))?;
             let qkv = linear(&mut b, hn, &format!("h.{i}.attn.c_attn"), 3 * d, d)?;
             let (q, k, v) = b.split_qkv(qkv, &attn)?;

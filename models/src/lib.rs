@@ -42,9 +42,7 @@ impl ModelConfig {
             .as_str()
             .ok_or_else(|| config::field_err(path, "model_type", "must be a string"))?;
         Ok(match model_type {
-            "llama" | "mistral" | "qwen2" => {
-                ModelConfig::Llama(llama::LlamaConfig::parse(path, v)?)
-            }
+            "llama" | "mistral" | "qwen2" => ModelConfig::Llama(llama::LlamaConfig::parse(path, v)?),
             "gpt2" => ModelConfig::Gpt2(gpt2::Gpt2Config::parse(path, v)?),
             "falcon" => ModelConfig::Falcon(falcon::FalconConfig::parse(path, v)?),
             other => {
@@ -121,14 +119,7 @@ pub fn load(path: &Path, weights: Option<&Path>) -> Result<Model> {
     for spec in &specs {
         check_spec(&files, spec)?;
     }
-    Ok(Model {
-        config_path,
-        raw_config,
-        config,
-        graph,
-        specs,
-        files,
-    })
+    Ok(Model { config_path, raw_config, config, graph, specs, files })
 }
 
 fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
@@ -136,10 +127,7 @@ fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
         .candidates
         .iter()
         .find_map(|c| files.get(c).map(|l| (c, l)))
-        .ok_or_else(|| ModelError::MissingTensor {
-            name: spec.name.clone(),
-            files: files.describe_files(),
-        })?;
+        .ok_or_else(|| ModelError::MissingTensor { name: spec.name.clone(), files: files.describe_files() })?;
     if loc.shape != spec.stored_shape() {
         return Err(ModelError::TensorShape {
             path: files.path_of(loc).to_path_buf(),

@@ -90,33 +90,17 @@ impl LlamaConfig {
             ));
         }
         if c.num_attention_heads % c.kv_heads() != 0 {
-            return Err(field_err(
-                path,
-                "num_key_value_heads",
-                "must divide num_attention_heads",
-            ));
+            return Err(field_err(path, "num_key_value_heads", "must divide num_attention_heads"));
         }
         if c.hidden_act != "silu" {
-            return Err(field_err(
-                path,
-                "hidden_act",
-                format!("`{}` is not supported (silu only)", c.hidden_act),
-            ));
+            return Err(field_err(path, "hidden_act", format!("`{}` is not supported (silu only)", c.hidden_act)));
         }
         if !(c.rms_norm_eps > 0.0 && c.rms_norm_eps < 1.0) {
-            return Err(field_err(
-                path,
-                "rms_norm_eps",
-                format!("{} is not a valid epsilon", c.rms_norm_eps),
-            ));
+            return Err(field_err(path, "rms_norm_eps", format!("{} is not a valid epsilon", c.rms_norm_eps)));
         }
         if let Some(types) = &c.layer_types {
             if types.len() != c.num_hidden_layers {
-                return Err(field_err(
-                    path,
-                    "layer_types",
-                    "must have one entry per layer",
-                ));
+                return Err(field_err(path, "layer_types", "must have one entry per layer"));
             }
         }
         if c.sliding_window == Some(0) {
@@ -124,11 +108,7 @@ impl LlamaConfig {
         }
         let rd = c.rotary_dim();
         if rd == 0 || rd % 2 != 0 {
-            return Err(field_err(
-                path,
-                "partial_rotary_factor",
-                "gives an odd or empty rotary dimension",
-            ));
+            return Err(field_err(path, "partial_rotary_factor", "gives an odd or empty rotary dimension"));
         }
         Ok(c)
     }
@@ -138,8 +118,7 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     fn rope(&self) -> RopeParams {
@@ -157,16 +136,13 @@ impl LlamaConfig {
     /// The sliding window of layer `i`, if it has one.
     fn window(&self, i: usize) -> Option<usize> {
         if let Some(types) = &self.layer_types {
-            return (types[i] == "sliding_attention")
-                .then_some(self.sliding_window)
-                .flatten();
+            return (types[i] == "sliding_attention").then_some(self.sliding_window).flatten();
         }
         match self.model_type.as_str() {
             "mistral" => self.sliding_window,
-            "qwen2" if self.use_sliding_window == Some(true) => (i
-                >= self.max_window_layers.unwrap_or(0))
-            .then_some(self.sliding_window)
-            .flatten(),
+            "qwen2" if self.use_sliding_window == Some(true) => {
+                (i >= self.max_window_layers.unwrap_or(0)).then_some(self.sliding_window).flatten()
+            }
             _ => None,
         }
     }
@@ -196,13 +172,7 @@ impl LlamaConfig {
             let k = b.linear(hn, &format!("{p}.self_attn.k_proj"), kv * hd, d, qkv_bias)?;
             let v = b.linear(hn, &format!("{p}.self_attn.v_proj"), kv * hd, d, qkv_bias)?;
             let a = b.attention(i, q, k, v, attn)?;
-            let o = b.linear(
-                a,
-                &format!("{p}.self_attn.o_proj"),
-                d,
-                h * hd,
-                self.attention_bias,
-            )?;
+            let o = b.linear(a, &format!("{p}.self_attn.o_proj"), d, h * hd, self.attention_bias)?;
             x = b.op(Op::Add, &[x, o])?;
             let hn = b.rms_norm(x, &format!("{p}.post_attention_layernorm"), d, eps)?;
             let ff = self.intermediate_size;
@@ -215,11 +185,7 @@ impl LlamaConfig {
         }
         let last = b.last_row(x)?;
         let x = b.rms_norm(last, "model.norm", d, eps)?;
-        let head = if self.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
+        let head = if self.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         b.logits(x, head, self.vocab_size, d)?;
         b.finish()
     }

@@ -39,9 +39,7 @@ impl WeightFiles {
         } else if index.exists() {
             WeightFiles::open(&index)
         } else {
-            Err(ModelError::NoWeights {
-                config: config.to_path_buf(),
-            })
+            Err(ModelError::NoWeights { config: config.to_path_buf() })
         }
     }
 
@@ -49,23 +47,14 @@ impl WeightFiles {
     pub fn open(path: &Path) -> Result<WeightFiles> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(".json") {
-            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-                path: path.into(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
             let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Json {
-                    path: path.into(),
-                    msg: e.to_string(),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::Field {
-                    path: path.into(),
-                    field: "weight_map".into(),
-                    msg: "missing or not an object".into(),
-                })?;
+                serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Field {
+                path: path.into(),
+                field: "weight_map".into(),
+                msg: "missing or not an object".into(),
+            })?;
             let dir = path.parent().unwrap_or(Path::new("."));
             let mut shards: BTreeMap<String, ()> = BTreeMap::new();
             for (tensor, file) in map {
@@ -94,43 +83,24 @@ impl WeightFiles {
         let mut maps = Vec::new();
         let mut tensors = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|source| ModelError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let file = File::open(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
             // SAFETY: the map is read-only; llmc never writes the weight files, and every read
             // is bounds-checked against the header validated just below. A file truncated by
             // another process while mapped would fault; that is the documented mmap caveat.
-            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let (header_len, meta) =
-                SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    msg: describe(&e, map.len()),
-                })?;
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| ModelError::Safetensors { path: path.clone(), msg: describe(&e, map.len()) })?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
                 tensors.insert(
                     name.clone(),
-                    TensorLoc {
-                        file: i,
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start: base + s,
-                        end: base + e,
-                    },
+                    TensorLoc { file: i, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e },
                 );
             }
             maps.push(map);
         }
-        Ok(WeightFiles {
-            paths: paths.to_vec(),
-            maps,
-            tensors,
-        })
+        Ok(WeightFiles { paths: paths.to_vec(), maps, tensors })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorLoc> {
@@ -143,40 +113,22 @@ impl WeightFiles {
 
     /// A short list of the files, for error messages.
     pub fn describe_files(&self) -> String {
-        self.paths
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     }
 
     /// Reads a tensor as f32, widening f16/bf16.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let loc = self.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.into(),
-            files: self.describe_files(),
-        })?;
+        let loc = self
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into(), files: self.describe_files() })?;
         let bytes = &self.maps[loc.file][loc.start..loc.end];
         let path = self.paths[loc.file].clone();
         let out = match loc.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             other => {
-                return Err(ModelError::TensorDtype {
-                    path,
-                    name: name.into(),
-                    dtype: format!("{other:?}"),
-                });
+                return Err(ModelError::TensorDtype { path, name: name.into(), dtype: format!("{other:?}") });
             }
         };
         Ok(out)

@@ -39,10 +39,7 @@ impl WeightSpec {
             .candidates
             .iter()
             .find_map(|c| files.get(c).map(|l| (c, l)))
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: self.name.clone(),
-                files: files.describe_files(),
-            })?;
+            .ok_or_else(|| ModelError::MissingTensor { name: self.name.clone(), files: files.describe_files() })?;
         let want = self.stored_shape();
         if loc.shape != want {
             return Err(ModelError::TensorShape {

@@ -36,14 +36,7 @@ fn parse(v: Value) -> Result<ModelConfig, llmc_models::ModelError> {
     ModelConfig::from_json(std::path::Path::new("config.json"), &v)
 }
 
-fn llama_json(
-    d: usize,
-    heads: usize,
-    kv: usize,
-    layers: usize,
-    window: Option<usize>,
-    old_dialect: bool,
-) -> Value {
+fn llama_json(d: usize, heads: usize, kv: usize, layers: usize, window: Option<usize>, old_dialect: bool) -> Value {
     let mut v = json!({
         "model_type": if window.is_some() { "mistral" } else { "llama" },
         "vocab_size": 32, "hidden_size": d, "intermediate_size": 2 * d + 1,
@@ -63,47 +56,27 @@ fn llama_json(
 
 #[test]
 fn both_rope_dialects_give_the_same_graph() {
-    let a = parse(llama_json(32, 4, 2, 2, None, true))
-        .unwrap()
-        .build()
-        .unwrap()
-        .0;
-    let b = parse(llama_json(32, 4, 2, 2, None, false))
-        .unwrap()
-        .build()
-        .unwrap()
-        .0;
+    let a = parse(llama_json(32, 4, 2, 2, None, true)).unwrap().build().unwrap().0;
+    let b = parse(llama_json(32, 4, 2, 2, None, false)).unwrap().build().unwrap().0;
     let (ta, tb) = (text::print(&a), text::print(&b));
     assert_eq!(ta, tb);
-    assert!(
-        ta.contains("theta=500000.0 scaling=llama3:8.0:1.0:4.0:8192"),
-        "{ta}"
-    );
+    assert!(ta.contains("theta=500000.0 scaling=llama3:8.0:1.0:4.0:8192"), "{ta}");
 }
 
 #[test]
 fn config_errors_name_the_field() {
     let mut v = llama_json(32, 4, 2, 2, None, false);
     v["num_key_value_heads"] = json!(3);
-    assert!(parse(v)
-        .unwrap_err()
-        .to_string()
-        .contains("num_key_value_heads"));
+    assert!(parse(v).unwrap_err().to_string().contains("num_key_value_heads"));
     let mut v = llama_json(32, 4, 2, 2, None, false);
     v["hidden_size"] = json!(0);
     assert!(parse(v).unwrap_err().to_string().contains("hidden_size"));
     let mut v = llama_json(32, 4, 2, 2, None, false);
     v["rope_parameters"]["rope_type"] = json!("yarn");
-    assert!(parse(v)
-        .unwrap_err()
-        .to_string()
-        .contains("rope_parameters.rope_type"));
+    assert!(parse(v).unwrap_err().to_string().contains("rope_parameters.rope_type"));
     let mut v = llama_json(32, 4, 2, 2, None, false);
     v.as_object_mut().unwrap().remove("intermediate_size");
-    assert!(parse(v)
-        .unwrap_err()
-        .to_string()
-        .contains("intermediate_size"));
+    assert!(parse(v).unwrap_err().to_string().contains("intermediate_size"));
 }
 
 #[test]
@@ -112,10 +85,7 @@ fn falcon_new_decoder_architecture_builds_with_two_norms() {
         "num_attention_heads": 4, "num_kv_heads": 2, "new_decoder_architecture": true, "bias": true});
     let g = parse(v).unwrap().build().unwrap().0;
     let t = text::print(&g);
-    assert!(
-        t.contains("ln_attn.weight") && t.contains("ln_mlp.weight"),
-        "{t}"
-    );
+    assert!(t.contains("ln_attn.weight") && t.contains("ln_mlp.weight"), "{t}");
     assert!(t.contains("kv_heads=2"), "{t}");
 }
 

@@ -107,7 +107,11 @@ fn fusions_fire_where_they_should() {
         let g = optimized(family);
         assert_eq!(count(&g, |o| matches!(o, Op::QkvRope { .. })), 2, "{family}");
         assert_eq!(count(&g, |o| matches!(o, Op::Linear { act: llmc_ir::Act::SwiGlu, .. })), 2, "{family}");
-        assert_eq!(count(&g, |o| matches!(o, Op::Rope { .. } | Op::Attention { .. } | Op::Silu | Op::Mul)), 0, "{family}");
+        assert_eq!(
+            count(&g, |o| matches!(o, Op::Rope { .. } | Op::Attention { .. } | Op::Silu | Op::Mul)),
+            0,
+            "{family}"
+        );
         assert_eq!(count(&g, |o| matches!(o, Op::Linear { residual: true, .. })), 4, "{family}");
         // only the final norm stays (its weight is read by nothing else, but tied or not,
         // lm_head's weight is folded only when private)

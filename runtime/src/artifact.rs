@@ -31,44 +31,24 @@ pub struct Artifact {
 
 impl Artifact {
     pub fn open(path: &Path) -> Result<Artifact, RuntimeError> {
-        let bad = |msg: String| RuntimeError::BadArtifact {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let file = File::open(path).map_err(|source| RuntimeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let bad = |msg: String| RuntimeError::BadArtifact { path: path.to_path_buf(), msg };
+        let file = File::open(path).map_err(|source| RuntimeError::Io { path: path.into(), source })?;
         // SAFETY: read-only map of a file llmc wrote atomically (temp + rename) and never
         // modifies in place; every range read below is checked against the map's length.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io { path: path.into(), source })?;
         if map.len() < PREAMBLE || &map[..8] != MAGIC {
-            return Err(bad(
-                "missing the LLMCART magic (not an artifact, or truncated)".into(),
-            ));
+            return Err(bad("missing the LLMCART magic (not an artifact, or truncated)".into()));
         }
         let version = u32::from_le_bytes([map[8], map[9], map[10], map[11]]);
         if version != FORMAT_VERSION {
-            return Err(RuntimeError::Version {
-                path: path.into(),
-                found: version,
-                expected: FORMAT_VERSION,
-            });
+            return Err(RuntimeError::Version { path: path.into(), found: version, expected: FORMAT_VERSION });
         }
         let mut hl = [0u8; 8];
         hl.copy_from_slice(&map[12..20]);
         let header_len = u64::from_le_bytes(hl);
-        let header_end = (PREAMBLE as u64)
-            .checked_add(header_len)
-            .filter(|&e| e <= map.len() as u64)
-            .ok_or_else(|| {
-                bad(format!(
-                    "header length {header_len} runs past the end of the {}-byte file",
-                    map.len()
-                ))
+        let header_end =
+            (PREAMBLE as u64).checked_add(header_len).filter(|&e| e <= map.len() as u64).ok_or_else(|| {
+                bad(format!("header length {header_len} runs past the end of the {}-byte file", map.len()))
             })?;
         let header: Header = serde_json::from_slice(&map[PREAMBLE..header_end as usize])
             .map_err(|e| bad(format!("header is not valid: {e}")))?;
@@ -82,36 +62,23 @@ impl Artifact {
         let in_file = |what: &str, off: u64, len: u64| -> Result<(), RuntimeError> {
             match off.checked_add(len) {
                 Some(end) if off >= header_end && end <= map.len() as u64 => Ok(()),
-                _ => Err(bad(format!(
-                    "{what} at offset {off} (+{len} bytes) lies outside the file"
-                ))),
+                _ => Err(bad(format!("{what} at offset {off} (+{len} bytes) lies outside the file"))),
             }
         };
         in_file("the IR section", header.ir.offset, header.ir.len)?;
-        let ir_text = std::str::from_utf8(
-            &map[header.ir.offset as usize..(header.ir.offset + header.ir.len) as usize],
-        )
-        .map_err(|_| bad("the IR section is not UTF-8".into()))?
-        .to_string();
+        let ir_text = std::str::from_utf8(&map[header.ir.offset as usize..(header.ir.offset + header.ir.len) as usize])
+            .map_err(|_| bad("the IR section is not UTF-8".into()))?
+            .to_string();
         let graph = llmc_ir::text::parse(&ir_text)?;
         let mut index = HashMap::new();
         for (i, t) in header.tensors.iter().enumerate() {
             in_file(&format!("tensor `{}`", t.name), t.offset, t.len)?;
             if t.dtype != "f32" {
-                return Err(bad(format!(
-                    "tensor `{}` has unsupported dtype {}",
-                    t.name, t.dtype
-                )));
+                return Err(bad(format!("tensor `{}` has unsupported dtype {}", t.name, t.dtype)));
             }
-            let numel = t
-                .shape
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             if numel.and_then(|n| n.checked_mul(4)) != Some(t.len) {
-                return Err(bad(format!(
-                    "tensor `{}`: {} bytes do not match shape {:?}",
-                    t.name, t.len, t.shape
-                )));
+                return Err(bad(format!("tensor `{}`: {} bytes do not match shape {:?}", t.name, t.len, t.shape)));
             }
             if t.offset % ALIGN != 0 {
                 return Err(bad(format!("tensor `{}` is not 64-byte aligned", t.name)));
@@ -119,9 +86,8 @@ impl Artifact {
             index.insert(t.name.clone(), i);
         }
         for (name, ty) in graph.weights() {
-            let i = index
-                .get(&name)
-                .ok_or_else(|| bad(format!("the IR reads weight `{name}` which the file lacks")))?;
+            let i =
+                index.get(&name).ok_or_else(|| bad(format!("the IR reads weight `{name}` which the file lacks")))?;
             if header.tensors[*i].shape != ty.shape.resolve(0) {
                 return Err(bad(format!(
                     "tensor `{name}` has shape {:?}, the IR expects {}",
@@ -131,15 +97,7 @@ impl Artifact {
         }
         check_target(path, &header)?;
         let unpacked = header.tensors.iter().map(|_| OnceLock::new()).collect();
-        Ok(Artifact {
-            path: path.to_path_buf(),
-            header,
-            graph,
-            ir_text,
-            map,
-            index,
-            unpacked,
-        })
+        Ok(Artifact { path: path.to_path_buf(), header, graph, ir_text, map, index, unpacked })
     }
 
     /// A weight's f32 data, in place in the map.
@@ -150,8 +108,7 @@ impl Artifact {
         // within a page-aligned map (so aligned for f32), its length is 4 × numel (checked at
         // open), and any bit pattern is a valid f32. The map is read-only and lives as long as
         // `self`.
-        let data =
-            unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) };
+        let data = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) };
         Some((data, t.shape.as_slice()))
     }
 
@@ -178,26 +135,13 @@ impl WeightSource for Artifact {
 /// The artifact must target this CPU: same architecture, and every ISA feature its header
 /// lists present on the host.
 fn check_target(path: &Path, header: &Header) -> Result<(), RuntimeError> {
-    let bad = |msg: String| RuntimeError::BadArtifact {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let bad = |msg: String| RuntimeError::BadArtifact { path: path.to_path_buf(), msg };
     if header.target.arch != std::env::consts::ARCH {
-        return Err(bad(format!(
-            "compiled for {}, this CPU is {}",
-            header.target.arch,
-            std::env::consts::ARCH
-        )));
+        return Err(bad(format!("compiled for {}, this CPU is {}", header.target.arch, std::env::consts::ARCH)));
     }
     let isa = llmc_compiler::jit::host_isa().map_err(|e| bad(e.to_string()))?;
     let host = llmc_compiler::jit::isa_features(&*isa);
-    let missing: Vec<&str> = header
-        .target
-        .features
-        .iter()
-        .filter(|f| !host.contains(f))
-        .map(String::as_str)
-        .collect();
+    let missing: Vec<&str> = header.target.features.iter().filter(|f| !host.contains(f)).map(String::as_str).collect();
     if !missing.is_empty() {
         return Err(bad(format!(
             "compiled for ISA features this CPU lacks: {}; recompile on this machine",

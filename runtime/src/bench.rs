@@ -37,15 +37,7 @@ pub struct BenchReport {
 /// Bytes of weights one decode step reads: whole tensors, except embedding gathers (one row).
 pub fn bytes_per_token(engine: &Engine) -> u64 {
     let prog = &engine.art.header.program;
-    let size = |name: &str| {
-        engine
-            .art
-            .header
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
-            .map_or(0, |t| t.len)
-    };
+    let size = |name: &str| engine.art.header.tensors.iter().find(|t| t.name == name).map_or(0, |t| t.len);
     let mut total = 0;
     for call in &prog.calls {
         for a in &call.args {
@@ -67,6 +59,9 @@ pub fn flops_per_token(engine: &Engine) -> u64 {
         .iter()
         .map(|c| match prog.kernels[c.kernel] {
             KernelSpec::MatMul { k, m, .. } => 2 * (k * m) as u64,
+            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, .. } => {
+                2 * (k * (heads + 2 * kv_heads) * head_dim) as u64
+            }
             _ => 0,
         })
         .sum()
@@ -100,16 +95,9 @@ pub fn measure_bandwidth(pool: &rayon::ThreadPool) -> f64 {
 }
 
 /// Runs the benchmark: a `prefill`-token prompt, then `decode` greedy tokens, on the JIT.
-pub fn run(
-    engine: &Engine,
-    prefill: usize,
-    decode: usize,
-    profile: bool,
-) -> Result<BenchReport, RuntimeError> {
+pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Result<BenchReport, RuntimeError> {
     let vocab = engine.art.header.vocab_size;
-    let prompt: Vec<i32> = (0..prefill.max(1))
-        .map(|i| ((i * 7919 + 13) % vocab) as i32)
-        .collect();
+    let prompt: Vec<i32> = (0..prefill.max(1)).map(|i| ((i * 7919 + 13) % vocab) as i32).collect();
     let ctx = prompt.len() + decode + 1;
     // Warm-up: touch every weight page once.
     {
@@ -139,13 +127,7 @@ pub fn run(
         .unwrap_or(&[])
         .iter()
         .enumerate()
-        .map(|(k, &(secs, calls))| {
-            (
-                prog.kernels[k].name(),
-                secs * 1e3 / decode.max(1) as f64,
-                calls / decode.max(1),
-            )
-        })
+        .map(|(k, &(secs, calls))| (prog.kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1)))
         .collect();
     decode_profile.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(BenchReport {

@@ -57,12 +57,7 @@ unsafe impl Sync for SendPtr {}
 impl JitState {
     /// State for running `art`'s program with `ctx` positions, steps of at most `n_cap` tokens.
     pub fn new(art: &Artifact, ctx: usize, n_cap: usize) -> Result<JitState, RuntimeError> {
-        JitState::with_weights(
-            &art.header.program,
-            &|name| art.tensor(name).map(|t| t.0),
-            ctx,
-            n_cap,
-        )
+        JitState::with_weights(&art.header.program, &|name| art.tensor(name).map(|t| t.0), ctx, n_cap)
     }
 
     /// The same for any program: `weights` gives each weight's data in the layout the program
@@ -73,7 +68,7 @@ impl JitState {
         ctx: usize,
         n_cap: usize,
     ) -> Result<JitState, RuntimeError> {
-        let n_cap = n_cap.clamp(1, ctx);
+        let n_cap = n_cap.clamp(1, ctx).min(llmc_compiler::kernels::matmul::MAX_ROWS);
         let arena = vec![Block([0.0; 16]); (prog.arena_width * n_cap).div_ceil(16).max(1)];
         let caches = prog
             .kv_layers
@@ -90,15 +85,26 @@ impl JitState {
             .iter()
             .map(|t| {
                 let inv = t.scaling.inv_freq(t.theta, t.rotary_dim);
-                let half = t.rotary_dim / 2;
-                let mut tab = vec![0f32; ctx * t.rotary_dim];
+                let (rd, half) = (t.rotary_dim, t.rotary_dim / 2);
+                let mut tab = vec![0f32; ctx * 2 * rd];
                 for p in 0..ctx {
                     let pf = p as f32 / t.scaling.position_divisor();
                     for (i, f) in inv.iter().enumerate() {
                         // The interpreter's formula: f32 angle, cos/sin rounded from f64.
                         let angle = (pf * f) as f64;
-                        tab[p * t.rotary_dim + i] = angle.cos() as f32;
-                        tab[p * t.rotary_dim + half + i] = angle.sin() as f32;
+                        let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+                        if t.interleaved {
+                            // qkv_rope: per pair (2i, 2i+1): cos, cos ... then -sin, +sin
+                            let row = &mut tab[p * 2 * rd..(p + 1) * 2 * rd];
+                            row[2 * i] = c;
+                            row[2 * i + 1] = c;
+                            row[rd + 2 * i] = -s;
+                            row[rd + 2 * i + 1] = s;
+                        } else {
+                            // rope: per position rd/2 cosines then rd/2 sines
+                            tab[p * rd + i] = c;
+                            tab[p * rd + half + i] = s;
+                        }
                     }
                 }
                 tab
@@ -134,10 +140,7 @@ impl JitState {
             for a in &call.args {
                 let p = match a {
                     Arg::Buf(b) => {
-                        let buf = prog
-                            .buffers
-                            .get(*b)
-                            .ok_or_else(|| missing(format!("call refers to buffer {b}")))?;
+                        let buf = prog.buffers.get(*b).ok_or_else(|| missing(format!("call refers to buffer {b}")))?;
                         // SAFETY: offset × n_cap + width × n_cap <= arena_width × n_cap floats.
                         unsafe { arena.add(buf.offset * self.n_cap * 4) }
                     }
@@ -158,18 +161,14 @@ impl JitState {
                             c.2.ptr()
                         }
                     }
-                    Arg::RopeTable(t) => self
-                        .tables
-                        .get_mut(*t)
-                        .ok_or_else(|| missing(format!("no rope table {t}")))?
-                        .as_mut_ptr() as *mut u8,
+                    Arg::RopeTable(t) => {
+                        self.tables.get_mut(*t).ok_or_else(|| missing(format!("no rope table {t}")))?.as_mut_ptr()
+                            as *mut u8
+                    }
                 };
                 ptrs.push(p);
             }
-            let cap = call
-                .layer
-                .and_then(|l| self.caches.iter().find(|c| c.0 == l))
-                .map_or(0, |c| c.3 as i64);
+            let cap = call.layer.and_then(|l| self.caches.iter().find(|c| c.0 == l)).map_or(0, |c| c.3 as i64);
             tables.push(ptrs);
             caps.push(cap);
         }
@@ -206,12 +205,11 @@ impl JitState {
                 let units = call.units.count(n_call);
                 let table = tables[ci];
                 let cap = caps[ci];
-                let chunks =
-                    if threads > 1 && units >= 2 && units * call.work_per_unit >= SPLIT_THRESHOLD {
-                        threads.min(units)
-                    } else {
-                        1
-                    };
+                let chunks = if threads > 1 && units >= 2 && units * call.work_per_unit >= SPLIT_THRESHOLD {
+                    threads.min(units)
+                } else {
+                    1
+                };
                 let run = |c: usize| {
                     let t = table;
                     let lo = units * c / chunks;
@@ -234,11 +232,7 @@ impl JitState {
                 }
             }
         });
-        let logits = prog
-            .outputs
-            .iter()
-            .find(|(name, _)| name == "logits")
-            .map_or(usize::MAX, |(_, b)| *b);
+        let logits = prog.outputs.iter().find(|(name, _)| name == "logits").map_or(usize::MAX, |(_, b)| *b);
         match prog.buffers.get(logits) {
             Some(buf) => {
                 let start = buf.offset * self.n_cap;

@@ -68,10 +68,7 @@ impl Sampler {
     }
 
     pub fn greedy() -> Sampler {
-        Sampler::new(SamplerConfig {
-            temperature: 0.0,
-            ..SamplerConfig::default()
-        })
+        Sampler::new(SamplerConfig { temperature: 0.0, ..SamplerConfig::default() })
     }
 
     /// Applies the repetition penalty to the tokens seen in the last `repeat_last_n` of `history`.
@@ -81,10 +78,7 @@ impl Sampler {
             return;
         }
         let start = history.len().saturating_sub(self.cfg.repeat_last_n);
-        let mut seen: Vec<usize> = history[start..]
-            .iter()
-            .filter_map(|&t| usize::try_from(t).ok())
-            .collect();
+        let mut seen: Vec<usize> = history[start..].iter().filter_map(|&t| usize::try_from(t).ok()).collect();
         seen.sort_unstable();
         seen.dedup();
         for t in seen {
@@ -104,10 +98,7 @@ impl Sampler {
         }
         let probs = |ids: &[usize], temp: f64| -> Vec<f64> {
             let max = logits[ids[0]] as f64;
-            let e: Vec<f64> = ids
-                .iter()
-                .map(|&i| ((logits[i] as f64 - max) / temp).exp())
-                .collect();
+            let e: Vec<f64> = ids.iter().map(|&i| ((logits[i] as f64 - max) / temp).exp()).collect();
             let s: f64 = e.iter().sum();
             e.into_iter().map(|x| x / s).collect()
         };
@@ -161,15 +152,7 @@ mod tests {
     use super::*;
 
     fn cfg(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplerConfig {
-        SamplerConfig {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 7,
-        }
+        SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty: 1.0, repeat_last_n: 64, seed: 7 }
     }
 
     #[test]
@@ -191,10 +174,7 @@ mod tests {
         // probabilities ∝ e^[2, 1, 0, -5] ≈ [0.665, 0.245, 0.090, 0.0006]
         let ids = |p| {
             let s = Sampler::new(cfg(1.0, 0, p, 0.0));
-            s.candidates(&[2.0, 1.0, 0.0, -5.0])
-                .iter()
-                .map(|c| c.0)
-                .collect::<Vec<_>>()
+            s.candidates(&[2.0, 1.0, 0.0, -5.0]).iter().map(|c| c.0).collect::<Vec<_>>()
         };
         assert_eq!(ids(0.9), vec![0, 1]); // 0.665 + 0.245 = 0.91 >= 0.9
         assert_eq!(ids(0.95), vec![0, 1, 2]);
@@ -212,10 +192,7 @@ mod tests {
 
     #[test]
     fn penalty_applies_to_seen_tokens_only() {
-        let s = Sampler::new(SamplerConfig {
-            repeat_penalty: 2.0,
-            ..cfg(0.0, 0, 1.0, 0.0)
-        });
+        let s = Sampler::new(SamplerConfig { repeat_penalty: 2.0, ..cfg(0.0, 0, 1.0, 0.0) });
         let mut l = vec![4.0, -4.0, 4.0];
         s.penalize(&mut l, &[0, 1]);
         assert_eq!(l, vec![2.0, -8.0, 4.0]);
@@ -225,10 +202,7 @@ mod tests {
     fn same_seed_same_draws() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |seed| {
-            let mut s = Sampler::new(SamplerConfig {
-                seed,
-                ..cfg(1.0, 0, 1.0, 0.0)
-            });
+            let mut s = Sampler::new(SamplerConfig { seed, ..cfg(1.0, 0, 1.0, 0.0) });
             (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));

@@ -26,9 +26,7 @@ impl Backend {
         match s {
             "interp" => Ok(Backend::Interp),
             "jit" => Ok(Backend::Jit),
-            other => Err(RuntimeError::Usage(format!(
-                "unknown backend `{other}` (interp or jit)"
-            ))),
+            other => Err(RuntimeError::Usage(format!("unknown backend `{other}` (interp or jit)"))),
         }
     }
 
@@ -56,24 +54,14 @@ impl Engine {
         let art = Artifact::open(path)?;
         let load_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let kernels = llmc_compiler::jit::compile(&art.header.program.kernels).map_err(|e| {
-            RuntimeError::BadArtifact {
-                path: path.to_path_buf(),
-                msg: e.to_string(),
-            }
-        })?;
+        let kernels = llmc_compiler::jit::compile(&art.header.program.kernels)
+            .map_err(|e| RuntimeError::BadArtifact { path: path.to_path_buf(), msg: e.to_string() })?;
         let jit_s = t1.elapsed().as_secs_f64();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .map_err(|e| RuntimeError::Usage(format!("thread pool: {e}")))?;
-        Ok(Engine {
-            art,
-            kernels,
-            pool,
-            load_s,
-            jit_s,
-        })
+        Ok(Engine { art, kernels, pool, load_s, jit_s })
     }
 
     pub fn threads(&self) -> usize {
@@ -101,29 +89,18 @@ pub const DEFAULT_CHUNK: usize = 256;
 impl<'a> Session<'a> {
     /// A new sequence with room for `ctx` positions (default: the model's trained context,
     /// at most 4096).
-    pub fn new(
-        engine: &'a Engine,
-        backend: Backend,
-        ctx: Option<usize>,
-    ) -> Result<Session<'a>, RuntimeError> {
+    pub fn new(engine: &'a Engine, backend: Backend, ctx: Option<usize>) -> Result<Session<'a>, RuntimeError> {
         let art = &engine.art;
         let max = art.header.max_positions;
         let ctx = ctx.unwrap_or(max.min(4096));
         if ctx == 0 || (art.header.hard_context_limit && ctx > max) {
-            return Err(RuntimeError::Usage(format!(
-                "context size {ctx} must be in 1..={max} for this model"
-            )));
+            return Err(RuntimeError::Usage(format!("context size {ctx} must be in 1..={max} for this model")));
         }
         let state = match backend {
             Backend::Interp => State::Interp(KvCache::new(&art.graph, ctx)),
             Backend::Jit => State::Jit(Box::new(JitState::new(art, ctx, DEFAULT_CHUNK)?)),
         };
-        Ok(Session {
-            engine,
-            state,
-            pos: 0,
-            ctx,
-        })
+        Ok(Session { engine, state, pos: 0, ctx })
     }
 
     /// Turns per-kernel timing on (JIT backend only).
@@ -145,17 +122,12 @@ impl<'a> Session<'a> {
     /// last. Long inputs run as several steps of at most `DEFAULT_CHUNK` tokens.
     pub fn step(&mut self, tokens: &[i32]) -> Result<Vec<f32>, RuntimeError> {
         if tokens.is_empty() {
-            return Err(RuntimeError::Usage(
-                "a step needs at least one token".into(),
-            ));
+            return Err(RuntimeError::Usage("a step needs at least one token".into()));
         }
         let art = &self.engine.art;
         let vocab = art.header.vocab_size;
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-            return Err(RuntimeError::TokenId {
-                id: bad as i64,
-                vocab,
-            });
+            return Err(RuntimeError::TokenId { id: bad as i64, vocab });
         }
         if self.pos + tokens.len() > self.ctx {
             return Err(RuntimeError::Context {
@@ -166,33 +138,18 @@ impl<'a> Session<'a> {
         }
         let mut logits = Vec::new();
         for chunk in tokens.chunks(DEFAULT_CHUNK) {
-            let positions: Vec<i32> = (self.pos..self.pos + chunk.len())
-                .map(|p| p as i32)
-                .collect();
+            let positions: Vec<i32> = (self.pos..self.pos + chunk.len()).map(|p| p as i32).collect();
             logits = match &mut self.state {
                 State::Interp(cache) => {
-                    let mut out = interp::run(
-                        &art.graph,
-                        StepInput {
-                            tokens: chunk,
-                            positions: &positions,
-                        },
-                        art,
-                        cache,
-                    )?;
+                    let mut out =
+                        interp::run(&art.graph, StepInput { tokens: chunk, positions: &positions }, art, cache)?;
                     out.remove("logits")
-                        .ok_or_else(|| {
-                            RuntimeError::Usage("the graph has no logits output".into())
-                        })?
+                        .ok_or_else(|| RuntimeError::Usage("the graph has no logits output".into()))?
                         .data
                 }
-                State::Jit(st) => st.step(
-                    &art.header.program,
-                    &self.engine.kernels,
-                    &self.engine.pool,
-                    chunk,
-                    &positions,
-                ),
+                State::Jit(st) => {
+                    st.step(&art.header.program, &self.engine.kernels, &self.engine.pool, chunk, &positions)
+                }
             };
             self.pos += chunk.len();
         }
@@ -225,11 +182,7 @@ pub fn generate(
     }
     let need = session.pos + prompt.len() + n.saturating_sub(1);
     if need > session.ctx {
-        return Err(RuntimeError::Context {
-            need,
-            ctx: session.ctx,
-            max: session.engine.art.header.max_positions,
-        });
+        return Err(RuntimeError::Context { need, ctx: session.ctx, max: session.engine.art.header.max_positions });
     }
     let mut g = Generation::default();
     let t0 = Instant::now();

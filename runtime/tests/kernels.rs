@@ -13,14 +13,10 @@ use proptest::prelude::*;
 
 /// Deterministic values in [-scale, scale].
 fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -37,11 +33,7 @@ impl Case {
         let mut g = Graph::new("kernel");
         g.input(InputKind::Tokens);
         g.input(InputKind::Positions);
-        Case {
-            g,
-            weights: HashMap::new(),
-            seed,
-        }
+        Case { g, weights: HashMap::new(), seed }
     }
     fn tokens(&self) -> NodeId {
         self.g.node_ids()[0]
@@ -52,13 +44,7 @@ impl Case {
     fn weight(&mut self, name: &str, dims: &[usize], scale: f32) -> NodeId {
         self.seed += 1;
         let data = values(self.seed, dims.iter().product(), scale);
-        self.weights.insert(
-            name.into(),
-            Tensor {
-                shape: dims.to_vec(),
-                data,
-            },
-        );
+        self.weights.insert(name.into(), Tensor { shape: dims.to_vec(), data });
         self.g.weight(name, dims)
     }
     /// `[n, d]` activations: rows of a random table gathered by the step's tokens.
@@ -69,38 +55,20 @@ impl Case {
     }
     /// Runs the steps on both backends; returns the max abs difference relative to
     /// max(1, max |reference|).
-    fn compare(
-        mut self,
-        out: NodeId,
-        steps: &[(Vec<i32>, Vec<i32>)],
-        ctx: usize,
-        n_cap: usize,
-    ) -> f64 {
+    fn compare(mut self, out: NodeId, steps: &[(Vec<i32>, Vec<i32>)], ctx: usize, n_cap: usize) -> f64 {
         self.g.output("logits", out);
         self.g.verify().unwrap();
         let prog = lower::lower(&self.g).unwrap();
         let kernels = jit::compile(&prog.kernels).unwrap();
-        let packed: HashMap<String, Vec<f32>> = self
-            .weights
-            .iter()
-            .map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data)))
-            .collect();
+        let packed: HashMap<String, Vec<f32>> =
+            self.weights.iter().map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data))).collect();
         let lookup = |n: &str| packed.get(n).map(|v| v.as_slice());
         let mut st = JitState::with_weights(&prog, &lookup, ctx, n_cap).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut cache = KvCache::new(&self.g, ctx);
         let mut worst = 0f64;
         for (tokens, positions) in steps {
-            let want = interp::run(
-                &self.g,
-                StepInput { tokens, positions },
-                &self.weights,
-                &mut cache,
-            )
-            .unwrap();
+            let want = interp::run(&self.g, StepInput { tokens, positions }, &self.weights, &mut cache).unwrap();
             let want = &want["logits"].data;
             let got = st.step(&prog, &kernels, &pool, tokens, positions);
             assert_eq!(got.len(), want.len());
@@ -239,23 +207,12 @@ fn activation_error_bounds() {
     let n = xs.len();
     let reference: [(Op, fn(f64) -> f64); 3] = [
         (Op::Silu, |x| x / (1.0 + (-x).exp())),
-        (Op::Gelu, |x| {
-            0.5 * x
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
-        }),
-        (Op::GeluErf, |x| {
-            0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))
-        }),
+        (Op::Gelu, |x| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())),
+        (Op::GeluErf, |x| 0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))),
     ];
     for (op, f) in reference {
         let mut c = Case::new(0);
-        c.weights.insert(
-            "x".into(),
-            Tensor {
-                shape: vec![1, n],
-                data: xs.clone(),
-            },
-        );
+        c.weights.insert("x".into(), Tensor { shape: vec![1, n], data: xs.clone() });
         let t = c.g.weight("x", &[1, n]);
         let tok = c.tokens();
         let x = c.g.add(Op::Embedding, &[t, tok]).unwrap();
@@ -266,10 +223,7 @@ fn activation_error_bounds() {
         let kernels = jit::compile(&prog.kernels).unwrap();
         let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_slice());
         let mut st = JitState::with_weights(&prog, &lookup, 4, 1).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let got = st.step(&prog, &kernels, &pool, &[0], &[0]);
         let mut worst = 0f64;
         for (g, &x) in got.iter().zip(&xs) {

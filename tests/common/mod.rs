@@ -16,11 +16,7 @@ pub fn shared() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     let p = shared().join("fixtures").join(name);
-    assert!(
-        p.join("config.json").exists(),
-        "fixture {} not found (set LLMC_SHARED)",
-        p.display()
-    );
+    assert!(p.join("config.json").exists(), "fixture {} not found (set LLMC_SHARED)", p.display());
     p
 }
 
@@ -30,10 +26,7 @@ pub fn expected(name: &str) -> Value {
 }
 
 pub fn llmc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmc"))
-        .args(args)
-        .output()
-        .expect("run llmc")
+    Command::new(env!("CARGO_BIN_EXE_llmc")).args(args).output().expect("run llmc")
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -42,60 +35,29 @@ pub fn stderr(o: &Output) -> String {
 
 /// Compiles a model, panicking with llmc's message on failure.
 pub fn compile(model: &Path, out: &Path) {
-    let o = llmc(&[
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = llmc(&["compile", model.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(o.status.success(), "compile failed: {}", stderr(&o));
 }
 
 /// `llmc run ... --json` → the parsed object.
 pub fn run_json(artifact: &Path, ids: &[i64], n: usize, extra: &[&str]) -> Value {
-    let joined = ids
-        .iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let joined = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let n = n.to_string();
-    let mut args = vec![
-        "run",
-        artifact.to_str().unwrap(),
-        "--ids",
-        &joined,
-        "-n",
-        &n,
-        "--temp",
-        "0",
-        "--json",
-    ];
+    let mut args = vec!["run", artifact.to_str().unwrap(), "--ids", &joined, "-n", &n, "--temp", "0", "--json"];
     args.extend_from_slice(extra);
     let o = llmc(&args);
     assert!(o.status.success(), "run failed: {}", stderr(&o));
     let stdout = String::from_utf8(o.stdout).unwrap();
-    assert_eq!(
-        stdout.trim().lines().count(),
-        1,
-        "stdout must be exactly one JSON object: {stdout}"
-    );
+    assert_eq!(stdout.trim().lines().count(), 1, "stdout must be exactly one JSON object: {stdout}");
     serde_json::from_str(stdout.trim()).unwrap()
 }
 
 pub fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 pub fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 /// Checks logits and greedy ids against a fixture's expected.json; returns the max abs error.
@@ -111,19 +73,9 @@ pub fn check_parity(name: &str, backend: &str) -> f64 {
     let want = floats(&exp["logits_last"]);
     assert_eq!(got.len(), want.len(), "{name}: logits length");
     let max_abs = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let err = got
-        .iter()
-        .zip(&want)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        err <= 1e-4 * max_abs.max(1.0),
-        "{name} ({backend}): max |logits - expected| = {err}"
-    );
-    assert_eq!(
-        ints(&out["generated_ids"]),
-        ints(&exp["greedy_ids"]),
-        "{name} ({backend}): greedy ids"
-    );
+    let err = got.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-4 * max_abs.max(1.0), "{name} ({backend}): max |logits - expected| = {err}");
+    assert_eq!(ints(&out["generated_ids"]), ints(&exp["greedy_ids"]), "{name} ({backend}): greedy ids");
     eprintln!("{name} ({backend}): max abs logits error {err:.3e} (max |expected| {max_abs:.3})");
     err
 }

@@ -43,14 +43,7 @@ fn head_chunks(hd: usize) -> Vec<(usize, bool)> {
 }
 
 /// `[q, positions, kcache, vcache, out]`, units: `kv_heads × n`.
-pub fn attention(
-    k: &mut Kb<'_>,
-    heads: usize,
-    kv_heads: usize,
-    hd: usize,
-    window: Option<usize>,
-    scale: f32,
-) {
+pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, window: Option<usize>, scale: f32) {
     let (q, pos, kc, vc, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3), k.ptr(4));
     let group = heads / kv_heads;
     let qw = heads * hd;
@@ -138,11 +131,7 @@ pub fn attention(
                 for g in 0..group {
                     let o_off = ((g * hd + off) * 4) as i64;
                     let o = k.ld(ty, og, o_off);
-                    let (c, e) = if vec {
-                        (corr4[g], pw4[g])
-                    } else {
-                        (corr[g], pw[g])
-                    };
+                    let (c, e) = if vec { (corr4[g], pw4[g]) } else { (corr[g], pw[g]) };
                     let oc = k.fmul(o, c);
                     let o2 = k.fma(vv, e, oc);
                     k.st(o2, og, o_off);

@@ -33,15 +33,7 @@ impl<'a> Kb<'a> {
         b.switch_to_block(entry);
         b.seal_block(entry);
         let p = b.block_params(entry).to_vec();
-        Kb {
-            b,
-            args: p[0],
-            n: p[1],
-            lo: p[2],
-            hi: p[3],
-            cap: p[4],
-            cfg,
-        }
+        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg }
     }
 
     pub fn finish(mut self) {
@@ -53,9 +45,7 @@ impl<'a> Kb<'a> {
     /// The `i`-th pointer of the argument table.
     pub fn ptr(&mut self, i: usize) -> Value {
         let a = self.args;
-        self.b
-            .ins()
-            .load(I64, MemFlagsData::trusted(), a, (8 * i) as i32)
+        self.b.ins().load(I64, MemFlagsData::trusted(), a, (8 * i) as i32)
     }
 
     pub fn ic(&mut self, v: i64) -> Value {
@@ -176,13 +166,7 @@ impl<'a> Kb<'a> {
 
     /// `for iv in (start..end).step_by(step)` while a whole step fits: the body runs for
     /// `iv, iv+step, ...` with `iv + step <= end`. Returns the first `iv` not processed.
-    pub fn for_step(
-        &mut self,
-        start: Value,
-        end: Value,
-        step: i64,
-        mut body: impl FnMut(&mut Kb<'a>, Value),
-    ) -> Value {
+    pub fn for_step(&mut self, start: Value, end: Value, step: i64, mut body: impl FnMut(&mut Kb<'a>, Value)) -> Value {
         let iv = self.var(I64, start);
         let header = self.b.create_block();
         let body_b = self.b.create_block();
@@ -236,12 +220,7 @@ impl<'a> Kb<'a> {
     }
 
     /// `if cond { a } else { b }` as two blocks joining after.
-    pub fn if_else(
-        &mut self,
-        cond: Value,
-        a: impl FnOnce(&mut Kb<'a>),
-        b: impl FnOnce(&mut Kb<'a>),
-    ) {
+    pub fn if_else(&mut self, cond: Value, a: impl FnOnce(&mut Kb<'a>), b: impl FnOnce(&mut Kb<'a>)) {
         let ta = self.b.create_block();
         let tb = self.b.create_block();
         let join = self.b.create_block();
@@ -299,11 +278,7 @@ impl<'a> Kb<'a> {
     }
 
     fn bitcast(&mut self, to: Type, x: Value) -> Value {
-        self.b.ins().bitcast(
-            to,
-            MemFlagsData::new().with_endianness(Endianness::Little),
-            x,
-        )
+        self.b.ins().bitcast(to, MemFlagsData::new().with_endianness(Endianness::Little), x)
     }
 
     /// `e^x` for F32 or F32X4: range reduction `x = k·ln2 + r`, `|r| <= ln2/2`, a degree-7
@@ -324,16 +299,7 @@ impl<'a> Kb<'a> {
         let r = self.b.ins().fma(k, ln2_hi, x);
         let r = self.b.ins().fma(k, ln2_lo, r);
         // Horner: 1 + r(1 + r/2(1 + r/3(...)))  written with the Taylor coefficients.
-        let coeffs = [
-            1.0 / 5040.0,
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ];
+        let coeffs = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
         let mut p = self.c(ty, coeffs[0]);
         for &c in &coeffs[1..] {
             let cv = self.c(ty, c);
@@ -366,13 +332,7 @@ impl<'a> Kb<'a> {
         let p = self.c(ty, 0.327_591_1);
         let d = self.b.ins().fma(p, a, one);
         let t = self.b.ins().fdiv(one, d);
-        let coeffs = [
-            1.061_405_4,
-            -1.453_152_1,
-            1.421_413_8,
-            -0.284_496_74,
-            0.254_829_6,
-        ];
+        let coeffs = [1.061_405_4, -1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6];
         let mut poly = self.c(ty, coeffs[0]);
         for &c in &coeffs[1..] {
             let cv = self.c(ty, c);

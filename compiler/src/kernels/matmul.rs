@@ -1,64 +1,55 @@
-//! `out[t, o] = Σ_k x[t, k] · W[o, k] (+ bias[o])` over the Panel16 layout.
+//! Projections over the Panel16 layout: `y[t, o] = Σ_k x[t, k] · W[o, k]`, with a fused
+//! prologue (RMS scale of the input row) and epilogue (bias, activation, residual, or — for
+//! `qkv_rope` — RoPE and the KV-cache write).
 //!
 //! Units are 16-row panels of W. For each panel the k loop broadcasts one activation and
 //! multiplies it into the panel's 16 weights (four f32x4, one 64-byte line):
-//! - decode (and tail tokens): 1 token × 16 outputs = 4 accumulators;
-//! - prefill: 4 tokens × 8 outputs (half a panel) = 8 accumulators, so each weight vector
-//!   loaded feeds 4 FMAs. Live vectors stay at ≤ 12 so Cranelift does not spill.
-//! Rows past `m` in the last panel are zero padding; their results are not stored.
+//! - decode (and tail tokens): 1 token × 16 rows = 4 accumulators, k unrolled by two into a
+//!   second set so two independent FMA chains keep more loads in flight;
+//! - prefill: 4 tokens × 8 rows (half a panel) = 8 accumulators (2 tokens × 16 rows for
+//!   SwiGLU, whose outputs need both halves), so each weight vector feeds several FMAs.
+//! Live vectors stay at ≤ 13 so Cranelift does not spill. The k loop walks pointers.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::InstBuilder;
-use cranelift_codegen::ir::Value;
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::Variable;
 
+use super::elementwise::apply_unary;
 use super::kb::{Kb, F32, I64, V4};
 use crate::pack::PANEL;
+use crate::program::{Act, Unary};
 
-struct Ctx {
-    x: Value,
-    bias: Option<Value>,
-    out: Value,
-    kd: usize,
-    m: usize,
+/// Most rows one call may have (the runtime's prefill chunk is at most this).
+pub const MAX_ROWS: usize = 256;
+
+pub struct Ctx {
+    pub x: Value,
+    pub bias: Option<Value>,
+    pub kd: usize,
+    /// Per-row RMS scale, in a stack array filled by the prologue.
+    pub inv: Option<Value>,
 }
 
-/// One register tile: `tokens` rows starting at token `t`, vectors `v0..v0+nv` of panel `p`.
-/// The k loop walks pointers (no index arithmetic in the loop). With one token it unrolls k by
-/// two into a second set of accumulators, so two independent FMA chains keep more loads in
-/// flight.
+/// The tile's results after prologue scale and bias: `(token offset, vector index, value)`.
+pub type TileVals = Vec<(usize, usize, Value)>;
+
+/// Computes one register tile: `tokens` rows starting at token `t`, vectors `v0..v0+nv` of
+/// panel `p` (whose weights start at `wp`).
 #[allow(clippy::too_many_arguments)]
-fn tile(
-    k: &mut Kb<'_>,
-    c: &Ctx,
-    p: Value,
-    wp: Value,
-    t: Value,
-    tokens: usize,
-    v0: usize,
-    nv: usize,
-) {
+fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
     let zero = k.c(V4, 0.0);
     let sets = if tokens == 1 && c.kd >= 2 { 2 } else { 1 };
-    let accs: Vec<Vec<Vec<Variable>>> = (0..sets)
-        .map(|_| {
-            (0..tokens)
-                .map(|_| (0..nv).map(|_| k.var(V4, zero)).collect())
-                .collect()
-        })
-        .collect();
+    let accs: Vec<Vec<Vec<Variable>>> =
+        (0..sets).map(|_| (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()).collect();
     let x0 = k.at(c.x, t, (c.kd * 4) as i64);
     let wv = k.var(I64, wp);
     let xv = k.var(I64, x0);
-    let step = sets;
-    let main = c.kd / step * step;
+    let main = c.kd / sets * sets;
     let wend = k.addi(wp, (main * PANEL * 4) as i64);
     let body = |k: &mut Kb<'_>, set: usize, kk: usize| {
         let w = k.get(wv);
         let x = k.get(xv);
-        let ws: Vec<Value> = (0..nv)
-            .map(|j| k.ld(V4, w, ((kk * PANEL + (v0 + j) * 4) * 4) as i64))
-            .collect();
+        let ws: Vec<Value> = (0..nv).map(|j| k.ld(V4, w, ((kk * PANEL + (v0 + j) * 4) * 4) as i64)).collect();
         for tt in 0..tokens {
             let xs = k.ld(F32, x, ((tt * c.kd + kk) * 4) as i64);
             let xb = k.splat(xs);
@@ -70,33 +61,36 @@ fn tile(
         }
     };
     k.for_ptr(wv, wend, |k| {
-        for s in 0..step {
+        for s in 0..sets {
             body(k, s, s);
         }
         let w = k.get(wv);
-        let w = k.addi(w, (step * PANEL * 4) as i64);
+        let w = k.addi(w, (sets * PANEL * 4) as i64);
         k.set(wv, w);
         let x = k.get(xv);
-        let x = k.addi(x, (step * 4) as i64);
+        let x = k.addi(x, (sets * 4) as i64);
         k.set(xv, x);
     });
     if main < c.kd {
         body(k, 0, 0);
     }
-    if sets == 2 {
-        for j in 0..nv {
-            let a = k.get(accs[0][0][j]);
-            let b = k.get(accs[1][0][j]);
-            let s = k.fadd(a, b);
-            k.set(accs[0][0][j], s);
-        }
-    }
-    let accs = &accs[0];
-    // Epilogue: bias, then store (lane by lane in the padded last panel).
     let mut vals = Vec::new();
-    for (tt, row) in accs.iter().enumerate() {
-        for (j, acc) in row.iter().enumerate() {
-            let mut v = k.get(*acc);
+    for tt in 0..tokens {
+        let scale = c.inv.map(|inv| {
+            let r = k.addi(t, tt as i64);
+            let a = k.at(inv, r, 4);
+            let s = k.ld(F32, a, 0);
+            k.splat(s)
+        });
+        for j in 0..nv {
+            let mut v = k.get(accs[0][tt][j]);
+            if sets == 2 {
+                let b = k.get(accs[1][tt][j]);
+                v = k.fadd(v, b);
+            }
+            if let Some(s) = scale {
+                v = k.fmul(v, s);
+            }
             if let Some(b) = c.bias {
                 let pb = k.at(b, p, (PANEL * 4) as i64);
                 let bv = k.ld(V4, pb, ((v0 + j) * 16) as i64);
@@ -105,53 +99,158 @@ fn tile(
             vals.push((tt, v0 + j, v));
         }
     }
-    let store_all = |k: &mut Kb<'_>, partial: bool| {
-        for &(tt, vi, v) in &vals {
-            let r = k.addi(t, tt as i64);
-            let row = k.at(c.out, r, (c.m * 4) as i64);
-            let dst = k.at(row, p, (PANEL * 4) as i64);
-            let off = (vi * 16) as i64;
-            if !partial {
-                k.st(v, dst, off);
-            } else {
-                let valid = (c.m % PANEL).saturating_sub(vi * 4).min(4);
-                for lane in 0..valid {
-                    let s = k.b.ins().extractlane(v, lane as u8);
-                    k.st(s, dst, off + 4 * lane as i64);
-                }
-            }
-        }
-    };
-    if c.m % PANEL == 0 {
-        store_all(k, false);
-    } else {
-        let full = k.ic((c.m / PANEL) as i64);
-        let is_full = k.icmp(IntCC::SignedLessThan, p, full);
-        k.if_else(is_full, |k| store_all(k, false), |k| store_all(k, true));
-    }
+    vals
 }
 
-/// `[x, w, bias?, out]`.
-pub fn matmul(k: &mut Kb<'_>, kd: usize, m: usize, bias: bool) {
-    let x = k.ptr(0);
-    let w = k.ptr(1);
-    let b = if bias { Some(k.ptr(2)) } else { None };
-    let out = k.ptr(if bias { 3 } else { 2 });
-    let c = Ctx {
-        x,
-        bias: b,
-        out,
-        kd,
-        m,
-    };
+/// The RMS prologue: `inv[t] = 1/sqrt(mean(x[t]²) + eps)` for every row, into a stack array.
+pub fn rms_prologue(k: &mut Kb<'_>, x: Value, kd: usize, eps: f32) -> Value {
+    let slot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (MAX_ROWS * 4) as u32, 4));
+    let inv = k.b.ins().stack_addr(I64, slot, 0);
+    let zero = k.ic(0);
+    let n = k.n;
+    k.for_range(zero, n, |k, t| {
+        let row = k.at(x, t, (kd * 4) as i64);
+        let z4 = k.c(V4, 0.0);
+        let acc = k.var(V4, z4);
+        let z = k.f(0.0);
+        let tail = k.var(F32, z);
+        k.chunks(kd, |k, i, vec| {
+            let a = k.at(row, i, 4);
+            let v = k.ld(if vec { V4 } else { F32 }, a, 0);
+            let var = if vec { acc } else { tail };
+            let s = k.get(var);
+            let s = k.fma(v, v, s);
+            k.set(var, s);
+        });
+        let a = k.get(acc);
+        let h = k.hsum(a);
+        let tl = k.get(tail);
+        let ss = k.fadd(h, tl);
+        let dinv = k.f(1.0 / kd as f32);
+        let e = k.f(eps);
+        let ms = k.fma(ss, dinv, e);
+        let r = k.b.ins().sqrt(ms);
+        let one = k.f(1.0);
+        let s = k.fdiv(one, r);
+        let dst = k.at(inv, t, 4);
+        k.st(s, dst, 0);
+    });
+    inv
+}
+
+/// Walks the panels of `lo..hi` and the tokens of each, handing every tile's values to `epi`
+/// with `(panel, first token, values)`. `swiglu` keeps whole panels in one tile.
+pub fn panels(
+    k: &mut Kb<'_>,
+    c: &Ctx,
+    w: Value,
+    swiglu: bool,
+    epi: &mut dyn FnMut(&mut Kb<'_>, Value, Value, TileVals),
+) {
     let (lo, hi, n) = (k.lo, k.hi, k.n);
+    let kd = c.kd;
     k.for_range(lo, hi, |k, p| {
         let wp = k.at(w, p, (PANEL * kd * 4) as i64);
         let zero = k.ic(0);
-        let rest = k.for_step(zero, n, 4, |k, t| {
-            tile(k, &c, p, wp, t, 4, 0, 2);
-            tile(k, &c, p, wp, t, 4, 2, 2);
+        let rest = if swiglu {
+            k.for_step(zero, n, 2, |k, t| {
+                let v = tile(k, c, p, wp, t, 2, 0, 4);
+                epi(k, p, t, v);
+            })
+        } else {
+            k.for_step(zero, n, 4, |k, t| {
+                let v = tile(k, c, p, wp, t, 4, 0, 2);
+                epi(k, p, t, v);
+                let v = tile(k, c, p, wp, t, 4, 2, 2);
+                epi(k, p, t, v);
+            })
+        };
+        k.for_range(rest, n, |k, t| {
+            let v = tile(k, c, p, wp, t, 1, 0, 4);
+            epi(k, p, t, v);
         });
-        k.for_range(rest, n, |k, t| tile(k, &c, p, wp, t, 1, 0, 4));
     });
+}
+
+/// `[x, w, bias?, residual?, out]`.
+pub fn matmul(k: &mut Kb<'_>, kd: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool) {
+    let x = k.ptr(0);
+    let w = k.ptr(1);
+    let mut i = 2;
+    let b = bias.then(|| {
+        i += 1;
+        k.ptr(i - 1)
+    });
+    let res = residual.then(|| {
+        i += 1;
+        k.ptr(i - 1)
+    });
+    let out = k.ptr(i);
+    let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
+    let c = Ctx { x, bias: b, kd, inv };
+    let swiglu = act == Act::SwiGlu;
+    let m_out = if swiglu { m / 2 } else { m };
+    let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {
+        // (token offset, output vector index within the panel's outputs, value)
+        let mut outs: Vec<(usize, usize, Value)> = Vec::new();
+        if swiglu {
+            // vectors 0,1: gate rows; 2,3: the matching up rows
+            for &(tt, vi, g) in vals.iter().filter(|v| v.1 < 2) {
+                let u = vals.iter().find(|v| v.0 == tt && v.1 == vi + 2).map(|v| v.2);
+                if let Some(u) = u {
+                    let s = apply_unary(k, Unary::Silu, V4, g);
+                    let y = k.fmul(s, u);
+                    outs.push((tt, vi, y));
+                }
+            }
+        } else {
+            for &(tt, vi, v) in &vals {
+                let y = match act {
+                    Act::Gelu => apply_unary(k, Unary::Gelu, V4, v),
+                    Act::GeluErf => apply_unary(k, Unary::GeluErf, V4, v),
+                    _ => v,
+                };
+                outs.push((tt, vi, y));
+            }
+        }
+        let per_panel = if swiglu { PANEL / 2 } else { PANEL };
+        let store_all = |k: &mut Kb<'_>, partial: bool| {
+            for &(tt, vi, v) in &outs {
+                let r = k.addi(t, tt as i64);
+                let row = k.at(out, r, (m_out * 4) as i64);
+                let dst = k.at(row, p, (per_panel * 4) as i64);
+                let off = (vi * 16) as i64;
+                let valid = if partial { (m_out % per_panel).saturating_sub(vi * 4).min(4) } else { 4 };
+                let resv = res.map(|rp| {
+                    let rrow = k.at(rp, r, (m_out * 4) as i64);
+                    k.at(rrow, p, (per_panel * 4) as i64)
+                });
+                if valid == 4 {
+                    let mut y = v;
+                    if let Some(ra) = resv {
+                        let rv = k.ld(V4, ra, off);
+                        y = k.fadd(y, rv);
+                    }
+                    k.st(y, dst, off);
+                } else {
+                    for lane in 0..valid {
+                        let mut s = k.b.ins().extractlane(v, lane as u8);
+                        if let Some(ra) = resv {
+                            let rv = k.ld(F32, ra, off + 4 * lane as i64);
+                            s = k.fadd(s, rv);
+                        }
+                        k.st(s, dst, off + 4 * lane as i64);
+                    }
+                }
+            }
+        };
+        if m_out % per_panel == 0 {
+            store_all(k, false);
+        } else {
+            let full = k.ic((m_out / per_panel) as i64);
+            let is_full = k.icmp(IntCC::SignedLessThan, p, full);
+            k.if_else(is_full, |k| store_all(k, false), |k| store_all(k, true));
+        }
+    };
+    panels(k, &c, w, swiglu, &mut epi);
 }

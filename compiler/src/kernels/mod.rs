@@ -5,6 +5,7 @@ pub mod elementwise;
 pub mod kb;
 pub mod matmul;
 pub mod norm;
+pub mod qkv_rope;
 pub mod rope;
 
 use cranelift_codegen::isa::TargetFrontendConfig;
@@ -18,24 +19,19 @@ pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfi
     let mut k = Kb::new(b, cfg);
     match spec {
         KernelSpec::Embedding { d, packed } => elementwise::embedding(&mut k, *d, *packed),
-        KernelSpec::MatMul { k: kd, m, bias } => matmul::matmul(&mut k, *kd, *m, *bias),
-        KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
-        KernelSpec::LayerNorm { d, eps } => norm::layer_norm(&mut k, *d, *eps),
-        KernelSpec::Rope {
-            heads,
-            head_dim,
-            rotary_dim,
-        } => rope::rope(&mut k, *heads, *head_dim, *rotary_dim),
-        KernelSpec::KvAppend { kv_heads, head_dim } => {
-            attention::kv_append(&mut k, kv_heads * head_dim)
+        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual } => {
+            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual)
         }
-        KernelSpec::Attention {
-            heads,
-            kv_heads,
-            head_dim,
-            window,
-            scale,
-        } => attention::attention(&mut k, *heads, *kv_heads, *head_dim, *window, *scale),
+        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias } => {
+            qkv_rope::qkv_rope(&mut k, *kd, *heads, *kv_heads, *head_dim, *rotary_dim, *rms_eps, *bias)
+        }
+        KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
+        KernelSpec::LayerNorm { d, eps, affine } => norm::layer_norm(&mut k, *d, *eps, *affine),
+        KernelSpec::Rope { heads, head_dim, rotary_dim } => rope::rope(&mut k, *heads, *head_dim, *rotary_dim),
+        KernelSpec::KvAppend { kv_heads, head_dim } => attention::kv_append(&mut k, kv_heads * head_dim),
+        KernelSpec::Attention { heads, kv_heads, head_dim, window, scale } => {
+            attention::attention(&mut k, *heads, *kv_heads, *head_dim, *window, *scale)
+        }
         KernelSpec::Unary { op, d } => elementwise::unary(&mut k, *op, *d),
         KernelSpec::Binary { op, d } => elementwise::binary(&mut k, *op, *d),
         KernelSpec::Slice { d, start, len } => elementwise::slice(&mut k, *d, *start, *len),

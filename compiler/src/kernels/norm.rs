@@ -6,12 +6,7 @@ use cranelift_codegen::ir::Value;
 use super::kb::{Kb, F32, V4};
 
 /// Sum over a row of `f(x)` where `f` maps a loaded value (scalar or vector) to what is summed.
-fn row_sum(
-    k: &mut Kb<'_>,
-    row: Value,
-    d: usize,
-    mut f: impl FnMut(&mut Kb<'_>, Value, bool) -> Value,
-) -> Value {
+fn row_sum(k: &mut Kb<'_>, row: Value, d: usize, mut f: impl FnMut(&mut Kb<'_>, Value, bool) -> Value) -> Value {
     let z4 = k.c(V4, 0.0);
     let acc = k.var(V4, z4);
     let z = k.f(0.0);
@@ -61,9 +56,11 @@ pub fn rms_norm(k: &mut Kb<'_>, d: usize, eps: f32) {
     });
 }
 
-/// `[x, w, b, out]`: `out = (x - mean) / sqrt(var + eps) * w + b` (two passes for the moments).
-pub fn layer_norm(k: &mut Kb<'_>, d: usize, eps: f32) {
-    let (x, w, bias, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
+/// `[x, w, b, out]`: `out = (x - mean) / sqrt(var + eps) * w + b` (two passes for the moments);
+/// without `affine`, `[x, out]` and no scale or bias.
+pub fn layer_norm(k: &mut Kb<'_>, d: usize, eps: f32, affine: bool) {
+    let x = k.ptr(0);
+    let (w, bias, out) = if affine { (Some(k.ptr(1)), Some(k.ptr(2)), k.ptr(3)) } else { (None, None, k.ptr(1)) };
     let (lo, hi) = (k.lo, k.hi);
     k.for_range(lo, hi, |k, t| {
         let xr = k.at(x, t, (d * 4) as i64);
@@ -87,14 +84,16 @@ pub fn layer_norm(k: &mut Kb<'_>, d: usize, eps: f32) {
             let ty = if vec { V4 } else { F32 };
             let px = k.at(xr, i, 4);
             let xv = k.ld(ty, px, 0);
-            let pw = k.at(w, i, 4);
-            let wv = k.ld(ty, pw, 0);
-            let pb = k.at(bias, i, 4);
-            let bv = k.ld(ty, pb, 0);
             let (m, s) = if vec { (mean4, inv4) } else { (mean, inv) };
             let c = k.fsub(xv, m);
-            let y = k.fmul(c, s);
-            let y = k.fma(y, wv, bv);
+            let mut y = k.fmul(c, s);
+            if let (Some(w), Some(bias)) = (w, bias) {
+                let pw = k.at(w, i, 4);
+                let wv = k.ld(ty, pw, 0);
+                let pb = k.at(bias, i, 4);
+                let bv = k.ld(ty, pb, 0);
+                y = k.fma(y, wv, bv);
+            }
             let po = k.at(or, i, 4);
             k.st(y, po, 0);
         });

@@ -21,11 +21,7 @@ impl Pass for Dce {
                 stack.extend(g.operands(id));
             }
         }
-        let dead: Vec<_> = g
-            .node_ids()
-            .into_iter()
-            .filter(|id| !live.contains(id))
-            .collect();
+        let dead: Vec<_> = g.node_ids().into_iter().filter(|id| !live.contains(id)).collect();
         for &id in &dead {
             g.remove(id);
         }

@@ -49,7 +49,10 @@ impl Pass for FoldNorm {
                 let new = if is_rms {
                     let mut args = vec![x, w];
                     args.extend(ops.get(2));
-                    g.add(Op::Linear { rms_eps: Some(eps), act: Act::None, bias: ops.len() == 3, residual: false }, &args)?
+                    g.add(
+                        Op::Linear { rms_eps: Some(eps), act: Act::None, bias: ops.len() == 3, residual: false },
+                        &args,
+                    )?
                 } else {
                     // (x̂·s + b)·Wᵀ + c = x̂·(W∘s)ᵀ + (W·b + c)
                     let mut bias = g.add(Op::WeightMatVec, &[ops[1], nops[2]])?;

@@ -44,7 +44,9 @@ impl Pass for FuseRope {
                 Op::Slice { start, len } => Some((g.operands(s)[0], start, len)),
                 _ => None,
             };
-            let (Some((p, 0, l0)), Some((p1, s1, l1)), Some((p2, s2_, l2))) = (slice_of(sq), slice_of(sk), slice_of(sv)) else {
+            let (Some((p, 0, l0)), Some((p1, s1, l1)), Some((p2, s2_, l2))) =
+                (slice_of(sq), slice_of(sk), slice_of(sv))
+            else {
                 continue;
             };
             let Some(proj) = as_proj(g, p) else { continue };

@@ -98,7 +98,13 @@ pub(crate) fn as_proj(g: &Graph, id: NodeId) -> Option<Proj> {
 }
 
 /// Builds `linear` over a projection's operands.
-pub(crate) fn linear(g: &mut Graph, p: &Proj, w: NodeId, act: Act, residual: Option<NodeId>) -> Result<NodeId, IrError> {
+pub(crate) fn linear(
+    g: &mut Graph,
+    p: &Proj,
+    w: NodeId,
+    act: Act,
+    residual: Option<NodeId>,
+) -> Result<NodeId, IrError> {
     let mut args = vec![p.x, w];
     args.extend(p.bias);
     args.extend(residual);

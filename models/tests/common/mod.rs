@@ -10,10 +10,6 @@ pub fn shared() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     let p = shared().join("fixtures").join(name);
-    assert!(
-        p.join("config.json").exists(),
-        "fixture {} not found (set LLMC_SHARED)",
-        p.display()
-    );
+    assert!(p.join("config.json").exists(), "fixture {} not found (set LLMC_SHARED)", p.display());
     p
 }

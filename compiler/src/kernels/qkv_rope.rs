@@ -1,0 +1,109 @@
+//! The fused Q/K/V projection: the Panel16 matmul of `matmul.rs` with an epilogue that rotates
+//! q and k (RoPE on pair-interleaved rows, so each f32x4 holds two complete pairs), writes q
+//! to its output and k, v straight into the KV cache slot of the token's position.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+use super::kb::{Kb, V4};
+use super::matmul::{panels, Ctx, TileVals};
+use crate::pack::PANEL;
+
+/// `[a0, b0, a1, b1]` → `[b0, a0, b1, a1]`.
+fn swap_pairs(k: &mut Kb<'_>, v: Value) -> Value {
+    let l: Vec<Value> = (0..4u8).map(|i| k.b.ins().extractlane(v, i)).collect();
+    let s = k.b.ins().splat(V4, l[1]);
+    let s = k.b.ins().insertlane(s, l[0], 1);
+    let s = k.b.ins().insertlane(s, l[3], 2);
+    k.b.ins().insertlane(s, l[2], 3)
+}
+
+/// `v` rotated by the angles of `pos` if column `c` (within its head) is in the rotary part.
+fn rope(k: &mut Kb<'_>, v: Value, table: Value, pos: Value, c: Value, rd: usize) -> Value {
+    let out = k.var(V4, v);
+    let rdv = k.ic(rd as i64);
+    let rotary = k.icmp(IntCC::UnsignedLessThan, c, rdv);
+    k.when(rotary, |k| {
+        let tp = k.at(table, pos, (2 * rd * 4) as i64);
+        let tp = k.at(tp, c, 4);
+        let cs = k.ld(V4, tp, 0);
+        let sn = k.ld(V4, tp, (rd * 4) as i64);
+        let sw = swap_pairs(k, v);
+        let a = k.fmul(v, cs);
+        let r = k.fma(sw, sn, a);
+        k.set(out, r);
+    });
+    k.get(out)
+}
+
+/// `[x, w, bias?, positions, table, kcache, vcache, q_out]`.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope(
+    k: &mut Kb<'_>,
+    kd: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    rd: usize,
+    rms_eps: Option<f32>,
+    bias: bool,
+) {
+    let x = k.ptr(0);
+    let w = k.ptr(1);
+    let b = bias.then(|| k.ptr(2));
+    let base = 2 + bias as usize;
+    let (pos, table, kc, vc, out) = (k.ptr(base), k.ptr(base + 1), k.ptr(base + 2), k.ptr(base + 3), k.ptr(base + 4));
+    let inv = rms_eps.map(|eps| super::matmul::rms_prologue(k, x, kd, eps));
+    let c = Ctx { x, bias: b, kd, inv };
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let m = qw + 2 * kw;
+    let cap = k.cap;
+    let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {
+        for (tt, vi, v) in vals {
+            let r0 = k.muli(p, PANEL as i64);
+            let r = k.addi(r0, (vi * 4) as i64);
+            let mv = k.ic(m as i64);
+            let valid = k.icmp(IntCC::UnsignedLessThan, r, mv);
+            k.when(valid, |k| {
+                let tok = k.addi(t, tt as i64);
+                let pp = k.at(pos, tok, 4);
+                let ps = k.ld_i32(pp, 0);
+                let qwv = k.ic(qw as i64);
+                let in_q = k.icmp(IntCC::UnsignedLessThan, r, qwv);
+                k.if_else(
+                    in_q,
+                    |k| {
+                        let col = k.uremi(r, hd as i64);
+                        let y = rope(k, v, table, ps, col, rd);
+                        let row = k.at(out, tok, (qw * 4) as i64);
+                        let dst = k.at(row, r, 4);
+                        k.st(y, dst, 0);
+                    },
+                    |k| {
+                        let slot = k.b.ins().urem(ps, cap);
+                        let kend = k.ic((qw + kw) as i64);
+                        let in_k = k.icmp(IntCC::UnsignedLessThan, r, kend);
+                        k.if_else(
+                            in_k,
+                            |k| {
+                                let rr = k.addi(r, -(qw as i64));
+                                let col = k.uremi(rr, hd as i64);
+                                let y = rope(k, v, table, ps, col, rd);
+                                let row = k.at(kc, slot, (kw * 4) as i64);
+                                let dst = k.at(row, rr, 4);
+                                k.st(y, dst, 0);
+                            },
+                            |k| {
+                                let rr = k.addi(r, -((qw + kw) as i64));
+                                let row = k.at(vc, slot, (kw * 4) as i64);
+                                let dst = k.at(row, rr, 4);
+                                k.st(v, dst, 0);
+                            },
+                        );
+                    },
+                );
+            });
+        }
+    };
+    panels(k, &c, w, false, &mut epi);
+}
