@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use llmc_compiler::{jit, lower, pack};
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
-use llmc_ir::{Graph, InputKind, NodeId, Op, RopeScaling};
+use llmc_ir::{Act, Graph, InputKind, NodeId, Op, RopeScaling};
 use llmc_runtime::jit_exec::JitState;
 use proptest::prelude::*;
 
@@ -196,6 +196,81 @@ proptest! {
         };
         let err = c.compare(y, &prefill(n), 16, 16);
         prop_assert!(err < TOL, "op {which}: err {err}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// `linear`: RMS prologue, bias, GELU/SwiGLU epilogues and the residual, on odd sizes and
+    /// on both the decode (n = 1, two panels at a time) and prefill tiles.
+    #[test]
+    fn fused_linear(k in 1usize..70, m16 in 1usize..5, extra in 0usize..16, n in 1usize..10, rms in any::<bool>(),
+                    act in 0usize..4, bias in any::<bool>(), residual in any::<bool>(), seed in 0u64..1000) {
+        let act = [Act::None, Act::Gelu, Act::GeluErf, Act::SwiGlu][act];
+        // swiglu needs whole 16-row panels and no bias; others take any row count
+        let rows = if act == Act::SwiGlu { 16 * m16 } else { 16 * (m16 - 1) + extra.max(1) };
+        let bias = bias && act != Act::SwiGlu;
+        let m = if act == Act::SwiGlu { rows / 2 } else { rows };
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, k, 2.0);
+        let w = c.weight("w", &[rows, k], 1.0);
+        let mut args = vec![x, w];
+        if bias {
+            args.push(c.weight("b", &[rows], 1.0));
+        }
+        if residual {
+            args.push(c.rows("r", n, m, 1.0));
+        }
+        let rms_eps = rms.then_some(1e-5);
+        let y = c.g.add(Op::Linear { rms_eps, act, bias, residual }, &args).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    /// `qkv_rope` (projection, RoPE on interleaved pairs, KV-cache write) then `attend`, over a
+    /// prefill and decode steps that wrap a sliding window's ring.
+    #[test]
+    fn fused_qkv_rope_attend(kv in 1usize..3, group in 1usize..4, hd4 in 1usize..5, rot in 1usize..5, k in 1usize..40,
+                             window in proptest::option::of(1usize..9), rms in any::<bool>(), bias in any::<bool>(),
+                             first in 1usize..8, seed in 0u64..1000) {
+        let heads = kv * group;
+        let hd = 4 * hd4;
+        let rd = 4 * rot.min(hd4);
+        let mut c = Case::new(seed);
+        let x = c.rows("x", 64, k, 2.0);
+        let rows = (heads + 2 * kv) * hd;
+        let w = c.weight("w", &[rows, k], 1.0);
+        let mut args = vec![x, w];
+        if bias {
+            args.push(c.weight("b", &[rows], 1.0));
+        }
+        let pos = c.positions();
+        args.push(pos);
+        let rms_eps = rms.then_some(1e-5);
+        let op = Op::QkvRope { layer: 0, heads, kv_heads: kv, head_dim: hd, rotary_dim: rd, theta: 10000.0,
+                               scaling: RopeScaling::None, rms_eps, bias };
+        let q = c.g.add(op, &args).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let y = c.g.add(Op::Attend { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, pos]).unwrap();
+        let mut steps = vec![((0..first as i32).map(|i| (i * 5 + 1) % 64).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
+        let mut p = first as i32;
+        for _ in 0..12 {
+            steps.push((vec![(p * 11 + 3) % 64], vec![p]));
+            p += 1;
+        }
+        steps.push(((0..3).map(|i| (p + i) % 64).collect(), (p..p + 3).collect()));
+        let err = c.compare(y, &steps, 40, 8);
+        prop_assert!(err < TOL, "err {err}");
+    }
+
+    #[test]
+    fn layer_norm_without_affine(d in 1usize..70, n in 1usize..5, seed in 0u64..1000) {
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, d, 3.0);
+        let y = c.g.add(Op::LayerNorm { eps: 1e-5 }, &[x]).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "err {err}");
     }
 }
 

@@ -37,8 +37,79 @@ pub type TileVals = Vec<(usize, usize, Value)>;
 /// panel `p` (whose weights start at `wp`).
 #[allow(clippy::too_many_arguments)]
 fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
-    let zero = k.c(V4, 0.0);
     let sets = if tokens == 1 && c.kd >= 2 { 2 } else { 1 };
+    tile_sets(k, c, p, wp, t, tokens, v0, nv, sets)
+}
+
+/// Decode over two neighbouring panels at once: two independent weight streams per k step
+/// (more memory-level parallelism than one), 8 accumulators.
+fn tile_two_panels(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value) -> (TileVals, TileVals) {
+    let zero = k.c(V4, 0.0);
+    let accs: Vec<Vec<Variable>> = (0..2).map(|_| (0..4).map(|_| k.var(V4, zero)).collect()).collect();
+    let x0 = k.at(c.x, t, (c.kd * 4) as i64);
+    let wv = k.var(I64, wp);
+    let xv = k.var(I64, x0);
+    let wend = k.addi(wp, (c.kd * PANEL * 4) as i64);
+    let second = (PANEL * c.kd * 4) as i64;
+    k.for_ptr(wv, wend, |k| {
+        let w = k.get(wv);
+        let x = k.get(xv);
+        let xs = k.ld(F32, x, 0);
+        let xb = k.splat(xs);
+        for (panel, acc) in accs.iter().enumerate() {
+            for (j, a) in acc.iter().enumerate() {
+                let wj = k.ld(V4, w, panel as i64 * second + (j * 16) as i64);
+                let v = k.get(*a);
+                let v = k.fma(wj, xb, v);
+                k.set(*a, v);
+            }
+        }
+        let w = k.addi(w, (PANEL * 4) as i64);
+        k.set(wv, w);
+        let x = k.addi(x, 4);
+        k.set(xv, x);
+    });
+    let p2 = k.addi(p, 1);
+    let mut out = Vec::new();
+    for (panel, pp) in [(0, p), (1, p2)] {
+        let scale = c.inv.map(|inv| {
+            let a = k.at(inv, t, 4);
+            let s = k.ld(F32, a, 0);
+            k.splat(s)
+        });
+        let mut vals = Vec::new();
+        for j in 0..4 {
+            let mut v = k.get(accs[panel][j]);
+            if let Some(s) = scale {
+                v = k.fmul(v, s);
+            }
+            if let Some(b) = c.bias {
+                let pb = k.at(b, pp, (PANEL * 4) as i64);
+                let bv = k.ld(V4, pb, (j * 16) as i64);
+                v = k.fadd(v, bv);
+            }
+            vals.push((0, j, v));
+        }
+        out.push(vals);
+    }
+    let b = out.pop().unwrap_or_default();
+    let a = out.pop().unwrap_or_default();
+    (a, b)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tile_sets(
+    k: &mut Kb<'_>,
+    c: &Ctx,
+    p: Value,
+    wp: Value,
+    t: Value,
+    tokens: usize,
+    v0: usize,
+    nv: usize,
+    sets: usize,
+) -> TileVals {
+    let zero = k.c(V4, 0.0);
     let accs: Vec<Vec<Vec<Variable>>> =
         (0..sets).map(|_| (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()).collect();
     let x0 = k.at(c.x, t, (c.kd * 4) as i64);
@@ -149,6 +220,22 @@ pub fn panels(
 ) {
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     let kd = c.kd;
+    // Decode (n = 1): two panels per step while pairs remain.
+    let one = k.ic(1);
+    let is_decode = k.icmp(IntCC::Equal, n, one);
+    let lo_var = k.var(I64, lo);
+    k.when(is_decode, |k| {
+        let zero = k.ic(0);
+        let next = k.for_step(lo, hi, 2, |k, p| {
+            let wp = k.at(w, p, (PANEL * kd * 4) as i64);
+            let (a, b) = tile_two_panels(k, c, p, wp, zero);
+            epi(k, p, zero, a);
+            let p2 = k.addi(p, 1);
+            epi(k, p2, zero, b);
+        });
+        k.set(lo_var, next);
+    });
+    let lo = k.get(lo_var);
     k.for_range(lo, hi, |k, p| {
         let wp = k.at(w, p, (PANEL * kd * 4) as i64);
         let zero = k.ic(0);
