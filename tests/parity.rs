@@ -63,3 +63,23 @@ fn default_backend_is_jit() {
     let out = common::run_json(&art, &common::ints(&exp["prompt_ids"]), 24, &["-t", "2"]);
     assert_eq!(common::ints(&out["generated_ids"]), common::ints(&exp["greedy_ids"]));
 }
+
+/// The unfused program (`--no-opt`) on the JIT matches too: every unfused kernel stays tested.
+#[test]
+fn all_families_without_passes() {
+    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon"] {
+        let dir = tempfile::tempdir().unwrap();
+        let art = dir.path().join("m.llmc");
+        let fx = common::fixture(name);
+        let o = common::llmc(&["compile", fx.to_str().unwrap(), "-o", art.to_str().unwrap(), "--no-opt"]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let exp = common::expected(name);
+        let out = common::run_json(&art, &common::ints(&exp["prompt_ids"]), 24, &["--logits", "--backend", "jit"]);
+        assert_eq!(common::ints(&out["generated_ids"]), common::ints(&exp["greedy_ids"]), "{name}");
+        let got = common::floats(&out["logits_last"]);
+        let want = common::floats(&exp["logits_last"]);
+        let max_abs = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * max_abs.max(1.0), "{name} --no-opt: {err}");
+    }
+}
