@@ -10,7 +10,9 @@
 use cranelift_codegen::ir::InstBuilder;
 use cranelift_codegen::ir::Value;
 
-use super::kb::{Kb, F32, V4};
+use cranelift_codegen::ir::condcodes::IntCC;
+
+use super::kb::{Kb, F32, I64, V4};
 
 /// `[k, v, positions, kcache, vcache]`, units: rows. `w` = kv_heads × head_dim floats per row.
 pub fn kv_append(k: &mut Kb<'_>, w: usize) {
@@ -80,8 +82,16 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
         let m: Vec<_> = (0..group).map(|_| k.var(F32, minf)).collect();
         let l: Vec<_> = (0..group).map(|_| k.var(F32, zero)).collect();
         let end = k.addi(p, 1);
-        k.for_range(jlo, end, |k, j| {
-            let slot = k.b.ins().urem(j, cap);
+        // The cache slot of position j is j % cap: one division here, then a wrapping counter.
+        let slot0 = k.b.ins().urem(jlo, cap);
+        let slot_var = k.var(I64, slot0);
+        k.for_range(jlo, end, |k, _j| {
+            let slot = k.get(slot_var);
+            let next = k.addi(slot, 1);
+            let wrap = k.icmp(IntCC::Equal, next, cap);
+            let first_slot = k.ic(0);
+            let next = k.select(wrap, first_slot, next);
+            k.set(slot_var, next);
             let row = k.muli(slot, kv_heads as i64);
             let row = k.add(row, kvh);
             let kj = k.at(kc, row, (hd * 4) as i64);
