@@ -1,14 +1,15 @@
 //! `llmc`: the command line. Library errors are typed; here they become one clear line on
 //! stderr and a non-zero exit.
 
-use std::io::Write;
+mod inspect;
+mod run;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use llmc_runtime::{generate, Artifact, Backend, Engine, Sampler, SamplerConfig, Session};
-use serde_json::json;
+use llmc_runtime::{Artifact, Engine};
 
 #[derive(Parser)]
 #[command(name = "llmc", version, about = "Ahead-of-time compiler and runtime for language models on CPUs")]
@@ -35,6 +36,9 @@ enum Cmd {
         /// Run no optimization pass.
         #[arg(long)]
         no_opt: bool,
+        /// No progress bar.
+        #[arg(short = 'q', long)]
+        quiet: bool,
     },
     /// Run a compiled artifact.
     Run(RunArgs),
@@ -57,6 +61,13 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
     },
+    /// Describe a compiled artifact: architecture, parameters, sizes, target, tokenizer.
+    Inspect {
+        artifact: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the IR of a model (config.json, model folder or artifact).
     Ir {
         /// A config.json, a model folder or an artifact (whose IR is already optimized).
@@ -70,13 +81,29 @@ enum Cmd {
     },
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
     /// The artifact written by `llmc compile`.
     artifact: PathBuf,
-    /// Prompt as token ids, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    /// Prompt text. Without -p and --ids: interactive chat on a terminal, else the prompt is
+    /// read from stdin.
+    #[arg(short = 'p', long = "prompt")]
+    prompt: Option<String>,
+    /// Prompt as token ids, comma-separated (generates exactly -n tokens: no EOS stop).
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
     ids: Vec<i64>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat and interactive chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Stop when the generated text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Number of tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
     n_predict: usize,
@@ -131,14 +158,23 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Compile { model, output, weights, passes, no_opt } => {
+        Cmd::Compile { model, output, weights, passes, no_opt, quiet } => {
             let pipeline = match (&passes, no_opt) {
                 (_, true) => Vec::new(),
                 (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,
                 (None, false) => llmc_ir::passes::standard_pipeline(),
             };
             let m = llmc_models::load(&model, weights.as_deref())?;
-            let report = llmc_compiler::compile(&m, &output, &pipeline)?;
+            let bar = progress_bar(quiet);
+            let report = llmc_compiler::compile(&m, &output, &pipeline, &mut |p| match p {
+                llmc_compiler::Progress::Stage(s) => bar.set_message(s),
+                llmc_compiler::Progress::Bytes { done, total } => {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            });
+            bar.finish_and_clear();
+            let report = report?;
             eprintln!(
                 "compiled {} → {} ({} nodes, {} tensors, {:.1} MB)",
                 m.config_path.display(),
@@ -181,7 +217,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             print!("{text}");
             Ok(())
         }
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run::run(args),
+        Cmd::Inspect { artifact, json } => inspect::inspect(&artifact, json),
         Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
             let engine = Engine::open(&artifact, threads)?;
             let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
@@ -216,83 +253,25 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// A byte progress bar on stderr, hidden with -q or when stderr is not a terminal.
+fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template("{msg:28} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+        .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar
+}
+
 fn is_artifact(path: &Path) -> bool {
     let mut magic = [0u8; 8];
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .map(|_| &magic == llmc_compiler::artifact::MAGIC)
         .unwrap_or(false)
-}
-
-fn run(a: RunArgs) -> Result<()> {
-    let backend = match &a.backend {
-        Some(b) => Backend::parse(b)?,
-        None => Backend::fastest(),
-    };
-    if a.ids.is_empty() {
-        bail!("no prompt: give token ids with --ids 1,2,3");
-    }
-    let engine = Engine::open(&a.artifact, a.threads)?;
-    let vocab = engine.art.header.vocab_size;
-    let prompt: Vec<i32> = a
-        .ids
-        .iter()
-        .map(|&id| {
-            i32::try_from(id)
-                .ok()
-                .filter(|&t| t >= 0 && (t as usize) < vocab)
-                .with_context(|| format!("--ids: token id {id} is outside the vocabulary of {vocab}"))
-        })
-        .collect::<Result<_>>()?;
-    let mut session = Session::new(&engine, backend, a.ctx_size)?;
-    let mut sampler = Sampler::new(SamplerConfig {
-        temperature: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        repeat_last_n: a.repeat_last_n,
-        seed: a.seed,
-    });
-    let json_mode = a.json;
-    let stdout = std::io::stdout();
-    let g = generate(&mut session, &prompt, a.n_predict, &mut sampler, &[], |tok| {
-        if !json_mode {
-            let mut out = stdout.lock();
-            let _ = write!(out, "{tok} ");
-            let _ = out.flush();
-        }
-    })?;
-    let prefill_tok_s = prompt.len() as f64 / g.prefill_s.max(1e-9);
-    let decode_tok_s = g.decode_steps as f64 / g.decode_s.max(1e-9);
-    if json_mode {
-        let mut obj = json!({
-            "prompt_ids": prompt,
-            "generated_ids": g.generated,
-            "timings": {
-                "load_s": engine.load_s,
-                "jit_s": engine.jit_s,
-                "prefill_s": g.prefill_s,
-                "decode_s": g.decode_s,
-                "prefill_tok_s": prefill_tok_s,
-                "decode_tok_s": decode_tok_s,
-                "prompt_tokens": prompt.len(),
-                "decode_steps": g.decode_steps,
-            },
-        });
-        if a.logits {
-            obj["logits_last"] = json!(g.logits_last);
-        }
-        println!("{obj}");
-    } else {
-        println!();
-        eprintln!(
-            "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",
-            prompt.len(),
-            prefill_tok_s,
-            g.generated.len(),
-            decode_tok_s
-        );
-    }
-    Ok(())
 }

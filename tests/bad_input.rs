@@ -375,3 +375,30 @@ fn artifact_for_a_cpu_with_other_isa_features() {
     let e = run_fails(&art);
     assert!(e.contains("compiled for riscv64"), "{e}");
 }
+
+#[test]
+fn text_prompts_need_a_tokenizer_and_valid_input() {
+    let (_d, art) = compiled("llama");
+    let a = art.to_str().unwrap();
+    let o = llmc(&["run", a, "-p", "hello", "-n", "2"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has no tokenizer"), "{}", stderr(&o));
+    let o = llmc(&["run", a, "-p", "", "-n", "2"]);
+    assert!(!o.status.success() && stderr(&o).contains("prompt is empty"), "{}", stderr(&o));
+    // invalid UTF-8 on stdin
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llmc"))
+        .args(["run", a, "-n", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"caf\xe9 \xff\xfe").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("not valid UTF-8") && !e.contains("panicked"), "{e}");
+}

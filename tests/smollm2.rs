@@ -20,17 +20,107 @@ fn model_dir() -> PathBuf {
     dir
 }
 
-#[test]
-#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
-fn smollm2_greedy_matches_transformers() {
+fn compiled() -> (tempfile::TempDir, PathBuf) {
     let dir = model_dir();
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::shared().join("tools/smollm2/expected.json")).unwrap())
-            .unwrap();
-    let case = &expected["prompts"][0];
     let tmp = tempfile::tempdir().unwrap();
     let art = tmp.path().join("smollm2.llmc");
     common::compile(&dir, &art);
+    (tmp, art)
+}
+
+fn expected() -> serde_json::Value {
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::shared().join("tools/smollm2/expected.json")).unwrap())
+            .unwrap();
+    e["prompts"][0].clone()
+}
+
+/// `llmc run -p "The capital of France is" -n 32 --temp 0` streams transformers' greedy text,
+/// stopping at the end-of-sequence token; with --ignore-eos all 32 tokens come out.
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn smollm2_text_prompt() {
+    let (_d, art) = compiled();
+    let case = expected();
+    let full = case["greedy_text"].as_str().unwrap();
+    let a = art.to_str().unwrap();
+    let o = common::llmc(&["run", a, "-p", case["text"].as_str().unwrap(), "-n", "32", "--temp", "0"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let stdout = String::from_utf8(o.stdout.clone()).unwrap();
+    let until_eos = &full[..full.find("<|im_end|>").unwrap()];
+    assert_eq!(stdout.trim_end_matches('\n'), until_eos.trim_end_matches('\n'));
+    assert!(stdout.starts_with(" Paris."));
+    assert!(common::stderr(&o).contains("tok/s"), "timings line on stderr");
+    let o = common::llmc(&[
+        "run",
+        a,
+        "-p",
+        case["text"].as_str().unwrap(),
+        "-n",
+        "32",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), full);
+    assert_eq!(common::ints(&v["prompt_ids"]), common::ints(&case["prompt_ids"]));
+    assert_eq!(common::ints(&v["generated_ids"]), common::ints(&case["greedy_ids"]));
+}
+
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn smollm2_chat_sampling_and_stops() {
+    let (_d, art) = compiled();
+    let a = art.to_str().unwrap();
+    // chat: the reply to a simple question, greedy
+    let o = common::llmc(&["run", a, "-p", "What is the capital of France?", "--chat", "-n", "24", "--temp", "0"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&o.stdout));
+    // same seed, same text; another seed, (almost surely) another text
+    let sample = |seed: &str| {
+        let o = common::llmc(&["run", a, "-p", "Once upon a time", "-n", "24", "--temp", "1.0", "-s", seed, "--json"]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert_ne!(sample("7"), sample("8"));
+    // --stop cuts the text before the stop string
+    let o = common::llmc(&[
+        "run",
+        a,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "32",
+        "--temp",
+        "0",
+        "--stop",
+        "answer",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), " Paris.\n\nThe ");
+    // a prompt longer than the context is a clear error
+    let o = common::llmc(&["run", a, "-p", "one two three four five six seven eight nine ten", "-c", "8", "-n", "4"]);
+    assert!(!o.status.success() && common::stderr(&o).contains("context"), "{}", common::stderr(&o));
+    // inspect describes the artifact
+    let o = common::llmc(&["inspect", a, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["tokenizer"]["vocab_size"], 49152);
+    assert_eq!(v["chat_template"], true);
+    assert!(v["parameters"].as_u64().unwrap() > 134_000_000);
+}
+
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn smollm2_greedy_matches_transformers() {
+    let (_tmp, art) = compiled();
+    let case = &expected();
     let prompt = common::ints(&case["prompt_ids"]);
     let out = common::run_json(&art, &prompt, 32, &["--logits", "--backend", "jit"]);
     assert_eq!(common::ints(&out["generated_ids"]), common::ints(&case["greedy_ids"]), "greedy tokens");

@@ -6,7 +6,7 @@
 //!       12   header length H, u64 little-endian
 //!       20   header: JSON (`Header`), H bytes
 //!            ... sections, each starting at a 64-byte aligned offset:
-//!            the optimized IR in text form, then every weight tensor (f32, in the layout its
+//!            the optimized IR in text form, `tokenizer.json` (if any), then every weight tensor (f32, in the layout its
 //!            kernel reads: see `program::Layout`)
 //! ```
 //! Offsets in the header are absolute. `file_size` must equal the file's length.
@@ -51,6 +51,21 @@ pub struct Target {
     pub features: Vec<String>,
 }
 
+/// The text side: tokenizer (a section holding `tokenizer.json`), chat template, special
+/// tokens and generation defaults. Everything is optional (ids-only models).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TextInfo {
+    pub tokenizer: Option<Section>,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: Option<i64>,
+    /// `generation_config.json` as the model ships it.
+    pub generation: Value,
+}
+
 /// The JSON header of an artifact.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Header {
@@ -68,6 +83,7 @@ pub struct Header {
     /// The passes that produced the stored IR, in order.
     pub passes: Vec<String>,
     pub ir: Section,
+    pub text: TextInfo,
     /// The lowered program: kernel specs, schedule, memory plan.
     pub program: Program,
     pub tensors: Vec<TensorEntry>,

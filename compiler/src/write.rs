@@ -11,9 +11,16 @@ use llmc_ir::passes::{self, Pass};
 use llmc_ir::{Graph, NodeId, Op};
 use llmc_models::{Model, WeightSpec};
 
-use crate::artifact::{align_up, Header, Section, Target, TensorEntry, FORMAT_VERSION, MAGIC, PREAMBLE};
+use crate::artifact::{align_up, Header, Section, Target, TensorEntry, TextInfo, FORMAT_VERSION, MAGIC, PREAMBLE};
 use crate::error::CompileError;
 use crate::pack;
+
+/// What `compile` reports while it works (the CLI draws a progress bar from it).
+#[derive(Clone, Copy, Debug)]
+pub enum Progress {
+    Stage(&'static str),
+    Bytes { done: u64, total: u64 },
+}
 
 /// What `compile` did, for the CLI to report.
 #[derive(Debug)]
@@ -34,7 +41,13 @@ pub fn host_target() -> Result<Target, CompileError> {
 /// Compiles `model` into an artifact at `out`. The file is written to a temporary name beside
 /// `out` and renamed into place only when complete, so `out` never holds a partial artifact;
 /// on any error the temporary file is removed.
-pub fn compile(model: &Model, out: &Path, pipeline: &[Box<dyn Pass>]) -> Result<CompileReport, CompileError> {
+pub fn compile(
+    model: &Model,
+    out: &Path,
+    pipeline: &[Box<dyn Pass>],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<CompileReport, CompileError> {
+    progress(Progress::Stage("optimizing the graph"));
     let mut graph = model.graph.clone();
     passes::run_pipeline(&mut graph, pipeline)?;
     let mut derived = materialize(&mut graph, model)?;
@@ -64,6 +77,16 @@ pub fn compile(model: &Model, out: &Path, pipeline: &[Box<dyn Pass>]) -> Result<
         passes: pipeline.iter().map(|p| p.name().to_string()).collect(),
         program: program.clone(),
         ir: Section { offset: 0, len: ir_text.len() as u64 },
+        text: TextInfo {
+            tokenizer: model.text.tokenizer_json.as_ref().map(|t| Section { offset: 0, len: t.len() as u64 }),
+            chat_template: model.text.chat_template.clone(),
+            bos_token: model.text.bos_token.clone(),
+            eos_token: model.text.eos_token.clone(),
+            bos_token_id: model.text.bos_token_id,
+            eos_token_ids: model.text.eos_token_ids.clone(),
+            pad_token_id: model.text.pad_token_id,
+            generation: model.text.generation.clone(),
+        },
         tensors: Vec::new(),
         file_size: 0,
     };
@@ -74,6 +97,10 @@ pub fn compile(model: &Model, out: &Path, pipeline: &[Box<dyn Pass>]) -> Result<
         let mut at = align_up(PREAMBLE as u64 + reserve);
         header.ir.offset = at;
         at = align_up(at + header.ir.len);
+        if let Some(t) = header.text.tokenizer.as_mut() {
+            t.offset = at;
+            at = align_up(at + t.len);
+        }
         header.tensors = specs
             .iter()
             .map(|s| {
@@ -101,7 +128,8 @@ pub fn compile(model: &Model, out: &Path, pipeline: &[Box<dyn Pass>]) -> Result<
     };
 
     let tmp = temp_path(out);
-    let result = write_file(&tmp, &header, &header_json, &ir_text, model, &specs);
+    progress(Progress::Stage("packing and writing weights"));
+    let result = write_file(&tmp, &header, &header_json, &ir_text, model, &specs, progress);
     match result {
         Ok(()) => std::fs::rename(&tmp, out).map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
@@ -132,6 +160,7 @@ fn write_file(
     ir_text: &str,
     model: &Model,
     specs: &[Source<'_>],
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<(), CompileError> {
     let io = |source| CompileError::Io { path: tmp.to_path_buf(), source };
     let file = File::create(tmp).map_err(io)?;
@@ -142,6 +171,12 @@ fn write_file(
     w.write_all(header_json).map_err(io)?;
     pad_to(&mut w, header.ir.offset).map_err(io)?;
     w.write_all(ir_text.as_bytes()).map_err(io)?;
+    if let (Some(sec), Some(bytes)) = (&header.text.tokenizer, &model.text.tokenizer_json) {
+        pad_to(&mut w, sec.offset).map_err(io)?;
+        w.write_all(bytes).map_err(io)?;
+    }
+    let total: u64 = header.tensors.iter().map(|t| t.len).sum();
+    let mut done = 0;
     for (entry, spec) in header.tensors.iter().zip(specs) {
         pad_to(&mut w, entry.offset).map_err(io)?;
         let data = match spec {
@@ -150,6 +185,8 @@ fn write_file(
         };
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_all(&bytes).map_err(io)?;
+        done += entry.len;
+        progress(Progress::Bytes { done, total });
     }
     pad_to(&mut w, header.file_size).map_err(io)?;
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;

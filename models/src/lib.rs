@@ -11,6 +11,7 @@ pub mod falcon;
 pub mod gpt2;
 pub mod llama;
 pub mod safetensors_io;
+pub mod text;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -96,6 +97,8 @@ pub struct Model {
     pub graph: Graph,
     pub specs: Vec<WeightSpec>,
     pub files: WeightFiles,
+    /// Tokenizer, chat template, special tokens, generation defaults (all optional).
+    pub text: text::TextAssets,
 }
 
 /// Reads only the config and builds the graph (no weights needed).
@@ -119,7 +122,9 @@ pub fn load(path: &Path, weights: Option<&Path>) -> Result<Model> {
     for spec in &specs {
         check_spec(&files, spec)?;
     }
-    Ok(Model { config_path, raw_config, config, graph, specs, files })
+    let dir = config_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let text = text::TextAssets::load(&dir, &raw_config)?;
+    Ok(Model { config_path, raw_config, config, graph, specs, files, text })
 }
 
 fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {

@@ -66,6 +66,9 @@ impl Artifact {
             }
         };
         in_file("the IR section", header.ir.offset, header.ir.len)?;
+        if let Some(t) = &header.text.tokenizer {
+            in_file("the tokenizer section", t.offset, t.len)?;
+        }
         let ir_text = std::str::from_utf8(&map[header.ir.offset as usize..(header.ir.offset + header.ir.len) as usize])
             .map_err(|_| bad("the IR section is not UTF-8".into()))?
             .to_string();
@@ -110,6 +113,12 @@ impl Artifact {
         // `self`.
         let data = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) };
         Some((data, t.shape.as_slice()))
+    }
+
+    /// The bundled `tokenizer.json`, if the model had one.
+    pub fn tokenizer_json(&self) -> Option<&[u8]> {
+        let s = self.header.text.tokenizer.as_ref()?;
+        self.map.get(s.offset as usize..(s.offset + s.len) as usize)
     }
 
     /// Total bytes of weights.

@@ -7,6 +7,7 @@ pub mod error;
 pub mod jit_exec;
 pub mod sampler;
 pub mod session;
+pub mod text;
 
 pub use artifact::Artifact;
 pub use error::RuntimeError;

@@ -118,6 +118,12 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Forgets every position from `pos` on (the next step writes there): lets a chat reuse
+    /// the cached prefix its new prompt shares with the old one.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
     /// Runs the tokens through the model at the next positions; returns the logits of the
     /// last. Long inputs run as several steps of at most `DEFAULT_CHUNK` tokens.
     pub fn step(&mut self, tokens: &[i32]) -> Result<Vec<f32>, RuntimeError> {
@@ -168,14 +174,16 @@ pub struct Generation {
     pub decode_steps: usize,
 }
 
-/// Prefills `prompt` and generates up to `n` tokens, calling `on_token` for each.
+/// Prefills `prompt` and generates up to `n` tokens. A token in `stop` (EOS) ends generation
+/// (it is recorded in `generated` but not passed on); every other token goes to `on_token`,
+/// which returns `false` to stop (a stop string was seen).
 pub fn generate(
     session: &mut Session<'_>,
     prompt: &[i32],
     n: usize,
     sampler: &mut Sampler,
     stop: &[i32],
-    mut on_token: impl FnMut(i32),
+    mut on_token: impl FnMut(i32) -> Result<bool, RuntimeError>,
 ) -> Result<Generation, RuntimeError> {
     if prompt.is_empty() {
         return Err(RuntimeError::Usage("the prompt is empty".into()));
@@ -196,8 +204,7 @@ pub fn generate(
         let tok = sampler.sample(&logits, &history);
         g.generated.push(tok);
         history.push(tok);
-        on_token(tok);
-        if stop.contains(&tok) || i + 1 == n {
+        if stop.contains(&tok) || !on_token(tok)? || i + 1 == n {
             break;
         }
         logits = session.step(&[tok])?;

@@ -1,0 +1,122 @@
+//! Text in and out: the model's Hugging Face tokenizer (from the artifact), a streaming
+//! decoder that never prints a partial UTF-8 character, and chat templates rendered with
+//! minijinja.
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::artifact::Artifact;
+use crate::error::RuntimeError;
+
+fn text_err(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Usage(msg.into())
+}
+
+/// The tokenizer bundled in an artifact.
+pub struct Text {
+    tok: Tokenizer,
+}
+
+impl Text {
+    /// The artifact's tokenizer, or a clear error if it was compiled without one.
+    pub fn from_artifact(art: &Artifact) -> Result<Text, RuntimeError> {
+        let bytes = art.tokenizer_json().ok_or_else(|| {
+            text_err(format!(
+                "{} has no tokenizer (its model folder had no tokenizer.json); use --ids with token ids",
+                art.path.display()
+            ))
+        })?;
+        Text::from_bytes(bytes)
+            .map_err(|e| RuntimeError::BadArtifact { path: art.path.clone(), msg: format!("tokenizer: {e}") })
+    }
+
+    /// A tokenizer from the bytes of a `tokenizer.json`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Text, RuntimeError> {
+        let tok = Tokenizer::from_bytes(bytes).map_err(|e| text_err(format!("tokenizer.json: {e}")))?;
+        Ok(Text { tok })
+    }
+
+    /// Token ids of `text`. `special`: let the tokenizer add its special tokens (BOS...) as
+    /// `tokenizer(text)` does; chat prompts already contain them and pass `false`.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i32>, RuntimeError> {
+        let enc = self.tok.encode(text, special).map_err(|e| text_err(format!("tokenizing the prompt: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
+    }
+
+    /// The text of `ids`, special tokens included (as transformers' `decode` does by default).
+    pub fn decode(&self, ids: &[i32]) -> Result<String, RuntimeError> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tok.decode(&ids, false).map_err(|e| text_err(format!("decoding: {e}")))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
+    /// Id of a token given as text (e.g. a special token), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<i32> {
+        self.tok.token_to_id(token).map(|i| i as i32)
+    }
+}
+
+/// Turns generated ids into text pieces as they arrive. Multi-byte characters split over
+/// tokens are held back until complete: nothing printed is ever a broken character.
+pub struct StreamDecoder<'t> {
+    text: &'t Text,
+    ids: Vec<i32>,
+    printed: usize,
+}
+
+impl<'t> StreamDecoder<'t> {
+    pub fn new(text: &'t Text) -> StreamDecoder<'t> {
+        StreamDecoder { text, ids: Vec::new(), printed: 0 }
+    }
+
+    /// Adds a token; returns the new text that is now complete (possibly empty).
+    pub fn push(&mut self, id: i32) -> Result<String, RuntimeError> {
+        self.ids.push(id);
+        let all = self.text.decode(&self.ids)?;
+        if all.ends_with('\u{FFFD}') || !all.is_char_boundary(self.printed.min(all.len())) || all.len() < self.printed {
+            return Ok(String::new()); // an incomplete character: wait for the next token
+        }
+        let piece = all[self.printed..].to_string();
+        self.printed = all.len();
+        Ok(piece)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> Result<String, RuntimeError> {
+        self.text.decode(&self.ids)
+    }
+}
+
+/// One message of a chat.
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// Renders a chat with the model's own template (Jinja, as transformers' `apply_chat_template`
+/// with `add_generation_prompt=True`).
+pub fn render_chat(
+    template: &str,
+    messages: &[Message],
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+) -> Result<String, RuntimeError> {
+    let mut env = Environment::new();
+    env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
+        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| text_err(format!("chat template: {e}")))?;
+    let t = env.get_template("chat").map_err(|e| text_err(format!("chat template: {e}")))?;
+    t.render(context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => bos_token.unwrap_or(""),
+        eos_token => eos_token.unwrap_or(""),
+    })
+    .map_err(|e| text_err(format!("chat template: {e}")))
+}

@@ -1,0 +1,87 @@
+//! Text handling on SmolLM2's real tokenizer and chat template (read in place from
+//! ../shared/tools/smollm2): tokenization as transformers does it, streaming decode that never
+//! splits a character, and ChatML rendering as `apply_chat_template` renders it.
+
+use std::path::PathBuf;
+
+use llmc_runtime::text::{render_chat, Message, StreamDecoder, Text};
+
+fn smollm2_file(name: &str) -> PathBuf {
+    let shared = std::env::var_os("LLMC_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    shared.join("tools/smollm2").join(name)
+}
+
+fn tokenizer() -> Text {
+    Text::from_bytes(&std::fs::read(smollm2_file("tokenizer.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn tokenizes_like_transformers() {
+    let t = tokenizer();
+    let ids = t.encode("The capital of France is", true).unwrap();
+    assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
+    assert_eq!(t.decode(&ids).unwrap(), "The capital of France is");
+    // special tokens are single tokens
+    assert_eq!(t.token_id("<|im_end|>"), Some(2));
+    assert_eq!(t.encode("<|im_start|>user\n", false).unwrap()[0], 1);
+}
+
+#[test]
+fn streaming_never_splits_a_character() {
+    let t = tokenizer();
+    let text = "Crème brûlée, 東京タワー and 🦀🦀 — naïve façade ∑ ∞";
+    let ids = t.encode(text, false).unwrap();
+    let mut dec = StreamDecoder::new(&t);
+    let mut out = String::new();
+    let mut held_back = 0;
+    for &id in &ids {
+        let piece = dec.push(id).unwrap();
+        assert!(!piece.contains('\u{FFFD}'), "broken character in {piece:?}");
+        if piece.is_empty() {
+            held_back += 1;
+        }
+        out.push_str(&piece);
+    }
+    assert_eq!(out, text);
+    assert!(held_back > 0, "some character spans several tokens (else this test tests nothing)");
+}
+
+#[test]
+fn chatml_renders_like_apply_chat_template() {
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(smollm2_file("tokenizer_config.json")).unwrap()).unwrap();
+    let template = tc["chat_template"].as_str().unwrap();
+    let user = |c: &str| Message { role: "user".into(), content: c.into() };
+    // transformers' apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    // with this template: a default system turn when the first message is not a system one.
+    let want = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let got =
+        render_chat(template, &[user("What is the capital of France?")], Some("<|im_start|>"), Some("<|im_end|>"))
+            .unwrap();
+    assert_eq!(got, want);
+    let sys = Message { role: "system".into(), content: "Be brief.".into() };
+    let asst = Message { role: "assistant".into(), content: "Paris.".into() };
+    let got = render_chat(template, &[sys, user("Capital of France?"), asst, user("And Italy?")], None, None).unwrap();
+    assert_eq!(
+        got,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n\
+         <|im_start|>assistant\nParis.<|im_end|>\n<|im_start|>user\nAnd Italy?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // the same file as chat_template.jinja renders identically
+    let jinja = std::fs::read_to_string(smollm2_file("chat_template.jinja")).unwrap();
+    assert_eq!(
+        render_chat(&jinja, &[user("x")], None, None).unwrap(),
+        render_chat(template, &[user("x")], None, None).unwrap()
+    );
+}
+
+#[test]
+fn bad_templates_are_errors() {
+    let e = render_chat("{% for m in messages %}", &[], None, None).unwrap_err().to_string();
+    assert!(e.contains("chat template"), "{e}");
+    let e = render_chat("{{ raise_exception('roles must alternate') }}", &[], None, None).unwrap_err().to_string();
+    assert!(e.contains("roles must alternate"), "{e}");
+}

@@ -1,0 +1,74 @@
+//! `llmc inspect`: what an artifact holds.
+
+use std::path::Path;
+
+use anyhow::Result;
+use llmc_runtime::text::Text;
+use llmc_runtime::Artifact;
+use serde_json::json;
+
+pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    let art = Artifact::open(path)?;
+    let h = &art.header;
+    let params: usize = h.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let weight_bytes = art.weight_bytes();
+    let file_bytes = h.file_size;
+    let tok = Text::from_artifact(&art).ok();
+    let vocab = tok.as_ref().map(|t| t.vocab_size());
+    let layouts: std::collections::BTreeMap<String, usize> = h.tensors.iter().fold(Default::default(), |mut m, t| {
+        *m.entry(format!("{}/{:?}", t.dtype, t.layout)).or_default() += 1;
+        m
+    });
+    let v = json!({
+        "path": path.display().to_string(),
+        "architecture": h.model_type,
+        "architectures": h.config.get("architectures"),
+        "parameters": params,
+        "tensors": h.tensors.len(),
+        "weight_bytes": weight_bytes,
+        "file_bytes": file_bytes,
+        "dtypes": layouts,
+        "context": h.max_positions,
+        "vocab_size": h.vocab_size,
+        "target": {"arch": h.target.arch, "features": h.target.features},
+        "tokenizer": vocab.map(|v| json!({"vocab_size": v})),
+        "chat_template": h.text.chat_template.is_some(),
+        "bos_token_id": h.text.bos_token_id,
+        "eos_token_ids": h.text.eos_token_ids,
+        "passes": h.passes,
+        "kernels": h.program.kernels.len(),
+        "kernel_calls_per_token": h.program.calls.len(),
+        "format_version": h.format_version,
+        "llmc_version": h.llmc_version,
+    });
+    if as_json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{}", path.display());
+    println!(
+        "  architecture   {} ({})",
+        h.model_type,
+        h.config.get("architectures").map_or(String::new(), |a| a.to_string())
+    );
+    println!(
+        "  parameters     {:.1} M in {} tensors ({:.1} MB; file {:.1} MB)",
+        params as f64 / 1e6,
+        h.tensors.len(),
+        weight_bytes as f64 / 1e6,
+        file_bytes as f64 / 1e6
+    );
+    println!("  storage        {}", layouts.iter().map(|(k, n)| format!("{n} × {k}")).collect::<Vec<_>>().join(", "));
+    println!("  context        {} tokens", h.max_positions);
+    println!("  target         {} [{}]", h.target.arch, h.target.features.join(" "));
+    match vocab {
+        Some(v) => {
+            println!("  tokenizer      {v} tokens; bos {:?}, eos {:?}", h.text.bos_token_id, h.text.eos_token_ids)
+        }
+        None => println!("  tokenizer      none (token ids only)"),
+    }
+    println!("  chat template  {}", if h.text.chat_template.is_some() { "yes" } else { "no" });
+    println!("  passes         {}", if h.passes.is_empty() { "none".to_string() } else { h.passes.join(", ") });
+    println!("  program        {} kernels, {} calls per step", h.program.kernels.len(), h.program.calls.len());
+    Ok(())
+}
