@@ -157,7 +157,32 @@ impl Lowerer<'_> {
                         self.call(spec, args, Units::KvHeadsByRows(*kv_heads), rows, 4096);
                         self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
                     }
-                    Op::ConcatRows
+                    Op::Moe { experts, top_k } => {
+                        let (d, e, k) = (width, *experts, *top_k);
+                        let ff = self.g.node(ops[3]).ty.shape.resolve(0)[2];
+                        if d % PANEL != 0 {
+                            return Err(err(format!("moe needs hidden size {d} to be a multiple of {PANEL}")));
+                        }
+                        for w in &a[1..4] {
+                            self.set_layout(w, Layout::Panel16)?;
+                        }
+                        let logits = self.buffer(e, rows);
+                        let route = self.buffer(2 * k, rows);
+                        let h = self.buffer(k * ff, rows);
+                        let router = KernelSpec::matmul(d, e, false);
+                        let args = vec![a[0].clone(), a[1].clone(), Arg::Buf(logits)];
+                        self.call(router, args, Units::Panels(e.div_ceil(PANEL)), rows, PANEL * d);
+                        let spec = KernelSpec::MoeRoute { experts: e, top_k: k };
+                        self.call(spec, vec![Arg::Buf(logits), Arg::Buf(route)], Units::Rows, rows, e);
+                        let spec = KernelSpec::MoeGateUp { d, ff, top_k: k };
+                        let args = vec![a[0].clone(), a[2].clone(), Arg::Buf(route), Arg::Buf(h)];
+                        self.call(spec, args, Units::Panels(2 * ff / PANEL), rows, PANEL * d * k);
+                        let spec = KernelSpec::MoeDown { d, ff, top_k: k };
+                        let args = vec![Arg::Buf(h), a[3].clone(), Arg::Buf(route), Arg::Buf(out)];
+                        self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
+                    }
+                    Op::Stack
+                    | Op::ConcatRows
                     | Op::ConcatCols
                     | Op::InterleaveRows8
                     | Op::ScaleCols

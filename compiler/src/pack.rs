@@ -4,11 +4,20 @@ use crate::program::Layout;
 
 pub const PANEL: usize = 16;
 
+/// A tensor as a matrix: every dim but the last are rows (stacked experts are stacked rows).
+pub fn matrix_dims(shape: &[usize]) -> (usize, usize) {
+    let cols = shape.last().copied().unwrap_or(1);
+    (shape[..shape.len().saturating_sub(1)].iter().product(), cols)
+}
+
 /// Number of f32 values a tensor of logical `shape` occupies in `layout`.
 pub fn packed_len(layout: Layout, shape: &[usize]) -> usize {
     match layout {
         Layout::RowMajor => shape.iter().product(),
-        Layout::Panel16 => shape[0].div_ceil(PANEL) * PANEL * shape[1],
+        Layout::Panel16 => {
+            let (rows, cols) = matrix_dims(shape);
+            rows.div_ceil(PANEL) * PANEL * cols
+        }
         Layout::Padded16 => shape[0].div_ceil(PANEL) * PANEL,
     }
 }
@@ -23,7 +32,7 @@ pub fn pack(layout: Layout, shape: &[usize], data: &[f32]) -> Vec<f32> {
             out
         }
         Layout::Panel16 => {
-            let (rows, cols) = (shape[0], shape[1]);
+            let (rows, cols) = matrix_dims(shape);
             let mut out = vec![0f32; packed_len(layout, shape)];
             for r in 0..rows {
                 let (p, lane) = (r / PANEL, r % PANEL);
@@ -42,7 +51,7 @@ pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
         Layout::RowMajor => packed.to_vec(),
         Layout::Padded16 => packed[..shape[0]].to_vec(),
         Layout::Panel16 => {
-            let (rows, cols) = (shape[0], shape[1]);
+            let (rows, cols) = matrix_dims(shape);
             let mut out = vec![0f32; rows * cols];
             for r in 0..rows {
                 let (p, lane) = (r / PANEL, r % PANEL);

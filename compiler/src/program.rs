@@ -85,6 +85,16 @@ pub enum KernelSpec {
     TakeLast { d: usize },
     /// `[x, out]`, units: rows.
     Softmax { d: usize },
+    /// `[logits, route]`, units: rows. Softmax over `experts` logits, top-k (lowest index first
+    /// on ties), renormalized: `route[t] = [k expert indices (as f32), k weights]`.
+    MoeRoute { experts: usize, top_k: usize },
+    /// `[x, gate_up (Panel16, per expert 2ff rows interleaved by 8), route, h]`, units: panels
+    /// of one expert's 2ff rows. `h[t, j·ff ..]` = SwiGLU of the j-th selected expert: only the
+    /// selected experts' weights are read.
+    MoeGateUp { d: usize, ff: usize, top_k: usize },
+    /// `[h, down (Panel16, per expert d rows), route, out]`, units: panels of d. `out[t] =
+    /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`.
+    MoeDown { d: usize, ff: usize, top_k: usize },
 }
 
 impl KernelSpec {
@@ -126,6 +136,9 @@ impl KernelSpec {
             KernelSpec::Concat { widths } => format!("concat_{}", widths.len()),
             KernelSpec::TakeLast { d } => format!("take_last_d{d}"),
             KernelSpec::Softmax { d } => format!("softmax_d{d}"),
+            KernelSpec::MoeRoute { experts, top_k } => format!("moe_route_e{experts}_k{top_k}"),
+            KernelSpec::MoeGateUp { d, ff, top_k } => format!("moe_gate_up_d{d}_ff{ff}_k{top_k}"),
+            KernelSpec::MoeDown { d, ff, top_k } => format!("moe_down_d{d}_ff{ff}_k{top_k}"),
         }
     }
 }

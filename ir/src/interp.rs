@@ -180,6 +180,21 @@ fn project(x: &[f32], k: usize, w: &[f32], r: usize, rms_eps: Option<f32>, bias:
     y
 }
 
+/// Top-k routing: softmax over all experts, the k largest (lowest index first on ties),
+/// renormalized. Returns (experts, weights).
+pub fn route(x: &[f32], router: &[f32], experts: usize, top_k: usize) -> (Vec<usize>, Vec<f32>) {
+    let d = x.len();
+    let logits: Vec<f64> = (0..experts).map(|e| dot(x, &router[e * d..(e + 1) * d])).collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let p: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let mut order: Vec<usize> = (0..experts).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    order.truncate(top_k);
+    let sum: f64 = order.iter().map(|&e| p[e]).sum();
+    let w = order.iter().map(|&e| (p[e] / sum) as f32).collect();
+    (order, w)
+}
+
 /// Writes this step's keys and values into the cache of `layer` at their positions.
 fn kv_append(cache: &mut KvCache, layer: usize, k: &[f32], v: &[f32], kvw: usize, pos: &[i32]) -> Result<(), IrError> {
     let ctx = cache.ctx;
@@ -461,6 +476,41 @@ fn eval<'w>(
                 data.extend_from_slice(cb);
             }
             owned(out_shape.to_vec(), data)
+        }
+        Op::Stack => {
+            let mut data = Vec::new();
+            for a in args {
+                data.extend_from_slice(a.f32()?.0);
+            }
+            owned(out_shape.to_vec(), data)
+        }
+        Op::Moe { experts, top_k } => {
+            let (x, xs) = args[0].f32()?;
+            let (router, _) = args[1].f32()?;
+            let (gu, gs) = args[2].f32()?;
+            let (down, _) = args[3].f32()?;
+            let (rows, d, ff) = (xs[0], xs[1], gs[1] / 2);
+            let mut out = vec![0f32; rows * d];
+            for t in 0..rows {
+                let xr = &x[t * d..(t + 1) * d];
+                let (idx, w) = route(xr, router, *experts, *top_k);
+                for (&e, &we) in idx.iter().zip(&w) {
+                    let gue = &gu[e * 2 * ff * d..(e + 1) * 2 * ff * d];
+                    let h: Vec<f32> = (0..ff)
+                        .map(|j| {
+                            let g = 16 * (j / 8) + j % 8;
+                            let gate = dot(xr, &gue[g * d..(g + 1) * d]) as f32;
+                            let up = dot(xr, &gue[(g + 8) * d..(g + 9) * d]) as f32;
+                            silu(gate) * up
+                        })
+                        .collect();
+                    let de = &down[e * d * ff..(e + 1) * d * ff];
+                    for o in 0..d {
+                        out[t * d + o] += (we as f64 * dot(&h, &de[o * ff..(o + 1) * ff])) as f32;
+                    }
+                }
+            }
+            owned(vec![rows, d], out)
         }
         Op::ScaleCols => {
             let (w, ws) = args[0].f32()?;

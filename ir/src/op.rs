@@ -184,6 +184,15 @@ pub enum Op {
     /// Permutes the rows of a fused `[q | k | v]` weight (or bias) so that in each q and k head
     /// the rotary dims `i` and `i + rotary_dim/2` become neighbours `2i, 2i+1`.
     RopeInterleave { heads: usize, kv_heads: usize, head_dim: usize, rotary_dim: usize },
+    /// `(w_0 [r, c], ..., w_{E-1}) -> [E, r, c]`: per-expert weights stacked.
+    Stack,
+
+    /// Mixture of experts with SwiGLU experts:
+    /// `(x [n, d], router [E, d], gate_up [E, 2ff, d], down [E, d, ff]) -> [n, d]`.
+    /// `p = softmax(x · routerᵀ)` over all experts, the `top_k` largest (lowest index first on
+    /// ties), weights `p / Σ p_top` (renormalized), and `out = Σ w_e · down_e(swiglu_e(x))`, where
+    /// `gate_up[e]` holds the gate and up rows interleaved in blocks of 8 (as `linear`'s swiglu).
+    Moe { experts: usize, top_k: usize },
 }
 
 /// The activation fused into a `linear` epilogue.
@@ -250,6 +259,8 @@ impl Op {
             Op::ScaleCols => "scale_cols",
             Op::WeightMatVec => "weight_matvec",
             Op::RopeInterleave { .. } => "rope_interleave",
+            Op::Stack => "stack",
+            Op::Moe { .. } => "moe",
         }
     }
 
@@ -309,7 +320,10 @@ impl Op {
                 ("head_dim", head_dim.to_string()),
                 ("rotary_dim", rotary_dim.to_string()),
             ],
-            Op::ConcatRows | Op::ConcatCols | Op::InterleaveRows8 | Op::ScaleCols | Op::WeightMatVec => vec![],
+            Op::Moe { experts, top_k } => vec![("experts", experts.to_string()), ("top_k", top_k.to_string())],
+            Op::ConcatRows | Op::ConcatCols | Op::InterleaveRows8 | Op::ScaleCols | Op::WeightMatVec | Op::Stack => {
+                vec![]
+            }
             Op::Embedding
             | Op::MatMul
             | Op::Softmax
@@ -395,6 +409,8 @@ impl Op {
             "interleave_rows8" => Op::InterleaveRows8,
             "scale_cols" => Op::ScaleCols,
             "weight_matvec" => Op::WeightMatVec,
+            "stack" => Op::Stack,
+            "moe" => Op::Moe { experts: attrs.num("experts")?, top_k: attrs.num("top_k")? },
             "rope_interleave" => Op::RopeInterleave {
                 heads: attrs.num("heads")?,
                 kv_heads: attrs.num("kv_heads")?,
@@ -671,6 +687,41 @@ impl Op {
                 } else {
                     Type::new(DType::F32, Shape::constant(&[m]))
                 })
+            }
+            Op::Stack => {
+                arity(1, usize::MAX)?;
+                let (r, c) = matrix(ins[0], "stack operand")?;
+                if ins.iter().any(|t| *t != ins[0]) {
+                    return Err("stack operands must have one shape".into());
+                }
+                Ok(Type::new(DType::F32, Shape::constant(&[ins.len(), r, c])))
+            }
+            Op::Moe { experts, top_k } => {
+                arity(4, 4)?;
+                let d = rows(ins[0], "moe input")?;
+                let e = *experts;
+                if *top_k == 0 || top_k > experts {
+                    return Err(format!("top_k {top_k} must be in 1..={e}"));
+                }
+                if matrix(ins[1], "moe router")? != (e, d) {
+                    return Err(format!("moe router must be [{e}, {d}], got {}", ins[1]));
+                }
+                let (gu, down) = (&ins[2].shape.0, &ins[3].shape.0);
+                let ff = match (gu.as_slice(), down.as_slice()) {
+                    ([Dim::C(e1), Dim::C(r), Dim::C(c)], [Dim::C(e2), Dim::C(dd), Dim::C(ff)])
+                        if *e1 == e && *e2 == e && *c == d && *dd == d && *r == 2 * ff && ff % 8 == 0 =>
+                    {
+                        *ff
+                    }
+                    _ => {
+                        return Err(format!(
+                            "moe experts must be [E, 2ff, d] and [E, d, ff], got {} and {}",
+                            ins[2], ins[3]
+                        ))
+                    }
+                };
+                let _ = ff;
+                Ok(ins[0].clone())
             }
             Op::RopeInterleave { heads, kv_heads, head_dim, rotary_dim } => {
                 arity(1, 1)?;

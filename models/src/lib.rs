@@ -24,7 +24,7 @@ pub use safetensors_io::WeightFiles;
 pub use weights::{Transform, WeightSpec};
 
 /// The `model_type`s llmc knows.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, gpt2, falcon";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon";
 
 /// A validated config of one of the supported families.
 #[derive(Clone, Debug)]
@@ -43,7 +43,7 @@ impl ModelConfig {
             .as_str()
             .ok_or_else(|| config::field_err(path, "model_type", "must be a string"))?;
         Ok(match model_type {
-            "llama" | "mistral" | "qwen2" => ModelConfig::Llama(llama::LlamaConfig::parse(path, v)?),
+            "llama" | "mistral" | "qwen2" | "mixtral" => ModelConfig::Llama(llama::LlamaConfig::parse(path, v)?),
             "gpt2" => ModelConfig::Gpt2(gpt2::Gpt2Config::parse(path, v)?),
             "falcon" => ModelConfig::Falcon(falcon::FalconConfig::parse(path, v)?),
             other => {

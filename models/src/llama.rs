@@ -1,5 +1,6 @@
-//! The Llama family: `llama` (Llama 2/3, SmolLM), `mistral` (sliding window) and `qwen2`
-//! (QKV bias). Pre-RMSNorm blocks, GQA attention with RoPE, SwiGLU MLP.
+//! The Llama family: `llama` (Llama 2/3, SmolLM), `mistral` (sliding window), `qwen2`
+//! (QKV bias) and `mixtral` (Mistral with a mixture-of-experts MLP: a router picks the top-k of
+//! `num_local_experts` SwiGLU experts per token). Pre-RMSNorm blocks, GQA attention with RoPE.
 //!
 //! ```text
 //! x = embed(tokens)
@@ -62,6 +63,11 @@ pub struct LlamaConfig {
     pub layer_types: Option<Vec<String>>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Mixtral: experts per MoE layer and experts per token.
+    #[serde(default)]
+    pub num_local_experts: Option<usize>,
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
     #[serde(skip)]
     pub rope: Option<RopeParams>,
 }
@@ -106,6 +112,17 @@ impl LlamaConfig {
         if c.sliding_window == Some(0) {
             return Err(field_err(path, "sliding_window", "must be positive"));
         }
+        if c.model_type == "mixtral" {
+            let e = c.num_local_experts.ok_or_else(|| field_err(path, "num_local_experts", "missing"))?;
+            let k = c.num_experts_per_tok.ok_or_else(|| field_err(path, "num_experts_per_tok", "missing"))?;
+            check_dim(path, "num_local_experts", e)?;
+            if k == 0 || k > e {
+                return Err(field_err(path, "num_experts_per_tok", format!("{k} must be in 1..={e}")));
+            }
+            if c.intermediate_size % 8 != 0 {
+                return Err(field_err(path, "intermediate_size", "must be a multiple of 8 for MoE experts"));
+            }
+        }
         let rd = c.rotary_dim();
         if rd == 0 || rd % 2 != 0 {
             return Err(field_err(path, "partial_rotary_factor", "gives an odd or empty rotary dimension"));
@@ -139,7 +156,7 @@ impl LlamaConfig {
             return (types[i] == "sliding_attention").then_some(self.sliding_window).flatten();
         }
         match self.model_type.as_str() {
-            "mistral" => self.sliding_window,
+            "mistral" | "mixtral" => self.sliding_window,
             "qwen2" if self.use_sliding_window == Some(true) => {
                 (i >= self.max_window_layers.unwrap_or(0)).then_some(self.sliding_window).flatten()
             }
@@ -176,6 +193,11 @@ impl LlamaConfig {
             x = b.op(Op::Add, &[x, o])?;
             let hn = b.rms_norm(x, &format!("{p}.post_attention_layernorm"), d, eps)?;
             let ff = self.intermediate_size;
+            if let (Some(experts), Some(top_k)) = (self.num_local_experts, self.num_experts_per_tok) {
+                let moe = moe_mlp(&mut b, hn, &format!("{p}.block_sparse_moe"), experts, top_k, d, ff)?;
+                x = b.op(Op::Add, &[x, moe])?;
+                continue;
+            }
             let gate = b.linear(hn, &format!("{p}.mlp.gate_proj"), ff, d, self.mlp_bias)?;
             let up = b.linear(hn, &format!("{p}.mlp.up_proj"), ff, d, self.mlp_bias)?;
             let act = b.op(Op::Silu, &[gate])?;
@@ -189,4 +211,30 @@ impl LlamaConfig {
         b.logits(x, head, self.vocab_size, d)?;
         b.finish()
     }
+}
+
+/// Mixtral's sparse MoE block from per-expert checkpoint tensors (`experts.E.w1/w3/w2`, gate =
+/// w1, up = w3, down = w2): stacked at compile time into one gate|up tensor (rows interleaved by
+/// 8 per expert) and one down tensor.
+pub fn moe_mlp(
+    b: &mut Builder,
+    x: llmc_ir::NodeId,
+    p: &str,
+    experts: usize,
+    top_k: usize,
+    d: usize,
+    ff: usize,
+) -> Result<llmc_ir::NodeId> {
+    let router = b.weight(&format!("{p}.gate.weight"), &[experts, d]);
+    let mut gu = Vec::new();
+    let mut down = Vec::new();
+    for e in 0..experts {
+        let w1 = b.weight(&format!("{p}.experts.{e}.w1.weight"), &[ff, d]);
+        let w3 = b.weight(&format!("{p}.experts.{e}.w3.weight"), &[ff, d]);
+        gu.push(b.op(Op::InterleaveRows8, &[w1, w3])?);
+        down.push(b.weight(&format!("{p}.experts.{e}.w2.weight"), &[d, ff]));
+    }
+    let gu = b.op(Op::Stack, &gu)?;
+    let down = b.op(Op::Stack, &down)?;
+    b.op(Op::Moe { experts, top_k }, &[x, router, gu, down])
 }

@@ -79,8 +79,16 @@ impl Artifact {
             if t.dtype != "f32" {
                 return Err(bad(format!("tensor `{}` has unsupported dtype {}", t.name, t.dtype)));
             }
+            // The stored length follows from the shape and the layout (packed tensors are padded).
+            let dims_ok = match t.layout {
+                Layout::Panel16 => t.shape.len() >= 2,
+                Layout::Padded16 => t.shape.len() == 1,
+                Layout::RowMajor => true,
+            };
             let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-            if numel.and_then(|n| n.checked_mul(4)) != Some(t.len) {
+            let want =
+                numel.filter(|&n| dims_ok && n < (1u64 << 40)).map(|_| pack::packed_len(t.layout, &t.shape) as u64 * 4);
+            if want != Some(t.len) {
                 return Err(bad(format!("tensor `{}`: {} bytes do not match shape {:?}", t.name, t.len, t.shape)));
             }
             if t.offset % ALIGN != 0 {
@@ -103,13 +111,13 @@ impl Artifact {
         Ok(Artifact { path: path.to_path_buf(), header, graph, ir_text, map, index, unpacked })
     }
 
-    /// A weight's f32 data, in place in the map.
+    /// A weight's f32 data as stored (packed layouts included), in place in the map.
     pub fn tensor(&self, name: &str) -> Option<(&[f32], &[usize])> {
         let t = &self.header.tensors[*self.index.get(name)?];
         let bytes = &self.map[t.offset as usize..(t.offset + t.len) as usize];
         // SAFETY: `bytes` lies inside the map (checked at open), its start is 64-byte aligned
-        // within a page-aligned map (so aligned for f32), its length is 4 × numel (checked at
-        // open), and any bit pattern is a valid f32. The map is read-only and lives as long as
+        // within a page-aligned map (so aligned for f32), its length is a multiple of 4 (checked
+        // against shape and layout at open), and any bit pattern is a valid f32. The map is read-only and lives as long as
         // `self`.
         let data = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) };
         Some((data, t.shape.as_slice()))

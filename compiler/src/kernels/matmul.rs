@@ -36,7 +36,7 @@ pub type TileVals = Vec<(usize, usize, Value)>;
 /// Computes one register tile: `tokens` rows starting at token `t`, vectors `v0..v0+nv` of
 /// panel `p` (whose weights start at `wp`).
 #[allow(clippy::too_many_arguments)]
-fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
+pub fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
     let sets = if tokens == 1 && c.kd >= 2 { 2 } else { 1 };
     tile_sets(k, c, p, wp, t, tokens, v0, nv, sets)
 }

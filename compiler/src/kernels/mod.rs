@@ -4,6 +4,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod kb;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod qkv_rope;
 pub mod rope;
@@ -38,6 +39,9 @@ pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfi
         KernelSpec::Concat { widths } => elementwise::concat(&mut k, widths),
         KernelSpec::TakeLast { d } => elementwise::take_last(&mut k, *d),
         KernelSpec::Softmax { d } => elementwise::softmax(&mut k, *d),
+        KernelSpec::MoeRoute { experts, top_k } => moe::route(&mut k, *experts, *top_k),
+        KernelSpec::MoeGateUp { d, ff, top_k } => moe::gate_up(&mut k, *d, *ff, *top_k),
+        KernelSpec::MoeDown { d, ff, top_k } => moe::down(&mut k, *d, *ff, *top_k),
     }
     k.finish();
 }
