@@ -53,6 +53,16 @@ fn falcon_jit() {
     common::check_parity("falcon", "jit");
 }
 
+#[test]
+fn mixtral_interp() {
+    common::check_parity("mixtral", "interp");
+}
+
+#[test]
+fn mixtral_jit() {
+    common::check_parity("mixtral", "jit");
+}
+
 /// Without --backend the fastest backend (the JIT) runs, with the same results.
 #[test]
 fn default_backend_is_jit() {
@@ -67,7 +77,7 @@ fn default_backend_is_jit() {
 /// The unfused program (`--no-opt`) on the JIT matches too: every unfused kernel stays tested.
 #[test]
 fn all_families_without_passes() {
-    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon"] {
+    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral"] {
         let dir = tempfile::tempdir().unwrap();
         let art = dir.path().join("m.llmc");
         let fx = common::fixture(name);

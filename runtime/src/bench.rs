@@ -34,7 +34,8 @@ pub struct BenchReport {
     pub decode_profile: Vec<(String, f64, usize)>,
 }
 
-/// Bytes of weights one decode step reads: whole tensors, except embedding gathers (one row).
+/// Bytes of weights one decode step reads: whole tensors, except embedding gathers (one row)
+/// and MoE experts (the top-k of E experts: k/E of the stacked expert tensors).
 pub fn bytes_per_token(engine: &Engine) -> u64 {
     let prog = &engine.art.header.program;
     let size = |name: &str| engine.art.header.tensors.iter().find(|t| t.name == name).map_or(0, |t| t.len);
@@ -44,6 +45,15 @@ pub fn bytes_per_token(engine: &Engine) -> u64 {
             if let Arg::Weight(name) = a {
                 total += match prog.kernels[call.kernel] {
                     KernelSpec::Embedding { d, .. } => (d * 4) as u64,
+                    KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } => {
+                        let experts =
+                            engine.art.header.tensors.iter().find(|t| &t.name == name).map_or(1, |t| t.shape[0]);
+                        let top_k = match prog.kernels[call.kernel] {
+                            KernelSpec::MoeGateUp { top_k, .. } | KernelSpec::MoeDown { top_k, .. } => top_k,
+                            _ => 1,
+                        };
+                        size(name) * top_k as u64 / experts.max(1) as u64
+                    }
                     _ => size(name),
                 };
             }
@@ -59,6 +69,8 @@ pub fn flops_per_token(engine: &Engine) -> u64 {
         .iter()
         .map(|c| match prog.kernels[c.kernel] {
             KernelSpec::MatMul { k, m, .. } => 2 * (k * m) as u64,
+            KernelSpec::MoeGateUp { d, ff, top_k } => 2 * (d * 2 * ff * top_k) as u64,
+            KernelSpec::MoeDown { d, ff, top_k } => 2 * (d * ff * top_k) as u64,
             KernelSpec::QkvRope { k, heads, kv_heads, head_dim, .. } => {
                 2 * (k * (heads + 2 * kv_heads) * head_dim) as u64
             }
