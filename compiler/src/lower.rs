@@ -181,6 +181,17 @@ impl Lowerer<'_> {
                         let args = vec![Arg::Buf(h), a[3].clone(), Arg::Buf(route), Arg::Buf(out)];
                         self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
                     }
+                    Op::BitLinear => {
+                        let k = in_width(0);
+                        let q = self.buffer(k + 1, rows);
+                        self.call(KernelSpec::ActQuant { k }, vec![a[0].clone(), Arg::Buf(q)], Units::Rows, rows, k);
+                        let spec = KernelSpec::BitMatMul { k, m: width };
+                        let args = vec![Arg::Buf(q), a[1].clone(), a[2].clone(), Arg::Buf(out)];
+                        self.call(spec, args, Units::Panels(width / 4), rows, 4 * k);
+                    }
+                    Op::Relu2 => {
+                        self.call(KernelSpec::Unary { op: Unary::Relu2, d: width }, args, Units::Rows, rows, width)
+                    }
                     Op::Stack
                     | Op::ConcatRows
                     | Op::ConcatCols

@@ -28,6 +28,8 @@ pub enum Unary {
     /// erf form
     GeluErf,
     Scale(f32),
+    /// `relu(x)²`
+    Relu2,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +97,13 @@ pub enum KernelSpec {
     /// `[h, down (Panel16, per expert d rows), route, out]`, units: panels of d. `out[t] =
     /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`.
     MoeDown { d: usize, ff: usize, top_k: usize },
+    /// `[x, q]`, units: rows. BitNet activation quantization: `q[t] = [k i32 values
+    /// clamp(round_half_even(x·s)), s as f32]` with `s = 127 / max(max|x|, 1e-5)`.
+    ActQuant { k: usize },
+    /// `[q, w (u8 [m/4, k]), scale, out]`, units: byte rows of w (each gives 4 outputs). An
+    /// integer dot product of the quantized activations with the ternary weights, decoded from
+    /// their 2-bit fields in registers; `out = dot / (scale · s)`.
+    BitMatMul { k: usize, m: usize },
 }
 
 impl KernelSpec {
@@ -136,6 +145,8 @@ impl KernelSpec {
             KernelSpec::Concat { widths } => format!("concat_{}", widths.len()),
             KernelSpec::TakeLast { d } => format!("take_last_d{d}"),
             KernelSpec::Softmax { d } => format!("softmax_d{d}"),
+            KernelSpec::ActQuant { k } => format!("act_quant_k{k}"),
+            KernelSpec::BitMatMul { k, m } => format!("bit_matmul_k{k}_m{m}"),
             KernelSpec::MoeRoute { experts, top_k } => format!("moe_route_e{experts}_k{top_k}"),
             KernelSpec::MoeGateUp { d, ff, top_k } => format!("moe_gate_up_d{d}_ff{ff}_k{top_k}"),
             KernelSpec::MoeDown { d, ff, top_k } => format!("moe_down_d{d}_ff{ff}_k{top_k}"),

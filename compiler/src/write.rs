@@ -14,6 +14,7 @@ use llmc_models::{Model, WeightSpec};
 use crate::artifact::{align_up, Header, Section, Target, TensorEntry, TextInfo, FORMAT_VERSION, MAGIC, PREAMBLE};
 use crate::error::CompileError;
 use crate::pack;
+use crate::program::Layout;
 
 /// What `compile` reports while it works (the CLI draws a progress bar from it).
 #[derive(Clone, Copy, Debug)]
@@ -104,11 +105,16 @@ pub fn compile(
         header.tensors = specs
             .iter()
             .map(|s| {
-                let layout = program.layout_of(s.name());
-                let len = pack::packed_len(layout, s.shape()) as u64 * 4;
+                let bytes = s.is_bytes();
+                let layout = if bytes { Layout::RowMajor } else { program.layout_of(s.name()) };
+                let len = if bytes {
+                    s.shape().iter().product::<usize>() as u64
+                } else {
+                    pack::packed_len(layout, s.shape()) as u64 * 4
+                };
                 let e = TensorEntry {
                     name: s.name().to_string(),
-                    dtype: "f32".into(),
+                    dtype: if bytes { "u8" } else { "f32" }.into(),
                     shape: s.shape().to_vec(),
                     layout,
                     offset: at,
@@ -179,11 +185,18 @@ fn write_file(
     let mut done = 0;
     for (entry, spec) in header.tensors.iter().zip(specs) {
         pad_to(&mut w, entry.offset).map_err(io)?;
-        let data = match spec {
-            Source::Checkpoint(s) => pack::pack(entry.layout, &entry.shape, &s.load(&model.files)?),
-            Source::Derived { data, .. } => pack::pack(entry.layout, &entry.shape, data),
+        let bytes: Vec<u8> = if spec.is_bytes() {
+            match spec {
+                Source::Checkpoint(s) => s.load_bytes(&model.files)?,
+                Source::Derived { .. } => Vec::new(),
+            }
+        } else {
+            let data = match spec {
+                Source::Checkpoint(s) => pack::pack(entry.layout, &entry.shape, &s.load(&model.files)?),
+                Source::Derived { data, .. } => pack::pack(entry.layout, &entry.shape, data),
+            };
+            data.iter().flat_map(|v| v.to_le_bytes()).collect()
         };
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_all(&bytes).map_err(io)?;
         done += entry.len;
         progress(Progress::Bytes { done, total });
@@ -209,6 +222,10 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
+    /// Raw bytes (BitNet's packed ternary weights), stored as read.
+    fn is_bytes(&self) -> bool {
+        matches!(self, Source::Checkpoint(s) if s.dtype == llmc_ir::DType::U8)
+    }
     fn name(&self) -> &str {
         match self {
             Source::Checkpoint(s) => &s.name,

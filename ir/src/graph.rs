@@ -59,6 +59,11 @@ impl Graph {
         self.add_typed(Op::Weight { name: name.into() }, &[], Type::new(DType::F32, Shape::constant(dims)))
     }
 
+    /// A weight of another element type (BitNet's `u8` packed matrices).
+    pub fn weight_typed(&mut self, name: impl Into<String>, dtype: DType, dims: &[usize]) -> NodeId {
+        self.add_typed(Op::Weight { name: name.into() }, &[], Type::new(dtype, Shape::constant(dims)))
+    }
+
     pub fn output(&mut self, name: impl Into<String>, id: NodeId) {
         self.outputs.push((name.into(), id));
     }
@@ -146,7 +151,8 @@ impl Graph {
         self.g.node_indices().collect()
     }
 
-    /// Names and types of every weight the graph reads, in topological order.
+    /// Names and types of every weight the graph reads, in topological order (`weights()`
+    /// includes byte weights; their type says so).
     pub fn weights(&self) -> Vec<(String, Type)> {
         let mut out = Vec::new();
         for id in self.topo_order().unwrap_or_default() {

@@ -12,6 +12,25 @@ use crate::op::{Act, InputKind, Op};
 /// Where weights come from at run time: a name → row-major f32 data with its shape.
 pub trait WeightSource {
     fn weight(&self, name: &str) -> Option<(&[f32], &[usize])>;
+    /// Raw bytes of a `u8` weight (BitNet's packed ternary matrices).
+    fn bytes(&self, _name: &str) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// f32 weights plus byte weights (for tests and compile-time evaluation).
+pub struct Weights<'a> {
+    pub f32: &'a HashMap<String, Tensor>,
+    pub u8: &'a HashMap<String, Vec<u8>>,
+}
+
+impl WeightSource for Weights<'_> {
+    fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
+        self.f32.weight(name)
+    }
+    fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.u8.get(name).map(Vec::as_slice)
+    }
 }
 
 impl WeightSource for HashMap<String, Tensor> {
@@ -67,6 +86,7 @@ pub struct StepInput<'a> {
 
 enum Val<'w> {
     Ids(Vec<i32>),
+    Bytes(&'w [u8]),
     Owned(Tensor),
     Borrowed(&'w [f32], &'w [usize]),
 }
@@ -76,7 +96,7 @@ impl Val<'_> {
         match self {
             Val::Owned(t) => Ok((&t.data, &t.shape)),
             Val::Borrowed(d, s) => Ok((d, s)),
-            Val::Ids(_) => Err(IrError::Interp("expected an f32 value, got ids".into())),
+            Val::Ids(_) | Val::Bytes(_) => Err(IrError::Interp("expected an f32 value".into())),
         }
     }
     fn ids(&self) -> Result<&[i32], IrError> {
@@ -119,7 +139,7 @@ pub fn run(
         let operands = g.operands(id);
         let val = {
             let args: Vec<&Val<'_>> = operands.iter().map(|o| &vals[o]).collect();
-            eval(&node.op, &args, step, weights, cache, n, &node.ty.shape.resolve(n))?
+            eval(&node.op, node.ty.dtype, &args, step, weights, cache, n, &node.ty.shape.resolve(n))?
         };
         vals.insert(id, val);
         for o in operands {
@@ -259,8 +279,10 @@ fn map_rows(x: &[f32], shape: &[usize], f: impl Fn(f32) -> f32) -> Val<'static> 
     owned(shape.to_vec(), x.iter().map(|&v| f(v)).collect())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval<'w>(
     op: &Op,
+    dtype: crate::types::DType,
     args: &[&Val<'w>],
     step: StepInput<'_>,
     weights: &'w dyn WeightSource,
@@ -271,6 +293,17 @@ fn eval<'w>(
     Ok(match op {
         Op::Input(InputKind::Tokens) => Val::Ids(step.tokens.to_vec()),
         Op::Input(InputKind::Positions) => Val::Ids(step.positions.to_vec()),
+        Op::Weight { name } if dtype == crate::types::DType::U8 => {
+            let b = weights.bytes(name).ok_or_else(|| IrError::MissingWeight(name.clone()))?;
+            if b.len() != out_shape.iter().product::<usize>() {
+                return Err(IrError::WeightShape {
+                    name: name.clone(),
+                    expected: out_shape.to_vec(),
+                    actual: vec![b.len()],
+                });
+            }
+            Val::Bytes(b)
+        }
         Op::Weight { name } => {
             let (d, s) = weights.weight(name).ok_or_else(|| IrError::MissingWeight(name.clone()))?;
             if s != out_shape || d.len() != out_shape.iter().product::<usize>() {
@@ -476,6 +509,34 @@ fn eval<'w>(
                 data.extend_from_slice(cb);
             }
             owned(out_shape.to_vec(), data)
+        }
+        Op::Relu2 => {
+            let (x, xs) = args[0].f32()?;
+            map_rows(x, xs, |v| {
+                let r = v.max(0.0);
+                r * r
+            })
+        }
+        Op::BitLinear => {
+            let (x, xs) = args[0].f32()?;
+            let Val::Bytes(w) = args[1] else { return Err(bad("bit_linear weight must be bytes")) };
+            let (scale, _) = args[2].f32()?;
+            let (rows, k, m) = (xs[0], xs[1], out_shape[1]);
+            let quarter = m / 4;
+            let mut out = vec![0f32; rows * m];
+            for t in 0..rows {
+                let xr = &x[t * k..(t + 1) * k];
+                let max = xr.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-5);
+                let s = 127.0f32 / max;
+                let q: Vec<i64> = xr.iter().map(|&v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i64).collect();
+                for r in 0..quarter {
+                    for i in 0..4 {
+                        let acc: i64 = (0..k).map(|c| (((w[r * k + c] >> (2 * i)) & 3) as i64 - 1) * q[c]).sum();
+                        out[t * m + r + i * quarter] = acc as f32 / (scale[0] * s);
+                    }
+                }
+            }
+            owned(vec![rows, m], out)
         }
         Op::Stack => {
             let mut data = Vec::new();

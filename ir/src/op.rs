@@ -187,6 +187,13 @@ pub enum Op {
     /// `(w_0 [r, c], ..., w_{E-1}) -> [E, r, c]`: per-expert weights stacked.
     Stack,
 
+    /// `relu(x)²` (BitNet's `relu2`).
+    Relu2,
+    /// BitNet b1.58 linear: `(x [n, k], w u8[m/4, k], scale f32[1]) -> [n, m]`. Weights are
+    /// ternary, four per byte in row blocks: `W[r + i·m/4, c] = ((w[r, c] >> 2i) & 3) - 1`.
+    /// Per token, `s = 127 / max(max|x|, 1e-5)`, `x_q = clamp(round_half_even(x·s), -128, 127)`,
+    /// `y = (x_q · Wᵀ) / (scale · s)` — an integer dot product.
+    BitLinear,
     /// Mixture of experts with SwiGLU experts:
     /// `(x [n, d], router [E, d], gate_up [E, 2ff, d], down [E, d, ff]) -> [n, d]`.
     /// `p = softmax(x · routerᵀ)` over all experts, the `top_k` largest (lowest index first on
@@ -260,6 +267,8 @@ impl Op {
             Op::WeightMatVec => "weight_matvec",
             Op::RopeInterleave { .. } => "rope_interleave",
             Op::Stack => "stack",
+            Op::Relu2 => "relu2",
+            Op::BitLinear => "bit_linear",
             Op::Moe { .. } => "moe",
         }
     }
@@ -333,6 +342,8 @@ impl Op {
             | Op::Add
             | Op::Mul
             | Op::Concat
+            | Op::Relu2
+            | Op::BitLinear
             | Op::TakeLast => vec![],
         }
     }
@@ -410,6 +421,8 @@ impl Op {
             "scale_cols" => Op::ScaleCols,
             "weight_matvec" => Op::WeightMatVec,
             "stack" => Op::Stack,
+            "relu2" => Op::Relu2,
+            "bit_linear" => Op::BitLinear,
             "moe" => Op::Moe { experts: attrs.num("experts")?, top_k: attrs.num("top_k")? },
             "rope_interleave" => Op::RopeInterleave {
                 heads: attrs.num("heads")?,
@@ -533,7 +546,20 @@ impl Op {
                 ids(ins[3], "attention positions")?;
                 Ok(ins[0].clone())
             }
-            Op::Softmax | Op::Silu | Op::Gelu | Op::GeluErf | Op::Scale { .. } => {
+            Op::BitLinear => {
+                arity(3, 3)?;
+                let k = rows(ins[0], "bit_linear input")?;
+                let (r, c) = match (ins[1].dtype, ins[1].shape.0.as_slice()) {
+                    (DType::U8, [Dim::C(r), Dim::C(c)]) => (*r, *c),
+                    _ => return Err(format!("bit_linear weight must be u8[m/4, k], got {}", ins[1])),
+                };
+                if c != k {
+                    return Err(format!("bit_linear input has {k} columns but weight {} expects {c}", ins[1]));
+                }
+                vector(ins[2], 1, "bit_linear scale")?;
+                Ok(same_rows(4 * r))
+            }
+            Op::Softmax | Op::Silu | Op::Gelu | Op::GeluErf | Op::Relu2 | Op::Scale { .. } => {
                 arity(1, 1)?;
                 rows(ins[0], self.name())?;
                 Ok(ins[0].clone())

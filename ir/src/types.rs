@@ -10,6 +10,8 @@ pub enum DType {
     F16,
     BF16,
     I32,
+    /// Raw bytes (BitNet's packed ternary weights).
+    U8,
 }
 
 impl DType {
@@ -19,6 +21,7 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::I32 => "i32",
+            DType::U8 => "u8",
         }
     }
 
@@ -28,6 +31,7 @@ impl DType {
             "f16" => DType::F16,
             "bf16" => DType::BF16,
             "i32" => DType::I32,
+            "u8" => DType::U8,
             _ => return None,
         })
     }

@@ -44,6 +44,7 @@ impl Builder {
             self.specs.push(WeightSpec {
                 name: name.to_string(),
                 shape: dims.to_vec(),
+                dtype: llmc_ir::DType::F32,
                 candidates: candidates.iter().map(|c| c.to_string()).collect(),
                 transform,
             });
@@ -55,6 +56,18 @@ impl Builder {
             .into_iter()
             .find(|&id| matches!(&self.g.node(id).op, Op::Weight { name: n } if n == name));
         existing.unwrap_or_else(|| self.g.weight(name, dims))
+    }
+
+    /// A raw-byte weight (BitNet's packed ternary matrix), read as stored.
+    pub fn weight_u8(&mut self, name: &str, dims: &[usize]) -> NodeId {
+        self.specs.push(WeightSpec {
+            name: name.to_string(),
+            shape: dims.to_vec(),
+            dtype: llmc_ir::DType::U8,
+            candidates: vec![name.to_string()],
+            transform: Transform::None,
+        });
+        self.g.weight_typed(name, llmc_ir::DType::U8, dims)
     }
 
     pub fn op(&mut self, op: Op, args: &[NodeId]) -> Result<NodeId> {

@@ -4,6 +4,7 @@
 //! **Architecture invariant:** a family file only *describes* its graph with the shared ops of
 //! `llmc-ir` (through [`builder::Builder`]); it never computes anything itself.
 
+pub mod bitnet;
 pub mod builder;
 pub mod config;
 pub mod error;
@@ -24,7 +25,7 @@ pub use safetensors_io::WeightFiles;
 pub use weights::{Transform, WeightSpec};
 
 /// The `model_type`s llmc knows.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon, bitnet";
 
 /// A validated config of one of the supported families.
 #[derive(Clone, Debug)]
@@ -32,6 +33,7 @@ pub enum ModelConfig {
     Llama(llama::LlamaConfig),
     Gpt2(gpt2::Gpt2Config),
     Falcon(falcon::FalconConfig),
+    BitNet(bitnet::BitNetConfig),
 }
 
 impl ModelConfig {
@@ -46,6 +48,7 @@ impl ModelConfig {
             "llama" | "mistral" | "qwen2" | "mixtral" => ModelConfig::Llama(llama::LlamaConfig::parse(path, v)?),
             "gpt2" => ModelConfig::Gpt2(gpt2::Gpt2Config::parse(path, v)?),
             "falcon" => ModelConfig::Falcon(falcon::FalconConfig::parse(path, v)?),
+            "bitnet" => ModelConfig::BitNet(bitnet::BitNetConfig::parse(path, v)?),
             other => {
                 return Err(ModelError::UnknownModelType {
                     path: path.into(),
@@ -62,6 +65,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.build(),
             ModelConfig::Gpt2(c) => c.build(),
             ModelConfig::Falcon(c) => c.build(),
+            ModelConfig::BitNet(c) => c.build(),
         }
     }
 
@@ -71,6 +75,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.max_position_embeddings,
             ModelConfig::Gpt2(c) => c.n_positions,
             ModelConfig::Falcon(c) => c.max_position_embeddings,
+            ModelConfig::BitNet(c) => c.max_position_embeddings,
         }
     }
 
@@ -84,6 +89,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.vocab_size,
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Falcon(c) => c.vocab_size,
+            ModelConfig::BitNet(c) => c.vocab_size,
         }
     }
 }
@@ -142,7 +148,11 @@ fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
         });
     }
     use safetensors::tensor::Dtype;
-    if !matches!(loc.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+    let ok = match spec.dtype {
+        llmc_ir::DType::U8 => loc.dtype == Dtype::U8,
+        _ => matches!(loc.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16),
+    };
+    if !ok {
         return Err(ModelError::TensorDtype {
             path: files.path_of(loc).to_path_buf(),
             name: src.clone(),

@@ -116,6 +116,22 @@ impl WeightFiles {
         self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     }
 
+    /// Reads a `U8` tensor's bytes.
+    pub fn read_u8(&self, name: &str) -> Result<Vec<u8>> {
+        let loc = self
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into(), files: self.describe_files() })?;
+        if loc.dtype != Dtype::U8 {
+            let path = self.paths[loc.file].clone();
+            return Err(ModelError::TensorDtype {
+                path,
+                name: name.into(),
+                dtype: format!("{:?} (expected U8)", loc.dtype),
+            });
+        }
+        Ok(self.maps[loc.file][loc.start..loc.end].to_vec())
+    }
+
     /// Reads a tensor as f32, widening f16/bf16.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let loc = self

@@ -20,6 +20,8 @@ pub enum Transform {
 pub struct WeightSpec {
     pub name: String,
     pub shape: Vec<usize>,
+    /// `F32` (read from f32/f16/bf16) or `U8` (raw bytes, BitNet's packed ternary weights).
+    pub dtype: llmc_ir::DType,
     pub candidates: Vec<String>,
     pub transform: Transform,
 }
@@ -31,6 +33,24 @@ impl WeightSpec {
             Transform::Transpose => self.shape.iter().rev().copied().collect(),
             _ => self.shape.clone(),
         }
+    }
+
+    /// Reads a `u8` tensor's bytes from the checkpoint (shape checked, no transform).
+    pub fn load_bytes(&self, files: &WeightFiles) -> Result<Vec<u8>> {
+        let (src, loc) = self
+            .candidates
+            .iter()
+            .find_map(|c| files.get(c).map(|l| (c, l)))
+            .ok_or_else(|| ModelError::MissingTensor { name: self.name.clone(), files: files.describe_files() })?;
+        if loc.shape != self.shape {
+            return Err(ModelError::TensorShape {
+                path: files.path_of(loc).to_path_buf(),
+                name: src.clone(),
+                expected: self.shape.clone(),
+                actual: loc.shape.clone(),
+            });
+        }
+        files.read_u8(src)
     }
 
     /// Reads the tensor from the checkpoint, checks its shape and applies the transform.

@@ -76,7 +76,7 @@ impl Artifact {
         let mut index = HashMap::new();
         for (i, t) in header.tensors.iter().enumerate() {
             in_file(&format!("tensor `{}`", t.name), t.offset, t.len)?;
-            if t.dtype != "f32" {
+            if t.dtype != "f32" && t.dtype != "u8" {
                 return Err(bad(format!("tensor `{}` has unsupported dtype {}", t.name, t.dtype)));
             }
             // The stored length follows from the shape and the layout (packed tensors are padded).
@@ -86,8 +86,11 @@ impl Artifact {
                 Layout::RowMajor => true,
             };
             let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-            let want =
-                numel.filter(|&n| dims_ok && n < (1u64 << 40)).map(|_| pack::packed_len(t.layout, &t.shape) as u64 * 4);
+            let want = numel.filter(|&n| dims_ok && n < (1u64 << 40)).map(|n| match t.dtype.as_str() {
+                "u8" if t.layout == Layout::RowMajor => n,
+                "u8" => u64::MAX,
+                _ => pack::packed_len(t.layout, &t.shape) as u64 * 4,
+            });
             if want != Some(t.len) {
                 return Err(bad(format!("tensor `{}`: {} bytes do not match shape {:?}", t.name, t.len, t.shape)));
             }
@@ -111,9 +114,27 @@ impl Artifact {
         Ok(Artifact { path: path.to_path_buf(), header, graph, ir_text, map, index, unpacked })
     }
 
+    /// The address of a weight's data in the map, whatever its dtype (for the JIT).
+    pub fn tensor_ptr(&self, name: &str) -> Option<*const u8> {
+        let t = &self.header.tensors[*self.index.get(name)?];
+        self.map.get(t.offset as usize..).map(|b| b.as_ptr())
+    }
+
+    /// A `u8` weight's bytes, in place in the map.
+    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+        let t = &self.header.tensors[*self.index.get(name)?];
+        if t.dtype != "u8" {
+            return None;
+        }
+        self.map.get(t.offset as usize..(t.offset + t.len) as usize)
+    }
+
     /// A weight's f32 data as stored (packed layouts included), in place in the map.
     pub fn tensor(&self, name: &str) -> Option<(&[f32], &[usize])> {
         let t = &self.header.tensors[*self.index.get(name)?];
+        if t.dtype != "f32" {
+            return None;
+        }
         let bytes = &self.map[t.offset as usize..(t.offset + t.len) as usize];
         // SAFETY: `bytes` lies inside the map (checked at open), its start is 64-byte aligned
         // within a page-aligned map (so aligned for f32), its length is a multiple of 4 (checked
@@ -136,6 +157,10 @@ impl Artifact {
 }
 
 impl WeightSource for Artifact {
+    fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.tensor_bytes(name)
+    }
+
     /// Row-major weights for the interpreter: packed tensors are unpacked once, on first use.
     fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
         let i = *self.index.get(name)?;

@@ -57,14 +57,15 @@ unsafe impl Sync for SendPtr {}
 impl JitState {
     /// State for running `art`'s program with `ctx` positions, steps of at most `n_cap` tokens.
     pub fn new(art: &Artifact, ctx: usize, n_cap: usize) -> Result<JitState, RuntimeError> {
-        JitState::with_weights(&art.header.program, &|name| art.tensor(name).map(|t| t.0), ctx, n_cap)
+        JitState::with_weights(&art.header.program, &|name| art.tensor_ptr(name), ctx, n_cap)
     }
 
-    /// The same for any program: `weights` gives each weight's data in the layout the program
-    /// asks for. The data must outlive the state (the runtime's map, or a test's vectors).
-    pub fn with_weights<'w>(
+    /// The same for any program: `weights` gives the address of each weight's data in the
+    /// layout the program asks for. The data must outlive the state (the runtime's map, or a
+    /// test's vectors).
+    pub fn with_weights(
         prog: &Program,
-        weights: &dyn Fn(&str) -> Option<&'w [f32]>,
+        weights: &dyn Fn(&str) -> Option<*const u8>,
         ctx: usize,
         n_cap: usize,
     ) -> Result<JitState, RuntimeError> {
@@ -126,11 +127,7 @@ impl JitState {
         Ok(s)
     }
 
-    fn build_args<'w>(
-        &mut self,
-        prog: &Program,
-        weights: &dyn Fn(&str) -> Option<&'w [f32]>,
-    ) -> Result<(), RuntimeError> {
+    fn build_args(&mut self, prog: &Program, weights: &dyn Fn(&str) -> Option<*const u8>) -> Result<(), RuntimeError> {
         let arena = self.arena.as_mut_ptr() as *mut u8;
         let missing = |what: String| RuntimeError::Usage(format!("invalid program: {what}"));
         let mut tables = Vec::new();
@@ -144,9 +141,9 @@ impl JitState {
                         // SAFETY: offset × n_cap + width × n_cap <= arena_width × n_cap floats.
                         unsafe { arena.add(buf.offset * self.n_cap * 4) }
                     }
-                    Arg::Weight(name) => weights(name)
-                        .ok_or_else(|| missing(format!("call reads missing weight `{name}`")))?
-                        .as_ptr() as *mut u8,
+                    Arg::Weight(name) => {
+                        weights(name).ok_or_else(|| missing(format!("call reads missing weight `{name}`")))? as *mut u8
+                    }
                     Arg::Tokens => self.tokens.as_mut_ptr() as *mut u8,
                     Arg::Positions => self.positions.as_mut_ptr() as *mut u8,
                     Arg::KCache(l) | Arg::VCache(l) => {

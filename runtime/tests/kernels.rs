@@ -62,7 +62,7 @@ impl Case {
         let kernels = jit::compile(&prog.kernels).unwrap();
         let packed: HashMap<String, Vec<f32>> =
             self.weights.iter().map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data))).collect();
-        let lookup = |n: &str| packed.get(n).map(|v| v.as_slice());
+        let lookup = |n: &str| packed.get(n).map(|v| v.as_ptr() as *const u8);
         let mut st = JitState::with_weights(&prog, &lookup, ctx, n_cap).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut cache = KvCache::new(&self.g, ctx);
@@ -296,7 +296,7 @@ fn activation_error_bounds() {
         c.g.output("logits", y);
         let prog = lower::lower(&c.g).unwrap();
         let kernels = jit::compile(&prog.kernels).unwrap();
-        let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_slice());
+        let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_ptr() as *const u8);
         let mut st = JitState::with_weights(&prog, &lookup, 4, 1).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let got = st.step(&prog, &kernels, &pool, &[0], &[0]);
@@ -390,7 +390,7 @@ fn moe_decode_reads_only_selected_experts() {
             packed.get_mut(name).unwrap()[e * per..(e + 1) * per].fill(f32::NAN);
         }
     }
-    let lookup = |n: &str| packed.get(n).map(|v| v.as_slice());
+    let lookup = |n: &str| packed.get(n).map(|v| v.as_ptr() as *const u8);
     let mut st = JitState::with_weights(&prog, &lookup, 4, 4).unwrap();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let got = st.step(&prog, &kernels, &pool, &[token as i32], &[0]);

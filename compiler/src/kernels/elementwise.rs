@@ -94,6 +94,11 @@ pub fn apply_unary(
             let c = k.c(ty, f);
             k.fmul(x, c)
         }
+        Unary::Relu2 => {
+            let z = k.c(ty, 0.0);
+            let r = k.fmax(x, z);
+            k.fmul(r, r)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! One file per kernel family; `build` dispatches a spec to its generator.
 
 pub mod attention;
+pub mod bitnet;
 pub mod elementwise;
 pub mod kb;
 pub mod matmul;
@@ -39,6 +40,8 @@ pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfi
         KernelSpec::Concat { widths } => elementwise::concat(&mut k, widths),
         KernelSpec::TakeLast { d } => elementwise::take_last(&mut k, *d),
         KernelSpec::Softmax { d } => elementwise::softmax(&mut k, *d),
+        KernelSpec::ActQuant { k: kd } => bitnet::act_quant(&mut k, *kd),
+        KernelSpec::BitMatMul { k: kd, m } => bitnet::bit_matmul(&mut k, *kd, *m),
         KernelSpec::MoeRoute { experts, top_k } => moe::route(&mut k, *experts, *top_k),
         KernelSpec::MoeGateUp { d, ff, top_k } => moe::gate_up(&mut k, *d, *ff, *top_k),
         KernelSpec::MoeDown { d, ff, top_k } => moe::down(&mut k, *d, *ff, *top_k),
