@@ -63,6 +63,16 @@ fn mixtral_jit() {
     common::check_parity("mixtral", "jit");
 }
 
+#[test]
+fn bitnet_interp() {
+    common::check_parity("bitnet", "interp");
+}
+
+#[test]
+fn bitnet_jit() {
+    common::check_parity("bitnet", "jit");
+}
+
 /// Without --backend the fastest backend (the JIT) runs, with the same results.
 #[test]
 fn default_backend_is_jit() {
@@ -77,7 +87,7 @@ fn default_backend_is_jit() {
 /// The unfused program (`--no-opt`) on the JIT matches too: every unfused kernel stays tested.
 #[test]
 fn all_families_without_passes() {
-    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral"] {
+    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet"] {
         let dir = tempfile::tempdir().unwrap();
         let art = dir.path().join("m.llmc");
         let fx = common::fixture(name);

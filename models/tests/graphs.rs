@@ -8,7 +8,7 @@ use llmc_models::{load_config, ModelConfig};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-const FAMILIES: [&str; 6] = ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral"];
+const FAMILIES: [&str; 7] = ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet"];
 
 fn graph_text(family: &str) -> String {
     let (_, _, cfg) = load_config(&common::fixture(family)).unwrap();

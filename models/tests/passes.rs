@@ -12,7 +12,7 @@ use llmc_ir::{text, Graph, Op};
 use llmc_models::{load_config, ModelConfig};
 use proptest::prelude::*;
 
-const FAMILIES: [&str; 6] = ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral"];
+const FAMILIES: [&str; 7] = ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet"];
 
 fn graph(family: &str) -> (ModelConfig, Graph) {
     let (_, _, cfg) = load_config(&common::fixture(family)).unwrap();
@@ -20,10 +20,33 @@ fn graph(family: &str) -> (ModelConfig, Graph) {
     (cfg, g)
 }
 
-fn random_weights(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    g.weights()
+/// Random f32 weights, and random bytes for `u8` weights (BitNet's packed ternary values).
+struct RandomWeights {
+    f32: HashMap<String, Tensor>,
+    u8: HashMap<String, Vec<u8>>,
+}
+
+fn random_weights(g: &Graph, seed: u64) -> RandomWeights {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 3;
+    let mut u8s = HashMap::new();
+    for (name, ty) in g.weights() {
+        if ty.dtype == llmc_ir::DType::U8 {
+            let bytes = (0..ty.shape.numel(0))
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    // four 2-bit fields, each 0..=2 (ternary -1, 0, +1)
+                    (0..4).fold(0u8, |b, i| b | ((((s >> (8 * i)) % 3) as u8) << (2 * i)))
+                })
+                .collect();
+            u8s.insert(name, bytes);
+        }
+    }
+    let f32s = g
+        .weights()
         .into_iter()
+        .filter(|(_, ty)| ty.dtype != llmc_ir::DType::U8)
         .map(|(name, ty)| {
             let shape = ty.shape.resolve(0);
             let data = (0..shape.iter().product::<usize>())
@@ -36,11 +59,13 @@ fn random_weights(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
                 .collect();
             (name, Tensor { shape, data })
         })
-        .collect()
+        .collect();
+    RandomWeights { f32: f32s, u8: u8s }
 }
 
 /// Logits of a 7-token prefill then three decode steps.
-fn logits(g: &Graph, w: &HashMap<String, Tensor>, tokens: &[i32]) -> Vec<f32> {
+fn logits(g: &Graph, w: &RandomWeights, tokens: &[i32]) -> Vec<f32> {
+    let w = interp::Weights { f32: &w.f32, u8: &w.u8 };
     let mut cache = KvCache::new(g, 32);
     let mut out = Vec::new();
     let pos: Vec<i32> = (0..tokens.len() as i32).collect();
@@ -50,7 +75,7 @@ fn logits(g: &Graph, w: &HashMap<String, Tensor>, tokens: &[i32]) -> Vec<f32> {
         steps.push((vec![tokens[i]], vec![pos[i]]));
     }
     for (t, p) in steps {
-        let r = interp::run(g, StepInput { tokens: &t, positions: &p }, w, &mut cache).unwrap();
+        let r = interp::run(g, StepInput { tokens: &t, positions: &p }, &w, &mut cache).unwrap();
         out.extend_from_slice(&r["logits"].data);
     }
     out
@@ -150,7 +175,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
     /// The full pipeline preserves meaning on random weights, for every family.
     #[test]
-    fn pipeline_preserves_meaning_on_random_weights(seed in 1u64..10_000, family in 0usize..6) {
+    fn pipeline_preserves_meaning_on_random_weights(seed in 1u64..10_000, family in 0usize..7) {
         let family = FAMILIES[family];
         let (cfg, g0) = graph(family);
         let w = random_weights(&g0, seed);

@@ -25,6 +25,7 @@ fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
 struct Case {
     g: Graph,
     weights: HashMap<String, Tensor>,
+    bytes: HashMap<String, Vec<u8>>,
     seed: u64,
 }
 
@@ -33,7 +34,7 @@ impl Case {
         let mut g = Graph::new("kernel");
         g.input(InputKind::Tokens);
         g.input(InputKind::Positions);
-        Case { g, weights: HashMap::new(), seed }
+        Case { g, weights: HashMap::new(), bytes: HashMap::new(), seed }
     }
     fn tokens(&self) -> NodeId {
         self.g.node_ids()[0]
@@ -46,6 +47,17 @@ impl Case {
         let data = values(self.seed, dims.iter().product(), scale);
         self.weights.insert(name.into(), Tensor { shape: dims.to_vec(), data });
         self.g.weight(name, dims)
+    }
+    /// A `u8` weight of random packed ternary values (four 2-bit fields per byte, each 0..=2).
+    fn weight_u8(&mut self, name: &str, dims: &[usize]) -> NodeId {
+        self.seed += 1;
+        let v = values(self.seed, dims.iter().product::<usize>() * 4, 1.0);
+        let bytes = v
+            .chunks(4)
+            .map(|c| c.iter().enumerate().fold(0u8, |b, (i, x)| b | ((((x + 1.0) * 1.499) as u8).min(2) << (2 * i))))
+            .collect();
+        self.bytes.insert(name.into(), bytes);
+        self.g.weight_typed(name, llmc_ir::DType::U8, dims)
     }
     /// `[n, d]` activations: rows of a random table gathered by the step's tokens.
     fn rows(&mut self, name: &str, vocab: usize, d: usize, scale: f32) -> NodeId {
@@ -62,13 +74,16 @@ impl Case {
         let kernels = jit::compile(&prog.kernels).unwrap();
         let packed: HashMap<String, Vec<f32>> =
             self.weights.iter().map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data))).collect();
-        let lookup = |n: &str| packed.get(n).map(|v| v.as_ptr() as *const u8);
+        let bytes = &self.bytes;
+        let lookup =
+            |n: &str| bytes.get(n).map(|b| b.as_ptr()).or_else(|| packed.get(n).map(|v| v.as_ptr() as *const u8));
         let mut st = JitState::with_weights(&prog, &lookup, ctx, n_cap).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut cache = KvCache::new(&self.g, ctx);
         let mut worst = 0f64;
         for (tokens, positions) in steps {
-            let want = interp::run(&self.g, StepInput { tokens, positions }, &self.weights, &mut cache).unwrap();
+            let w = interp::Weights { f32: &self.weights, u8: &self.bytes };
+            let want = interp::run(&self.g, StepInput { tokens, positions }, &w, &mut cache).unwrap();
             let want = &want["logits"].data;
             let got = st.step(&prog, &kernels, &pool, tokens, positions);
             assert_eq!(got.len(), want.len());
@@ -396,5 +411,24 @@ fn moe_decode_reads_only_selected_experts() {
     let got = st.step(&prog, &kernels, &pool, &[token as i32], &[0]);
     for (a, b) in got.iter().zip(&want["logits"].data) {
         assert!(a.is_finite() && (a - b).abs() <= 2e-5 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// BitNet's ternary matmul (activation quantization + integer dot on the packed 2-bit
+    /// weights) against the interpreter, on sizes that are not multiples of 8 or 16.
+    #[test]
+    fn bit_linear(k in 1usize..70, m4 in 1usize..20, n in 1usize..6, scale in 0.05f32..4.0, seed in 0u64..1000) {
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, k, 3.0);
+        let w = c.weight_u8("w", &[m4, k]);
+        c.weights.insert("s".into(), Tensor { shape: vec![1], data: vec![scale] });
+        let s = c.g.weight("s", &[1]);
+        let y = c.g.add(Op::BitLinear, &[x, w, s]).unwrap();
+        let y = c.g.add(Op::Relu2, &[y]).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "err {err}");
     }
 }
