@@ -153,7 +153,7 @@ fn generate_text(
         let printable_end = hit.unwrap_or(out.len());
         if stream && printable_end > before {
             let mut o = stdout.lock();
-            let _ = o.write_all(out[before..printable_end].as_bytes());
+            let _ = o.write_all(&out.as_bytes()[before..printable_end]);
             let _ = o.flush();
         }
         if let Some(cut) = hit {

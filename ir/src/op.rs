@@ -692,7 +692,7 @@ impl Op {
             }
             Op::InterleaveRows8 => {
                 arity(2, 2)?;
-                if ins[0] != ins[1] || ins[0].shape.0.iter().any(|d| *d == Dim::N) {
+                if ins[0] != ins[1] || ins[0].shape.0.contains(&Dim::N) {
                     return Err(format!("interleave_rows8 operands differ: {} vs {}", ins[0], ins[1]));
                 }
                 match ins[0].shape.0.first() {

@@ -71,7 +71,7 @@ impl BitNetConfig {
         ] {
             check_dim(path, field, val)?;
         }
-        if c.hidden_size % c.num_attention_heads != 0 || c.num_attention_heads % c.kv_heads() != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) || !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
             return Err(field_err(
                 path,
                 "num_key_value_heads",

@@ -88,10 +88,10 @@ impl FalconConfig {
         ] {
             check_dim(path, field, val)?;
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field_err(path, "num_attention_heads", "must divide hidden_size"));
         }
-        if c.num_attention_heads % c.kv_heads() != 0 {
+        if !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
             return Err(field_err(path, "num_kv_heads", "must divide num_attention_heads"));
         }
         if c.alibi {

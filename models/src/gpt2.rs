@@ -64,7 +64,7 @@ impl Gpt2Config {
         ] {
             check_dim(path, field, val)?;
         }
-        if c.n_embd % c.n_head != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(field_err(path, "n_head", "must divide n_embd"));
         }
         c.activation(path)?;

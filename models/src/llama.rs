@@ -88,14 +88,14 @@ impl LlamaConfig {
         ] {
             check_dim(path, field, val)?;
         }
-        if c.head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
+        if c.head_dim.is_none() && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field_err(
                 path,
                 "num_attention_heads",
                 "does not divide hidden_size and head_dim is not given",
             ));
         }
-        if c.num_attention_heads % c.kv_heads() != 0 {
+        if !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
             return Err(field_err(path, "num_key_value_heads", "must divide num_attention_heads"));
         }
         if c.hidden_act != "silu" {
@@ -119,12 +119,12 @@ impl LlamaConfig {
             if k == 0 || k > e {
                 return Err(field_err(path, "num_experts_per_tok", format!("{k} must be in 1..={e}")));
             }
-            if c.intermediate_size % 8 != 0 {
+            if !c.intermediate_size.is_multiple_of(8) {
                 return Err(field_err(path, "intermediate_size", "must be a multiple of 8 for MoE experts"));
             }
         }
         let rd = c.rotary_dim();
-        if rd == 0 || rd % 2 != 0 {
+        if rd == 0 || !rd.is_multiple_of(2) {
             return Err(field_err(path, "partial_rotary_factor", "gives an odd or empty rotary dimension"));
         }
         Ok(c)

@@ -8,6 +8,7 @@
 //!   second set so two independent FMA chains keep more loads in flight;
 //! - prefill: 4 tokens × 8 rows (half a panel) = 8 accumulators (2 tokens × 16 rows for
 //!   SwiGLU, whose outputs need both halves), so each weight vector feeds several FMAs.
+//!
 //! Live vectors stay at ≤ 13 so Cranelift does not spill. The k loop walks pointers.
 
 use cranelift_codegen::ir::condcodes::IntCC;

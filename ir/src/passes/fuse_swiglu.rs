@@ -40,7 +40,7 @@ impl Pass for FuseSwiglu {
                     && pg.rms_eps == pu.rms_eps
                     && pg.bias.is_none()
                     && pu.bias.is_none()
-                    && rows % 8 == 0
+                    && rows.is_multiple_of(8)
                     && single_user(g, gate) == Some(a)
                     && single_user(g, up) == Some(id);
                 if !ok {
