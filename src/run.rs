@@ -237,7 +237,7 @@ fn chat_loop(a: &RunArgs, engine: &Engine, session: &mut Session<'_>, sampler: &
         messages.push(Message { role: "user".into(), content: line.to_string() });
         let ids = text.encode(&chat_prompt(engine, &messages)?, false)?;
         let shared = seen.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len().saturating_sub(1));
-        session.truncate(shared);
+        let shared = session.truncate(shared);
         seen.truncate(shared);
         let room = session.ctx.saturating_sub(ids.len());
         if room == 0 {

@@ -181,6 +181,24 @@ impl Lowerer<'_> {
                         let args = vec![Arg::Buf(h), a[3].clone(), Arg::Buf(route), Arg::Buf(out)];
                         self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
                     }
+                    Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps } => {
+                        let ch = heads * head_dim + 2 * groups * d_state;
+                        let st = (*layer, (d_conv - 1) * ch, heads * head_dim * d_state);
+                        if !self.prog.mamba_layers.contains(&st) {
+                            self.prog.mamba_layers.push(st);
+                        }
+                        let mut args = a.clone();
+                        args.extend([Arg::MambaConv(*layer), Arg::MambaSsm(*layer), Arg::Buf(out)]);
+                        let spec = KernelSpec::Mamba2 {
+                            heads: *heads,
+                            head_dim: *head_dim,
+                            d_state: *d_state,
+                            groups: *groups,
+                            d_conv: *d_conv,
+                            eps: *eps,
+                        };
+                        self.call(spec, args, Units::Single, rows, 0);
+                    }
                     Op::BitLinear => {
                         let k = in_width(0);
                         let q = self.buffer(k + 1, rows);
@@ -376,6 +394,7 @@ pub fn lower(g: &Graph) -> Result<Program, IrError> {
             outputs: Vec::new(),
             rope_tables: Vec::new(),
             kv_layers: Vec::new(),
+            mamba_layers: Vec::new(),
             layouts: Vec::new(),
         },
         vals: HashMap::new(),

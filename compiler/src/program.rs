@@ -97,6 +97,10 @@ pub enum KernelSpec {
     /// `[h, down (Panel16, per expert d rows), route, out]`, units: panels of d. `out[t] =
     /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`.
     MoeDown { d: usize, ff: usize, top_k: usize },
+    /// `[zxbcdt, conv_w, conv_b, dt_bias, a_log, d, norm_w, conv_state, ssm_state, out]`,
+    /// units: 1 (the tokens of the step run in order through the recurrent state). The Mamba2
+    /// mixer between its projections: causal conv + SiLU, the SSM step per head, gated RMSNorm.
+    Mamba2 { heads: usize, head_dim: usize, d_state: usize, groups: usize, d_conv: usize, eps: f32 },
     /// `[x, q]`, units: rows. BitNet activation quantization: `q[t] = [k i32 values
     /// clamp(round_half_even(x·s)), s as f32]` with `s = 127 / max(max|x|, 1e-5)`.
     ActQuant { k: usize },
@@ -146,6 +150,7 @@ impl KernelSpec {
             KernelSpec::TakeLast { d } => format!("take_last_d{d}"),
             KernelSpec::Softmax { d } => format!("softmax_d{d}"),
             KernelSpec::ActQuant { k } => format!("act_quant_k{k}"),
+            KernelSpec::Mamba2 { heads, head_dim, d_state, .. } => format!("mamba2_h{heads}_hd{head_dim}_s{d_state}"),
             KernelSpec::BitMatMul { k, m } => format!("bit_matmul_k{k}_m{m}"),
             KernelSpec::MoeRoute { experts, top_k } => format!("moe_route_e{experts}_k{top_k}"),
             KernelSpec::MoeGateUp { d, ff, top_k } => format!("moe_gate_up_d{d}_ff{ff}_k{top_k}"),
@@ -194,6 +199,9 @@ pub enum Arg {
     VCache(usize),
     /// A cos/sin table, by index into `Program::rope_tables`.
     RopeTable(usize),
+    /// The conv window / SSM state of a Mamba2 layer.
+    MambaConv(usize),
+    MambaSsm(usize),
 }
 
 /// One call of the schedule.
@@ -248,6 +256,9 @@ pub struct Program {
     pub outputs: Vec<(String, usize)>,
     pub rope_tables: Vec<RopeTable>,
     pub kv_layers: Vec<KvLayer>,
+    /// Mamba2 layers: `(layer, conv state floats, ssm state floats)`.
+    #[serde(default)]
+    pub mamba_layers: Vec<(usize, usize, usize)>,
     /// Storage layout of each weight the program reads.
     pub layouts: Vec<(String, Layout)>,
 }

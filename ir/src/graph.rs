@@ -180,6 +180,23 @@ impl Graph {
         out
     }
 
+    /// The Mamba2 layers of the graph: `(layer, conv channels, d_conv, state floats)`, sorted.
+    pub fn mamba_layers(&self) -> Vec<(usize, usize, usize, usize)> {
+        let mut out: Vec<_> = self
+            .g
+            .node_weights()
+            .filter_map(|n| match n.op {
+                Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, .. } => {
+                    Some((layer, heads * head_dim + 2 * groups * d_state, d_conv, heads * head_dim * d_state))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Whether a node's value is known at compile time (it depends on no step input).
     pub fn is_const(&self, id: NodeId) -> bool {
         let mut stack = vec![id];

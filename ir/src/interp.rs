@@ -60,6 +60,9 @@ pub struct LayerKv {
 pub struct KvCache {
     pub ctx: usize,
     pub layers: HashMap<usize, LayerKv>,
+    /// Mamba2 layers: the conv window `[d_conv - 1, channels]` and the SSM state
+    /// `[heads, head_dim, d_state]`.
+    pub mamba: HashMap<usize, (Vec<f32>, Vec<f32>)>,
 }
 
 impl KvCache {
@@ -73,7 +76,12 @@ impl KvCache {
                 (l, LayerKv { kv_heads, head_dim, k: vec![0.0; len], v: vec![0.0; len] })
             })
             .collect();
-        KvCache { ctx, layers }
+        let mamba = g
+            .mamba_layers()
+            .into_iter()
+            .map(|(l, channels, d_conv, state)| (l, (vec![0.0; (d_conv - 1) * channels], vec![0.0; state])))
+            .collect();
+        KvCache { ctx, layers, mamba }
     }
 }
 
@@ -509,6 +517,69 @@ fn eval<'w>(
                 data.extend_from_slice(cb);
             }
             owned(out_shape.to_vec(), data)
+        }
+        Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps } => {
+            let (zx, zs) = args[0].f32()?;
+            let p: Vec<&[f32]> = args[1..].iter().map(|a| a.f32().map(|v| v.0)).collect::<Result<_, _>>()?;
+            let (conv_w, conv_b, dt_bias, a_log, dd, norm_w) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+            let (h, hd, s_, k) = (*heads, *head_dim, *d_state, *d_conv);
+            let i_ = h * hd;
+            let gs = groups * s_;
+            let ch = i_ + 2 * gs;
+            let width = zs[1];
+            let (conv, ssm) =
+                cache.mamba.get_mut(layer).ok_or_else(|| bad(format!("no Mamba2 state for layer {layer}")))?;
+            let mut out = vec![0f32; zs[0] * i_];
+            for t in 0..zs[0] {
+                let row = &zx[t * width..(t + 1) * width];
+                let (z, xbc, dt) = (&row[..i_], &row[i_..i_ + ch], &row[i_ + ch..]);
+                // causal depthwise conv over the window [state..., x_t], then SiLU
+                let mut act = vec![0f32; ch];
+                for c in 0..ch {
+                    let mut acc = conv_b[c] as f64;
+                    for j in 0..k {
+                        let v = if j + 1 == k { xbc[c] } else { conv[j * ch + c] };
+                        acc += conv_w[c * k + j] as f64 * v as f64;
+                    }
+                    act[c] = silu(acc as f32);
+                }
+                for j in 0..k.saturating_sub(2) {
+                    for c in 0..ch {
+                        conv[j * ch + c] = conv[(j + 1) * ch + c];
+                    }
+                }
+                if k > 1 {
+                    conv[(k - 2) * ch..(k - 1) * ch].copy_from_slice(xbc);
+                }
+                let (x, b, cc) = (&act[..i_], &act[i_..i_ + gs], &act[i_ + gs..]);
+                let mut y = vec![0f32; i_];
+                for head in 0..h {
+                    let g = head / (h / groups);
+                    let v = dt[head] as f64 + dt_bias[head] as f64;
+                    let dtv = if v > 20.0 { v } else { v.exp().ln_1p() };
+                    let a = -(a_log[head] as f64).exp();
+                    let da = (dtv * a).exp();
+                    for pd in 0..hd {
+                        let xv = x[head * hd + pd] as f64;
+                        let st = &mut ssm[(head * hd + pd) * s_..(head * hd + pd + 1) * s_];
+                        let mut acc = 0f64;
+                        for sx in 0..s_ {
+                            let nv = st[sx] as f64 * da + dtv * xv * b[g * s_ + sx] as f64;
+                            st[sx] = nv as f32;
+                            acc += nv * cc[g * s_ + sx] as f64;
+                        }
+                        y[head * hd + pd] = (acc + dd[head] as f64 * xv) as f32;
+                    }
+                }
+                // gated RMSNorm over the whole inner dim (groups share one norm here)
+                let gated: Vec<f64> = y.iter().zip(z).map(|(&yv, &zv)| yv as f64 * silu(zv) as f64).collect();
+                let ms = gated.iter().map(|v| v * v).sum::<f64>() / i_ as f64;
+                let inv = 1.0 / (ms + *eps as f64).sqrt();
+                for c in 0..i_ {
+                    out[t * i_ + c] = norm_w[c] * (gated[c] * inv) as f32;
+                }
+            }
+            owned(vec![zs[0], i_], out)
         }
         Op::Relu2 => {
             let (x, xs) = args[0].f32()?;

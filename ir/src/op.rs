@@ -194,6 +194,14 @@ pub enum Op {
     /// Per token, `s = 127 / max(max|x|, 1e-5)`, `x_q = clamp(round_half_even(x·s), -128, 127)`,
     /// `y = (x_q · Wᵀ) / (scale · s)` — an integer dot product.
     BitLinear,
+    /// A Mamba2 mixer after its input projection:
+    /// `(zxbcdt [n, 2·I + 2·G·S + H], conv_w [C, 1, K], conv_b [C], dt_bias [H], a_log [H],
+    /// d [H], norm_w [I]) -> [n, I]` with `I = heads·head_dim`, `C = I + 2·G·S` conv channels.
+    /// Per token, in order: causal depthwise conv (window of the last K inputs, kept in the
+    /// layer's conv state) + SiLU on `xBC`; `dt = softplus(dt + dt_bias)`; per head
+    /// `state = state·exp(dt·A) + dt·x ⊗ B` (`A = -exp(a_log)`, `B`, `C` of the head's group),
+    /// `y = state·C + D·x`; then the gated RMSNorm `norm_w · rms(y · silu(z))`.
+    Mamba2 { layer: usize, heads: usize, head_dim: usize, d_state: usize, groups: usize, d_conv: usize, eps: f32 },
     /// Mixture of experts with SwiGLU experts:
     /// `(x [n, d], router [E, d], gate_up [E, 2ff, d], down [E, d, ff]) -> [n, d]`.
     /// `p = softmax(x · routerᵀ)` over all experts, the `top_k` largest (lowest index first on
@@ -268,6 +276,7 @@ impl Op {
             Op::RopeInterleave { .. } => "rope_interleave",
             Op::Stack => "stack",
             Op::Relu2 => "relu2",
+            Op::Mamba2 { .. } => "mamba2",
             Op::BitLinear => "bit_linear",
             Op::Moe { .. } => "moe",
         }
@@ -330,6 +339,15 @@ impl Op {
                 ("rotary_dim", rotary_dim.to_string()),
             ],
             Op::Moe { experts, top_k } => vec![("experts", experts.to_string()), ("top_k", top_k.to_string())],
+            Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps } => vec![
+                ("layer", layer.to_string()),
+                ("heads", heads.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("d_state", d_state.to_string()),
+                ("groups", groups.to_string()),
+                ("d_conv", d_conv.to_string()),
+                ("eps", format!("{eps:?}")),
+            ],
             Op::ConcatRows | Op::ConcatCols | Op::InterleaveRows8 | Op::ScaleCols | Op::WeightMatVec | Op::Stack => {
                 vec![]
             }
@@ -422,6 +440,15 @@ impl Op {
             "weight_matvec" => Op::WeightMatVec,
             "stack" => Op::Stack,
             "relu2" => Op::Relu2,
+            "mamba2" => Op::Mamba2 {
+                layer: attrs.num("layer")?,
+                heads: attrs.num("heads")?,
+                head_dim: attrs.num("head_dim")?,
+                d_state: attrs.num("d_state")?,
+                groups: attrs.num("groups")?,
+                d_conv: attrs.num("d_conv")?,
+                eps: attrs.num("eps")?,
+            },
             "bit_linear" => Op::BitLinear,
             "moe" => Op::Moe { experts: attrs.num("experts")?, top_k: attrs.num("top_k")? },
             "rope_interleave" => Op::RopeInterleave {
@@ -545,6 +572,28 @@ impl Op {
                 }
                 ids(ins[3], "attention positions")?;
                 Ok(ins[0].clone())
+            }
+            Op::Mamba2 { heads, head_dim, d_state, groups, d_conv, .. } => {
+                arity(7, 7)?;
+                let (h, i) = (*heads, heads * head_dim);
+                let gs = groups * d_state;
+                let c = i + 2 * gs;
+                let w = rows(ins[0], "mamba2 input")?;
+                if w != 2 * i + 2 * gs + h {
+                    return Err(format!("mamba2 input has {w} columns, expected 2·{i} + 2·{gs} + {h}"));
+                }
+                if *groups == 0 || h % groups != 0 || *d_conv == 0 {
+                    return Err("mamba2 needs groups | heads and a positive d_conv".into());
+                }
+                if ins[1].shape != Shape::constant(&[c, 1, *d_conv]) {
+                    return Err(format!("mamba2 conv weight must be [{c}, 1, {d_conv}], got {}", ins[1]));
+                }
+                vector(ins[2], c, "mamba2 conv bias")?;
+                for (t, what) in ins[3..6].iter().zip(["dt_bias", "A_log", "D"]) {
+                    vector(t, h, what)?;
+                }
+                vector(ins[6], i, "mamba2 norm weight")?;
+                Ok(same_rows(i))
             }
             Op::BitLinear => {
                 arity(3, 3)?;

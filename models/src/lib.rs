@@ -4,6 +4,7 @@
 //! **Architecture invariant:** a family file only *describes* its graph with the shared ops of
 //! `llmc-ir` (through [`builder::Builder`]); it never computes anything itself.
 
+pub mod bamba;
 pub mod bitnet;
 pub mod builder;
 pub mod config;
@@ -25,7 +26,7 @@ pub use safetensors_io::WeightFiles;
 pub use weights::{Transform, WeightSpec};
 
 /// The `model_type`s llmc knows.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon, bitnet";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon, bitnet, bamba";
 
 /// A validated config of one of the supported families.
 #[derive(Clone, Debug)]
@@ -34,6 +35,7 @@ pub enum ModelConfig {
     Gpt2(gpt2::Gpt2Config),
     Falcon(falcon::FalconConfig),
     BitNet(bitnet::BitNetConfig),
+    Bamba(bamba::BambaConfig),
 }
 
 impl ModelConfig {
@@ -49,6 +51,7 @@ impl ModelConfig {
             "gpt2" => ModelConfig::Gpt2(gpt2::Gpt2Config::parse(path, v)?),
             "falcon" => ModelConfig::Falcon(falcon::FalconConfig::parse(path, v)?),
             "bitnet" => ModelConfig::BitNet(bitnet::BitNetConfig::parse(path, v)?),
+            "bamba" => ModelConfig::Bamba(bamba::BambaConfig::parse(path, v)?),
             other => {
                 return Err(ModelError::UnknownModelType {
                     path: path.into(),
@@ -66,6 +69,7 @@ impl ModelConfig {
             ModelConfig::Gpt2(c) => c.build(),
             ModelConfig::Falcon(c) => c.build(),
             ModelConfig::BitNet(c) => c.build(),
+            ModelConfig::Bamba(c) => c.build(),
         }
     }
 
@@ -76,6 +80,7 @@ impl ModelConfig {
             ModelConfig::Gpt2(c) => c.n_positions,
             ModelConfig::Falcon(c) => c.max_position_embeddings,
             ModelConfig::BitNet(c) => c.max_position_embeddings,
+            ModelConfig::Bamba(c) => c.max_position_embeddings,
         }
     }
 
@@ -90,6 +95,7 @@ impl ModelConfig {
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Falcon(c) => c.vocab_size,
             ModelConfig::BitNet(c) => c.vocab_size,
+            ModelConfig::Bamba(c) => c.vocab_size,
         }
     }
 }

@@ -32,6 +32,7 @@ const SPLIT_THRESHOLD: usize = 16 * 1024;
 pub struct JitState {
     arena: Vec<Block>,
     caches: Vec<(usize, Aligned, Aligned, usize)>, // (layer, k, v, cap)
+    mamba: Vec<(usize, Aligned, Aligned)>,         // (layer, conv window, ssm state)
     tables: Vec<Vec<f32>>,
     tokens: Vec<i32>,
     positions: Vec<i32>,
@@ -111,9 +112,12 @@ impl JitState {
                 tab
             })
             .collect();
+        let mamba =
+            prog.mamba_layers.iter().map(|&(l, conv, ssm)| (l, Aligned::new(conv), Aligned::new(ssm))).collect();
         let mut s = JitState {
             arena,
             caches,
+            mamba,
             tables,
             tokens: vec![0; n_cap],
             positions: vec![0; n_cap],
@@ -158,6 +162,18 @@ impl JitState {
                             c.2.ptr()
                         }
                     }
+                    Arg::MambaConv(l) | Arg::MambaSsm(l) => {
+                        let m = self
+                            .mamba
+                            .iter_mut()
+                            .find(|m| m.0 == *l)
+                            .ok_or_else(|| missing(format!("no Mamba2 state for layer {l}")))?;
+                        if matches!(a, Arg::MambaConv(_)) {
+                            m.1.ptr()
+                        } else {
+                            m.2.ptr()
+                        }
+                    }
                     Arg::RopeTable(t) => {
                         self.tables.get_mut(*t).ok_or_else(|| missing(format!("no rope table {t}")))?.as_mut_ptr()
                             as *mut u8
@@ -172,6 +188,20 @@ impl JitState {
         self.args = tables;
         self.caps = caps;
         Ok(())
+    }
+
+    /// Whether the model carries recurrent (Mamba2) state, which cannot be rewound.
+    pub fn has_recurrent_state(&self) -> bool {
+        !self.mamba.is_empty()
+    }
+
+    /// Zeroes the recurrent state (a new sequence).
+    pub fn reset_recurrent(&mut self) {
+        for m in &mut self.mamba {
+            for b in m.1 .0.iter_mut().chain(m.2 .0.iter_mut()) {
+                b.0 = [0.0; 16];
+            }
+        }
     }
 
     /// Runs one step of `tokens.len() <= n_cap` tokens at `positions` (already validated:

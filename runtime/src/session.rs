@@ -119,9 +119,33 @@ impl<'a> Session<'a> {
     }
 
     /// Forgets every position from `pos` on (the next step writes there): lets a chat reuse
-    /// the cached prefix its new prompt shares with the old one.
-    pub fn truncate(&mut self, pos: usize) {
-        self.pos = self.pos.min(pos);
+    /// the cached prefix its new prompt shares with the old one. A recurrent (Mamba2) state
+    /// cannot be rewound: the sequence restarts from 0. Returns the position kept.
+    pub fn truncate(&mut self, pos: usize) -> usize {
+        if pos >= self.pos {
+            return self.pos;
+        }
+        let recurrent = match &mut self.state {
+            State::Interp(c) => {
+                let r = !c.mamba.is_empty();
+                if r {
+                    for (conv, ssm) in c.mamba.values_mut() {
+                        conv.fill(0.0);
+                        ssm.fill(0.0);
+                    }
+                }
+                r
+            }
+            State::Jit(st) => {
+                let r = st.has_recurrent_state();
+                if r {
+                    st.reset_recurrent();
+                }
+                r
+            }
+        };
+        self.pos = if recurrent { 0 } else { pos };
+        self.pos
     }
 
     /// Runs the tokens through the model at the next positions; returns the logits of the

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod bitnet;
 pub mod elementwise;
 pub mod kb;
+pub mod mamba;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
@@ -40,6 +41,9 @@ pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfi
         KernelSpec::Concat { widths } => elementwise::concat(&mut k, widths),
         KernelSpec::TakeLast { d } => elementwise::take_last(&mut k, *d),
         KernelSpec::Softmax { d } => elementwise::softmax(&mut k, *d),
+        KernelSpec::Mamba2 { heads, head_dim, d_state, groups, d_conv, eps } => {
+            mamba::mamba2(&mut k, *heads, *head_dim, *d_state, *groups, *d_conv, *eps)
+        }
         KernelSpec::ActQuant { k: kd } => bitnet::act_quant(&mut k, *kd),
         KernelSpec::BitMatMul { k: kd, m } => bitnet::bit_matmul(&mut k, *kd, *m),
         KernelSpec::MoeRoute { experts, top_k } => moe::route(&mut k, *experts, *top_k),
