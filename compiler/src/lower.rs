@@ -211,6 +211,7 @@ impl Lowerer<'_> {
                         self.call(KernelSpec::Unary { op: Unary::Relu2, d: width }, args, Units::Rows, rows, width)
                     }
                     Op::Stack
+                    | Op::InterleaveHalves8
                     | Op::ConcatRows
                     | Op::ConcatCols
                     | Op::InterleaveRows8

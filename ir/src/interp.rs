@@ -609,6 +609,19 @@ fn eval<'w>(
             }
             owned(vec![rows, m], out)
         }
+        Op::InterleaveHalves8 => {
+            let (w, ws) = args[0].f32()?;
+            let (r, c) = (ws[ws.len() - 2], ws[ws.len() - 1]);
+            let half = r / 2;
+            let mut data = Vec::with_capacity(w.len());
+            for m in w.chunks(r * c) {
+                for blk in 0..half / 8 {
+                    data.extend_from_slice(&m[blk * 8 * c..(blk + 1) * 8 * c]);
+                    data.extend_from_slice(&m[(half + blk * 8) * c..(half + (blk + 1) * 8) * c]);
+                }
+            }
+            owned(ws.to_vec(), data)
+        }
         Op::Stack => {
             let mut data = Vec::new();
             for a in args {

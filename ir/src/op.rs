@@ -186,6 +186,9 @@ pub enum Op {
     RopeInterleave { heads: usize, kv_heads: usize, head_dim: usize, rotary_dim: usize },
     /// `(w_0 [r, c], ..., w_{E-1}) -> [E, r, c]`: per-expert weights stacked.
     Stack,
+    /// `(w [..., 2f, c]) -> same`: in every matrix, rows `[gate (f) | up (f)]` become blocks
+    /// of 8 gate rows and 8 up rows alternating (the `interleave_rows8` layout).
+    InterleaveHalves8,
 
     /// `relu(x)²` (BitNet's `relu2`).
     Relu2,
@@ -275,6 +278,7 @@ impl Op {
             Op::WeightMatVec => "weight_matvec",
             Op::RopeInterleave { .. } => "rope_interleave",
             Op::Stack => "stack",
+            Op::InterleaveHalves8 => "interleave_halves8",
             Op::Relu2 => "relu2",
             Op::Mamba2 { .. } => "mamba2",
             Op::BitLinear => "bit_linear",
@@ -348,7 +352,13 @@ impl Op {
                 ("d_conv", d_conv.to_string()),
                 ("eps", format!("{eps:?}")),
             ],
-            Op::ConcatRows | Op::ConcatCols | Op::InterleaveRows8 | Op::ScaleCols | Op::WeightMatVec | Op::Stack => {
+            Op::ConcatRows
+            | Op::ConcatCols
+            | Op::InterleaveRows8
+            | Op::ScaleCols
+            | Op::WeightMatVec
+            | Op::Stack
+            | Op::InterleaveHalves8 => {
                 vec![]
             }
             Op::Embedding
@@ -439,6 +449,7 @@ impl Op {
             "scale_cols" => Op::ScaleCols,
             "weight_matvec" => Op::WeightMatVec,
             "stack" => Op::Stack,
+            "interleave_halves8" => Op::InterleaveHalves8,
             "relu2" => Op::Relu2,
             "mamba2" => Op::Mamba2 {
                 layer: attrs.num("layer")?,
@@ -762,6 +773,16 @@ impl Op {
                 } else {
                     Type::new(DType::F32, Shape::constant(&[m]))
                 })
+            }
+            Op::InterleaveHalves8 => {
+                arity(1, 1)?;
+                let dims = ins[0].shape.0.as_slice();
+                match dims {
+                    [.., Dim::C(r), Dim::C(_)] if r % 16 == 0 && dims.iter().all(|d| matches!(d, Dim::C(_))) => {
+                        Ok(ins[0].clone())
+                    }
+                    _ => Err(format!("interleave_halves8 needs [..., 2f, c] with f a multiple of 8, got {}", ins[0])),
+                }
             }
             Op::Stack => {
                 arity(1, usize::MAX)?;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod falcon;
 pub mod gpt2;
+pub mod granitemoehybrid;
 pub mod llama;
 pub mod safetensors_io;
 pub mod text;
@@ -26,7 +27,7 @@ pub use safetensors_io::WeightFiles;
 pub use weights::{Transform, WeightSpec};
 
 /// The `model_type`s llmc knows.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon, bitnet, bamba";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, mixtral, gpt2, falcon, bitnet, bamba, granitemoehybrid";
 
 /// A validated config of one of the supported families.
 #[derive(Clone, Debug)]
@@ -36,6 +37,7 @@ pub enum ModelConfig {
     Falcon(falcon::FalconConfig),
     BitNet(bitnet::BitNetConfig),
     Bamba(bamba::BambaConfig),
+    GraniteMoeHybrid(granitemoehybrid::GraniteMoeHybridConfig),
 }
 
 impl ModelConfig {
@@ -52,6 +54,9 @@ impl ModelConfig {
             "falcon" => ModelConfig::Falcon(falcon::FalconConfig::parse(path, v)?),
             "bitnet" => ModelConfig::BitNet(bitnet::BitNetConfig::parse(path, v)?),
             "bamba" => ModelConfig::Bamba(bamba::BambaConfig::parse(path, v)?),
+            "granitemoehybrid" => {
+                ModelConfig::GraniteMoeHybrid(granitemoehybrid::GraniteMoeHybridConfig::parse(path, v)?)
+            }
             other => {
                 return Err(ModelError::UnknownModelType {
                     path: path.into(),
@@ -70,6 +75,7 @@ impl ModelConfig {
             ModelConfig::Falcon(c) => c.build(),
             ModelConfig::BitNet(c) => c.build(),
             ModelConfig::Bamba(c) => c.build(),
+            ModelConfig::GraniteMoeHybrid(c) => c.build(),
         }
     }
 
@@ -81,6 +87,7 @@ impl ModelConfig {
             ModelConfig::Falcon(c) => c.max_position_embeddings,
             ModelConfig::BitNet(c) => c.max_position_embeddings,
             ModelConfig::Bamba(c) => c.max_position_embeddings,
+            ModelConfig::GraniteMoeHybrid(c) => c.max_position_embeddings,
         }
     }
 
@@ -96,6 +103,7 @@ impl ModelConfig {
             ModelConfig::Falcon(c) => c.vocab_size,
             ModelConfig::BitNet(c) => c.vocab_size,
             ModelConfig::Bamba(c) => c.vocab_size,
+            ModelConfig::GraniteMoeHybrid(c) => c.vocab_size,
         }
     }
 }

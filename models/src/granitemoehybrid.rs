@@ -1,0 +1,217 @@
+//! GraniteMoeHybrid (Granite 4.0-H): Mamba2 mixers (`layer_types` "mamba"/"linear_attention")
+//! and attention layers without positional encoding, Granite's multipliers (embeddings ×
+//! `embedding_multiplier`, every residual branch × `residual_multiplier`, attention scale
+//! `attention_multiplier`, logits ÷ `logits_scaling`), and an MLP made of a top-k MoE plus a
+//! shared SwiGLU expert on the same normed input.
+//!
+//! ```text
+//! x = embed(tokens) · m_emb
+//! per layer:  x += m_res · mixer(rms(x))                      (mamba2 or attention, no RoPE)
+//!             x += m_res · (moe(h) + shared_mlp(h)),  h = rms(x)
+//! logits = lm_head(rms(x)) / logits_scaling
+//! ```
+
+use std::path::Path;
+
+use llmc_ir::{NodeId, Op};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::bamba::{mamba_mixer, MambaDims};
+use crate::builder::{AttnParams, Builder};
+use crate::config::{check_dim, field_err, typed};
+use crate::error::Result;
+use crate::weights::WeightSpec;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    4096
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn yes() -> bool {
+    true
+}
+
+/// `config.json` of GraniteMoeHybrid, with HF's field names.
+#[derive(Clone, Debug, Deserialize)]
+pub struct GraniteMoeHybridConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    pub layer_types: Vec<String>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "one_f")]
+    pub embedding_multiplier: f64,
+    #[serde(default = "one_f")]
+    pub residual_multiplier: f64,
+    #[serde(default = "one_f")]
+    pub attention_multiplier: f64,
+    #[serde(default = "one_f")]
+    pub logits_scaling: f64,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub num_local_experts: usize,
+    #[serde(default)]
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub shared_intermediate_size: usize,
+    pub mamba_n_heads: usize,
+    pub mamba_d_head: usize,
+    pub mamba_d_state: usize,
+    #[serde(default = "one")]
+    pub mamba_n_groups: usize,
+    #[serde(default = "four")]
+    pub mamba_d_conv: usize,
+    #[serde(default)]
+    pub mamba_proj_bias: bool,
+    #[serde(default)]
+    pub mamba_conv_bias: Option<bool>,
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+}
+
+impl GraniteMoeHybridConfig {
+    pub fn parse(path: &Path, v: &Value) -> Result<GraniteMoeHybridConfig> {
+        let c: GraniteMoeHybridConfig = typed(path, v)?;
+        for (field, val) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("mamba_n_heads", c.mamba_n_heads),
+            ("mamba_d_head", c.mamba_d_head),
+            ("mamba_d_state", c.mamba_d_state),
+            ("mamba_n_groups", c.mamba_n_groups),
+            ("mamba_d_conv", c.mamba_d_conv),
+        ] {
+            check_dim(path, field, val)?;
+        }
+        if c.layer_types.len() != c.num_hidden_layers {
+            return Err(field_err(path, "layer_types", "must have one entry per layer"));
+        }
+        if let Some(t) = c
+            .layer_types
+            .iter()
+            .find(|t| !matches!(t.as_str(), "mamba" | "linear_attention" | "attention" | "full_attention"))
+        {
+            return Err(field_err(path, "layer_types", format!("unknown layer type `{t}`")));
+        }
+        if c.position_embedding_type.as_deref().is_some_and(|p| p != "nope") {
+            return Err(field_err(path, "position_embedding_type", "only `nope` is supported"));
+        }
+        if c.num_local_experts > 0 && (c.num_experts_per_tok == 0 || c.num_experts_per_tok > c.num_local_experts) {
+            return Err(field_err(path, "num_experts_per_tok", "must be in 1..=num_local_experts"));
+        }
+        if c.intermediate_size % 8 != 0 || c.shared_intermediate_size % 8 != 0 {
+            return Err(field_err(path, "intermediate_size", "must be a multiple of 8"));
+        }
+        if c.mamba_conv_bias == Some(false) {
+            return Err(field_err(path, "mamba_conv_bias", "conv without bias is not supported"));
+        }
+        let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        if c.hidden_size % c.num_attention_heads != 0 || c.num_attention_heads % kv != 0 {
+            return Err(field_err(
+                path,
+                "num_key_value_heads",
+                "heads must divide hidden_size and be a multiple of kv heads",
+            ));
+        }
+        Ok(c)
+    }
+
+    /// `silu(x·Wgᵀ) · (x·Wuᵀ)` then `W_out`, with `W_in = [gate | up]` stored as one tensor.
+    fn shared_mlp(&self, b: &mut Builder, x: NodeId, p: &str) -> Result<NodeId> {
+        let (d, ff) = (self.hidden_size, self.shared_intermediate_size);
+        let gu = b.linear(x, &format!("{p}.input_linear"), 2 * ff, d, false)?;
+        let gate = b.op(Op::Slice { start: 0, len: ff }, &[gu])?;
+        let up = b.op(Op::Slice { start: ff, len: ff }, &[gu])?;
+        let act = b.op(Op::Silu, &[gate])?;
+        let prod = b.op(Op::Mul, &[act, up])?;
+        b.linear(prod, &format!("{p}.output_linear"), d, ff, false)
+    }
+
+    pub fn build(&self) -> Result<(llmc_ir::Graph, Vec<WeightSpec>)> {
+        let d = self.hidden_size;
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads.unwrap_or(self.num_attention_heads));
+        let hd = d / h;
+        let eps = self.rms_norm_eps as f32;
+        let m_res = self.residual_multiplier as f32;
+        let m = MambaDims {
+            heads: self.mamba_n_heads,
+            head_dim: self.mamba_d_head,
+            d_state: self.mamba_d_state,
+            groups: self.mamba_n_groups,
+            d_conv: self.mamba_d_conv,
+            eps,
+        };
+        let mut b = Builder::new("granitemoehybrid");
+        let embed = b.weight("model.embed_tokens.weight", &[self.vocab_size, d]);
+        let tokens = b.tokens;
+        let x0 = b.op(Op::Embedding, &[embed, tokens])?;
+        let mut x = b.op(Op::Scale { factor: self.embedding_multiplier as f32 }, &[x0])?;
+        for (i, kind) in self.layer_types.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let hn = b.rms_norm(x, &format!("{p}.input_layernorm"), d, eps)?;
+            let mixed = if matches!(kind.as_str(), "attention" | "full_attention") {
+                let attn = AttnParams {
+                    heads: h,
+                    kv_heads: kv,
+                    head_dim: hd,
+                    window: None,
+                    scale: self.attention_multiplier as f32,
+                    rope: None,
+                };
+                let q = b.linear(hn, &format!("{p}.self_attn.q_proj"), h * hd, d, false)?;
+                let k = b.linear(hn, &format!("{p}.self_attn.k_proj"), kv * hd, d, false)?;
+                let v = b.linear(hn, &format!("{p}.self_attn.v_proj"), kv * hd, d, false)?;
+                let a = b.attention(i, q, k, v, attn)?;
+                b.linear(a, &format!("{p}.self_attn.o_proj"), d, h * hd, false)?
+            } else {
+                mamba_mixer(&mut b, hn, &format!("{p}.mamba"), i, d, &m, self.mamba_proj_bias)?
+            };
+            let mixed = b.op(Op::Scale { factor: m_res }, &[mixed])?;
+            x = b.op(Op::Add, &[x, mixed])?;
+            let hn = b.rms_norm(x, &format!("{p}.post_attention_layernorm"), d, eps)?;
+            let mut mlp = self.shared_mlp(&mut b, hn, &format!("{p}.shared_mlp"))?;
+            if self.num_local_experts > 0 {
+                let (e, ff) = (self.num_local_experts, self.intermediate_size);
+                let q = format!("{p}.block_sparse_moe");
+                let router = b.weight(&format!("{q}.router.layer.weight"), &[e, d]);
+                let w_in = b.weight(&format!("{q}.input_linear.weight"), &[e, 2 * ff, d]);
+                let gu = b.op(Op::InterleaveHalves8, &[w_in])?;
+                let down = b.weight(&format!("{q}.output_linear.weight"), &[e, d, ff]);
+                let moe = b.op(Op::Moe { experts: e, top_k: self.num_experts_per_tok }, &[hn, router, gu, down])?;
+                mlp = b.op(Op::Add, &[moe, mlp])?;
+            }
+            let mlp = b.op(Op::Scale { factor: m_res }, &[mlp])?;
+            x = b.op(Op::Add, &[x, mlp])?;
+        }
+        let last = b.last_row(x)?;
+        let xn = b.rms_norm(last, "model.norm", d, eps)?;
+        let head = if self.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let w = b.weight(head, &[self.vocab_size, d]);
+        let logits = b.op(Op::MatMul, &[xn, w])?;
+        let logits = b.op(Op::Scale { factor: (1.0 / self.logits_scaling) as f32 }, &[logits])?;
+        b.g.output("logits", logits);
+        b.finish()
+    }
+}
