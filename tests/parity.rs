@@ -73,6 +73,26 @@ fn bitnet_jit() {
     common::check_parity("bitnet", "jit");
 }
 
+#[test]
+fn bamba_interp() {
+    common::check_parity("bamba", "interp");
+}
+
+#[test]
+fn bamba_jit() {
+    common::check_parity("bamba", "jit");
+}
+
+#[test]
+fn granitemoehybrid_interp() {
+    common::check_parity("granitemoehybrid", "interp");
+}
+
+#[test]
+fn granitemoehybrid_jit() {
+    common::check_parity("granitemoehybrid", "jit");
+}
+
 /// Without --backend the fastest backend (the JIT) runs, with the same results.
 #[test]
 fn default_backend_is_jit() {
@@ -87,7 +107,7 @@ fn default_backend_is_jit() {
 /// The unfused program (`--no-opt`) on the JIT matches too: every unfused kernel stays tested.
 #[test]
 fn all_families_without_passes() {
-    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet"] {
+    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet", "bamba", "granitemoehybrid"] {
         let dir = tempfile::tempdir().unwrap();
         let art = dir.path().join("m.llmc");
         let fx = common::fixture(name);

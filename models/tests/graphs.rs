@@ -8,7 +8,8 @@ use llmc_models::{load_config, ModelConfig};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-const FAMILIES: [&str; 7] = ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet"];
+const FAMILIES: [&str; 9] =
+    ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet", "bamba", "granitemoehybrid"];
 
 fn graph_text(family: &str) -> String {
     let (_, _, cfg) = load_config(&common::fixture(family)).unwrap();

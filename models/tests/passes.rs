@@ -12,7 +12,8 @@ use llmc_ir::{text, Graph, Op};
 use llmc_models::{load_config, ModelConfig};
 use proptest::prelude::*;
 
-const FAMILIES: [&str; 7] = ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet"];
+const FAMILIES: [&str; 9] =
+    ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet", "bamba", "granitemoehybrid"];
 
 fn graph(family: &str) -> (ModelConfig, Graph) {
     let (_, _, cfg) = load_config(&common::fixture(family)).unwrap();
@@ -175,7 +176,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
     /// The full pipeline preserves meaning on random weights, for every family.
     #[test]
-    fn pipeline_preserves_meaning_on_random_weights(seed in 1u64..10_000, family in 0usize..7) {
+    fn pipeline_preserves_meaning_on_random_weights(seed in 1u64..10_000, family in 0usize..9) {
         let family = FAMILIES[family];
         let (cfg, g0) = graph(family);
         let w = random_weights(&g0, seed);
