@@ -181,7 +181,7 @@ impl Lowerer<'_> {
                         let args = vec![Arg::Buf(h), a[3].clone(), Arg::Buf(route), Arg::Buf(out)];
                         self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
                     }
-                    Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps } => {
+                    Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps, .. } => {
                         let ch = heads * head_dim + 2 * groups * d_state;
                         let st = (*layer, (d_conv - 1) * ch, heads * head_dim * d_state);
                         if !self.prog.mamba_layers.contains(&st) {

@@ -518,30 +518,29 @@ fn eval<'w>(
             }
             owned(out_shape.to_vec(), data)
         }
-        Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps } => {
+        Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, chunk, eps } => {
             let (zx, zs) = args[0].f32()?;
             let p: Vec<&[f32]> = args[1..].iter().map(|a| a.f32().map(|v| v.0)).collect::<Result<_, _>>()?;
             let (conv_w, conv_b, dt_bias, a_log, dd, norm_w) = (p[0], p[1], p[2], p[3], p[4], p[5]);
             let (h, hd, s_, k) = (*heads, *head_dim, *d_state, *d_conv);
-            let i_ = h * hd;
-            let gs = groups * s_;
+            let (n, i_, gs) = (zs[0], h * hd, groups * s_);
             let ch = i_ + 2 * gs;
             let width = zs[1];
             let (conv, ssm) =
                 cache.mamba.get_mut(layer).ok_or_else(|| bad(format!("no Mamba2 state for layer {layer}")))?;
-            let mut out = vec![0f32; zs[0] * i_];
-            for t in 0..zs[0] {
+            // 1. per token: causal depthwise conv over [window..., x_t] + SiLU; dt = softplus
+            let mut act = vec![0f64; n * ch];
+            let mut dts = vec![0f64; n * h];
+            for t in 0..n {
                 let row = &zx[t * width..(t + 1) * width];
-                let (z, xbc, dt) = (&row[..i_], &row[i_..i_ + ch], &row[i_ + ch..]);
-                // causal depthwise conv over the window [state..., x_t], then SiLU
-                let mut act = vec![0f32; ch];
+                let (xbc, dt) = (&row[i_..i_ + ch], &row[i_ + ch..]);
                 for c in 0..ch {
                     let mut acc = conv_b[c] as f64;
                     for j in 0..k {
                         let v = if j + 1 == k { xbc[c] } else { conv[j * ch + c] };
                         acc += conv_w[c * k + j] as f64 * v as f64;
                     }
-                    act[c] = silu(acc as f32);
+                    act[t * ch + c] = silu(acc as f32) as f64;
                 }
                 for j in 0..k.saturating_sub(2) {
                     for c in 0..ch {
@@ -551,35 +550,71 @@ fn eval<'w>(
                 if k > 1 {
                     conv[(k - 2) * ch..(k - 1) * ch].copy_from_slice(xbc);
                 }
-                let (x, b, cc) = (&act[..i_], &act[i_..i_ + gs], &act[i_ + gs..]);
-                let mut y = vec![0f32; i_];
                 for head in 0..h {
-                    let g = head / (h / groups);
                     let v = dt[head] as f64 + dt_bias[head] as f64;
-                    let dtv = if v > 20.0 { v } else { v.exp().ln_1p() };
-                    let a = -(a_log[head] as f64).exp();
-                    let da = (dtv * a).exp();
-                    for pd in 0..hd {
-                        let xv = x[head * hd + pd] as f64;
-                        let st = &mut ssm[(head * hd + pd) * s_..(head * hd + pd + 1) * s_];
-                        let mut acc = 0f64;
-                        for sx in 0..s_ {
-                            let nv = st[sx] as f64 * da + dtv * xv * b[g * s_ + sx] as f64;
-                            st[sx] = nv as f32;
-                            acc += nv * cc[g * s_ + sx] as f64;
-                        }
-                        y[head * hd + pd] = (acc + dd[head] as f64 * xv) as f32;
-                    }
+                    dts[t * h + head] = if v > 20.0 { v } else { v.exp().ln_1p() };
                 }
-                // gated RMSNorm over the whole inner dim (groups share one norm here)
-                let gated: Vec<f64> = y.iter().zip(z).map(|(&yv, &zv)| yv as f64 * silu(zv) as f64).collect();
+            }
+            // 2. the SSM: the recurrence for one token, the chunked (SSD) form for more
+            let mut y = vec![0f64; n * i_];
+            let xi = |t: usize, head: usize, pd: usize| act[t * ch + head * hd + pd];
+            let bi = |t: usize, g: usize, sx: usize| act[t * ch + i_ + g * s_ + sx];
+            let ci = |t: usize, g: usize, sx: usize| act[t * ch + i_ + gs + g * s_ + sx];
+            for head in 0..h {
+                let g = head / (h / groups);
+                let a = -(a_log[head] as f64).exp();
+                let mut t0 = 0;
+                while t0 < n {
+                    let len = if n == 1 { 1 } else { (*chunk).min(n - t0) };
+                    // running log-decay s_τ within the chunk
+                    let mut s = vec![0f64; len];
+                    let mut acc = 0f64;
+                    for (u, su) in s.iter_mut().enumerate() {
+                        acc += dts[(t0 + u) * h + head] * a;
+                        *su = acc;
+                    }
+                    for pd in 0..hd {
+                        let st = &mut ssm[(head * hd + pd) * s_..(head * hd + pd + 1) * s_];
+                        for t in 0..len {
+                            // intra-chunk: Σ_{τ≤t} (C_t·B_τ) e^{s_t - s_τ} dt_τ x_τ
+                            let mut yt = 0f64;
+                            for tau in 0..=t {
+                                let cb: f64 = (0..s_).map(|sx| ci(t0 + t, g, sx) * bi(t0 + tau, g, sx)).sum();
+                                yt += cb * (s[t] - s[tau]).exp() * dts[(t0 + tau) * h + head] * xi(t0 + tau, head, pd);
+                            }
+                            // inter-chunk: e^{s_t} C_t · h_prev
+                            let ch_prev: f64 = (0..s_).map(|sx| ci(t0 + t, g, sx) * st[sx] as f64).sum();
+                            yt += s[t].exp() * ch_prev + dd[head] as f64 * xi(t0 + t, head, pd);
+                            y[(t0 + t) * i_ + head * hd + pd] = yt;
+                        }
+                        // carry the state to the end of the chunk
+                        let last = s[len - 1];
+                        for (sx, stv) in st.iter_mut().enumerate() {
+                            let mut nv = last.exp() * *stv as f64;
+                            for tau in 0..len {
+                                nv += (last - s[tau]).exp()
+                                    * dts[(t0 + tau) * h + head]
+                                    * xi(t0 + tau, head, pd)
+                                    * bi(t0 + tau, g, sx);
+                            }
+                            *stv = nv as f32;
+                        }
+                    }
+                    t0 += len;
+                }
+            }
+            // 3. gated RMSNorm over the whole inner dim: norm_w · rms(y · silu(z))
+            let mut out = vec![0f32; n * i_];
+            for t in 0..n {
+                let z = &zx[t * width..t * width + i_];
+                let gated: Vec<f64> = (0..i_).map(|c| y[t * i_ + c] * silu(z[c]) as f64).collect();
                 let ms = gated.iter().map(|v| v * v).sum::<f64>() / i_ as f64;
                 let inv = 1.0 / (ms + *eps as f64).sqrt();
                 for c in 0..i_ {
                     out[t * i_ + c] = norm_w[c] * (gated[c] * inv) as f32;
                 }
             }
-            owned(vec![zs[0], i_], out)
+            owned(vec![n, i_], out)
         }
         Op::Relu2 => {
             let (x, xs) = args[0].f32()?;

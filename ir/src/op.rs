@@ -204,7 +204,20 @@ pub enum Op {
     /// layer's conv state) + SiLU on `xBC`; `dt = softplus(dt + dt_bias)`; per head
     /// `state = state·exp(dt·A) + dt·x ⊗ B` (`A = -exp(a_log)`, `B`, `C` of the head's group),
     /// `y = state·C + D·x`; then the gated RMSNorm `norm_w · rms(y · silu(z))`.
-    Mamba2 { layer: usize, heads: usize, head_dim: usize, d_state: usize, groups: usize, d_conv: usize, eps: f32 },
+    /// Multi-token steps run the SSM in its chunked (SSD) form, `chunk` tokens at a time:
+    /// within a chunk, `y_t = Σ_{τ≤t} (C_t·B_τ)·e^{s_t - s_τ}·dt_τ·x_τ + e^{s_t}·C_t·h + D·x_t`
+    /// with `s` the running sum of `dt·A`, and the state is carried from chunk to chunk — the
+    /// same function as the one-token recurrence (tests check they agree).
+    Mamba2 {
+        layer: usize,
+        heads: usize,
+        head_dim: usize,
+        d_state: usize,
+        groups: usize,
+        d_conv: usize,
+        chunk: usize,
+        eps: f32,
+    },
     /// Mixture of experts with SwiGLU experts:
     /// `(x [n, d], router [E, d], gate_up [E, 2ff, d], down [E, d, ff]) -> [n, d]`.
     /// `p = softmax(x · routerᵀ)` over all experts, the `top_k` largest (lowest index first on
@@ -343,13 +356,14 @@ impl Op {
                 ("rotary_dim", rotary_dim.to_string()),
             ],
             Op::Moe { experts, top_k } => vec![("experts", experts.to_string()), ("top_k", top_k.to_string())],
-            Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps } => vec![
+            Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, chunk, eps } => vec![
                 ("layer", layer.to_string()),
                 ("heads", heads.to_string()),
                 ("head_dim", head_dim.to_string()),
                 ("d_state", d_state.to_string()),
                 ("groups", groups.to_string()),
                 ("d_conv", d_conv.to_string()),
+                ("chunk", chunk.to_string()),
                 ("eps", format!("{eps:?}")),
             ],
             Op::ConcatRows
@@ -458,6 +472,7 @@ impl Op {
                 d_state: attrs.num("d_state")?,
                 groups: attrs.num("groups")?,
                 d_conv: attrs.num("d_conv")?,
+                chunk: attrs.num("chunk")?,
                 eps: attrs.num("eps")?,
             },
             "bit_linear" => Op::BitLinear,
@@ -584,8 +599,11 @@ impl Op {
                 ids(ins[3], "attention positions")?;
                 Ok(ins[0].clone())
             }
-            Op::Mamba2 { heads, head_dim, d_state, groups, d_conv, .. } => {
+            Op::Mamba2 { heads, head_dim, d_state, groups, d_conv, chunk, .. } => {
                 arity(7, 7)?;
+                if *chunk == 0 {
+                    return Err("mamba2 chunk must be positive".into());
+                }
                 let (h, i) = (*heads, heads * head_dim);
                 let gs = groups * d_state;
                 let c = i + 2 * gs;

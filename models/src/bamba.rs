@@ -25,6 +25,9 @@ fn default_eps() -> f64 {
 fn default_max_pos() -> usize {
     2048
 }
+pub(crate) fn default_chunk() -> usize {
+    256
+}
 fn one() -> usize {
     1
 }
@@ -55,6 +58,8 @@ pub struct BambaConfig {
     pub mamba_d_conv: usize,
     #[serde(default)]
     pub mamba_expand: Option<usize>,
+    #[serde(default = "default_chunk")]
+    pub mamba_chunk_size: usize,
     #[serde(default)]
     pub mamba_conv_bias: Option<bool>,
     #[serde(default)]
@@ -69,6 +74,8 @@ pub struct BambaConfig {
 
 /// The Mamba2 mixer shared by the hybrid families: `in_proj`, the mixer op, `out_proj`.
 pub struct MambaDims {
+    /// `mamba_chunk_size`: tokens per chunk of the chunked scan.
+    pub chunk: usize,
     pub heads: usize,
     pub head_dim: usize,
     pub d_state: usize,
@@ -102,6 +109,7 @@ pub fn mamba_mixer(
         d_state: m.d_state,
         groups: m.groups,
         d_conv: m.d_conv,
+        chunk: m.chunk,
         eps: m.eps,
     };
     let y = b.op(op, &[zxbcdt, conv_w, conv_b, dt_bias, a_log, dd, norm])?;
@@ -130,6 +138,7 @@ impl BambaConfig {
             ("mamba_d_state", c.mamba_d_state),
             ("mamba_n_groups", c.mamba_n_groups),
             ("mamba_d_conv", c.mamba_d_conv),
+            ("mamba_chunk_size", c.mamba_chunk_size),
         ] {
             check_dim(path, field, val)?;
         }
@@ -164,6 +173,7 @@ impl BambaConfig {
             partial_rotary_factor: 0.5,
         });
         let m = MambaDims {
+            chunk: self.mamba_chunk_size,
             heads: self.mamba_n_heads,
             head_dim: self.mamba_d_head,
             d_state: self.mamba_d_state,

@@ -80,6 +80,8 @@ pub struct GraniteMoeHybridConfig {
     pub mamba_d_conv: usize,
     #[serde(default)]
     pub mamba_proj_bias: bool,
+    #[serde(default = "crate::bamba::default_chunk")]
+    pub mamba_chunk_size: usize,
     #[serde(default)]
     pub mamba_conv_bias: Option<bool>,
     #[serde(default = "yes")]
@@ -102,6 +104,7 @@ impl GraniteMoeHybridConfig {
             ("mamba_d_state", c.mamba_d_state),
             ("mamba_n_groups", c.mamba_n_groups),
             ("mamba_d_conv", c.mamba_d_conv),
+            ("mamba_chunk_size", c.mamba_chunk_size),
         ] {
             check_dim(path, field, val)?;
         }
@@ -156,6 +159,7 @@ impl GraniteMoeHybridConfig {
         let eps = self.rms_norm_eps as f32;
         let m_res = self.residual_multiplier as f32;
         let m = MambaDims {
+            chunk: self.mamba_chunk_size,
             heads: self.mamba_n_heads,
             head_dim: self.mamba_d_head,
             d_state: self.mamba_d_state,
