@@ -119,6 +119,27 @@ impl Builder {
         )
     }
 
+    /// HF's `{prefix}.{q,k,v,o}_proj` around attention over the cache of `layer`:
+    /// `o_proj(attention(q_proj(x), k_proj(x), v_proj(x)))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn self_attention(
+        &mut self,
+        x: NodeId,
+        prefix: &str,
+        layer: usize,
+        d: usize,
+        p: AttnParams,
+        qkv_bias: bool,
+        o_bias: bool,
+    ) -> Result<NodeId> {
+        let (qw, kw) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
+        let q = self.linear(x, &format!("{prefix}.q_proj"), qw, d, qkv_bias)?;
+        let k = self.linear(x, &format!("{prefix}.k_proj"), kw, d, qkv_bias)?;
+        let v = self.linear(x, &format!("{prefix}.v_proj"), kw, d, qkv_bias)?;
+        let a = self.attention(layer, q, k, v, p)?;
+        self.linear(a, &format!("{prefix}.o_proj"), d, qw, o_bias)
+    }
+
     /// Splits a fused `[n, (h + 2·kv)·hd]` projection into q, k, v.
     pub fn split_qkv(&mut self, qkv: NodeId, p: &AttnParams) -> Result<(NodeId, NodeId, NodeId)> {
         let (qw, kw) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);

@@ -184,11 +184,7 @@ impl GraniteMoeHybridConfig {
                     scale: self.attention_multiplier as f32,
                     rope: None,
                 };
-                let q = b.linear(hn, &format!("{p}.self_attn.q_proj"), h * hd, d, false)?;
-                let k = b.linear(hn, &format!("{p}.self_attn.k_proj"), kv * hd, d, false)?;
-                let v = b.linear(hn, &format!("{p}.self_attn.v_proj"), kv * hd, d, false)?;
-                let a = b.attention(i, q, k, v, attn)?;
-                b.linear(a, &format!("{p}.self_attn.o_proj"), d, h * hd, false)?
+                b.self_attention(hn, &format!("{p}.self_attn"), i, d, attn, false, false)?
             } else {
                 mamba_mixer(&mut b, hn, &format!("{p}.mamba"), i, d, &m, self.mamba_proj_bias)?
             };

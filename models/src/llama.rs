@@ -185,11 +185,7 @@ impl LlamaConfig {
                 rope: Some((rope.theta, rope.scaling, self.rotary_dim())),
             };
             let hn = b.rms_norm(x, &format!("{p}.input_layernorm"), d, eps)?;
-            let q = b.linear(hn, &format!("{p}.self_attn.q_proj"), h * hd, d, qkv_bias)?;
-            let k = b.linear(hn, &format!("{p}.self_attn.k_proj"), kv * hd, d, qkv_bias)?;
-            let v = b.linear(hn, &format!("{p}.self_attn.v_proj"), kv * hd, d, qkv_bias)?;
-            let a = b.attention(i, q, k, v, attn)?;
-            let o = b.linear(a, &format!("{p}.self_attn.o_proj"), d, h * hd, self.attention_bias)?;
+            let o = b.self_attention(hn, &format!("{p}.self_attn"), i, d, attn, qkv_bias, self.attention_bias)?;
             x = b.op(Op::Add, &[x, o])?;
             let hn = b.rms_norm(x, &format!("{p}.post_attention_layernorm"), d, eps)?;
             let ff = self.intermediate_size;
