@@ -10,7 +10,7 @@
 use cranelift_codegen::ir::InstBuilder;
 use cranelift_codegen::ir::Value;
 
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 
 use super::kb::{Kb, F32, I64, V4};
 
@@ -112,28 +112,42 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
                 }
             }
             let sc = k.f(scale);
-            let mut corr = Vec::new();
             let mut pw = Vec::new();
             for g in 0..group {
                 let s = k.hsum(acc[g]);
                 let s = k.fadd(s, tail[g]);
                 let s = k.fmul(s, sc);
-                // online softmax: m' = max(m, s); l = l·e^{m-m'} + e^{s-m'}
+                // online softmax; the running max only rarely moves, so the rescale of l and
+                // of the head's output (by e^{m-s}) runs only when it does
                 let mo = k.get(m[g]);
-                let mn = k.fmax(mo, s);
-                let d1 = k.fsub(mo, mn);
-                let c = k.exp(F32, d1);
+                let grows = k.fcmp(FloatCC::GreaterThan, s, mo);
+                let (mg, lg) = (m[g], l[g]);
+                let chunks = &chunks;
+                k.when(grows, |k| {
+                    let d1 = k.fsub(mo, s);
+                    let c = k.exp(F32, d1);
+                    let lo_ = k.get(lg);
+                    let ln = k.fmul(lo_, c);
+                    k.set(lg, ln);
+                    k.set(mg, s);
+                    let c4 = k.splat(c);
+                    for &(off, vec) in chunks {
+                        let ty = if vec { V4 } else { F32 };
+                        let o_off = ((g * hd + off) * 4) as i64;
+                        let o = k.ld(ty, og, o_off);
+                        let oc = k.fmul(o, if vec { c4 } else { c });
+                        k.st(oc, og, o_off);
+                    }
+                });
+                let mn = k.get(m[g]);
                 let d2 = k.fsub(s, mn);
                 let e = k.exp(F32, d2);
                 let lo_ = k.get(l[g]);
-                let ln = k.fma(lo_, c, e);
+                let ln = k.fadd(lo_, e);
                 k.set(l[g], ln);
-                k.set(m[g], mn);
-                corr.push(c);
                 pw.push(e);
             }
-            // out_g = out_g · corr_g + e_g · v_j (v loaded once per chunk)
-            let corr4: Vec<Value> = corr.iter().map(|&c| k.splat(c)).collect();
+            // out_g += e_g · v_j (v loaded once per chunk)
             let pw4: Vec<Value> = pw.iter().map(|&e| k.splat(e)).collect();
             for &(off, vec) in &chunks {
                 let ty = if vec { V4 } else { F32 };
@@ -141,9 +155,8 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
                 for g in 0..group {
                     let o_off = ((g * hd + off) * 4) as i64;
                     let o = k.ld(ty, og, o_off);
-                    let (c, e) = if vec { (corr4[g], pw4[g]) } else { (corr[g], pw[g]) };
-                    let oc = k.fmul(o, c);
-                    let o2 = k.fma(vv, e, oc);
+                    let e = if vec { pw4[g] } else { pw[g] };
+                    let o2 = k.fma(vv, e, o);
                     k.st(o2, og, o_off);
                 }
             }
