@@ -66,7 +66,7 @@ pub fn apply_unary(
         }
         Unary::Gelu => {
             // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-            let c = k.c(ty, (2.0f64 / std::f64::consts::PI).sqrt() as f32);
+            let c = k.c(ty, 0.797_884_6); // sqrt(2/pi)
             let a = k.c(ty, 0.044715);
             let x2 = k.fmul(x, x);
             let x3 = k.fmul(x2, x);

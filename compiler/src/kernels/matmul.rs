@@ -240,19 +240,15 @@ pub fn panels(
     k.for_range(lo, hi, |k, p| {
         let wp = k.at(w, p, (PANEL * kd * 4) as i64);
         let zero = k.ic(0);
-        let rest = if swiglu {
-            k.for_step(zero, n, 2, |k, t| {
-                let v = tile(k, c, p, wp, t, 2, 0, 4);
-                epi(k, p, t, v);
-            })
-        } else {
-            k.for_step(zero, n, 4, |k, t| {
-                let v = tile(k, c, p, wp, t, 4, 0, 2);
-                epi(k, p, t, v);
-                let v = tile(k, c, p, wp, t, 4, 2, 2);
-                epi(k, p, t, v);
-            })
-        };
+        // SwiGLU: the gate half's epilogue parks silu(gate) in the output, the up half's
+        // multiplies it in (see `matmul`).
+        let _ = swiglu;
+        let rest = k.for_step(zero, n, 4, |k, t| {
+            let v = tile(k, c, p, wp, t, 4, 0, 2);
+            epi(k, p, t, v);
+            let v = tile(k, c, p, wp, t, 4, 2, 2);
+            epi(k, p, t, v);
+        });
         k.for_range(rest, n, |k, t| {
             let v = tile(k, c, p, wp, t, 1, 0, 4);
             epi(k, p, t, v);
@@ -282,13 +278,34 @@ pub fn matmul(k: &mut Kb<'_>, kd: usize, m: usize, bias: bool, rms_eps: Option<f
         // (token offset, output vector index within the panel's outputs, value)
         let mut outs: Vec<(usize, usize, Value)> = Vec::new();
         if swiglu {
-            // vectors 0,1: gate rows; 2,3: the matching up rows
+            // vectors 0,1: gate rows; 2,3: the matching up rows. A tile holding both (decode)
+            // combines them in registers; a prefill half-tile of gates parks silu(gate) in the
+            // output row, and the up half-tile that follows multiplies it in.
+            let has_up = vals.iter().any(|v| v.1 >= 2);
+            let has_gate = vals.iter().any(|v| v.1 < 2);
             for &(tt, vi, g) in vals.iter().filter(|v| v.1 < 2) {
-                let u = vals.iter().find(|v| v.0 == tt && v.1 == vi + 2).map(|v| v.2);
-                if let Some(u) = u {
-                    let s = apply_unary(k, Unary::Silu, V4, g);
+                let s = apply_unary(k, Unary::Silu, V4, g);
+                match vals.iter().find(|v| v.0 == tt && v.1 == vi + 2).map(|v| v.2) {
+                    Some(u) => {
+                        let y = k.fmul(s, u);
+                        outs.push((tt, vi, y));
+                    }
+                    None => {
+                        let r = k.addi(t, tt as i64);
+                        let row = k.at(out, r, (m_out * 4) as i64);
+                        let dst = k.at(row, p, (PANEL / 2 * 4) as i64);
+                        k.st(s, dst, (vi * 16) as i64);
+                    }
+                }
+            }
+            if has_up && !has_gate {
+                for &(tt, vi, u) in &vals {
+                    let r = k.addi(t, tt as i64);
+                    let row = k.at(out, r, (m_out * 4) as i64);
+                    let dst = k.at(row, p, (PANEL / 2 * 4) as i64);
+                    let s = k.ld(V4, dst, ((vi - 2) * 16) as i64);
                     let y = k.fmul(s, u);
-                    outs.push((tt, vi, y));
+                    outs.push((tt, vi - 2, y));
                 }
             }
         } else {
