@@ -3,7 +3,6 @@
 
 use llmc_compiler::jit::{KernelFn, Kernels};
 use llmc_compiler::program::{Arg, Program, Rows};
-use rayon::prelude::*;
 
 use crate::artifact::Artifact;
 use crate::error::RuntimeError;
@@ -48,6 +47,40 @@ pub struct JitState {
 // SAFETY: the raw pointers point into buffers this struct owns (arena, caches, tables, tokens,
 // positions) or into the artifact's read-only map, which outlives the session.
 unsafe impl Send for JitState {}
+
+/// A barrier for the step's workers, spinning (they run on their own cores for the few
+/// microseconds between calls), yielding after a while so an oversubscribed machine still
+/// makes progress.
+struct SpinBarrier {
+    count: std::sync::atomic::AtomicUsize,
+    generation: std::sync::atomic::AtomicUsize,
+    total: usize,
+}
+
+impl SpinBarrier {
+    fn new(total: usize) -> SpinBarrier {
+        SpinBarrier { count: Default::default(), generation: Default::default(), total }
+    }
+
+    fn wait(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+        let gen = self.generation.load(Acquire);
+        if self.count.fetch_add(1, AcqRel) + 1 == self.total {
+            self.count.store(0, Release);
+            self.generation.fetch_add(1, Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Acquire) == gen {
+            spins += 1;
+            if spins < 20_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
 
 #[derive(Clone, Copy)]
 struct SendPtr(*const *mut u8);
@@ -225,40 +258,63 @@ impl JitState {
         if let Some(p) = profile.as_mut() {
             p.resize(prog.kernels.len(), (0.0, 0));
         }
-        pool.install(|| {
-            for (ci, call) in prog.calls.iter().enumerate() {
-                let f: KernelFn = kernels.fns[call.kernel];
+        // How each call splits: `threads` chunks for big calls, one for small ones.
+        let plan: Vec<(KernelFn, i64, usize, usize, SendPtr, i64)> = prog
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(ci, call)| {
                 let n_call = if call.rows == Rows::One { 1 } else { n };
                 let units = call.units.count(n_call);
-                let table = tables[ci];
-                let cap = caps[ci];
                 let chunks = if threads > 1 && units >= 2 && units * call.work_per_unit >= SPLIT_THRESHOLD {
                     threads.min(units)
                 } else {
                     1
                 };
-                let run = |c: usize| {
-                    let t = table;
-                    let lo = units * c / chunks;
-                    let hi = units * (c + 1) / chunks;
+                (kernels.fns[call.kernel], n_call as i64, units, chunks, tables[ci], caps[ci])
+            })
+            .collect();
+        // Worker `tid` runs its chunk of every call in schedule order; a spin barrier between
+        // calls keeps the order (one parallel region per step, not one per call).
+        let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
+            let mut profile = profile;
+            for (ci, &(f, n_call, units, chunks, table, cap)) in plan.iter().enumerate() {
+                let t0 = profile.as_ref().map(|_| std::time::Instant::now());
+                if tid < chunks {
+                    let lo = units * tid / chunks;
+                    let hi = units * (tid + 1) / chunks;
                     // SAFETY: the pointer table matches the kernel's spec (built by lowering);
                     // every buffer holds n_cap >= n rows; workers get disjoint unit ranges and a
-                    // kernel writes only the rows/panels/heads of its own range; calls run in
-                    // schedule order, so inputs are complete before a call starts.
-                    unsafe { f(t.0, n_call as i64, lo as i64, hi as i64, cap) }
-                };
-                let t0 = profile.as_ref().map(|_| std::time::Instant::now());
-                if chunks == 1 {
-                    run(0);
-                } else {
-                    (0..chunks).into_par_iter().for_each(run);
+                    // kernel writes only the rows/panels/heads of its own range; the barrier
+                    // after each call makes its outputs complete before the next call starts.
+                    unsafe { f(table.0, n_call, lo as i64, hi as i64, cap) }
+                }
+                if let Some(b) = barrier {
+                    b.wait();
                 }
                 if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
-                    p[call.kernel].0 += t0.elapsed().as_secs_f64();
-                    p[call.kernel].1 += 1;
+                    let k = prog.calls[ci].kernel;
+                    p[k].0 += t0.elapsed().as_secs_f64();
+                    p[k].1 += 1;
                 }
             }
-        });
+        };
+        if threads == 1 {
+            run_all(0, None, profile.as_mut());
+        } else {
+            let barrier = SpinBarrier::new(threads);
+            let profile = std::sync::Mutex::new(profile.as_mut());
+            pool.broadcast(|ctx| {
+                let tid = ctx.index();
+                if tid == 0 {
+                    // worker 0 also records the per-kernel times
+                    let mut guard = profile.lock().unwrap_or_else(|e| e.into_inner());
+                    run_all(0, Some(&barrier), guard.as_deref_mut());
+                } else {
+                    run_all(tid, Some(&barrier), None);
+                }
+            });
+        }
         let logits = prog.outputs.iter().find(|(name, _)| name == "logits").map_or(usize::MAX, |(_, b)| *b);
         match prog.buffers.get(logits) {
             Some(buf) => {
