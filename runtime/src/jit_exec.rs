@@ -26,6 +26,8 @@ impl Aligned {
 
 /// Floats of work below which a call runs on one thread.
 const SPLIT_THRESHOLD: usize = 16 * 1024;
+/// Floats of split work below which a whole step runs on one thread (about 4 MB of weights).
+const PARALLEL_STEP_THRESHOLD: usize = 1 << 20;
 
 /// Per-sequence state of the JIT backend.
 pub struct JitState {
@@ -299,7 +301,15 @@ impl JitState {
                 }
             }
         };
-        if threads == 1 {
+        // A step too small to pay for waking the workers (a few microseconds) runs on this
+        // thread alone.
+        let split_work: usize = plan
+            .iter()
+            .zip(&prog.calls)
+            .filter(|((.., chunks, _, _), _)| *chunks > 1)
+            .map(|((_, _, units, ..), call)| units * call.work_per_unit)
+            .sum();
+        if threads == 1 || split_work < PARALLEL_STEP_THRESHOLD {
             run_all(0, None, profile.as_mut());
         } else {
             let barrier = SpinBarrier::new(threads);
