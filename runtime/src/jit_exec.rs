@@ -281,6 +281,8 @@ impl JitState {
         let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
             let mut profile = profile;
             for (ci, &(f, n_call, units, chunks, table, cap)) in plan.iter().enumerate() {
+                // alone (no barrier), one worker does every unit
+                let chunks = if barrier.is_some() { chunks } else { 1 };
                 let t0 = profile.as_ref().map(|_| std::time::Instant::now());
                 if tid < chunks {
                     let lo = units * tid / chunks;

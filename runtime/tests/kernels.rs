@@ -513,3 +513,18 @@ proptest! {
         prop_assert!(c3.compare(y3, &steps(&chunks), 32, 8) < TOL);
     }
 }
+
+/// Calls big enough to be split over the workers, in steps both below and above the size at
+/// which the executor opens a parallel region: every unit must be computed exactly once.
+#[test]
+fn split_calls_cover_every_unit() {
+    for (k, m, n) in [(256, 512, 1), (256, 512, 3), (512, 2048, 1), (512, 2048, 5)] {
+        let mut c = Case::new(k as u64 + m as u64);
+        let x = c.rows("x", n, k, 1.0);
+        let w = c.weight("w", &[m, k], 1.0);
+        let y = c.g.add(Op::MatMul, &[x, w]).unwrap();
+        let s = c.g.add(Op::Silu, &[y]).unwrap();
+        let err = c.compare(s, &prefill(n), 16, 16);
+        assert!(err < TOL, "k {k} m {m} n {n}: err {err}");
+    }
+}
