@@ -6,8 +6,16 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
+/// The model folder, fetched once per test process (the tests run in parallel threads; the
+/// fetcher must not run twice at the same time into one folder).
 fn model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(fetch_model).clone()
+}
+
+fn fetch_model() -> PathBuf {
     let dir = match std::env::var_os("LLMC_SMOLLM2") {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models/smollm2"),
@@ -20,12 +28,19 @@ fn model_dir() -> PathBuf {
     dir
 }
 
-fn compiled() -> (tempfile::TempDir, PathBuf) {
-    let dir = model_dir();
-    let tmp = tempfile::tempdir().unwrap();
-    let art = tmp.path().join("smollm2.llmc");
-    common::compile(&dir, &art);
-    (tmp, art)
+/// The compiled artifact, compiled once per test process into target/models (not a temp dir:
+/// statics are never dropped, and 540 MB must not pile up in /tmp).
+fn compiled() -> ((), PathBuf) {
+    static ART: OnceLock<PathBuf> = OnceLock::new();
+    let art = ART.get_or_init(|| {
+        let dir = model_dir();
+        let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models");
+        std::fs::create_dir_all(&out).unwrap();
+        let art = out.join("smollm2-test.llmc");
+        common::compile(&dir, &art);
+        art
+    });
+    ((), art.clone())
 }
 
 fn expected() -> serde_json::Value {

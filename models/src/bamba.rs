@@ -35,6 +35,58 @@ fn four() -> usize {
     4
 }
 
+/// The `mamba_*` fields both hybrid families share (HF names).
+#[derive(Clone, Debug, Deserialize)]
+pub struct MambaFields {
+    pub mamba_n_heads: usize,
+    pub mamba_d_head: usize,
+    pub mamba_d_state: usize,
+    #[serde(default = "one")]
+    pub mamba_n_groups: usize,
+    #[serde(default = "four")]
+    pub mamba_d_conv: usize,
+    #[serde(default = "default_chunk")]
+    pub mamba_chunk_size: usize,
+    #[serde(default)]
+    pub mamba_conv_bias: Option<bool>,
+    #[serde(default)]
+    pub mamba_proj_bias: bool,
+}
+
+impl MambaFields {
+    pub fn check(&self, path: &Path) -> Result<()> {
+        for (field, val) in [
+            ("mamba_n_heads", self.mamba_n_heads),
+            ("mamba_d_head", self.mamba_d_head),
+            ("mamba_d_state", self.mamba_d_state),
+            ("mamba_n_groups", self.mamba_n_groups),
+            ("mamba_d_conv", self.mamba_d_conv),
+            ("mamba_chunk_size", self.mamba_chunk_size),
+        ] {
+            check_dim(path, field, val)?;
+        }
+        if !self.mamba_n_heads.is_multiple_of(self.mamba_n_groups) {
+            return Err(field_err(path, "mamba_n_groups", "must divide mamba_n_heads"));
+        }
+        if self.mamba_conv_bias == Some(false) {
+            return Err(field_err(path, "mamba_conv_bias", "conv without bias is not supported"));
+        }
+        Ok(())
+    }
+
+    pub fn dims(&self, eps: f32) -> MambaDims {
+        MambaDims {
+            chunk: self.mamba_chunk_size,
+            heads: self.mamba_n_heads,
+            head_dim: self.mamba_d_head,
+            d_state: self.mamba_d_state,
+            groups: self.mamba_n_groups,
+            d_conv: self.mamba_d_conv,
+            eps,
+        }
+    }
+}
+
 /// `config.json` of Bamba, with HF's field names.
 #[derive(Clone, Debug, Deserialize)]
 pub struct BambaConfig {
@@ -49,21 +101,8 @@ pub struct BambaConfig {
     pub attn_layer_indices: Vec<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    pub mamba_n_heads: usize,
-    pub mamba_d_head: usize,
-    pub mamba_d_state: usize,
-    #[serde(default = "one")]
-    pub mamba_n_groups: usize,
-    #[serde(default = "four")]
-    pub mamba_d_conv: usize,
-    #[serde(default)]
-    pub mamba_expand: Option<usize>,
-    #[serde(default = "default_chunk")]
-    pub mamba_chunk_size: usize,
-    #[serde(default)]
-    pub mamba_conv_bias: Option<bool>,
-    #[serde(default)]
-    pub mamba_proj_bias: bool,
+    #[serde(flatten)]
+    pub mamba: MambaFields,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default = "default_max_pos")]
@@ -133,21 +172,10 @@ impl BambaConfig {
             ("intermediate_size", c.intermediate_size),
             ("num_hidden_layers", c.num_hidden_layers),
             ("num_attention_heads", c.num_attention_heads),
-            ("mamba_n_heads", c.mamba_n_heads),
-            ("mamba_d_head", c.mamba_d_head),
-            ("mamba_d_state", c.mamba_d_state),
-            ("mamba_n_groups", c.mamba_n_groups),
-            ("mamba_d_conv", c.mamba_d_conv),
-            ("mamba_chunk_size", c.mamba_chunk_size),
         ] {
             check_dim(path, field, val)?;
         }
-        if c.mamba_n_heads % c.mamba_n_groups != 0 {
-            return Err(field_err(path, "mamba_n_groups", "must divide mamba_n_heads"));
-        }
-        if c.mamba_conv_bias == Some(false) {
-            return Err(field_err(path, "mamba_conv_bias", "conv without bias is not supported"));
-        }
+        c.mamba.check(path)?;
         if c.attn_layer_indices.iter().any(|&i| i >= c.num_hidden_layers) {
             return Err(field_err(path, "attn_layer_indices", "refers to a layer past num_hidden_layers"));
         }
@@ -172,15 +200,7 @@ impl BambaConfig {
             scaling: llmc_ir::RopeScaling::None,
             partial_rotary_factor: 0.5,
         });
-        let m = MambaDims {
-            chunk: self.mamba_chunk_size,
-            heads: self.mamba_n_heads,
-            head_dim: self.mamba_d_head,
-            d_state: self.mamba_d_state,
-            groups: self.mamba_n_groups,
-            d_conv: self.mamba_d_conv,
-            eps,
-        };
+        let m = self.mamba.dims(eps);
         let mut b = Builder::new("bamba");
         let embed = b.weight("model.embed_tokens.weight", &[self.vocab_size, d]);
         let tokens = b.tokens;
@@ -200,7 +220,7 @@ impl BambaConfig {
                 };
                 b.self_attention(hn, &format!("{p}.self_attn"), i, d, attn, false, false)?
             } else {
-                mamba_mixer(&mut b, hn, &format!("{p}.mamba"), i, d, &m, self.mamba_proj_bias)?
+                mamba_mixer(&mut b, hn, &format!("{p}.mamba"), i, d, &m, self.mamba.mamba_proj_bias)?
             };
             x = b.op(Op::Add, &[x, mixed])?;
             let hn = b.rms_norm(x, &format!("{p}.pre_ff_layernorm"), d, eps)?;

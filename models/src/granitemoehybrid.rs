@@ -17,7 +17,7 @@ use llmc_ir::{NodeId, Op};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::bamba::{mamba_mixer, MambaDims};
+use crate::bamba::{mamba_mixer, MambaFields};
 use crate::builder::{AttnParams, Builder};
 use crate::config::{check_dim, field_err, typed};
 use crate::error::Result;
@@ -31,12 +31,6 @@ fn default_max_pos() -> usize {
 }
 fn one_f() -> f64 {
     1.0
-}
-fn one() -> usize {
-    1
-}
-fn four() -> usize {
-    4
 }
 fn yes() -> bool {
     true
@@ -71,19 +65,8 @@ pub struct GraniteMoeHybridConfig {
     pub num_experts_per_tok: usize,
     #[serde(default)]
     pub shared_intermediate_size: usize,
-    pub mamba_n_heads: usize,
-    pub mamba_d_head: usize,
-    pub mamba_d_state: usize,
-    #[serde(default = "one")]
-    pub mamba_n_groups: usize,
-    #[serde(default = "four")]
-    pub mamba_d_conv: usize,
-    #[serde(default)]
-    pub mamba_proj_bias: bool,
-    #[serde(default = "crate::bamba::default_chunk")]
-    pub mamba_chunk_size: usize,
-    #[serde(default)]
-    pub mamba_conv_bias: Option<bool>,
+    #[serde(flatten)]
+    pub mamba: MambaFields,
     #[serde(default = "yes")]
     pub tie_word_embeddings: bool,
     #[serde(default = "default_max_pos")]
@@ -99,15 +82,10 @@ impl GraniteMoeHybridConfig {
             ("intermediate_size", c.intermediate_size),
             ("num_hidden_layers", c.num_hidden_layers),
             ("num_attention_heads", c.num_attention_heads),
-            ("mamba_n_heads", c.mamba_n_heads),
-            ("mamba_d_head", c.mamba_d_head),
-            ("mamba_d_state", c.mamba_d_state),
-            ("mamba_n_groups", c.mamba_n_groups),
-            ("mamba_d_conv", c.mamba_d_conv),
-            ("mamba_chunk_size", c.mamba_chunk_size),
         ] {
             check_dim(path, field, val)?;
         }
+        c.mamba.check(path)?;
         if c.layer_types.len() != c.num_hidden_layers {
             return Err(field_err(path, "layer_types", "must have one entry per layer"));
         }
@@ -126,9 +104,6 @@ impl GraniteMoeHybridConfig {
         }
         if c.intermediate_size % 8 != 0 || c.shared_intermediate_size % 8 != 0 {
             return Err(field_err(path, "intermediate_size", "must be a multiple of 8"));
-        }
-        if c.mamba_conv_bias == Some(false) {
-            return Err(field_err(path, "mamba_conv_bias", "conv without bias is not supported"));
         }
         let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         if c.hidden_size % c.num_attention_heads != 0 || c.num_attention_heads % kv != 0 {
@@ -158,15 +133,7 @@ impl GraniteMoeHybridConfig {
         let hd = d / h;
         let eps = self.rms_norm_eps as f32;
         let m_res = self.residual_multiplier as f32;
-        let m = MambaDims {
-            chunk: self.mamba_chunk_size,
-            heads: self.mamba_n_heads,
-            head_dim: self.mamba_d_head,
-            d_state: self.mamba_d_state,
-            groups: self.mamba_n_groups,
-            d_conv: self.mamba_d_conv,
-            eps,
-        };
+        let m = self.mamba.dims(eps);
         let mut b = Builder::new("granitemoehybrid");
         let embed = b.weight("model.embed_tokens.weight", &[self.vocab_size, d]);
         let tokens = b.tokens;
@@ -186,7 +153,7 @@ impl GraniteMoeHybridConfig {
                 };
                 b.self_attention(hn, &format!("{p}.self_attn"), i, d, attn, false, false)?
             } else {
-                mamba_mixer(&mut b, hn, &format!("{p}.mamba"), i, d, &m, self.mamba_proj_bias)?
+                mamba_mixer(&mut b, hn, &format!("{p}.mamba"), i, d, &m, self.mamba.mamba_proj_bias)?
             };
             let mixed = b.op(Op::Scale { factor: m_res }, &[mixed])?;
             x = b.op(Op::Add, &[x, mixed])?;
