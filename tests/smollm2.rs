@@ -149,3 +149,27 @@ fn smollm2_greedy_matches_transformers() {
         assert!((got - want).abs() <= 1e-3 * want.abs(), "logit {i}: {got} vs {want}");
     }
 }
+
+/// Interactive chat on a terminal (a pseudo-terminal from util-linux `script`): the history is
+/// kept in the context across turns, and /exit quits.
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn smollm2_interactive_chat() {
+    use std::io::Write;
+    let (_d, art) = compiled();
+    let cmd = format!("{} run {} --temp 0 -n 24", env!("CARGO_BIN_EXE_llmc"), art.display());
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("`script` (util-linux) provides the terminal for this test");
+    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    let paris = out.find("Paris").expect("first answer");
+    let rome = out.find("Rome").expect("second answer, which needs the first turn in the context");
+    assert!(paris < rome, "{out}");
+}
