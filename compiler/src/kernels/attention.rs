@@ -25,13 +25,7 @@ pub fn kv_append(k: &mut Kb<'_>, w: usize) {
         for (src, dst) in [(kp, kc), (vp, vc)] {
             let s = k.at(src, t, (w * 4) as i64);
             let d = k.at(dst, slot, (w * 4) as i64);
-            k.chunks(w, |k, i, vec| {
-                let ty = if vec { V4 } else { F32 };
-                let a = k.at(s, i, 4);
-                let v = k.ld(ty, a, 0);
-                let b = k.at(d, i, 4);
-                k.st(v, b, 0);
-            });
+            super::elementwise::copy(k, s, d, w);
         }
     });
 }

@@ -8,7 +8,7 @@ use crate::pack::PANEL;
 use crate::program::{Binary, Unary};
 
 /// Copies `len` floats from `src + src_off` to `dst + dst_off` (float offsets are Values).
-fn copy(k: &mut Kb<'_>, src: cranelift_codegen::ir::Value, dst: cranelift_codegen::ir::Value, len: usize) {
+pub fn copy(k: &mut Kb<'_>, src: cranelift_codegen::ir::Value, dst: cranelift_codegen::ir::Value, len: usize) {
     k.chunks(len, |k, i, vec| {
         let ty = if vec { V4 } else { F32 };
         let s = k.at(src, i, 4);
