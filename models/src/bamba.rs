@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder};
-use crate::config::{check_dim, field_err, typed, RopeParams};
+use crate::config::{check_dim, check_heads, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
@@ -180,13 +180,7 @@ impl BambaConfig {
             return Err(field_err(path, "attn_layer_indices", "refers to a layer past num_hidden_layers"));
         }
         let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if c.hidden_size % c.num_attention_heads != 0 || c.num_attention_heads % kv != 0 {
-            return Err(field_err(
-                path,
-                "num_key_value_heads",
-                "heads must divide hidden_size and be a multiple of kv heads",
-            ));
-        }
+        check_heads(path, c.hidden_size, c.num_attention_heads, kv)?;
         Ok(c)
     }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder};
-use crate::config::{check_dim, field_err, typed, RopeParams};
+use crate::config::{check_dim, check_heads, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
@@ -71,13 +71,7 @@ impl BitNetConfig {
         ] {
             check_dim(path, field, val)?;
         }
-        if !c.hidden_size.is_multiple_of(c.num_attention_heads) || !c.num_attention_heads.is_multiple_of(c.kv_heads()) {
-            return Err(field_err(
-                path,
-                "num_key_value_heads",
-                "heads must divide hidden_size and be a multiple of kv heads",
-            ));
-        }
+        check_heads(path, c.hidden_size, c.num_attention_heads, c.kv_heads())?;
         if c.hidden_act != "relu2" {
             return Err(field_err(path, "hidden_act", format!("`{}` is not supported (relu2 only)", c.hidden_act)));
         }

@@ -32,6 +32,18 @@ pub fn check_dim(path: &Path, field: &str, value: usize) -> Result<()> {
     Ok(())
 }
 
+/// Attention heads must split `hidden` evenly and be a whole number of kv groups.
+pub fn check_heads(path: &Path, hidden: usize, heads: usize, kv_heads: usize) -> Result<()> {
+    if !hidden.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
+        return Err(field_err(
+            path,
+            "num_key_value_heads",
+            "heads must divide hidden_size and be a multiple of kv heads",
+        ));
+    }
+    Ok(())
+}
+
 pub fn field_err(path: &Path, field: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Field { path: path.into(), field: field.into(), msg: msg.into() }
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::bamba::{mamba_mixer, MambaFields};
 use crate::builder::{AttnParams, Builder};
-use crate::config::{check_dim, field_err, typed};
+use crate::config::{check_dim, check_heads, field_err, typed};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
@@ -106,13 +106,7 @@ impl GraniteMoeHybridConfig {
             return Err(field_err(path, "intermediate_size", "must be a multiple of 8"));
         }
         let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if c.hidden_size % c.num_attention_heads != 0 || c.num_attention_heads % kv != 0 {
-            return Err(field_err(
-                path,
-                "num_key_value_heads",
-                "heads must divide hidden_size and be a multiple of kv heads",
-            ));
-        }
+        check_heads(path, c.hidden_size, c.num_attention_heads, kv)?;
         Ok(c)
     }
 
