@@ -319,18 +319,12 @@ fn artifact_with_wrong_version() {
     assert!(e.contains("version 99"), "{e}");
 }
 
-/// Rewrites the artifact's JSON header in place (same length, padded with spaces).
+/// Rewrites the artifact's JSON header in place (checksum recomputed, as a forger would).
 fn edit_artifact_header(art: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let mut bytes = fs::read(art).unwrap();
-    let n = u64::from_le_bytes(bytes[12..20].try_into().unwrap()) as usize;
-    let mut h: serde_json::Value = serde_json::from_slice(&bytes[20..20 + n]).unwrap();
-    h["llmc_version"] = "".into(); // room for longer numbers
+    let orig = llmc_compiler::artifact::ArtifactBytes::parse(&fs::read(art).unwrap()).unwrap();
+    let mut h: serde_json::Value = serde_json::from_slice(orig.header_json()).unwrap();
     f(&mut h);
-    let mut new = serde_json::to_vec(&h).unwrap();
-    assert!(new.len() <= n);
-    new.resize(n, b' ');
-    bytes[20..20 + n].copy_from_slice(&new);
-    fs::write(art, bytes).unwrap();
+    fs::write(art, orig.with_header(&serde_json::to_vec(&h).unwrap()).unwrap()).unwrap();
 }
 
 #[test]

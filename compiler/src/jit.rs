@@ -61,6 +61,16 @@ pub struct Kernels {
     module: Option<JITModule>,
     pub fns: Vec<KernelFn>,
     pub features: Vec<String>,
+    /// The specs the kernels were compiled from, in order (`fns[i]` implements `specs[i]`).
+    specs: Vec<KernelSpec>,
+}
+
+impl Kernels {
+    /// The specs the kernels were compiled from: an executor checks a program's kernel list
+    /// against this before it calls anything.
+    pub fn specs(&self) -> &[KernelSpec] {
+        &self.specs
+    }
 }
 
 // SAFETY: after `finalize_definitions` the module is only kept alive to own the code memory;
@@ -124,7 +134,7 @@ pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
             unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
         })
         .collect();
-    Ok(Kernels { module: Some(module), fns, features })
+    Ok(Kernels { module: Some(module), fns, features, specs: specs.to_vec() })
 }
 
 /// Compiles one spec and returns the machine code listing (VCode) Cranelift produced.

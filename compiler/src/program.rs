@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// How a weight is stored in the artifact.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Layout {
     /// Row-major, as the IR's logical shape.
     RowMajor,
@@ -21,6 +22,7 @@ pub enum Layout {
 
 /// Elementwise unary functions.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Unary {
     Silu,
     /// tanh approximation
@@ -33,6 +35,7 @@ pub enum Unary {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Binary {
     Add,
     Mul,
@@ -41,6 +44,7 @@ pub enum Binary {
 /// One kernel, specialized for constant dims. The comment gives its arguments (pointers, in
 /// order) and its unit of work (what `lo..hi` counts).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum KernelSpec {
     /// `[table, ids, out]`, units: rows. `packed`: the table is in `Panel16` layout.
     Embedding { d: usize, packed: bool },
@@ -161,6 +165,7 @@ impl KernelSpec {
 
 /// Whether a value has one row per token of the step or a single row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Rows {
     N,
     One,
@@ -168,6 +173,7 @@ pub enum Rows {
 
 /// How many units of work a call has, given the rows `n` it is called with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Units {
     Rows,
     Panels(usize),
@@ -188,6 +194,7 @@ impl Units {
 
 /// A kernel argument.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Arg {
     /// An activation buffer of the arena.
     Buf(usize),
@@ -206,6 +213,7 @@ pub enum Arg {
 
 /// One call of the schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Call {
     pub kernel: usize,
     pub args: Vec<Arg>,
@@ -219,6 +227,7 @@ pub struct Call {
 
 /// An activation buffer: `width` floats per row; placed at `offset × n_cap` floats in the arena.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Buffer {
     pub width: usize,
     pub rows: Rows,
@@ -228,6 +237,7 @@ pub struct Buffer {
 
 /// A table of RoPE cos/sin values, computed by the runtime for its context size.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RopeTable {
     pub theta: f32,
     pub scaling: RopeScaling,
@@ -238,6 +248,7 @@ pub struct RopeTable {
 
 /// The KV cache of one attention layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KvLayer {
     pub layer: usize,
     pub kv_heads: usize,
@@ -247,6 +258,7 @@ pub struct KvLayer {
 
 /// The lowered program.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Program {
     pub kernels: Vec<KernelSpec>,
     pub calls: Vec<Call>,

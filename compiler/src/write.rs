@@ -11,7 +11,7 @@ use llmc_ir::passes::{self, Pass};
 use llmc_ir::{Graph, NodeId, Op};
 use llmc_models::{Model, WeightSpec};
 
-use crate::artifact::{align_up, Header, Section, Target, TensorEntry, TextInfo, FORMAT_VERSION, MAGIC, PREAMBLE};
+use crate::artifact::{align_up, preamble, Header, Section, Target, TensorEntry, TextInfo, FORMAT_VERSION, PREAMBLE};
 use crate::error::CompileError;
 use crate::pack;
 use crate::program::Layout;
@@ -77,9 +77,13 @@ pub fn compile(
         target: host_target()?,
         passes: pipeline.iter().map(|p| p.name().to_string()).collect(),
         program: program.clone(),
-        ir: Section { offset: 0, len: ir_text.len() as u64 },
+        ir: Section { offset: 0, len: ir_text.len() as u64, crc32: crc32fast::hash(ir_text.as_bytes()) },
         text: TextInfo {
-            tokenizer: model.text.tokenizer_json.as_ref().map(|t| Section { offset: 0, len: t.len() as u64 }),
+            tokenizer: model.text.tokenizer_json.as_ref().map(|t| Section {
+                offset: 0,
+                len: t.len() as u64,
+                crc32: crc32fast::hash(t),
+            }),
             chat_template: model.text.chat_template.clone(),
             bos_token: model.text.bos_token.clone(),
             eos_token: model.text.eos_token.clone(),
@@ -92,9 +96,10 @@ pub fn compile(
         file_size: 0,
     };
     // The header's length depends on the offsets it contains: lay out with a generous estimate
-    // of the header size, then fix it (offsets only grow, so one retry suffices).
+    // of the header size, then fix it (offsets only grow, so one retry suffices). The header
+    // is written last, padded to its room, once the tensors' checksums are known.
     let mut reserve = 4096u64;
-    let header_json = loop {
+    loop {
         let mut at = align_up(PREAMBLE as u64 + reserve);
         header.ir.offset = at;
         at = align_up(at + header.ir.len);
@@ -119,6 +124,8 @@ pub fn compile(
                     layout,
                     offset: at,
                     len,
+                    // the widest value, so the header does not grow when the real one is set
+                    crc32: u32::MAX,
                 };
                 at = align_up(at + len);
                 e
@@ -128,14 +135,14 @@ pub fn compile(
         let json =
             serde_json::to_vec(&header).map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
         if json.len() as u64 <= reserve {
-            break json;
+            break;
         }
         reserve = json.len() as u64 * 2;
-    };
+    }
 
     let tmp = temp_path(out);
     progress(Progress::Stage("packing and writing weights"));
-    let result = write_file(&tmp, &header, &header_json, &ir_text, model, &specs, progress);
+    let result = write_file(&tmp, &mut header, &ir_text, model, &specs, progress);
     match result {
         Ok(()) => std::fs::rename(&tmp, out).map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
@@ -161,8 +168,7 @@ fn temp_path(out: &Path) -> PathBuf {
 
 fn write_file(
     tmp: &Path,
-    header: &Header,
-    header_json: &[u8],
+    header: &mut Header,
     ir_text: &str,
     model: &Model,
     specs: &[Source<'_>],
@@ -171,10 +177,7 @@ fn write_file(
     let io = |source| CompileError::Io { path: tmp.to_path_buf(), source };
     let file = File::create(tmp).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(MAGIC).map_err(io)?;
-    w.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(io)?;
-    w.write_all(&(header_json.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(header_json).map_err(io)?;
+    // the preamble and header are written last (they hold the tensors' checksums)
     pad_to(&mut w, header.ir.offset).map_err(io)?;
     w.write_all(ir_text.as_bytes()).map_err(io)?;
     if let (Some(sec), Some(bytes)) = (&header.text.tokenizer, &model.text.tokenizer_json) {
@@ -183,7 +186,7 @@ fn write_file(
     }
     let total: u64 = header.tensors.iter().map(|t| t.len).sum();
     let mut done = 0;
-    for (entry, spec) in header.tensors.iter().zip(specs) {
+    for (entry, spec) in header.tensors.iter_mut().zip(specs) {
         pad_to(&mut w, entry.offset).map_err(io)?;
         let bytes: Vec<u8> = if spec.is_bytes() {
             match spec {
@@ -197,11 +200,22 @@ fn write_file(
             };
             data.iter().flat_map(|v| v.to_le_bytes()).collect()
         };
+        entry.crc32 = crc32fast::hash(&bytes);
         w.write_all(&bytes).map_err(io)?;
         done += entry.len;
         progress(Progress::Bytes { done, total });
     }
     pad_to(&mut w, header.file_size).map_err(io)?;
+    let mut json =
+        serde_json::to_vec(&*header).map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
+    let room = header.ir.offset as usize - PREAMBLE;
+    if json.len() > room {
+        return Err(io(std::io::Error::other("layout error: the header outgrew its room")));
+    }
+    json.resize(room, b' ');
+    w.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+    w.write_all(&preamble(&json)).map_err(io)?;
+    w.write_all(&json).map_err(io)?;
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     Ok(())

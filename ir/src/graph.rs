@@ -213,6 +213,64 @@ impl Graph {
         true
     }
 
+    /// Per-sequence state must be laid out one way per layer: every op touching the KV cache
+    /// of a layer agrees on its kv heads, head dim and window, exactly one op writes it
+    /// (`attention`, or `qkv_rope` before its `attend`s), and each Mamba2 layer has one op.
+    /// The runtime sizes each layer's state from the first op it sees, so a disagreement would
+    /// let a kernel run past it.
+    fn verify_state(
+        &self,
+        order: &[NodeId],
+        numbering: &std::collections::HashMap<NodeId, usize>,
+    ) -> Result<(), IrError> {
+        use std::collections::HashMap;
+        // layer -> (kv_heads, head_dim, window, written)
+        let mut kv: HashMap<usize, (usize, usize, Option<usize>, bool)> = HashMap::new();
+        let mut mamba = std::collections::HashSet::new();
+        for &id in order {
+            let node = &self.g[id];
+            let at = || format!("%{} ({})", numbering[&id], node.op.name());
+            let bad = |msg: String| IrError::Type { node: at(), msg };
+            let (layer, kv_heads, head_dim, window, writes) = match node.op {
+                Op::Attention { layer, kv_heads, head_dim, window, .. } => (layer, kv_heads, head_dim, window, true),
+                Op::QkvRope { layer, kv_heads, head_dim, .. } => (layer, kv_heads, head_dim, None, true),
+                Op::Attend { layer, kv_heads, head_dim, window, .. } => (layer, kv_heads, head_dim, window, false),
+                Op::Mamba2 { layer, .. } => {
+                    if !mamba.insert(layer) {
+                        return Err(bad(format!("a second mamba2 op for layer {layer}")));
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            match kv.get_mut(&layer) {
+                None if !writes => {
+                    return Err(bad(format!("reads the KV cache of layer {layer}, which no earlier op writes")))
+                }
+                None => {
+                    kv.insert(layer, (kv_heads, head_dim, window, true));
+                }
+                Some(_) if writes => return Err(bad(format!("a second op writes the KV cache of layer {layer}"))),
+                Some(e) => {
+                    if (e.0, e.1) != (kv_heads, head_dim) {
+                        return Err(bad(format!(
+                            "layer {layer} KV cache is {} kv heads × {}, this op reads {kv_heads} × {head_dim}",
+                            e.0, e.1
+                        )));
+                    }
+                    match (e.2, window) {
+                        (Some(a), Some(b)) if a != b => {
+                            return Err(bad(format!("layer {layer} has windows {a} and {b}")));
+                        }
+                        (None, Some(w)) => e.2 = Some(w),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every node: operand count and types against the op's typing rule, weights and
     /// inputs well-formed, outputs present, no cycles. Names the first offending node.
     pub fn verify(&self) -> Result<(), IrError> {
@@ -223,6 +281,8 @@ impl Graph {
             let node = &self.g[id];
             let ops = self.operands(id);
             let at = || format!("%{} ({})", numbering[&id], node.op.name());
+            node.op.check_attrs().map_err(|msg| IrError::Type { node: at(), msg })?;
+            check_type_bounds(&node.ty).map_err(|msg| IrError::Type { node: at(), msg })?;
             match &node.op {
                 Op::Weight { name } => {
                     if !ops.is_empty() {
@@ -244,6 +304,7 @@ impl Graph {
                 }
             }
         }
+        self.verify_state(&order, &numbering)?;
         if self.outputs.is_empty() {
             return Err(IrError::NoOutputs);
         }
@@ -254,4 +315,27 @@ impl Graph {
         }
         Ok(())
     }
+}
+
+/// Every dim of a value in `1..=MAX_DIM` (constant dims), at most four dims, and at most
+/// `MAX_NUMEL` elements per row of the step (the whole value for constants).
+fn check_type_bounds(ty: &Type) -> Result<(), String> {
+    use crate::op::{MAX_DIM, MAX_NUMEL};
+    use crate::types::Dim;
+    if ty.shape.0.len() > 4 {
+        return Err(format!("type {ty} has more than 4 dims"));
+    }
+    let mut numel: u64 = 1;
+    for d in &ty.shape.0 {
+        if let Dim::C(c) = d {
+            if *c == 0 || *c > MAX_DIM {
+                return Err(format!("type {ty} has a dim outside 1..={MAX_DIM}"));
+            }
+            numel = numel.saturating_mul(*c as u64);
+        }
+    }
+    if numel > MAX_NUMEL {
+        return Err(format!("type {ty} has more than {MAX_NUMEL} elements"));
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ impl InputKind {
 
 /// Frequency scaling of rotary embeddings (HF `rope_type`).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum RopeScaling {
     /// Plain `theta^(-2i/d)` frequencies.
     None,
@@ -89,6 +90,37 @@ impl RopeScaling {
             .collect()
     }
 
+    /// Factors finite and positive, `low_freq_factor < high_freq_factor` for llama3 (the
+    /// interpolation divides by their difference): anything else gives NaN angles.
+    pub fn check(&self) -> Result<(), String> {
+        let pos = |what: &str, v: f32| -> Result<(), String> {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("rope scaling {what} = {v} must be finite and positive"));
+            }
+            Ok(())
+        };
+        match *self {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } => pos("factor", factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                pos("factor", factor)?;
+                pos("low_freq_factor", low_freq_factor)?;
+                pos("high_freq_factor", high_freq_factor)?;
+                if low_freq_factor >= high_freq_factor {
+                    return Err(format!(
+                        "rope scaling low_freq_factor {low_freq_factor} must be below high_freq_factor {high_freq_factor}"
+                    ));
+                }
+                if original_max_position == 0 || original_max_position > MAX_DIM {
+                    return Err(format!(
+                        "rope scaling original_max_position_embeddings {original_max_position} must be in 1..={MAX_DIM}"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Factor positions are divided by before the angle is taken.
     pub fn position_divisor(&self) -> f32 {
         match *self {
@@ -97,6 +129,14 @@ impl RopeScaling {
         }
     }
 }
+
+/// The largest size any dim or size attribute of a graph may have (16M): a vocabulary, a
+/// hidden size or a context. Products of two stay far below `usize::MAX`.
+pub const MAX_DIM: usize = 1 << 24;
+/// Layer indices (cache slots) are below this.
+pub const MAX_LAYERS: usize = 1 << 16;
+/// The most elements one value or weight may have (2^36 f32 = 256 GiB).
+pub const MAX_NUMEL: u64 = 1 << 36;
 
 /// One IR operation. Operand order is fixed per op and documented on each variant.
 #[derive(Clone, Debug, PartialEq)]
@@ -228,6 +268,7 @@ pub enum Op {
 
 /// The activation fused into a `linear` epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Act {
     None,
     Gelu,
@@ -486,6 +527,136 @@ impl Op {
             other => return Err(format!("unknown op `{other}`")),
         };
         Ok(op)
+    }
+
+    /// Checks the op's own attributes: every size in `1..=MAX_DIM` (layer indices below
+    /// `MAX_LAYERS`), every float finite and in its domain. A graph from a file may carry any
+    /// value here; nothing downstream (lowering, kernels, the interpreter) sees an op that fails
+    /// this, so their size arithmetic on two attributes cannot overflow.
+    pub fn check_attrs(&self) -> Result<(), String> {
+        let size = |what: &str, v: usize| -> Result<(), String> {
+            if v == 0 || v > MAX_DIM {
+                return Err(format!("{what} = {v} must be in 1..={MAX_DIM}"));
+            }
+            Ok(())
+        };
+        let layer = |v: usize| -> Result<(), String> {
+            if v >= MAX_LAYERS {
+                return Err(format!("layer {v} must be below {MAX_LAYERS}"));
+            }
+            Ok(())
+        };
+        let eps = |what: &str, v: f32| -> Result<(), String> {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{what} = {v} must be finite and >= 0"));
+            }
+            Ok(())
+        };
+        let finite = |what: &str, v: f32| -> Result<(), String> {
+            if !v.is_finite() {
+                return Err(format!("{what} = {v} must be finite"));
+            }
+            Ok(())
+        };
+        let rope = |theta: f32, scaling: &RopeScaling| -> Result<(), String> {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(format!("rope theta {theta} must be positive"));
+            }
+            scaling.check()
+        };
+        let heads = |h: usize, kv: usize, hd: usize| -> Result<(), String> {
+            size("heads", h)?;
+            size("kv_heads", kv)?;
+            size("head_dim", hd)?;
+            if h % kv != 0 {
+                return Err(format!("heads {h} must be a multiple of kv_heads {kv}"));
+            }
+            Ok(())
+        };
+        match self {
+            Op::RmsNorm { eps: e } | Op::LayerNorm { eps: e } => eps("eps", *e),
+            Op::Rope { heads, head_dim, rotary_dim, theta, scaling } => {
+                size("heads", *heads)?;
+                size("head_dim", *head_dim)?;
+                size("rotary_dim", *rotary_dim)?;
+                rope(*theta, scaling)
+            }
+            Op::Attention { layer: l, heads: h, kv_heads, head_dim, window, scale }
+            | Op::Attend { layer: l, heads: h, kv_heads, head_dim, window, scale } => {
+                layer(*l)?;
+                heads(*h, *kv_heads, *head_dim)?;
+                if let Some(w) = window {
+                    size("window", *w)?;
+                }
+                finite("scale", *scale)
+            }
+            Op::Scale { factor } => finite("factor", *factor),
+            Op::Slice { start, len } => {
+                size("len", *len)?;
+                if *start > MAX_DIM {
+                    return Err(format!("start = {start} must be at most {MAX_DIM}"));
+                }
+                Ok(())
+            }
+            Op::Linear { rms_eps, .. } => rms_eps.map_or(Ok(()), |e| eps("rms_eps", e)),
+            Op::QkvRope { layer: l, heads: h, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, .. } => {
+                layer(*l)?;
+                heads(*h, *kv_heads, *head_dim)?;
+                size("rotary_dim", *rotary_dim)?;
+                rope(*theta, scaling)?;
+                rms_eps.map_or(Ok(()), |e| eps("rms_eps", e))
+            }
+            Op::RopeInterleave { heads: h, kv_heads, head_dim, rotary_dim } => {
+                heads(*h, *kv_heads, *head_dim)?;
+                size("rotary_dim", *rotary_dim)
+            }
+            Op::Mamba2 { layer: l, heads, head_dim, d_state, groups, d_conv, chunk, eps: e } => {
+                layer(*l)?;
+                for (what, v) in [
+                    ("heads", heads),
+                    ("head_dim", head_dim),
+                    ("d_state", d_state),
+                    ("groups", groups),
+                    ("d_conv", d_conv),
+                    ("chunk", chunk),
+                ] {
+                    size(what, *v)?;
+                }
+                if *d_conv > 1024 {
+                    return Err(format!("d_conv = {d_conv} must be at most 1024"));
+                }
+                eps("eps", *e)
+            }
+            Op::Moe { experts, top_k } => {
+                size("experts", *experts)?;
+                size("top_k", *top_k)?;
+                if top_k > experts {
+                    return Err(format!("top_k {top_k} must be at most experts {experts}"));
+                }
+                Ok(())
+            }
+            Op::Input(_)
+            | Op::Weight { .. }
+            | Op::Embedding
+            | Op::MatMul
+            | Op::Softmax
+            | Op::Silu
+            | Op::Gelu
+            | Op::GeluErf
+            | Op::Add
+            | Op::Mul
+            | Op::Concat
+            | Op::TakeLast
+            | Op::ConcatRows
+            | Op::ConcatCols
+            | Op::InterleaveRows8
+            | Op::ScaleCols
+            | Op::WeightMatVec
+            | Op::Stack
+            | Op::InterleaveHalves8
+            | Op::Relu2
+            | Op::BitLinear => Ok(()),
+        }
     }
 
     /// The result type of this op applied to operands of the given types.

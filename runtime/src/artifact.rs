@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::OnceLock;
 
-use llmc_compiler::artifact::{Header, ALIGN, FORMAT_VERSION, MAGIC, PREAMBLE};
+use llmc_compiler::artifact::{Header, Section, ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER, PREAMBLE};
 use llmc_compiler::pack;
 use llmc_compiler::program::Layout;
 use llmc_ir::interp::WeightSource;
@@ -27,6 +27,40 @@ pub struct Artifact {
     index: HashMap<String, usize>,
     /// Row-major copies of packed tensors, made on demand for the interpreter only.
     unpacked: Vec<OnceLock<Vec<f32>>>,
+    /// What the verified IR allows as step inputs.
+    pub limits: Limits,
+}
+
+/// Bounds on a step's inputs that follow from the verified graph: token ids index every
+/// embedding table gathered by token, positions every table gathered by position (GPT-2's
+/// learned positions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub token_rows: usize,
+    pub position_rows: Option<usize>,
+}
+
+impl Limits {
+    pub fn of(g: &Graph) -> Result<Limits, String> {
+        use llmc_ir::{InputKind, Op};
+        let (mut tokens, mut positions) = (None::<usize>, None::<usize>);
+        for id in g.node_ids() {
+            if !matches!(g.node(id).op, Op::Embedding) {
+                continue;
+            }
+            let ops = g.operands(id);
+            let (Some(&table), Some(&ids)) = (ops.first(), ops.get(1)) else { continue };
+            let rows = g.node(table).ty.shape.resolve(0).first().copied().unwrap_or(0);
+            let slot = match g.node(ids).op {
+                Op::Input(InputKind::Tokens) => &mut tokens,
+                Op::Input(InputKind::Positions) => &mut positions,
+                _ => return Err("an embedding gathers by ids that are not a step input".into()),
+            };
+            *slot = Some(slot.map_or(rows, |r| r.min(rows)));
+        }
+        let token_rows = tokens.ok_or("the IR has no token embedding")?;
+        Ok(Limits { token_rows, position_rows: positions })
+    }
 }
 
 impl Artifact {
@@ -46,12 +80,20 @@ impl Artifact {
         let mut hl = [0u8; 8];
         hl.copy_from_slice(&map[12..20]);
         let header_len = u64::from_le_bytes(hl);
+        if header_len > MAX_HEADER {
+            return Err(bad(format!("header length {header_len} is over the {MAX_HEADER}-byte limit")));
+        }
         let header_end =
             (PREAMBLE as u64).checked_add(header_len).filter(|&e| e <= map.len() as u64).ok_or_else(|| {
                 bad(format!("header length {header_len} runs past the end of the {}-byte file", map.len()))
             })?;
-        let header: Header = serde_json::from_slice(&map[PREAMBLE..header_end as usize])
-            .map_err(|e| bad(format!("header is not valid: {e}")))?;
+        let header_bytes = &map[PREAMBLE..header_end as usize];
+        let crc = u32::from_le_bytes([map[20], map[21], map[22], map[23]]);
+        if crc32fast::hash(header_bytes) != crc {
+            return Err(bad("the header's checksum does not match (corrupt)".into()));
+        }
+        let header: Header =
+            serde_json::from_slice(header_bytes).map_err(|e| bad(format!("header is not valid: {e}")))?;
         if header.file_size != map.len() as u64 {
             return Err(bad(format!(
                 "header says the file has {} bytes but it has {} (truncated or corrupt)",
@@ -69,15 +111,59 @@ impl Artifact {
         if let Some(t) = &header.text.tokenizer {
             in_file("the tokenizer section", t.offset, t.len)?;
         }
-        let ir_text = std::str::from_utf8(&map[header.ir.offset as usize..(header.ir.offset + header.ir.len) as usize])
+        let section = |sec: &Section| &map[sec.offset as usize..(sec.offset + sec.len) as usize];
+        if crc32fast::hash(section(&header.ir)) != header.ir.crc32 {
+            return Err(bad("the IR section's checksum does not match (corrupt)".into()));
+        }
+        if let Some(t) = &header.text.tokenizer {
+            if crc32fast::hash(section(t)) != t.crc32 {
+                return Err(bad("the tokenizer section's checksum does not match (corrupt)".into()));
+            }
+        }
+        let ir_text = std::str::from_utf8(section(&header.ir))
             .map_err(|_| bad("the IR section is not UTF-8".into()))?
             .to_string();
         let graph = llmc_ir::text::parse(&ir_text)?;
+        // The one trust boundary: the program the JIT runs is lowered again from the verified
+        // IR; the stored copy must be exactly that (an edited program is refused, never run).
+        let program = llmc_compiler::lower::lower(&graph).map_err(|e| bad(format!("the IR cannot be lowered: {e}")))?;
+        if program != header.program {
+            return Err(bad("the stored program does not match the program of its IR (edited or corrupt)".into()));
+        }
+        let limits = Limits::of(&graph).map_err(bad)?;
+        if header.vocab_size == 0 || header.vocab_size > limits.token_rows {
+            return Err(bad(format!(
+                "vocab_size {} does not fit the token embedding's {} rows",
+                header.vocab_size, limits.token_rows
+            )));
+        }
+        if header.max_positions == 0 || header.max_positions > llmc_ir::op::MAX_DIM {
+            return Err(bad(format!("max_positions {} is not a valid context", header.max_positions)));
+        }
+        if let Some(rows) = limits.position_rows {
+            if !header.hard_context_limit || header.max_positions > rows {
+                return Err(bad(format!(
+                    "the model has {rows} learned positions but the header says max_positions {} (hard limit: {})",
+                    header.max_positions, header.hard_context_limit
+                )));
+            }
+        }
         let mut index = HashMap::new();
         for (i, t) in header.tensors.iter().enumerate() {
             in_file(&format!("tensor `{}`", t.name), t.offset, t.len)?;
             if t.dtype != "f32" && t.dtype != "u8" {
                 return Err(bad(format!("tensor `{}` has unsupported dtype {}", t.name, t.dtype)));
+            }
+            // The kernels read each weight in the layout the program asks for.
+            let layout = if t.dtype == "u8" { Layout::RowMajor } else { program.layout_of(&t.name) };
+            if t.layout != layout {
+                return Err(bad(format!(
+                    "tensor `{}` is stored {:?}, its kernels read {:?}",
+                    t.name, t.layout, layout
+                )));
+            }
+            if index.contains_key(&t.name) {
+                return Err(bad(format!("tensor `{}` is listed twice", t.name)));
             }
             // The stored length follows from the shape and the layout (packed tensors are padded).
             let dims_ok = match t.layout {
@@ -102,6 +188,17 @@ impl Artifact {
         for (name, ty) in graph.weights() {
             let i =
                 index.get(&name).ok_or_else(|| bad(format!("the IR reads weight `{name}` which the file lacks")))?;
+            let want_dtype = match ty.dtype {
+                llmc_ir::DType::U8 => "u8",
+                _ => "f32",
+            };
+            if header.tensors[*i].dtype != want_dtype || ty.dtype == llmc_ir::DType::I32 {
+                return Err(bad(format!(
+                    "tensor `{name}` is stored as {}, the IR reads {}",
+                    header.tensors[*i].dtype,
+                    ty.dtype.name()
+                )));
+            }
             if header.tensors[*i].shape != ty.shape.resolve(0) {
                 return Err(bad(format!(
                     "tensor `{name}` has shape {:?}, the IR expects {}",
@@ -111,7 +208,7 @@ impl Artifact {
         }
         check_target(path, &header)?;
         let unpacked = header.tensors.iter().map(|_| OnceLock::new()).collect();
-        Ok(Artifact { path: path.to_path_buf(), header, graph, ir_text, map, index, unpacked })
+        Ok(Artifact { path: path.to_path_buf(), header, graph, ir_text, map, index, unpacked, limits })
     }
 
     /// The address of a weight's data in the map, whatever its dtype (for the JIT).
@@ -148,6 +245,20 @@ impl Artifact {
     pub fn tokenizer_json(&self) -> Option<&[u8]> {
         let s = self.header.text.tokenizer.as_ref()?;
         self.map.get(s.offset as usize..(s.offset + s.len) as usize)
+    }
+
+    /// Checks every weight's bytes against its checksum (`llmc inspect --verify`); returns the
+    /// names of the tensors that do not match.
+    pub fn verify_weights(&self) -> Vec<String> {
+        self.header
+            .tensors
+            .iter()
+            .filter(|t| {
+                let bytes = &self.map[t.offset as usize..(t.offset + t.len) as usize];
+                crc32fast::hash(bytes) != t.crc32
+            })
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     /// Total bytes of weights.

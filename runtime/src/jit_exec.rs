@@ -9,15 +9,15 @@ use crate::error::RuntimeError;
 
 /// 16 floats, 64-byte aligned: the unit of every buffer the kernels touch.
 #[repr(C, align(64))]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Block([f32; 16]);
 
 /// A 64-byte aligned, zeroed f32 buffer.
 struct Aligned(Vec<Block>);
 
 impl Aligned {
-    fn new(floats: usize) -> Aligned {
-        Aligned(vec![Block([0.0; 16]); floats.div_ceil(16).max(1)])
+    fn new(floats: usize) -> Result<Aligned, RuntimeError> {
+        Ok(Aligned(zeroed::<Block>(floats.div_ceil(16).max(1))?))
     }
     fn ptr(&mut self) -> *mut u8 {
         self.0.as_mut_ptr() as *mut u8
@@ -29,8 +29,11 @@ const SPLIT_THRESHOLD: usize = 16 * 1024;
 /// Floats of split work below which a whole step runs on one thread (about 4 MB of weights).
 const PARALLEL_STEP_THRESHOLD: usize = 1 << 20;
 
-/// Per-sequence state of the JIT backend.
-pub struct JitState {
+/// Per-sequence state of the JIT backend, for one program and the kernels compiled from it
+/// (both borrowed, so the state cannot be run with another program or outlive the weights).
+pub struct JitState<'a> {
+    prog: &'a Program,
+    kernels: &'a Kernels,
     arena: Vec<Block>,
     caches: Vec<(usize, Aligned, Aligned, usize)>, // (layer, k, v, cap)
     mamba: Vec<(usize, Aligned, Aligned)>,         // (layer, conv window, ssm state)
@@ -40,6 +43,8 @@ pub struct JitState {
     /// Pointer table of every call, fixed for the session.
     args: Vec<Vec<*mut u8>>,
     caps: Vec<i64>,
+    /// Token ids must be below this (the rows of every table gathered by token).
+    token_rows: usize,
     pub n_cap: usize,
     pub ctx: usize,
     /// When set, seconds spent in each kernel (indexed like `Program::kernels`) and calls.
@@ -47,8 +52,61 @@ pub struct JitState {
 }
 
 // SAFETY: the raw pointers point into buffers this struct owns (arena, caches, tables, tokens,
-// positions) or into the artifact's read-only map, which outlives the session.
-unsafe impl Send for JitState {}
+// positions) or into weights borrowed for 'a (the artifact's read-only map); moving the state
+// to another thread moves none of them.
+unsafe impl Send for JitState<'_> {}
+
+/// Bytes of the per-sequence buffers of `prog` for a context of `ctx` positions and steps of
+/// `n_cap` tokens, with checked arithmetic (`None`: more than the address space).
+pub fn state_bytes(prog: &Program, ctx: usize, n_cap: usize) -> Option<u64> {
+    let f = |x: usize| (x as u64).checked_mul(4);
+    let mut total = f(prog.arena_width)?.checked_mul(n_cap as u64)?;
+    for l in &prog.kv_layers {
+        let cap = l.window.map_or(ctx, |w| w.saturating_add(n_cap).min(ctx)) as u64;
+        let one = cap.checked_mul(l.kv_heads as u64)?.checked_mul(l.head_dim as u64)?.checked_mul(4)?;
+        total = total.checked_add(one.checked_mul(2)?)?;
+    }
+    for t in &prog.rope_tables {
+        total = total.checked_add((ctx as u64).checked_mul(2)?.checked_mul(t.rotary_dim as u64)?.checked_mul(4)?)?;
+    }
+    for &(_, conv, ssm) in &prog.mamba_layers {
+        total = total.checked_add(f(conv)?)?.checked_add(f(ssm)?)?;
+    }
+    Some(total)
+}
+
+/// Bytes this machine can still give (MemAvailable + SwapFree), if the kernel says.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()?.checked_mul(1024)
+    };
+    Some(field("MemAvailable:")?.saturating_add(field("SwapFree:").unwrap_or(0)))
+}
+
+/// Refuses a state of `need` bytes (`None`: overflow) that this machine cannot hold, before
+/// anything is allocated.
+pub fn check_memory(need: Option<u64>, what: &str) -> Result<(), RuntimeError> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match (need, available_memory()) {
+        (None, _) => Err(RuntimeError::Usage(format!("{what} would need more memory than can be addressed"))),
+        (Some(n), Some(avail)) if n > avail => Err(RuntimeError::Usage(format!(
+            "{what} would need {:.2} GiB of memory, this machine has {:.2} GiB available (use a smaller -c)",
+            gib(n),
+            gib(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A zeroed vector of `len` values, or an error instead of an allocation abort.
+fn zeroed<T: Clone + Default>(len: usize) -> Result<Vec<T>, RuntimeError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| RuntimeError::Usage(format!("cannot allocate {len} values")))?;
+    v.resize(len, T::default());
+    Ok(v)
+}
 
 /// A barrier for the step's workers, spinning (they run on their own cores for the few
 /// microseconds between calls), yielding after a while so an oversubscribed machine still
@@ -90,66 +148,102 @@ struct SendPtr(*const *mut u8);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-impl JitState {
-    /// State for running `art`'s program with `ctx` positions, steps of at most `n_cap` tokens.
-    pub fn new(art: &Artifact, ctx: usize, n_cap: usize) -> Result<JitState, RuntimeError> {
-        JitState::with_weights(&art.header.program, &|name| art.tensor_ptr(name), ctx, n_cap)
+impl<'a> JitState<'a> {
+    /// State for running `art`'s program (whose kernels are `kernels`) with `ctx` positions,
+    /// steps of at most `n_cap` tokens. Everything is checked: the kernels must be the
+    /// program's, the context must fit the model's learned positions and this machine's memory.
+    pub fn new(
+        art: &'a Artifact,
+        kernels: &'a Kernels,
+        ctx: usize,
+        n_cap: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
+        if let Some(rows) = art.limits.position_rows {
+            if ctx > rows {
+                return Err(RuntimeError::Usage(format!("context size {ctx} exceeds the model's {rows} positions")));
+            }
+        }
+        // SAFETY: the artifact's weights were checked at open against the verified IR (shape,
+        // dtype, the layout the program reads, inside the map); the map lives for 'a, as does
+        // the program the kernels were checked against below; `token_rows` comes from the same IR.
+        unsafe {
+            JitState::with_weights(
+                &art.header.program,
+                kernels,
+                &|name| art.tensor_ptr(name),
+                ctx,
+                n_cap,
+                art.limits.token_rows,
+            )
+        }
     }
 
-    /// The same for any program: `weights` gives the address of each weight's data in the
-    /// layout the program asks for. The data must outlive the state (the runtime's map, or a
-    /// test's vectors).
-    pub fn with_weights(
-        prog: &Program,
+    /// The same for any program.
+    ///
+    /// # Safety
+    /// `prog` must be the lowering of a verified graph, and `weights(name)` must give, for
+    /// every weight the program reads, the address of that weight's data in the layout
+    /// `prog.layout_of(name)` asks for, with the shape and dtype of the graph, valid and
+    /// unchanged for 'a. `token_rows` must not exceed the rows of any table the program
+    /// gathers by token id. (The artifact loader checks all of this; tests build it.)
+    pub unsafe fn with_weights(
+        prog: &'a Program,
+        kernels: &'a Kernels,
         weights: &dyn Fn(&str) -> Option<*const u8>,
         ctx: usize,
         n_cap: usize,
-    ) -> Result<JitState, RuntimeError> {
+        token_rows: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
+        if kernels.specs() != prog.kernels.as_slice() {
+            return Err(RuntimeError::Usage("the kernels were compiled for another program".into()));
+        }
+        if ctx == 0 || ctx > llmc_ir::op::MAX_DIM {
+            return Err(RuntimeError::Usage(format!("context size {ctx} must be in 1..={}", llmc_ir::op::MAX_DIM)));
+        }
         let n_cap = n_cap.clamp(1, ctx).min(llmc_compiler::kernels::matmul::MAX_ROWS);
-        let arena = vec![Block([0.0; 16]); (prog.arena_width * n_cap).div_ceil(16).max(1)];
-        let caches = prog
-            .kv_layers
-            .iter()
-            .map(|l| {
-                // Sliding-window layers keep a ring big enough for the window plus one chunk.
-                let cap = l.window.map_or(ctx, |w| (w + n_cap).min(ctx));
-                let len = cap * l.kv_heads * l.head_dim;
-                (l.layer, Aligned::new(len), Aligned::new(len), cap)
-            })
-            .collect();
-        let tables = prog
-            .rope_tables
-            .iter()
-            .map(|t| {
-                let inv = t.scaling.inv_freq(t.theta, t.rotary_dim);
-                let (rd, half) = (t.rotary_dim, t.rotary_dim / 2);
-                let mut tab = vec![0f32; ctx * 2 * rd];
-                for p in 0..ctx {
-                    let pf = p as f32 / t.scaling.position_divisor();
-                    for (i, f) in inv.iter().enumerate() {
-                        // The interpreter's formula: f32 angle, cos/sin rounded from f64.
-                        let angle = (pf * f) as f64;
-                        let (c, s) = (angle.cos() as f32, angle.sin() as f32);
-                        if t.interleaved {
-                            // qkv_rope: per pair (2i, 2i+1): cos, cos ... then -sin, +sin
-                            let row = &mut tab[p * 2 * rd..(p + 1) * 2 * rd];
-                            row[2 * i] = c;
-                            row[2 * i + 1] = c;
-                            row[rd + 2 * i] = -s;
-                            row[rd + 2 * i + 1] = s;
-                        } else {
-                            // rope: per position rd/2 cosines then rd/2 sines
-                            tab[p * rd + i] = c;
-                            tab[p * rd + half + i] = s;
-                        }
+        check_memory(state_bytes(prog, ctx, n_cap), &format!("a context of {ctx} tokens"))?;
+        let arena = zeroed::<Block>((prog.arena_width * n_cap).div_ceil(16).max(1))?;
+        let mut caches = Vec::new();
+        for l in &prog.kv_layers {
+            // Sliding-window layers keep a ring big enough for the window plus one chunk.
+            let cap = l.window.map_or(ctx, |w| w.saturating_add(n_cap).min(ctx));
+            let len = cap * l.kv_heads * l.head_dim;
+            caches.push((l.layer, Aligned::new(len)?, Aligned::new(len)?, cap));
+        }
+        let mut tables = Vec::new();
+        for t in &prog.rope_tables {
+            let inv = t.scaling.inv_freq(t.theta, t.rotary_dim);
+            let (rd, half) = (t.rotary_dim, t.rotary_dim / 2);
+            let mut tab = zeroed::<f32>(ctx * 2 * rd)?;
+            for p in 0..ctx {
+                let pf = p as f32 / t.scaling.position_divisor();
+                for (i, f) in inv.iter().enumerate() {
+                    // The interpreter's formula: f32 angle, cos/sin rounded from f64.
+                    let angle = (pf * f) as f64;
+                    let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+                    if t.interleaved {
+                        // qkv_rope: per pair (2i, 2i+1): cos, cos ... then -sin, +sin
+                        let row = &mut tab[p * 2 * rd..(p + 1) * 2 * rd];
+                        row[2 * i] = c;
+                        row[2 * i + 1] = c;
+                        row[rd + 2 * i] = -s;
+                        row[rd + 2 * i + 1] = s;
+                    } else {
+                        // rope: per position rd/2 cosines then rd/2 sines
+                        tab[p * rd + i] = c;
+                        tab[p * rd + half + i] = s;
                     }
                 }
-                tab
-            })
-            .collect();
-        let mamba =
-            prog.mamba_layers.iter().map(|&(l, conv, ssm)| (l, Aligned::new(conv), Aligned::new(ssm))).collect();
+            }
+            tables.push(tab);
+        }
+        let mut mamba = Vec::new();
+        for &(l, conv, ssm) in &prog.mamba_layers {
+            mamba.push((l, Aligned::new(conv)?, Aligned::new(ssm)?));
+        }
         let mut s = JitState {
+            prog,
+            kernels,
             arena,
             caches,
             mamba,
@@ -158,25 +252,33 @@ impl JitState {
             positions: vec![0; n_cap],
             args: Vec::new(),
             caps: Vec::new(),
+            token_rows,
             n_cap,
             ctx,
             profile: None,
         };
-        s.build_args(prog, weights)?;
+        s.build_args(weights)?;
         Ok(s)
     }
 
-    fn build_args(&mut self, prog: &Program, weights: &dyn Fn(&str) -> Option<*const u8>) -> Result<(), RuntimeError> {
+    fn build_args(&mut self, weights: &dyn Fn(&str) -> Option<*const u8>) -> Result<(), RuntimeError> {
+        let prog = self.prog;
         let arena = self.arena.as_mut_ptr() as *mut u8;
         let missing = |what: String| RuntimeError::Usage(format!("invalid program: {what}"));
         let mut tables = Vec::new();
         let mut caps = Vec::new();
         for call in &prog.calls {
+            if call.kernel >= self.kernels.fns.len() {
+                return Err(missing(format!("call of kernel {} of {}", call.kernel, self.kernels.fns.len())));
+            }
             let mut ptrs = Vec::new();
             for a in &call.args {
                 let p = match a {
                     Arg::Buf(b) => {
                         let buf = prog.buffers.get(*b).ok_or_else(|| missing(format!("call refers to buffer {b}")))?;
+                        if buf.offset.checked_add(buf.width).is_none_or(|end| end > prog.arena_width) {
+                            return Err(missing(format!("buffer {b} lies outside the arena")));
+                        }
                         // SAFETY: offset × n_cap + width × n_cap <= arena_width × n_cap floats.
                         unsafe { arena.add(buf.offset * self.n_cap * 4) }
                     }
@@ -239,18 +341,30 @@ impl JitState {
         }
     }
 
-    /// Runs one step of `tokens.len() <= n_cap` tokens at `positions` (already validated:
-    /// ids inside the vocabulary, positions inside the context) and returns the `logits`
-    /// output (all its rows).
+    /// Runs one step of `1..=n_cap` tokens at `positions` and returns the `logits` output (all
+    /// its rows). Token ids must index the embedding, positions must lie inside the context:
+    /// anything else is an error, before any kernel runs.
     pub fn step(
         &mut self,
-        prog: &Program,
-        kernels: &Kernels,
         pool: &rayon::ThreadPool,
         tokens: &[i32],
         positions: &[i32],
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let (prog, kernels) = (self.prog, self.kernels);
         let n = tokens.len();
+        if n == 0 || n > self.n_cap || positions.len() != n {
+            return Err(RuntimeError::Usage(format!(
+                "a step takes 1..={} tokens with one position each (got {n} and {})",
+                self.n_cap,
+                positions.len()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.token_rows) {
+            return Err(RuntimeError::TokenId { id: bad as i64, vocab: self.token_rows });
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= self.ctx) {
+            return Err(RuntimeError::Usage(format!("position {p} is outside the context of {} tokens", self.ctx)));
+        }
         self.tokens[..n].copy_from_slice(tokens);
         self.positions[..n].copy_from_slice(positions);
         let threads = pool.current_num_threads();
@@ -335,9 +449,9 @@ impl JitState {
                 let arena: &[f32] =
                     // SAFETY: Block is 16 plain f32s; the arena is one contiguous allocation.
                     unsafe { std::slice::from_raw_parts(self.arena.as_ptr() as *const f32, self.arena.len() * 16) };
-                arena[start..start + rows * buf.width].to_vec()
+                Ok(arena[start..start + rows * buf.width].to_vec())
             }
-            None => Vec::new(),
+            None => Ok(Vec::new()),
         }
     }
 }

@@ -69,15 +69,15 @@ impl Engine {
     }
 }
 
-enum State {
+enum State<'a> {
     Interp(KvCache),
-    Jit(Box<JitState>),
+    Jit(Box<JitState<'a>>),
 }
 
 /// One sequence over an engine: its per-layer state and how many positions are filled.
 pub struct Session<'a> {
     engine: &'a Engine,
-    state: State,
+    state: State<'a>,
     /// Positions filled so far.
     pub pos: usize,
     pub ctx: usize,
@@ -93,12 +93,18 @@ impl<'a> Session<'a> {
         let art = &engine.art;
         let max = art.header.max_positions;
         let ctx = ctx.unwrap_or(max.min(4096));
-        if ctx == 0 || (art.header.hard_context_limit && ctx > max) {
+        if ctx == 0 || ctx > llmc_ir::op::MAX_DIM || (art.header.hard_context_limit && ctx > max) {
             return Err(RuntimeError::Usage(format!("context size {ctx} must be in 1..={max} for this model")));
         }
         let state = match backend {
-            Backend::Interp => State::Interp(KvCache::new(&art.graph, ctx)),
-            Backend::Jit => State::Jit(Box::new(JitState::new(art, ctx, DEFAULT_CHUNK)?)),
+            Backend::Interp => {
+                crate::jit_exec::check_memory(
+                    interp_state_bytes(&art.graph, ctx),
+                    &format!("a context of {ctx} tokens"),
+                )?;
+                State::Interp(KvCache::new(&art.graph, ctx))
+            }
+            Backend::Jit => State::Jit(Box::new(JitState::new(art, &engine.kernels, ctx, DEFAULT_CHUNK)?)),
         };
         Ok(Session { engine, state, pos: 0, ctx })
     }
@@ -177,14 +183,25 @@ impl<'a> Session<'a> {
                         .ok_or_else(|| RuntimeError::Usage("the graph has no logits output".into()))?
                         .data
                 }
-                State::Jit(st) => {
-                    st.step(&art.header.program, &self.engine.kernels, &self.engine.pool, chunk, &positions)
-                }
+                State::Jit(st) => st.step(&self.engine.pool, chunk, &positions)?,
             };
             self.pos += chunk.len();
         }
         Ok(logits)
     }
+}
+
+/// Bytes of the interpreter's per-sequence state (f32 K and V per position and kv head, and
+/// the Mamba2 windows and states), with checked arithmetic.
+fn interp_state_bytes(g: &llmc_ir::Graph, ctx: usize) -> Option<u64> {
+    let mut total = 0u64;
+    for (_, kv, hd) in g.kv_layers() {
+        total = total.checked_add((ctx as u64).checked_mul(kv as u64)?.checked_mul(hd as u64)?.checked_mul(8)?)?;
+    }
+    for (_, ch, d_conv, st) in g.mamba_layers() {
+        total = total.checked_add((ch as u64).checked_mul(d_conv as u64)?.checked_add(st as u64)?.checked_mul(4)?)?;
+    }
+    Some(total)
 }
 
 /// The result of a generation.

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use llmc_compiler::{jit, lower, pack};
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
 use llmc_ir::{Act, Graph, InputKind, NodeId, Op, RopeScaling};
+use llmc_runtime::artifact::Limits;
 use llmc_runtime::jit_exec::JitState;
 use proptest::prelude::*;
 
@@ -77,7 +78,9 @@ impl Case {
         let bytes = &self.bytes;
         let lookup =
             |n: &str| bytes.get(n).map(|b| b.as_ptr()).or_else(|| packed.get(n).map(|v| v.as_ptr() as *const u8));
-        let mut st = JitState::with_weights(&prog, &lookup, ctx, n_cap).unwrap();
+        // SAFETY: `packed`/`bytes` hold every weight in the program's layout and outlive `st`.
+        let rows = Limits::of(&self.g).unwrap().token_rows;
+        let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, ctx, n_cap, rows) }.unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut cache = KvCache::new(&self.g, ctx);
         let mut worst = 0f64;
@@ -85,7 +88,7 @@ impl Case {
             let w = interp::Weights { f32: &self.weights, u8: &self.bytes };
             let want = interp::run(&self.g, StepInput { tokens, positions }, &w, &mut cache).unwrap();
             let want = &want["logits"].data;
-            let got = st.step(&prog, &kernels, &pool, tokens, positions);
+            let got = st.step(&pool, tokens, positions).unwrap();
             assert_eq!(got.len(), want.len());
             let scale = want.iter().fold(1f64, |m, x| m.max(x.abs() as f64));
             for (a, b) in got.iter().zip(want) {
@@ -312,9 +315,10 @@ fn activation_error_bounds() {
         let prog = lower::lower(&c.g).unwrap();
         let kernels = jit::compile(&prog.kernels).unwrap();
         let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_ptr() as *const u8);
-        let mut st = JitState::with_weights(&prog, &lookup, 4, 1).unwrap();
+        // SAFETY: `c.weights` holds every (row-major) weight and outlives `st`.
+        let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, 4, 1, 1) }.unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let got = st.step(&prog, &kernels, &pool, &[0], &[0]);
+        let got = st.step(&pool, &[0], &[0]).unwrap();
         let mut worst = 0f64;
         for (g, &x) in got.iter().zip(&xs) {
             let r = f(x as f64);
@@ -406,9 +410,11 @@ fn moe_decode_reads_only_selected_experts() {
         }
     }
     let lookup = |n: &str| packed.get(n).map(|v| v.as_ptr() as *const u8);
-    let mut st = JitState::with_weights(&prog, &lookup, 4, 4).unwrap();
+    // SAFETY: `packed` holds every weight in the program's layout and outlives `st`.
+    let rows = Limits::of(&c.g).unwrap().token_rows;
+    let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, 4, 4, rows) }.unwrap();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let got = st.step(&prog, &kernels, &pool, &[token as i32], &[0]);
+    let got = st.step(&pool, &[token as i32], &[0]).unwrap();
     for (a, b) in got.iter().zip(&want["logits"].data) {
         assert!(a.is_finite() && (a - b).abs() <= 2e-5 * b.abs().max(1.0), "{a} vs {b}");
     }
