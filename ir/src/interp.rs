@@ -603,7 +603,8 @@ fn eval<'w>(
                     t0 += len;
                 }
             }
-            // 3. gated RMSNorm over the whole inner dim: norm_w · rms(y · silu(z))
+            // 3. gated RMSNorm over the whole inner dim, not per group (transformers' semantics,
+            // see the op's doc): norm_w · rms(y · silu(z))
             let mut out = vec![0f32; n * i_];
             for t in 0..n {
                 let z = &zx[t * width..t * width + i_];

@@ -243,7 +243,10 @@ pub enum Op {
     /// Per token, in order: causal depthwise conv (window of the last K inputs, kept in the
     /// layer's conv state) + SiLU on `xBC`; `dt = softplus(dt + dt_bias)`; per head
     /// `state = state·exp(dt·A) + dt·x ⊗ B` (`A = -exp(a_log)`, `B`, `C` of the head's group),
-    /// `y = state·C + D·x`; then the gated RMSNorm `norm_w · rms(y · silu(z))`.
+    /// `y = state·C + D·x`; then the gated RMSNorm `norm_w · rms(y · silu(z))`, one mean of
+    /// squares over all `I` channels even when `G > 1`, as transformers' Bamba and
+    /// GraniteMoeHybrid gated norms do (mamba_ssm's `RMSNormGated(group_size = I/G)`, llama.cpp
+    /// and vLLM normalize each group of `I/G` channels on its own; the two agree at `G = 1`).
     /// Multi-token steps run the SSM in its chunked (SSD) form, `chunk` tokens at a time:
     /// within a chunk, `y_t = Σ_{τ≤t} (C_t·B_τ)·e^{s_t - s_τ}·dt_τ·x_τ + e^{s_t}·C_t·h + D·x_t`
     /// with `s` the running sum of `dt·A`, and the state is carried from chunk to chunk — the

@@ -158,3 +158,79 @@ fn llama3_scaling_matches_transformers_formula() {
     let want = (1.0 - smooth) * base[i] / 8.0 + smooth * base[i];
     assert!((f[i] as f64 - want).abs() / want < 1e-4);
 }
+
+/// Mamba2's gated RMSNorm takes one mean of squares over all `heads·head_dim` channels, also
+/// with two B/C groups (transformers' BambaRMSNormGated has no group size). The conv passes
+/// `x` through (`d_conv = 1`, unit weights) and zeroes B and C, so the SSM adds nothing and
+/// `y = D·silu(x)`; the expected rows are computed here directly. The per-group alternative
+/// (mamba_ssm, llama.cpp) is computed too, to show these inputs tell the two apart.
+#[test]
+fn mamba2_gated_norm_spans_all_groups() {
+    let (heads, hd, groups) = (4, 2, 2);
+    let (inner, ch) = (heads * hd, heads * hd + 2 * groups);
+    let width = inner + ch + heads;
+    let mut g = Graph::new("mamba");
+    let tok = g.input(InputKind::Tokens);
+    g.input(InputKind::Positions);
+    let zx = g.weight("zx", &[4, width]);
+    let x = g.add(Op::Embedding, &[zx, tok]).unwrap();
+    let p: Vec<_> = [("cw", vec![ch, 1, 1]), ("cb", vec![ch]), ("dtb", vec![heads]), ("alog", vec![heads])]
+        .into_iter()
+        .chain([("d", vec![heads]), ("nw", vec![inner])])
+        .map(|(n, s)| (n, g.weight(n, &s), s))
+        .collect();
+    let op = Op::Mamba2 { layer: 0, heads, head_dim: hd, d_state: 1, groups, d_conv: 1, chunk: 2, eps: 1e-5 };
+    let ops: Vec<_> = std::iter::once(x).chain(p.iter().map(|q| q.1)).collect();
+    let m = g.add(op, &ops).unwrap();
+    g.output("out", m);
+    // Row t: z, then x (group 0 small, group 1 large), then B, C and dt (zeroed by the conv).
+    let rows: Vec<f32> = (0..4)
+        .flat_map(|t| {
+            let t = t as f32;
+            let z = (0..inner).map(move |c| 0.4 + 0.3 * c as f32 - 0.2 * t);
+            let xs = (0..inner)
+                .map(move |c| if c < inner / 2 { 0.05 * (c as f32 + t + 1.0) } else { 2.0 + 0.5 * c as f32 - t });
+            z.chain(xs).chain((0..2 * groups + heads).map(|c| 1.0 + c as f32))
+        })
+        .collect();
+    let d = [1.0f32, 2.0, 0.5, 3.0];
+    let nw = [1.5f32, -0.5, 2.0, 1.0, 0.25, 3.0, -1.0, 0.75];
+    let cw: Vec<f32> = (0..ch).map(|c| if c < inner { 1.0 } else { 0.0 }).collect();
+    let w = weights(&[
+        ("zx", vec![4, width], rows.clone()),
+        ("cw", p[0].2.clone(), cw),
+        ("cb", p[1].2.clone(), vec![0.0; ch]),
+        ("dtb", p[2].2.clone(), vec![0.5; heads]),
+        ("alog", p[3].2.clone(), vec![0.0; heads]),
+        ("d", p[4].2.clone(), d.to_vec()),
+        ("nw", p[5].2.clone(), nw.to_vec()),
+    ]);
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    // (whole width, per group) for token t
+    let want = |t: usize| {
+        let r = &rows[t * width..(t + 1) * width];
+        let gated: Vec<f64> =
+            (0..inner).map(|c| d[c / hd] as f64 * silu(r[inner + c] as f64) * silu(r[c] as f64)).collect();
+        let norm = |xs: &[f64], w: &[f32]| {
+            let inv = 1.0 / (xs.iter().map(|v| v * v).sum::<f64>() / xs.len() as f64 + 1e-5).sqrt();
+            xs.iter().zip(w).map(|(v, w)| *w as f64 * v * inv).collect::<Vec<f64>>()
+        };
+        let per_group: Vec<f64> =
+            gated.chunks(inner / groups).zip(nw.chunks(inner / groups)).flat_map(|(x, w)| norm(x, w)).collect();
+        (norm(&gated, &nw), per_group)
+    };
+    let mut cache = KvCache::new(&g, 8);
+    // A three-token step (the chunked scan, two chunks), then a one-token step (the recurrence).
+    let prefill = interp::run(&g, StepInput { tokens: &[0, 1, 2], positions: &[0, 1, 2] }, &w, &mut cache).unwrap();
+    let decode = interp::run(&g, StepInput { tokens: &[3], positions: &[3] }, &w, &mut cache).unwrap();
+    let got: Vec<f32> = prefill["out"].data.iter().chain(&decode["out"].data).copied().collect();
+    for t in 0..4 {
+        let (whole, per_group) = want(t);
+        let row = &got[t * inner..(t + 1) * inner];
+        for (o, w) in row.iter().zip(&whole) {
+            assert!((*o as f64 - w).abs() < 1e-5 * w.abs().max(1.0), "token {t}: {row:?} vs {whole:?}");
+        }
+        let apart = whole.iter().zip(&per_group).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(apart > 0.1, "token {t}: the inputs do not separate the two norms ({apart})");
+    }
+}

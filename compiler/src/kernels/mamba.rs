@@ -119,7 +119,8 @@ pub fn mamba2(k: &mut Kb<'_>, heads: usize, hd: usize, ds: usize, groups: usize,
                     k.st(yv, yp, 0);
                 });
             });
-            // 3. gated RMSNorm: g = y · silu(z); out = norm_w · g / rms(g)
+            // 3. gated RMSNorm: g = y · silu(z); out = norm_w · g / rms(g), rms over all `inner`
+            // channels whatever `groups` is (the op's semantics, as transformers)
             let zero_f = k.f(0.0);
             let ss = k.var(F32, zero_f);
             let c0 = k.ic(0);
