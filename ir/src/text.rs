@@ -104,6 +104,14 @@ pub fn parse(text: &str) -> Result<Graph, IrError> {
         }
         let attrs = parse_attrs(rest).map_err(err)?;
         let op = Op::from_parts(op_name, &attrs).map_err(err)?;
+        // Every attribute must be one the op has, once (a flipped byte must not turn an
+        // attribute into an ignored one).
+        let known = op.attrs();
+        for (i, (k, _)) in attrs.0.iter().enumerate() {
+            if !known.iter().any(|(name, _)| name == k) || attrs.0[..i].iter().any(|(p, _)| p == k) {
+                return Err(err(format!("unknown or repeated attribute `{k}` of {op_name}")));
+            }
+        }
         let id = g.add_typed(op, &operands, ty);
         ids.insert(lhs.to_string(), id);
     }
