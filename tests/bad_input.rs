@@ -396,3 +396,144 @@ fn text_prompts_need_a_tokenizer_and_valid_input() {
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("not valid UTF-8") && !e.contains("panicked"), "{e}");
 }
+
+// ---- issue 9: sizes, domains and non-finite values are refused by name ----
+
+#[test]
+fn absurd_sizes_are_refused_before_building_anything() {
+    let cases: [(&str, &str, serde_json::Value); 5] = [
+        ("llama", "num_hidden_layers", 16_777_216.into()),
+        ("llama", "num_hidden_layers", 1_000_000_000u64.into()),
+        ("llama", "vocab_size", (1u64 << 40).into()),
+        ("llama", "max_position_embeddings", 1_000_000_000u64.into()),
+        ("gpt2", "n_layer", 100_000.into()),
+    ];
+    for (fixture_name, field, value) in cases {
+        let (_d, m) = copy_fixture(fixture_name);
+        edit_config(&m, |v| v[field] = value.clone());
+        let t0 = std::time::Instant::now();
+        let e = compile_fails(&m);
+        assert!(e.contains(field), "{field}: {e}");
+        assert!(t0.elapsed().as_secs() < 10, "{field} = {value} took {:?}", t0.elapsed());
+    }
+}
+
+#[test]
+fn out_of_domain_rope_settings_are_refused() {
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        (
+            "rope_scaling.factor",
+            Box::new(|v| v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 0.0})),
+        ),
+        (
+            "rope_scaling.factor",
+            Box::new(|v| v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": -2.0})),
+        ),
+        (
+            "rope_scaling",
+            Box::new(|v| {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 0.0, "low_freq_factor": 0.0,
+                    "high_freq_factor": 0.0, "original_max_position_embeddings": 0})
+            }),
+        ),
+        (
+            "rope_scaling",
+            Box::new(|v| {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                    "high_freq_factor": 1.0, "original_max_position_embeddings": 8192})
+            }),
+        ),
+        ("rope_theta", Box::new(|v| v["rope_theta"] = "abc".into())),
+        ("rope_theta", Box::new(|v| v["rope_theta"] = (-1.0).into())),
+    ];
+    for (field, edit) in cases {
+        let (_d, m) = copy_fixture("llama");
+        edit_config(&m, |v| {
+            v.as_object_mut().unwrap().remove("rope_parameters");
+            edit(v)
+        });
+        let e = compile_fails(&m);
+        assert!(e.contains(field), "{field}: {e}");
+    }
+}
+
+#[test]
+fn nan_and_inf_weights_are_refused_by_name() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let (_d, m) = copy_fixture("llama");
+        let p = m.join("model.safetensors");
+        let mut t = read_st(&p);
+        let i = t.iter().position(|t| t.0.ends_with("mlp.down_proj.weight")).unwrap();
+        assert_eq!(t[i].1, "F32");
+        t[i].3[40..44].copy_from_slice(&bad.to_le_bytes());
+        let name = t[i].0.clone();
+        write_st(&p, &t);
+        let e = compile_fails(&m);
+        assert!(e.contains(&name) && e.contains("non-finite"), "{e}");
+    }
+}
+
+/// Corrupted artifacts that used to panic or crash, on both backends: each is one `error:`
+/// line and exit 1 (the stored program is compared with the one lowered from the IR, and the
+/// IR is verified: zero kv heads or experts, a divisor of zero, a reader of a cache that no
+/// op writes).
+#[test]
+fn corrupted_programs_and_ir_are_errors_on_both_backends() {
+    type Edit = Box<dyn Fn(&mut serde_json::Value, &mut String)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("llama", Box::new(|h, _| h["program"]["calls"][0]["kernel"] = 16.into())),
+        ("llama", Box::new(|h, _| h["program"]["buffers"][1]["width"] = (1u64 << 31).into())),
+        ("mixtral", Box::new(|h, _| set_spec_field(h, "MoeRoute", "top_k", 0))),
+        ("bamba", Box::new(|h, _| set_spec_field(h, "Mamba2", "groups", 0))),
+        ("llama", Box::new(|h, _| set_spec_field(h, "Attention", "kv_heads", 0))),
+        // the IR itself, consistently re-lowered: an attend whose kv heads disagree with its cache
+        ("llama", Box::new(|_, ir| edit_ir_line(ir, "attend(", "kv_heads=2", "kv_heads=4"))),
+        ("llama", Box::new(|_, ir| edit_ir_line(ir, "attend(", "kv_heads=2", "kv_heads=0"))),
+        ("llama", Box::new(|_, ir| edit_ir_line(ir, "qkv_rope(", "kv_heads=2", "kv_heads=4"))),
+        ("mixtral", Box::new(|_, ir| edit_ir_line(ir, "moe(", "top_k=2", "top_k=0"))),
+        ("bamba", Box::new(|_, ir| edit_ir_line(ir, "mamba2(", "groups=1", "groups=0"))),
+    ];
+    for (i, (name, edit)) in cases.iter().enumerate() {
+        let (_d, art) = compiled(name);
+        let orig = llmc_compiler::artifact::ArtifactBytes::parse(&fs::read(&art).unwrap()).unwrap();
+        let mut h: serde_json::Value = serde_json::from_slice(orig.header_json()).unwrap();
+        let old_ir = String::from_utf8(orig.ir_text().to_vec()).unwrap();
+        let mut ir = old_ir.clone();
+        edit(&mut h, &mut ir);
+        let bytes = if ir != old_ir {
+            // a forger re-lowers the edited IR when it lowers; otherwise the old program stays
+            if let Ok(p) = llmc_ir::text::parse(&ir).map(|g| llmc_compiler::lower::lower(&g)) {
+                if let Ok(p) = p {
+                    h["program"] = serde_json::to_value(p).unwrap();
+                }
+            }
+            orig.with_ir(&ir, &serde_json::to_vec(&h).unwrap()).unwrap()
+        } else {
+            orig.with_header(&serde_json::to_vec(&h).unwrap()).unwrap()
+        };
+        fs::write(&art, bytes).unwrap();
+        for backend in ["jit", "interp"] {
+            let o = llmc(&["run", art.to_str().unwrap(), "--ids", "1,2", "-n", "2", "--backend", backend]);
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "case {i} ({name}, {backend}): {e}");
+            assert_eq!(e.trim().lines().count(), 1, "case {i}: {e}");
+            assert!(e.starts_with("error:") && !e.contains("panicked"), "case {i}: {e}");
+        }
+    }
+}
+
+/// Sets `field` of the first kernel spec of kind `kind` in a header's program.
+fn set_spec_field(h: &mut serde_json::Value, kind: &str, field: &str, value: u64) {
+    let spec = h["program"]["kernels"].as_array_mut().unwrap().iter_mut().find(|k| k.get(kind).is_some());
+    spec.unwrap()[kind][field] = value.into();
+}
+
+/// Replaces `from` by `to` in the first IR line containing `op`.
+fn edit_ir_line(ir: &mut String, op: &str, from: &str, to: &str) {
+    let start = ir.find(op).unwrap();
+    let start = ir[..start].rfind('\n').map_or(0, |i| i + 1);
+    let end = start + ir[start..].find('\n').unwrap();
+    let line = ir[start..end].replacen(from, to, 1);
+    assert_ne!(line, ir[start..end], "`{from}` not in the {op} line");
+    ir.replace_range(start..end, &line);
+}

@@ -16,4 +16,6 @@ pub enum CompileError {
     Jit(String),
     #[error("unknown pass `{0}`")]
     UnknownPass(String),
+    #[error("weight `{tensor}` has a non-finite value ({value}) at element {index}: the checkpoint is corrupt")]
+    NonFinite { tensor: String, index: usize, value: f32 },
 }

@@ -195,7 +195,14 @@ fn write_file(
             }
         } else {
             let data = match spec {
-                Source::Checkpoint(s) => pack::pack(entry.layout, &entry.shape, &s.load(&model.files)?),
+                Source::Checkpoint(s) => {
+                    let values = s.load(&model.files)?;
+                    // NaN or Inf in a checkpoint makes every output NaN: refuse it by name.
+                    if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                        return Err(CompileError::NonFinite { tensor: s.name.clone(), index, value });
+                    }
+                    pack::pack(entry.layout, &entry.shape, &values)
+                }
                 Source::Derived { data, .. } => pack::pack(entry.layout, &entry.shape, data),
             };
             data.iter().flat_map(|v| v.to_le_bytes()).collect()

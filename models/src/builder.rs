@@ -11,6 +11,9 @@ pub struct Builder {
     pub tokens: NodeId,
     pub positions: NodeId,
     pub specs: Vec<WeightSpec>,
+    /// Weight nodes by name (a weight read twice, like tied embeddings, is one node); kept
+    /// beside the graph so building stays linear in the number of layers.
+    weights: std::collections::HashMap<String, NodeId>,
 }
 
 /// Attention hyper-parameters of one layer.
@@ -30,7 +33,7 @@ impl Builder {
         let mut g = Graph::new(name);
         let tokens = g.input(InputKind::Tokens);
         let positions = g.input(InputKind::Positions);
-        Builder { g, tokens, positions, specs: Vec::new() }
+        Builder { g, tokens, positions, specs: Vec::new(), weights: Default::default() }
     }
 
     /// A weight read from the checkpoint tensor of the same name.
@@ -40,22 +43,19 @@ impl Builder {
 
     /// A weight with explicit checkpoint names and layout transform.
     pub fn weight_from(&mut self, name: &str, dims: &[usize], candidates: &[&str], transform: Transform) -> NodeId {
-        if !self.specs.iter().any(|s| s.name == name) {
-            self.specs.push(WeightSpec {
-                name: name.to_string(),
-                shape: dims.to_vec(),
-                dtype: llmc_ir::DType::F32,
-                candidates: candidates.iter().map(|c| c.to_string()).collect(),
-                transform,
-            });
+        if let Some(&id) = self.weights.get(name) {
+            return id;
         }
-        // A weight read twice (tied embeddings) is one node.
-        let existing = self
-            .g
-            .node_ids()
-            .into_iter()
-            .find(|&id| matches!(&self.g.node(id).op, Op::Weight { name: n } if n == name));
-        existing.unwrap_or_else(|| self.g.weight(name, dims))
+        self.specs.push(WeightSpec {
+            name: name.to_string(),
+            shape: dims.to_vec(),
+            dtype: llmc_ir::DType::F32,
+            candidates: candidates.iter().map(|c| c.to_string()).collect(),
+            transform,
+        });
+        let id = self.g.weight(name, dims);
+        self.weights.insert(name.to_string(), id);
+        id
     }
 
     /// A raw-byte weight (BitNet's packed ternary matrix), read as stored.

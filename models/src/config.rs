@@ -19,14 +19,22 @@ pub fn typed<T: DeserializeOwned>(path: &Path, v: &Value) -> Result<T> {
     serde_json::from_value(v.clone()).map_err(|e| ModelError::Config { path: path.into(), msg: e.to_string() })
 }
 
-/// Checks that a dimension is positive and not absurd.
+/// The most layers a model may have (the largest released models have under 200); a
+/// config asking for more is refused before any graph is built.
+pub const MAX_LAYERS: usize = 1024;
+
+/// Checks that a dimension is positive and not absurd: sizes up to 2^24 (the IR's bound),
+/// layer counts up to `MAX_LAYERS`.
 pub fn check_dim(path: &Path, field: &str, value: usize) -> Result<()> {
-    const LIMIT: usize = 1 << 24;
-    if value == 0 || value > LIMIT {
+    let limit = match field {
+        "num_hidden_layers" | "n_layer" | "num_layers" => MAX_LAYERS,
+        _ => llmc_ir::op::MAX_DIM,
+    };
+    if value == 0 || value > limit {
         return Err(ModelError::Field {
             path: path.into(),
             field: field.into(),
-            msg: format!("{value} is not a valid size (must be 1..={LIMIT})"),
+            msg: format!("{value} is not a valid size (must be 1..={limit})"),
         });
     }
     Ok(())
@@ -61,13 +69,25 @@ impl RopeParams {
     pub fn from_config(path: &Path, v: &Value, default_theta: f32) -> Result<RopeParams> {
         let params = v.get("rope_parameters").filter(|p| p.is_object());
         let scaling_obj = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
-        let num = |obj: Option<&Value>, key: &str| obj.and_then(|o| o.get(key)).and_then(Value::as_f64);
-        let theta = num(params, "rope_theta").or_else(|| num(Some(v), "rope_theta")).unwrap_or(default_theta as f64);
-        if !(theta.is_finite() && theta > 0.0) {
+        // A key that is present must be a number (`"rope_theta": "abc"` is an error, not the
+        // default).
+        let num = |obj: Option<&Value>, key: &str, field: &str| -> Result<Option<f64>> {
+            match obj.and_then(|o| o.get(key)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x.as_f64().map(Some).ok_or_else(|| field_err(path, field, format!("{x} is not a number"))),
+            }
+        };
+        let theta = match num(params, "rope_theta", "rope_parameters.rope_theta")? {
+            Some(t) => t,
+            None => num(Some(v), "rope_theta", "rope_theta")?.unwrap_or(default_theta as f64),
+        };
+        if !(theta.is_finite() && theta > 0.0 && theta < f32::MAX as f64) {
             return Err(field_err(path, "rope_theta", format!("{theta} must be positive")));
         }
-        let partial =
-            num(params, "partial_rotary_factor").or_else(|| num(Some(v), "partial_rotary_factor")).unwrap_or(1.0);
+        let partial = match num(params, "partial_rotary_factor", "rope_parameters.partial_rotary_factor")? {
+            Some(p) => p,
+            None => num(Some(v), "partial_rotary_factor", "partial_rotary_factor")?.unwrap_or(1.0),
+        };
         if !(partial > 0.0 && partial <= 1.0) {
             return Err(field_err(path, "partial_rotary_factor", format!("{partial} must be in (0, 1]")));
         }
@@ -76,19 +96,37 @@ impl RopeParams {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let field = if params.is_some() { "rope_parameters" } else { "rope_scaling" };
-        let need = |key: &str| {
-            num(scaling_obj, key)
-                .ok_or_else(|| field_err(path, &format!("{field}.{key}"), "missing for this rope_type"))
+        // Scaling factors: finite and positive (a factor of 0 gives NaN angles).
+        let need = |key: &str| -> Result<f32> {
+            let name = format!("{field}.{key}");
+            let x =
+                num(scaling_obj, key, &name)?.ok_or_else(|| field_err(path, &name, "missing for this rope_type"))?;
+            if !(x.is_finite() && x > 0.0 && x < f32::MAX as f64) {
+                return Err(field_err(path, &name, format!("{x} must be finite and positive")));
+            }
+            Ok(x as f32)
         };
         let scaling = match kind {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear { factor: need("factor")? as f32 },
-            "llama3" => RopeScaling::Llama3 {
-                factor: need("factor")? as f32,
-                low_freq_factor: need("low_freq_factor")? as f32,
-                high_freq_factor: need("high_freq_factor")? as f32,
-                original_max_position: need("original_max_position_embeddings")? as usize,
-            },
+            "linear" => RopeScaling::Linear { factor: need("factor")? },
+            "llama3" => {
+                let orig = need("original_max_position_embeddings")?;
+                if orig.fract() != 0.0 || orig as f64 > llmc_ir::op::MAX_DIM as f64 {
+                    return Err(field_err(
+                        path,
+                        &format!("{field}.original_max_position_embeddings"),
+                        format!("{orig} must be a whole number of positions"),
+                    ));
+                }
+                let s = RopeScaling::Llama3 {
+                    factor: need("factor")?,
+                    low_freq_factor: need("low_freq_factor")?,
+                    high_freq_factor: need("high_freq_factor")?,
+                    original_max_position: orig as usize,
+                };
+                s.check().map_err(|msg| field_err(path, field, msg))?;
+                s
+            }
             other => {
                 return Err(field_err(path, &format!("{field}.rope_type"), format!("`{other}` is not supported yet")));
             }
