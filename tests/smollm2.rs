@@ -173,3 +173,41 @@ fn smollm2_interactive_chat() {
     let rome = out.find("Rome").expect("second answer, which needs the first turn in the context");
     assert!(paris < rome, "{out}");
 }
+
+/// An artifact rewritten in place while llmc runs (`cp other.llmc live.llmc` truncates it)
+/// loses the pages llmc has mapped: the next read is one `error:` line and exit 1, not a
+/// SIGBUS. Deterministic: llmc maps the artifact, then blocks reading the prompt from stdin;
+/// the test truncates the file once the mapping shows in /proc, then closes stdin, and llmc
+/// reads the tokenizer section from the map.
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn artifact_truncated_while_running_is_an_error_not_a_signal() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let (_d, art) = compiled();
+    let live = art.with_file_name("smollm2-live-truncated.llmc");
+    std::fs::copy(&art, &live).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmc"))
+        .args(["run", live.to_str().unwrap(), "-n", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let maps = format!("/proc/{}/maps", child.id());
+    let name = live.file_name().unwrap().to_str().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&maps).unwrap_or_default().contains(&name) {
+        assert!(t0.elapsed().as_secs() < 60, "llmc never mapped the artifact");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::OpenOptions::new().write(true).open(&live).unwrap().set_len(4096).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"The capital of France is").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&live);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "status {:?}: {err}", out.status);
+    assert!(err.trim().starts_with("error:") && err.contains("truncated or rewritten"), "{err}");
+}

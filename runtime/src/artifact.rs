@@ -67,6 +67,7 @@ impl Artifact {
     pub fn open(path: &Path) -> Result<Artifact, RuntimeError> {
         let bad = |msg: String| RuntimeError::BadArtifact { path: path.to_path_buf(), msg };
         let file = File::open(path).map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+        catch_sigbus();
         // SAFETY: read-only map of a file llmc wrote atomically (temp + rename) and never
         // modifies in place; every range read below is checked against the map's length.
         let map = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io { path: path.into(), source })?;
@@ -302,4 +303,30 @@ fn check_target(path: &Path, header: &Header) -> Result<(), RuntimeError> {
         )));
     }
     Ok(())
+}
+
+/// A mapped file that is truncated while llmc runs (`cp other.llmc live.llmc` rewrites it in
+/// place; `llmc compile` itself always renames a complete file into place, which is safe)
+/// makes the next read of a lost page raise SIGBUS. Instead of dying by the signal, llmc
+/// prints one error line and exits 1. Installed once, by the first `Artifact::open`.
+fn catch_sigbus() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        extern "C" fn on_sigbus(_: libc::c_int) {
+            const MSG: &[u8] = b"error: the artifact file was truncated or rewritten while llmc was reading it (replace artifacts by renaming a new file into place, as `llmc compile` does)\n";
+            // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+            unsafe {
+                libc::write(2, MSG.as_ptr() as *const libc::c_void, MSG.len());
+                libc::_exit(1);
+            }
+        }
+        // SAFETY: installs a handler that only calls async-signal-safe functions and never
+        // returns into the faulting code; `sa` is fully initialized (zeroed, then set).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+        }
+    });
 }
