@@ -97,6 +97,11 @@ fn stream_sum(c: &[u64]) -> u64 {
     acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
+/// The AVX2 body of `stream_sum`.
+///
+/// # Safety
+/// The CPU must support AVX2 (`is_x86_feature_detected!("avx2")`); every load stays inside
+/// `c` (whole 16-word blocks only).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn stream_sum_avx2(c: &[u64]) -> u64 {
