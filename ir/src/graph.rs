@@ -9,7 +9,7 @@ use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
 
 use crate::error::IrError;
-use crate::op::{InputKind, Op};
+use crate::op::{InputKind, Op, StateUse};
 use crate::types::{DType, Shape, Type};
 
 pub type NodeId = NodeIndex<u32>;
@@ -168,10 +168,8 @@ impl Graph {
         let mut out: Vec<_> = self
             .g
             .node_weights()
-            .filter_map(|n| match n.op {
-                Op::Attention { layer, kv_heads, head_dim, .. } | Op::QkvRope { layer, kv_heads, head_dim, .. } => {
-                    Some((layer, kv_heads, head_dim))
-                }
+            .filter_map(|n| match n.op.state() {
+                Some(StateUse::Kv { layer, kv_heads, head_dim, writes: true, .. }) => Some((layer, kv_heads, head_dim)),
                 _ => None,
             })
             .collect();
@@ -185,9 +183,9 @@ impl Graph {
         let mut out: Vec<_> = self
             .g
             .node_weights()
-            .filter_map(|n| match n.op {
-                Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, .. } => {
-                    Some((layer, heads * head_dim + 2 * groups * d_state, d_conv, heads * head_dim * d_state))
+            .filter_map(|n| match n.op.state() {
+                Some(StateUse::Mamba { layer, conv_channels, d_conv, ssm_floats }) => {
+                    Some((layer, conv_channels, d_conv, ssm_floats))
                 }
                 _ => None,
             })
@@ -231,17 +229,17 @@ impl Graph {
             let node = &self.g[id];
             let at = || format!("%{} ({})", numbering[&id], node.op.name());
             let bad = |msg: String| IrError::Type { node: at(), msg };
-            let (layer, kv_heads, head_dim, window, writes) = match node.op {
-                Op::Attention { layer, kv_heads, head_dim, window, .. } => (layer, kv_heads, head_dim, window, true),
-                Op::QkvRope { layer, kv_heads, head_dim, .. } => (layer, kv_heads, head_dim, None, true),
-                Op::Attend { layer, kv_heads, head_dim, window, .. } => (layer, kv_heads, head_dim, window, false),
-                Op::Mamba2 { layer, .. } => {
+            let (layer, kv_heads, head_dim, window, writes) = match node.op.state() {
+                Some(StateUse::Kv { layer, kv_heads, head_dim, window, writes }) => {
+                    (layer, kv_heads, head_dim, window, writes)
+                }
+                Some(StateUse::Mamba { layer, .. }) => {
                     if !mamba.insert(layer) {
                         return Err(bad(format!("a second mamba2 op for layer {layer}")));
                     }
                     continue;
                 }
-                _ => continue,
+                None => continue,
             };
             match kv.get_mut(&layer) {
                 None if !writes => {

@@ -138,6 +138,16 @@ pub const MAX_LAYERS: usize = 1 << 16;
 /// The most elements one value or weight may have (2^36 f32 = 256 GiB).
 pub const MAX_NUMEL: u64 = 1 << 36;
 
+/// How an op uses a layer's per-sequence state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateUse {
+    /// The KV cache of `layer`: `[positions, kv_heads, head_dim]`, written by `attention` and
+    /// `qkv_rope`, read by `attention` and `attend`.
+    Kv { layer: usize, kv_heads: usize, head_dim: usize, window: Option<usize>, writes: bool },
+    /// The conv window and SSM state of a Mamba2 layer.
+    Mamba { layer: usize, conv_channels: usize, d_conv: usize, ssm_floats: usize },
+}
+
 /// One IR operation. Operand order is fixed per op and documented on each variant.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -530,6 +540,34 @@ impl Op {
             other => return Err(format!("unknown op `{other}`")),
         };
         Ok(op)
+    }
+
+    /// The per-sequence state this op reads or writes (a layer's KV cache or Mamba2 state), if
+    /// any. Stateful ops are never merged or reordered, and every consumer of layer state (the
+    /// verifier, cache sizing, lowering) reads it from here.
+    pub fn state(&self) -> Option<StateUse> {
+        match *self {
+            Op::Attention { layer, kv_heads, head_dim, window, .. } => {
+                Some(StateUse::Kv { layer, kv_heads, head_dim, window, writes: true })
+            }
+            Op::QkvRope { layer, kv_heads, head_dim, .. } => {
+                Some(StateUse::Kv { layer, kv_heads, head_dim, window: None, writes: true })
+            }
+            Op::Attend { layer, kv_heads, head_dim, window, .. } => {
+                Some(StateUse::Kv { layer, kv_heads, head_dim, window, writes: false })
+            }
+            Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, .. } => Some(StateUse::Mamba {
+                layer,
+                conv_channels: heads * head_dim + 2 * groups * d_state,
+                d_conv,
+                ssm_floats: heads * head_dim * d_state,
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn is_stateful(&self) -> bool {
+        self.state().is_some()
     }
 
     /// Checks the op's own attributes: every size in `1..=MAX_DIM` (layer indices below

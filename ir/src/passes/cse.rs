@@ -1,12 +1,11 @@
 //! Common-subexpression elimination: two nodes with the same op, attributes and operands are
-//! one. Ops that touch the KV cache are never merged.
+//! one. Ops that touch per-sequence state (KV caches, Mamba2 state) are never merged.
 
 use std::collections::HashMap;
 
 use super::Pass;
 use crate::error::IrError;
 use crate::graph::Graph;
-use crate::op::Op;
 
 pub struct Cse;
 
@@ -23,7 +22,7 @@ impl Pass for Cse {
                 continue; // removed by an earlier rewrite of this pass
             }
             let node = g.node(id);
-            if matches!(node.op, Op::Attention { .. } | Op::QkvRope { .. } | Op::Attend { .. }) {
+            if node.op.is_stateful() {
                 continue;
             }
             let key = format!("{:?} {:?} {}", node.op, g.operands(id), node.ty);
