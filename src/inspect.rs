@@ -7,6 +7,8 @@ use llmc_runtime::text::Text;
 use llmc_runtime::Artifact;
 use serde_json::json;
 
+use crate::out::outln;
+
 pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
     let art = Artifact::open(path)?;
     let h = &art.header;
@@ -42,33 +44,33 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         "llmc_version": h.llmc_version,
     });
     if as_json {
-        println!("{v}");
+        outln!("{v}")?;
         return Ok(());
     }
-    println!("{}", path.display());
-    println!(
+    outln!("{}", path.display())?;
+    outln!(
         "  architecture   {} ({})",
         h.model_type,
         h.config.get("architectures").map_or(String::new(), |a| a.to_string())
-    );
-    println!(
+    )?;
+    outln!(
         "  parameters     {:.1} M in {} tensors ({:.1} MB; file {:.1} MB)",
         params as f64 / 1e6,
         h.tensors.len(),
         weight_bytes as f64 / 1e6,
         file_bytes as f64 / 1e6
-    );
-    println!("  storage        {}", layouts.iter().map(|(k, n)| format!("{n} × {k}")).collect::<Vec<_>>().join(", "));
-    println!("  context        {} tokens", h.max_positions);
-    println!("  target         {} [{}]", h.target.arch, h.target.features.join(" "));
+    )?;
+    outln!("  storage        {}", layouts.iter().map(|(k, n)| format!("{n} × {k}")).collect::<Vec<_>>().join(", "))?;
+    outln!("  context        {} tokens", h.max_positions)?;
+    outln!("  target         {} [{}]", h.target.arch, h.target.features.join(" "))?;
     match vocab {
         Some(v) => {
-            println!("  tokenizer      {v} tokens; bos {:?}, eos {:?}", h.text.bos_token_id, h.text.eos_token_ids)
+            outln!("  tokenizer      {v} tokens; bos {:?}, eos {:?}", h.text.bos_token_id, h.text.eos_token_ids)?
         }
-        None => println!("  tokenizer      none (token ids only)"),
+        None => outln!("  tokenizer      none (token ids only)")?,
     }
-    println!("  chat template  {}", if h.text.chat_template.is_some() { "yes" } else { "no" });
-    println!("  passes         {}", if h.passes.is_empty() { "none".to_string() } else { h.passes.join(", ") });
-    println!("  program        {} kernels, {} calls per step", h.program.kernels.len(), h.program.calls.len());
+    outln!("  chat template  {}", if h.text.chat_template.is_some() { "yes" } else { "no" })?;
+    outln!("  passes         {}", if h.passes.is_empty() { "none".to_string() } else { h.passes.join(", ") })?;
+    outln!("  program        {} kernels, {} calls per step", h.program.kernels.len(), h.program.calls.len())?;
     Ok(())
 }

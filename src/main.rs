@@ -2,7 +2,9 @@
 //! stderr and a non-zero exit.
 
 mod inspect;
+mod out;
 mod run;
+mod signals;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use llmc_runtime::{Artifact, Engine};
+use out::outln;
 
 #[derive(Parser)]
 #[command(name = "llmc", version, about = "Ahead-of-time compiler and runtime for language models on CPUs")]
@@ -46,13 +49,13 @@ enum Cmd {
     Bench {
         artifact: PathBuf,
         /// Prompt tokens to prefill.
-        #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 128, value_parser = at_least_one, allow_negative_numbers = true)]
         n_prompt: usize,
         /// Tokens to decode.
-        #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+        #[arg(short = 'n', long = "n-gen", default_value_t = 64, value_parser = at_least_one, allow_negative_numbers = true)]
         n_gen: usize,
         /// Threads (0 = all cores).
-        #[arg(short = 't', long, default_value_t = 0)]
+        #[arg(short = 't', long, default_value_t = 0, allow_negative_numbers = true)]
         threads: usize,
         /// Print one JSON object.
         #[arg(long)]
@@ -90,7 +93,7 @@ pub struct RunArgs {
     #[arg(short = 'p', long = "prompt")]
     prompt: Option<String>,
     /// Prompt as token ids, comma-separated (generates exactly -n tokens: no EOS stop).
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", allow_hyphen_values = true)]
     ids: Vec<i64>,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
@@ -105,31 +108,31 @@ pub struct RunArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// Number of tokens to generate.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64, allow_negative_numbers = true)]
     n_predict: usize,
     /// Context size in tokens (default: the model's, at most 4096).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = at_least_one, allow_negative_numbers = true)]
     ctx_size: Option<usize>,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = temperature, allow_hyphen_values = true)]
     temp: f32,
     /// Keep only the k most likely tokens (0 = off).
-    #[arg(long = "top-k", default_value_t = 40)]
+    #[arg(long = "top-k", default_value_t = 40, allow_negative_numbers = true)]
     top_k: usize,
     /// Keep the smallest set of tokens whose probability mass reaches p (1.0 = off).
-    #[arg(long = "top-p", default_value_t = 0.95)]
+    #[arg(long = "top-p", default_value_t = 0.95, value_parser = top_p, allow_hyphen_values = true)]
     top_p: f32,
     /// Drop tokens less likely than min-p × the most likely one (0 = off).
-    #[arg(long = "min-p", default_value_t = 0.05)]
+    #[arg(long = "min-p", default_value_t = 0.05, value_parser = min_p, allow_hyphen_values = true)]
     min_p: f32,
     /// Penalty for repeating recent tokens (1.0 = off).
-    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    #[arg(long = "repeat-penalty", default_value_t = 1.0, value_parser = repeat_penalty, allow_hyphen_values = true)]
     repeat_penalty: f32,
     /// How many recent tokens the repeat penalty considers.
-    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    #[arg(long = "repeat-last-n", default_value_t = 64, allow_negative_numbers = true)]
     repeat_last_n: usize,
     /// RNG seed for sampling.
-    #[arg(short = 's', long, default_value_t = 0)]
+    #[arg(short = 's', long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -141,15 +144,77 @@ pub struct RunArgs {
     #[arg(long)]
     backend: Option<String>,
     /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
+    #[arg(short = 't', long, default_value_t = 0, allow_negative_numbers = true)]
     threads: usize,
 }
 
+/// An f32 option value; `ok` says whether it is in range, `range` is said when it is not.
+fn float_in(s: &str, ok: fn(f32) -> bool, range: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| format!("not a number (must be {range})"))?;
+    if ok(v) {
+        Ok(v)
+    } else {
+        Err(format!("out of range (must be {range})"))
+    }
+}
+
+fn temperature(s: &str) -> Result<f32, String> {
+    float_in(s, |v| v.is_finite() && v >= 0.0, "a finite number >= 0; 0 is greedy")
+}
+
+fn top_p(s: &str) -> Result<f32, String> {
+    float_in(s, |v| v > 0.0 && v <= 1.0, "in (0, 1]; 1 is off")
+}
+
+fn min_p(s: &str) -> Result<f32, String> {
+    float_in(s, |v| (0.0..=1.0).contains(&v), "in [0, 1]; 0 is off")
+}
+
+fn repeat_penalty(s: &str) -> Result<f32, String> {
+    float_in(s, |v| v.is_finite() && v > 0.0, "a finite number > 0; 1 is off")
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err("must be a whole number >= 1".into()),
+    }
+}
+
+/// `-t`: at most the cores this process may use (0 = all of them), with a warning when asked
+/// for more: thousands of spinning threads on two cores make every step crawl.
+fn clamp_threads(t: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if t > cores {
+        eprintln!("warning: -t {t} is more than the {cores} cores here; using {cores}");
+        return cores;
+    }
+    t
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            // A bad option value is one line naming the option; other usage errors keep
+            // clap's usage text; --help and --version print and exit 0.
+            if matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+                let text = e.render().to_string();
+                eprintln!("{}", text.lines().next().unwrap_or("error: invalid option value"));
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // The reader of our stdout went away (`llmc ... | head`): exit quietly.
+            if e.chain().any(|c| c.downcast_ref::<out::StdoutError>().is_some_and(out::StdoutError::is_broken_pipe)) {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -165,6 +230,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 (None, false) => llmc_ir::passes::standard_pipeline(),
             };
             let m = llmc_models::load(&model, weights.as_deref())?;
+            // SIGINT/SIGTERM/SIGHUP remove the temporary artifact before exiting.
+            signals::clean_up_on_signal(llmc_compiler::temp_path(&output));
             let bar = progress_bar(quiet);
             let report = llmc_compiler::compile(&m, &output, &pipeline, &mut |p| match p {
                 llmc_compiler::Progress::Stage(s) => bar.set_message(s),
@@ -188,7 +255,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Ir { model, after, list_passes } => {
             if list_passes {
                 for p in llmc_ir::passes::standard_pipeline() {
-                    println!("{}", p.name());
+                    outln!("{}", p.name())?;
                 }
                 return Ok(());
             }
@@ -214,38 +281,40 @@ fn dispatch(cli: Cli) -> Result<()> {
                 }
                 llmc_ir::text::print(&g)
             };
-            print!("{text}");
+            out::write_bytes(text.as_bytes())?;
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Inspect { artifact, json } => inspect::inspect(&artifact, json),
         Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
-            let engine = Engine::open(&artifact, threads)?;
+            let engine = Engine::open(&artifact, clamp_threads(threads))?;
             let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                outln!("{}", serde_json::to_string(&r)?)?;
             } else {
-                println!("{}: {} threads", artifact.display(), r.threads);
-                println!(
+                outln!("{}: {} threads", artifact.display(), r.threads)?;
+                outln!(
                     "  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s",
-                    r.prefill_tokens, r.prefill_tok_s, r.prefill_gflop_s
-                );
-                println!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s);
-                println!(
+                    r.prefill_tokens,
+                    r.prefill_tok_s,
+                    r.prefill_gflop_s
+                )?;
+                outln!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s)?;
+                outln!(
                     "  {:.1} MB of weights per token, bandwidth {:.1} GB/s, roofline fraction {:.2}",
                     r.bytes_per_token as f64 / 1e6,
                     r.bandwidth_gb_s,
                     r.roofline_fraction
-                );
-                println!(
+                )?;
+                outln!(
                     "  {} kernel calls per token ({} kernels), load {:.1} ms, JIT {:.1} ms",
                     r.kernel_calls_per_token,
                     r.kernels,
                     r.load_s * 1e3,
                     r.jit_s * 1e3
-                );
+                )?;
                 for (name, ms, calls) in &r.decode_profile {
-                    println!("    {ms:>8.3} ms/token  {calls:>4} calls  {name}");
+                    outln!("    {ms:>8.3} ms/token  {calls:>4} calls  {name}")?;
                 }
             }
             Ok(())

@@ -1,13 +1,14 @@
 //! `llmc run`: one-shot generation from token ids or text (streamed as it is produced), and
 //! interactive chat on a terminal.
 
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{BufRead, IsTerminal, Read};
 
 use anyhow::{bail, Context, Result};
 use llmc_runtime::text::{render_chat, Message, StreamDecoder, Text};
 use llmc_runtime::{generate, Backend, Engine, Generation, Sampler, SamplerConfig, Session};
 use serde_json::json;
 
+use crate::out::{self, outln, StdoutError};
 use crate::RunArgs;
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -15,7 +16,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(b) => Backend::parse(b)?,
         None => Backend::fastest(),
     };
-    let engine = Engine::open(&a.artifact, a.threads)?;
+    let engine = Engine::open(&a.artifact, crate::clamp_threads(a.threads))?;
     let mut session = Session::new(&engine, backend, a.ctx_size)?;
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: a.temp,
@@ -63,9 +64,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     let stop_ids = if a.ignore_eos { Vec::new() } else { eos_ids(&engine, &text) };
     let (g, out) = generate_text(&a, &mut session, &mut sampler, &text, &ids, &stop_ids, !a.json)?;
     if a.json {
-        print_json(&a, &engine, &ids, &g, Some(&out));
+        print_json(&a, &engine, &ids, &g, Some(&out))?;
     } else {
-        println!();
+        outln!()?;
         print_timings(ids.len(), &g);
     }
     Ok(())
@@ -85,21 +86,25 @@ fn run_ids(a: &RunArgs, engine: &Engine, session: &mut Session<'_>, sampler: &mu
         })
         .collect::<Result<_>>()?;
     let json_mode = a.json;
-    let stdout = std::io::stdout();
+    let mut write_err = None;
     let g = generate(session, &prompt, a.n_predict, sampler, &[], |tok| {
         if !json_mode {
-            let mut out = stdout.lock();
-            let _ = write!(out, "{tok} ");
-            let _ = out.flush();
+            if let Err(e) = out::out!("{tok} ") {
+                write_err = Some(e); // stop generating: nobody reads the rest
+                return Ok(false);
+            }
         }
         Ok(true)
     })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
     if json_mode {
         // Decode the ids as text too when the artifact has a tokenizer.
         let text = Text::from_artifact(&engine.art).ok().and_then(|t| t.decode(&g.generated).ok());
-        print_json(a, engine, &prompt, &g, text.as_deref());
+        print_json(a, engine, &prompt, &g, text.as_deref())?;
     } else {
-        println!();
+        outln!()?;
         print_timings(prompt.len(), &g);
     }
     Ok(())
@@ -134,7 +139,7 @@ fn generate_text(
 ) -> Result<(Generation, String)> {
     let mut dec = StreamDecoder::new(text);
     let mut out = String::new();
-    let stdout = std::io::stdout();
+    let mut write_err: Option<StdoutError> = None;
     let g = generate(session, ids, a.n_predict, sampler, stop_ids, |tok| {
         let piece = dec.push(tok)?;
         let before = out.len();
@@ -152,9 +157,10 @@ fn generate_text(
             .min();
         let printable_end = hit.unwrap_or(out.len());
         if stream && printable_end > before {
-            let mut o = stdout.lock();
-            let _ = o.write_all(&out.as_bytes()[before..printable_end]);
-            let _ = o.flush();
+            if let Err(e) = out::write_bytes(&out.as_bytes()[before..printable_end]) {
+                write_err = Some(e); // stop generating: nobody reads the rest
+                return Ok(false);
+            }
         }
         if let Some(cut) = hit {
             out.truncate(cut);
@@ -162,10 +168,19 @@ fn generate_text(
         }
         Ok(true)
     })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
     Ok((g, out))
 }
 
-fn print_json(a: &RunArgs, engine: &Engine, prompt: &[i32], g: &Generation, text: Option<&str>) {
+fn print_json(
+    a: &RunArgs,
+    engine: &Engine,
+    prompt: &[i32],
+    g: &Generation,
+    text: Option<&str>,
+) -> Result<(), StdoutError> {
     let mut obj = json!({
         "prompt_ids": prompt,
         "generated_ids": g.generated,
@@ -186,7 +201,7 @@ fn print_json(a: &RunArgs, engine: &Engine, prompt: &[i32], g: &Generation, text
     if a.logits {
         obj["logits_last"] = json!(g.logits_last);
     }
-    println!("{obj}");
+    outln!("{obj}")
 }
 
 /// llama.cpp-style timings on stderr.
@@ -250,7 +265,7 @@ fn chat_loop(a: &RunArgs, engine: &Engine, session: &mut Session<'_>, sampler: &
         let mut turn = RunArgs { n_predict: a.n_predict.min(room), ..a.clone() };
         turn.stop = a.stop.clone();
         let (g, reply) = generate_text(&turn, session, sampler, &text, &ids[shared..], &stop_ids, true)?;
-        println!();
+        outln!()?;
         seen.extend_from_slice(&ids[shared..]);
         seen.extend(g.generated.iter().take(g.decode_steps));
         messages.push(Message { role: "assistant".into(), content: reply });

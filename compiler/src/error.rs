@@ -12,6 +12,8 @@ pub enum CompileError {
     Ir(#[from] llmc_ir::IrError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Output { path: PathBuf, msg: String },
     #[error("JIT: {0}")]
     Jit(String),
     #[error("unknown pass `{0}`")]

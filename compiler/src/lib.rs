@@ -15,4 +15,4 @@ pub mod program;
 pub mod write;
 
 pub use error::CompileError;
-pub use write::{compile, CompileReport, Progress};
+pub use write::{compile, temp_path, CompileReport, Progress};

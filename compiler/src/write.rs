@@ -1,6 +1,5 @@
 //! `llmc compile`: model folder → optimized graph → artifact file, written atomically.
 
-use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -48,6 +47,7 @@ pub fn compile(
     pipeline: &[Box<dyn Pass>],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<CompileReport, CompileError> {
+    check_output(model, out)?;
     progress(Progress::Stage("optimizing the graph"));
     let mut graph = model.graph.clone();
     passes::run_pipeline(&mut graph, pipeline)?;
@@ -141,6 +141,7 @@ pub fn compile(
     }
 
     let tmp = temp_path(out);
+    remove_stale_temps(out);
     progress(Progress::Stage("packing and writing weights"));
     let result = write_file(&tmp, &mut header, &ir_text, model, &specs, progress);
     match result {
@@ -161,9 +162,68 @@ pub fn compile(
     })
 }
 
-fn temp_path(out: &Path) -> PathBuf {
+/// The temporary file this process writes before renaming it to `out`:
+/// `.NAME.tmp-PID` beside it.
+pub fn temp_path(out: &Path) -> PathBuf {
+    out.with_file_name(format!("{}{}", temp_prefix(out), std::process::id()))
+}
+
+fn temp_prefix(out: &Path) -> String {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "artifact".into());
-    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    format!(".{name}.tmp-")
+}
+
+/// Refuses an output that is not a regular file (a device, a FIFO, a folder: renaming onto it
+/// would replace it) or that is one of the files the model is read from.
+fn check_output(model: &Model, out: &Path) -> Result<(), CompileError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |msg: String| Err(CompileError::Output { path: out.to_path_buf(), msg });
+    let meta = match std::fs::metadata(out) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(CompileError::Io { path: out.to_path_buf(), source }),
+    };
+    if meta.is_dir() {
+        return refuse("is a folder; give the artifact's file name".into());
+    }
+    if !meta.is_file() {
+        return refuse("exists and is not a regular file (a device, FIFO or socket); refusing to replace it".into());
+    }
+    let out_canon = std::fs::canonicalize(out).ok();
+    for input in model.inputs() {
+        let same_inode = std::fs::metadata(&input).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
+        let same_path = out_canon.is_some() && std::fs::canonicalize(&input).ok() == out_canon;
+        if same_inode || same_path {
+            let what = if input == out { String::new() } else { format!(" ({})", input.display()) };
+            return refuse(format!("is one of the model's input files{what}; refusing to overwrite it"));
+        }
+    }
+    Ok(())
+}
+
+/// Removes `.NAME.tmp-PID` files beside `out` left by compiles that were killed (SIGKILL, a
+/// crash): those whose PID is not a running process. Best effort; needs /proc.
+fn remove_stale_temps(out: &Path) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let prefix = temp_prefix(out);
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn write_file(
@@ -175,7 +235,16 @@ fn write_file(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(), CompileError> {
     let io = |source| CompileError::Io { path: tmp.to_path_buf(), source };
-    let file = File::create(tmp).map_err(io)?;
+    // A new file, never one that is there already (a link planted at the temp name, a file
+    // left by an earlier process with this PID, which is removed first).
+    let create = || std::fs::OpenOptions::new().write(true).create_new(true).open(tmp);
+    let file = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(tmp).map_err(io)?;
+            create().map_err(io)?
+        }
+        r => r.map_err(io)?,
+    };
     let mut w = BufWriter::with_capacity(1 << 20, file);
     // the preamble and header are written last (they hold the tensors' checksums)
     pad_to(&mut w, header.ir.offset).map_err(io)?;

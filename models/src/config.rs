@@ -1,5 +1,6 @@
 //! Reading `config.json` and the pieces shared by every family (RoPE settings, validation).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use llmc_ir::RopeScaling;
@@ -8,9 +9,36 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
-/// Reads and parses a JSON file.
+/// The most bytes read from a config-like JSON or text side file (config.json,
+/// tokenizer_config.json, generation_config.json, a shard index, chat_template.jinja).
+pub const CONFIG_LIMIT: u64 = 16 << 20;
+/// The most bytes read from a tokenizer.json.
+pub const TOKENIZER_LIMIT: u64 = 64 << 20;
+
+/// Reads a whole file of at most `limit` bytes. Anything but a regular file (a device such as
+/// /dev/zero, a FIFO, a folder) is refused before it is opened, and the read stops one byte
+/// past the limit, so a hostile path never makes llmc read without bound.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let io = |source| ModelError::Io { path: path.into(), source };
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(ModelError::NotAFile { path: path.into() });
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    // Checked again on the open file: the path may have been swapped since.
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(ModelError::NotAFile { path: path.into() });
+    }
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ModelError::TooLarge { path: path.into(), limit_mib: limit >> 20 });
+    }
+    Ok(bytes)
+}
+
+/// Reads and parses a config-like JSON file (at most [`CONFIG_LIMIT`] bytes).
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let text = read_limited(path, CONFIG_LIMIT)?;
     serde_json::from_slice(&text).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })
 }
 
@@ -19,15 +47,16 @@ pub fn typed<T: DeserializeOwned>(path: &Path, v: &Value) -> Result<T> {
     serde_json::from_value(v.clone()).map_err(|e| ModelError::Config { path: path.into(), msg: e.to_string() })
 }
 
-/// The most layers a model may have (the largest released models have under 200); a
-/// config asking for more is refused before any graph is built.
-pub const MAX_LAYERS: usize = 1024;
+/// The most layers or experts a config may ask for. The graph is built before any weight is
+/// read, with nodes per layer and per expert, so a tiny config must not be able to ask for
+/// millions of them. (Real models have at most a few hundred of each.)
+pub const COUNT_LIMIT: usize = 1024;
 
 /// Checks that a dimension is positive and not absurd: sizes up to 2^24 (the IR's bound),
-/// layer counts up to `MAX_LAYERS`.
+/// layer and expert counts up to `COUNT_LIMIT`.
 pub fn check_dim(path: &Path, field: &str, value: usize) -> Result<()> {
     let limit = match field {
-        "num_hidden_layers" | "n_layer" | "num_layers" => MAX_LAYERS,
+        "num_hidden_layers" | "n_layer" | "num_layers" | "num_local_experts" => COUNT_LIMIT,
         _ => llmc_ir::op::MAX_DIM,
     };
     if value == 0 || value > limit {

@@ -8,6 +8,10 @@ use thiserror::Error;
 pub enum ModelError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path}: larger than the {limit_mib} MiB limit for this file")]
+    TooLarge { path: PathBuf, limit_mib: u64 },
     #[error("{path}: not valid JSON: {msg}")]
     Json { path: PathBuf, msg: String },
     #[error("{path}: unknown model_type `{model_type}` (supported: {supported})")]

@@ -147,6 +147,18 @@ pub fn load(path: &Path, weights: Option<&Path>) -> Result<Model> {
     Ok(Model { config_path, raw_config, config, graph, specs, files, text })
 }
 
+impl Model {
+    /// Every file the model was read from: the config, the shard index, the safetensors
+    /// files and the text side files (a compile must not write over any of them).
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.config_path.clone()];
+        v.extend(self.files.index.iter().cloned());
+        v.extend(self.files.paths.iter().cloned());
+        v.extend(self.text.files.iter().cloned());
+        v
+    }
+}
+
 fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
     let (src, loc) = spec
         .candidates

@@ -116,6 +116,14 @@ impl LlamaConfig {
             let e = c.num_local_experts.ok_or_else(|| field_err(path, "num_local_experts", "missing"))?;
             let k = c.num_experts_per_tok.ok_or_else(|| field_err(path, "num_experts_per_tok", "missing"))?;
             check_dim(path, "num_local_experts", e)?;
+            // One weight node per expert and layer: bound the product too.
+            if e * c.num_hidden_layers > 64 * crate::config::COUNT_LIMIT {
+                return Err(field_err(
+                    path,
+                    "num_local_experts",
+                    format!("{e} experts in each of {} layers is more than llmc supports", c.num_hidden_layers),
+                ));
+            }
             if k == 0 || k > e {
                 return Err(field_err(path, "num_experts_per_tok", format!("{k} must be in 1..={e}")));
             }

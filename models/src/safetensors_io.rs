@@ -24,6 +24,8 @@ pub struct TensorLoc {
 /// A set of memory-mapped safetensors files and the index of their tensors.
 pub struct WeightFiles {
     pub paths: Vec<PathBuf>,
+    /// The shard index (`model.safetensors.index.json`) the paths came from, if any.
+    pub index: Option<PathBuf>,
     maps: Vec<Mmap>,
     pub tensors: HashMap<String, TensorLoc>,
 }
@@ -47,9 +49,7 @@ impl WeightFiles {
     pub fn open(path: &Path) -> Result<WeightFiles> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(".json") {
-            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })?;
+            let v = crate::config::read_json(path)?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Field {
                 path: path.into(),
                 field: "weight_map".into(),
@@ -73,7 +73,9 @@ impl WeightFiles {
                 shards.insert(file.to_string(), ());
             }
             let files: Vec<PathBuf> = shards.keys().map(|f| dir.join(f)).collect();
-            WeightFiles::open_files(&files)
+            let mut w = WeightFiles::open_files(&files)?;
+            w.index = Some(path.to_path_buf());
+            Ok(w)
         } else {
             WeightFiles::open_files(&[path.to_path_buf()])
         }
@@ -83,7 +85,16 @@ impl WeightFiles {
         let mut maps = Vec::new();
         let mut tensors = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let io = |source| ModelError::Io { path: path.clone(), source };
+            // Only regular files: a device (/dev/zero) or FIFO is no checkpoint, and opening a
+            // FIFO would block.
+            if !std::fs::metadata(path).map_err(io)?.is_file() {
+                return Err(ModelError::NotAFile { path: path.clone() });
+            }
+            let file = File::open(path).map_err(io)?;
+            if !file.metadata().map_err(io)?.is_file() {
+                return Err(ModelError::NotAFile { path: path.clone() });
+            }
             // SAFETY: the map is read-only; llmc never writes the weight files, and every read
             // is bounds-checked against the header validated just below. A file truncated by
             // another process while mapped would fault; that is the documented mmap caveat.
@@ -100,7 +111,7 @@ impl WeightFiles {
             }
             maps.push(map);
         }
-        Ok(WeightFiles { paths: paths.to_vec(), maps, tensors })
+        Ok(WeightFiles { paths: paths.to_vec(), index: None, maps, tensors })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorLoc> {

@@ -3,11 +3,11 @@
 //! defaults of `generation_config.json`. All optional: a folder without a tokenizer still
 //! compiles for use with token ids.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::read_json;
+use crate::config::{read_json, read_limited, CONFIG_LIMIT, TOKENIZER_LIMIT};
 use crate::error::{ModelError, Result};
 
 #[derive(Clone, Debug, Default)]
@@ -24,6 +24,8 @@ pub struct TextAssets {
     pub pad_token_id: Option<i64>,
     /// `generation_config.json`, verbatim (`{}` when absent).
     pub generation: Value,
+    /// The files that were read.
+    pub files: Vec<PathBuf>,
 }
 
 fn ids(v: Option<&Value>) -> Vec<i64> {
@@ -50,13 +52,17 @@ impl TextAssets {
         let mut t = TextAssets { generation: Value::Object(Default::default()), ..Default::default() };
         let tok = dir.join("tokenizer.json");
         if tok.exists() {
-            let bytes = std::fs::read(&tok).map_err(|source| ModelError::Io { path: tok.clone(), source })?;
+            let bytes = read_limited(&tok, TOKENIZER_LIMIT)?;
             serde_json::from_slice::<Value>(&bytes)
                 .map_err(|e| ModelError::Json { path: tok.clone(), msg: e.to_string() })?;
             t.tokenizer_json = Some(bytes);
+            t.files.push(tok);
         }
         let tc_path = dir.join("tokenizer_config.json");
         let tc = if tc_path.exists() { Some(read_json(&tc_path)?) } else { None };
+        if tc.is_some() {
+            t.files.push(tc_path);
+        }
         if let Some(tc) = &tc {
             t.chat_template = tc.get("chat_template").and_then(Value::as_str).map(str::to_string);
             t.bos_token = token_str(tc.get("bos_token"));
@@ -64,12 +70,16 @@ impl TextAssets {
         }
         let jinja = dir.join("chat_template.jinja");
         if t.chat_template.is_none() && jinja.exists() {
-            t.chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io { path: jinja.clone(), source })?);
+            let bytes = read_limited(&jinja, CONFIG_LIMIT)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| ModelError::Config { path: jinja.clone(), msg: "not valid UTF-8".into() })?;
+            t.chat_template = Some(text);
+            t.files.push(jinja);
         }
         let gc_path = dir.join("generation_config.json");
         if gc_path.exists() {
             t.generation = read_json(&gc_path)?;
+            t.files.push(gc_path);
         }
         // Special ids: generation_config.json first (what generate() uses), then config.json.
         let pick = |key: &str| {

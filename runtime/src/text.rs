@@ -98,8 +98,36 @@ pub struct Message {
     pub content: String,
 }
 
+/// The most work a chat template may do (minijinja fuel: about one unit per instruction). Real
+/// templates use a few hundred units per message; a runaway loop hits the limit in well under
+/// a second instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// The most bytes a rendered chat may have (far beyond any context window).
+pub const TEMPLATE_OUTPUT_LIMIT: usize = 16 << 20;
+
+/// Collects rendered output up to [`TEMPLATE_OUTPUT_LIMIT`], then fails the render.
+struct LimitedOutput {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > TEMPLATE_OUTPUT_LIMIT {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Renders a chat with the model's own template (Jinja, as transformers' `apply_chat_template`
-/// with `add_generation_prompt=True`).
+/// with `add_generation_prompt=True`). The template is untrusted: its work is bounded by
+/// [`TEMPLATE_FUEL`] and its output by [`TEMPLATE_OUTPUT_LIMIT`].
 pub fn render_chat(
     template: &str,
     messages: &[Message],
@@ -107,16 +135,33 @@ pub fn render_chat(
     eos_token: Option<&str>,
 ) -> Result<String, RuntimeError> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
         Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
     });
     env.add_template("chat", template).map_err(|e| text_err(format!("chat template: {e}")))?;
     let t = env.get_template("chat").map_err(|e| text_err(format!("chat template: {e}")))?;
-    t.render(context! {
+    let mut out = LimitedOutput { buf: Vec::new(), over: false };
+    let ctx = context! {
         messages => messages,
         add_generation_prompt => true,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
-    })
-    .map_err(|e| text_err(format!("chat template: {e}")))
+    };
+    match t.render_captured_to(ctx, &mut out) {
+        Ok(_) => {}
+        Err(_) if out.over => {
+            return Err(text_err(format!(
+                "chat template: the rendered chat is larger than {} MiB",
+                TEMPLATE_OUTPUT_LIMIT >> 20
+            )))
+        }
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+            return Err(text_err(format!(
+                "chat template: rendering did not finish within {TEMPLATE_FUEL} steps (a runaway loop?)"
+            )))
+        }
+        Err(e) => return Err(text_err(format!("chat template: {e}"))),
+    }
+    String::from_utf8(out.buf).map_err(|_| text_err("chat template: the rendered chat is not valid UTF-8"))
 }

@@ -25,8 +25,14 @@ pub fn expected(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The `llmc` binary under test: cargo's, or `LLMC_BIN` when set (a copy kept aside when
+/// several checkouts build into one shared target folder and overwrite each other's binary).
+pub fn llmc_bin() -> PathBuf {
+    std::env::var_os("LLMC_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_llmc")), PathBuf::from)
+}
+
 pub fn llmc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmc")).args(args).output().expect("run llmc")
+    Command::new(llmc_bin()).args(args).output().expect("run llmc")
 }
 
 pub fn stderr(o: &Output) -> String {
