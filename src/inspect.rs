@@ -9,8 +9,19 @@ use serde_json::json;
 
 use crate::out::outln;
 
-pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+pub fn inspect(path: &Path, as_json: bool, verify: bool) -> Result<()> {
     let art = Artifact::open(path)?;
+    if verify {
+        let bad = art.verify_weights();
+        if !bad.is_empty() {
+            anyhow::bail!(
+                "{}: {} weight section(s) do not match their checksums (corrupt): {}",
+                path.display(),
+                bad.len(),
+                bad.join(", ")
+            );
+        }
+    }
     let h = &art.header;
     let params: usize = h.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
     let weight_bytes = art.weight_bytes();
@@ -42,6 +53,7 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         "kernel_calls_per_token": h.program.calls.len(),
         "format_version": h.format_version,
         "llmc_version": h.llmc_version,
+        "verified": verify,
     });
     if as_json {
         outln!("{v}")?;
@@ -72,5 +84,8 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
     outln!("  chat template  {}", if h.text.chat_template.is_some() { "yes" } else { "no" })?;
     outln!("  passes         {}", if h.passes.is_empty() { "none".to_string() } else { h.passes.join(", ") })?;
     outln!("  program        {} kernels, {} calls per step", h.program.kernels.len(), h.program.calls.len())?;
+    if verify {
+        outln!("  checksums      every section verified")?;
+    }
     Ok(())
 }

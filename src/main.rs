@@ -70,6 +70,9 @@ enum Cmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also check every weight section against its checksum (reads the whole file).
+        #[arg(long)]
+        verify: bool,
     },
     /// Print the IR of a model (config.json, model folder or artifact).
     Ir {
@@ -110,9 +113,14 @@ pub struct RunArgs {
     /// Number of tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 64, allow_negative_numbers = true)]
     n_predict: usize,
-    /// Context size in tokens (default: the model's, at most 4096).
+    /// Context size in tokens (default: the model's, at most 4096). Capped at the context the
+    /// model was trained for unless --ctx-beyond-training; a one-shot run allocates only what
+    /// its prompt and -n need.
     #[arg(short = 'c', long = "ctx-size", value_parser = at_least_one, allow_negative_numbers = true)]
     ctx_size: Option<usize>,
+    /// Let -c exceed the model's trained context (RoPE models only; quality usually degrades).
+    #[arg(long = "ctx-beyond-training")]
+    ctx_beyond_training: bool,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8, value_parser = temperature, allow_hyphen_values = true)]
     temp: f32,
@@ -285,7 +293,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
-        Cmd::Inspect { artifact, json } => inspect::inspect(&artifact, json),
+        Cmd::Inspect { artifact, json, verify } => inspect::inspect(&artifact, json, verify),
         Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
             let engine = Engine::open(&artifact, clamp_threads(threads))?;
             let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;

@@ -17,7 +17,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         None => Backend::fastest(),
     };
     let engine = Engine::open(&a.artifact, crate::clamp_threads(a.threads))?;
-    let mut session = Session::new(&engine, backend, a.ctx_size)?;
+    let ctx = context_size(&a, &engine);
+    // A one-shot run sizes its state (the KV cache above all) from what it needs.
+    let one_shot = |prompt_len: usize| ctx.min(prompt_len.saturating_add(a.n_predict).max(1));
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: a.temp,
         top_k: a.top_k,
@@ -28,11 +30,15 @@ pub fn run(a: RunArgs) -> Result<()> {
         seed: a.seed,
     });
     if !a.ids.is_empty() {
+        let mut session = Session::new(&engine, backend, Some(one_shot(a.ids.len())))?;
         return run_ids(&a, &engine, &mut session, &mut sampler);
     }
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
-        None if std::io::stdin().is_terminal() && !a.json => return chat_loop(&a, &engine, &mut session, &mut sampler),
+        None if std::io::stdin().is_terminal() && !a.json => {
+            let mut session = Session::new(&engine, backend, Some(ctx))?;
+            return chat_loop(&a, &engine, &mut session, &mut sampler);
+        }
         None => {
             let mut bytes = Vec::new();
             std::io::stdin().read_to_end(&mut bytes).context("reading the prompt from stdin")?;
@@ -62,6 +68,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!("the prompt has no tokens");
     }
     let stop_ids = if a.ignore_eos { Vec::new() } else { eos_ids(&engine, &text) };
+    let mut session = Session::new(&engine, backend, Some(one_shot(ids.len())))?;
     let (g, out) = generate_text(&a, &mut session, &mut sampler, &text, &ids, &stop_ids, !a.json)?;
     if a.json {
         print_json(&a, &engine, &ids, &g, Some(&out))?;
@@ -70,6 +77,28 @@ pub fn run(a: RunArgs) -> Result<()> {
         print_timings(ids.len(), &g);
     }
     Ok(())
+}
+
+/// The context to run with: `-c` or the model's default, capped at the trained context (with a
+/// warning) unless `--ctx-beyond-training`. Learned-position models cannot go past it at all
+/// (`Session::new` refuses).
+fn context_size(a: &RunArgs, engine: &Engine) -> usize {
+    let max = engine.art.header.max_positions;
+    match a.ctx_size {
+        None => max.min(4096),
+        Some(c) if c > max && engine.art.header.hard_context_limit && !a.ctx_beyond_training => {
+            eprintln!("warning: -c {c} is more than the {max} positions this model has; using {max}");
+            max
+        }
+        Some(c) if c > max && !a.ctx_beyond_training => {
+            eprintln!(
+                "warning: -c {c} is more than the {max} tokens the model was trained for; using {max} \
+                 (--ctx-beyond-training to allow it)"
+            );
+            max
+        }
+        Some(c) => c,
+    }
 }
 
 /// `--ids`: token ids in, exactly -n tokens out (no EOS stop, like the reference fixtures).

@@ -537,3 +537,47 @@ fn edit_ir_line(ir: &mut String, op: &str, from: &str, to: &str) {
     assert_ne!(line, ir[start..end], "`{from}` not in the {op} line");
     ir.replace_range(start..end, &line);
 }
+
+#[test]
+fn inspect_verify_finds_a_corrupted_weight() {
+    let (_d, art) = compiled("llama");
+    let o = llmc(&["inspect", art.to_str().unwrap(), "--verify", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    // flip one byte inside the last tensor: the header and IR still check out
+    let orig = llmc_compiler::artifact::ArtifactBytes::parse(&fs::read(&art).unwrap()).unwrap();
+    let h: serde_json::Value = serde_json::from_slice(orig.header_json()).unwrap();
+    let t = h["tensors"].as_array().unwrap().last().unwrap().clone();
+    let mut bytes = fs::read(&art).unwrap();
+    bytes[t["offset"].as_u64().unwrap() as usize + 5] ^= 0x40;
+    fs::write(&art, &bytes).unwrap();
+    assert!(llmc(&["inspect", art.to_str().unwrap()]).status.success(), "without --verify weights are not read");
+    let o = llmc(&["inspect", art.to_str().unwrap(), "--verify"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.starts_with("error:") && e.contains(t["name"].as_str().unwrap()) && e.contains("checksum"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
+
+/// A huge -c neither aborts nor allocates what the run does not need: it is capped at the
+/// trained context with a warning, a one-shot run sizes its cache from prompt + -n, and a
+/// context that cannot fit this machine is refused with the memory it would take.
+#[test]
+fn huge_context_sizes_are_capped_sized_or_refused() {
+    let (_d, art) = compiled("llama");
+    let a = art.to_str().unwrap();
+    let o = llmc(&["run", a, "--ids", "1,2", "-n", "2", "-c", "100000000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: -c 100000000 is more than"), "{}", stderr(&o));
+    let o = llmc(&["run", a, "--ids", "1,2", "-n", "2", "-c", "16000000", "--ctx-beyond-training"]);
+    assert!(o.status.success(), "one-shot runs allocate what they need: {}", stderr(&o));
+    // learned positions: capped with a warning, and never past them even when asked
+    let (_d2, g) = compiled("gpt2");
+    let o = llmc(&["run", g.to_str().unwrap(), "--ids", "1,2", "-n", "2", "-c", "100000"]);
+    assert!(o.status.success() && stderr(&o).contains("positions this model has"), "{}", stderr(&o));
+    let o = llmc(&["run", g.to_str().unwrap(), "--ids", "1,2", "-n", "2000", "-c", "100000", "--ctx-beyond-training"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.starts_with("error:") && e.contains("context size 2002"), "{e}");
+}

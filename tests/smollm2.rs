@@ -211,3 +211,20 @@ fn artifact_truncated_while_running_is_an_error_not_a_signal() {
     assert_eq!(out.status.code(), Some(1), "status {:?}: {err}", out.status);
     assert!(err.trim().starts_with("error:") && err.contains("truncated or rewritten"), "{err}");
 }
+
+/// A context whose state cannot fit this machine is refused before anything is allocated,
+/// with the memory it would take (SmolLM2's KV cache is 46 KB per position: 16M positions
+/// would take 740 GB).
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn context_larger_than_memory_is_refused_with_its_size() {
+    let (_d, art) = compiled();
+    let engine = llmc_runtime::Engine::open(&art, 1).unwrap();
+    for backend in [llmc_runtime::Backend::Jit, llmc_runtime::Backend::Interp] {
+        let e = match llmc_runtime::Session::new(&engine, backend, Some(16_000_000)) {
+            Ok(_) => panic!("a 16M-token context cannot fit"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("GiB") && e.contains("16000000"), "{e}");
+    }
+}
