@@ -18,6 +18,12 @@ pub enum CompileError {
     Jit(String),
     #[error("unknown pass `{0}`")]
     UnknownPass(String),
+    /// Evaluating the weight-only parts of the graph at compile time.
+    #[error("folding weights: {0}")]
+    Materialize(String),
+    /// Laying out or serializing the artifact header.
+    #[error("artifact header: {0}")]
+    Header(String),
     #[error("weight `{tensor}` has a non-finite value ({value}) at element {index}: the checkpoint is corrupt")]
     NonFinite { tensor: String, index: usize, value: f32 },
 }

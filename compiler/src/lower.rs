@@ -10,7 +10,7 @@ use crate::pack::PANEL;
 use crate::program::{Arg, Binary, Buffer, Call, KernelSpec, KvLayer, Layout, Program, RopeTable, Rows, Unary, Units};
 
 fn err(msg: impl Into<String>) -> IrError {
-    IrError::Interp(format!("lowering: {}", msg.into()))
+    IrError::Lower(msg.into())
 }
 
 struct Lowerer<'g> {

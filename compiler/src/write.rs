@@ -65,7 +65,7 @@ pub fn compile(
             None => model.specs.iter().find(|s| &s.name == name).map(Source::Checkpoint),
         })
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| CompileError::Ir(llmc_ir::IrError::Interp("graph reads a weight with no spec".into())))?;
+        .ok_or_else(|| CompileError::Materialize("the graph reads a weight with no spec".into()))?;
     let mut header = Header {
         format_version: FORMAT_VERSION,
         llmc_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -132,8 +132,7 @@ pub fn compile(
             })
             .collect();
         header.file_size = at;
-        let json =
-            serde_json::to_vec(&header).map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
+        let json = serde_json::to_vec(&header).map_err(|e| CompileError::Header(e.to_string()))?;
         if json.len() as u64 <= reserve {
             break;
         }
@@ -282,8 +281,7 @@ fn write_file(
         progress(Progress::Bytes { done, total });
     }
     pad_to(&mut w, header.file_size).map_err(io)?;
-    let mut json =
-        serde_json::to_vec(&*header).map_err(|e| CompileError::Ir(llmc_ir::IrError::Interp(e.to_string())))?;
+    let mut json = serde_json::to_vec(&*header).map_err(|e| CompileError::Header(e.to_string()))?;
     let room = header.ir.offset as usize - PREAMBLE;
     if json.len() > room {
         return Err(io(std::io::Error::other("layout error: the header outgrew its room")));
@@ -362,17 +360,20 @@ fn materialize(g: &mut Graph, model: &Model) -> Result<HashMap<String, Vec<f32>>
     passes::Dce.run(&mut sub)?;
     let mut leaves: HashMap<String, Tensor> = HashMap::new();
     for (name, ty) in sub.weights() {
-        let spec = model.specs.iter().find(|s| s.name == name).ok_or_else(|| {
-            CompileError::Ir(llmc_ir::IrError::Interp(format!("weight `{name}` has no checkpoint tensor")))
-        })?;
+        let spec = model
+            .specs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| CompileError::Materialize(format!("weight `{name}` has no checkpoint tensor")))?;
         leaves.insert(name, Tensor { shape: ty.shape.resolve(0), data: spec.load(&model.files)? });
     }
     let mut cache = KvCache::new(&sub, 1);
     let mut values = interp::run(&sub, StepInput { tokens: &[], positions: &[] }, &leaves, &mut cache)?;
     let mut out = HashMap::new();
     for (i, &root) in roots.iter().enumerate() {
-        let t =
-            values.remove(&format!("r{i}")).ok_or_else(|| CompileError::Ir(llmc_ir::IrError::Interp("fold".into())))?;
+        let t = values
+            .remove(&format!("r{i}"))
+            .ok_or_else(|| CompileError::Materialize(format!("the value of `r{i}` was not computed")))?;
         let mut name = format!("{}#{}", first_leaf(g, root), g.node(root).op.name());
         if out.contains_key(&name) {
             name = format!("{name}.{i}");

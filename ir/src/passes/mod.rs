@@ -72,7 +72,7 @@ pub fn run_pipeline(g: &mut Graph, passes: &[Box<dyn Pass>]) -> Result<(), IrErr
     for p in passes {
         p.run(g)?;
         Dce.run(g)?;
-        g.verify().map_err(|e| IrError::Interp(format!("after pass {}: {e}", p.name())))?;
+        g.verify().map_err(|e| IrError::Pass { pass: p.name().to_string(), source: Box::new(e) })?;
     }
     Ok(())
 }
