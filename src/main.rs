@@ -239,11 +239,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             };
             let m = llmc_models::load(&model, weights.as_deref())?;
             // SIGINT/SIGTERM/SIGHUP remove the temporary artifact before exiting.
-            signals::clean_up_on_signal(llmc_compiler::temp_path(&output));
+            signals::clean_up_on_signal(llmc_writer::temp_path(&output));
             let bar = progress_bar(quiet);
-            let report = llmc_compiler::compile(&m, &output, &pipeline, &mut |p| match p {
-                llmc_compiler::Progress::Stage(s) => bar.set_message(s),
-                llmc_compiler::Progress::Bytes { done, total } => {
+            let report = llmc_writer::compile(&m, &output, &pipeline, &mut |p| match p {
+                llmc_writer::Progress::Stage(s) => bar.set_message(s),
+                llmc_writer::Progress::Bytes { done, total } => {
                     bar.set_length(total);
                     bar.set_position(done);
                 }

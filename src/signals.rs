@@ -1,5 +1,5 @@
 //! `llmc compile` and signals: the artifact is written to a temporary file beside the output
-//! and renamed when complete. A write error removes it (in `llmc_compiler::compile`); here
+//! and renamed when complete. A write error removes it (in `llmc_writer::compile`); here
 //! SIGINT, SIGTERM and SIGHUP remove it too before exiting, and SIGXFSZ (the file size limit)
 //! becomes a write error instead of killing the process. After SIGKILL the next compile to the
 //! same output removes the file (`remove_stale_temps` in the compiler).

@@ -10,10 +10,12 @@ use llmc_ir::passes::{self, Pass};
 use llmc_ir::{Graph, NodeId, Op};
 use llmc_models::{Model, WeightSpec};
 
-use crate::artifact::{align_up, preamble, Header, Section, Target, TensorEntry, TextInfo, FORMAT_VERSION, PREAMBLE};
 use crate::error::CompileError;
-use crate::pack;
-use crate::program::Layout;
+use llmc_compiler::artifact::{
+    align_up, preamble, Header, Section, Target, TensorEntry, TextInfo, FORMAT_VERSION, PREAMBLE,
+};
+use llmc_compiler::pack;
+use llmc_compiler::program::Layout;
 
 /// What `compile` reports while it works (the CLI draws a progress bar from it).
 #[derive(Clone, Copy, Debug)]
@@ -34,8 +36,8 @@ pub struct CompileReport {
 /// The target description of this host: its architecture and the ISA features Cranelift
 /// detects (the kernels are specialized for them at load).
 pub fn host_target() -> Result<Target, CompileError> {
-    let isa = crate::jit::host_isa().map_err(|e| CompileError::Jit(e.to_string()))?;
-    Ok(Target { arch: std::env::consts::ARCH.to_string(), features: crate::jit::isa_features(&*isa) })
+    let isa = llmc_compiler::jit::host_isa().map_err(|e| CompileError::Jit(e.to_string()))?;
+    Ok(Target { arch: std::env::consts::ARCH.to_string(), features: llmc_compiler::jit::isa_features(&*isa) })
 }
 
 /// Compiles `model` into an artifact at `out`. The file is written to a temporary name beside
@@ -53,7 +55,7 @@ pub fn compile(
     passes::run_pipeline(&mut graph, pipeline)?;
     let mut derived = materialize(&mut graph, model)?;
     let ir_text = llmc_ir::text::print(&graph);
-    let program = crate::lower::lower(&graph)?;
+    let program = llmc_compiler::lower::lower(&graph)?;
 
     // Layout: header, IR text, then the tensors the optimized graph reads: checkpoint tensors
     // (by spec) and tensors computed at compile time (folded norms, fused weights).
