@@ -14,7 +14,7 @@ use llmc_ir::{NodeId, Op};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::builder::{AttnParams, Builder};
+use crate::builder::{AttnParams, Builder, GateUp};
 use crate::config::{check_dim, check_heads, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
@@ -219,11 +219,9 @@ impl BambaConfig {
             x = b.op(Op::Add, &[x, mixed])?;
             let hn = b.rms_norm(x, &format!("{p}.pre_ff_layernorm"), d, eps)?;
             let ff = self.intermediate_size;
-            let gate = b.linear(hn, &format!("{p}.feed_forward.gate_proj"), ff, d, false)?;
-            let up = b.linear(hn, &format!("{p}.feed_forward.up_proj"), ff, d, false)?;
-            let act = b.op(Op::Silu, &[gate])?;
-            let prod = b.op(Op::Mul, &[act, up])?;
-            let down = b.linear(prod, &format!("{p}.feed_forward.down_proj"), d, ff, false)?;
+            let (gate, up) = (format!("{p}.feed_forward.gate_proj"), format!("{p}.feed_forward.up_proj"));
+            let gate_up = GateUp::Separate { gate: &gate, up: &up };
+            let down = b.swiglu_mlp(hn, gate_up, &format!("{p}.feed_forward.down_proj"), d, ff, false)?;
             x = b.op(Op::Add, &[x, down])?;
         }
         let last = b.last_row(x)?;

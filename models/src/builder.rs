@@ -16,6 +16,16 @@ pub struct Builder {
     weights: std::collections::HashMap<String, NodeId>,
 }
 
+/// Where a SwiGLU MLP's gate and up projections come from.
+#[derive(Clone, Copy, Debug)]
+pub enum GateUp<'a> {
+    /// Two checkpoint tensors, `{gate}.weight` and `{up}.weight` (Llama, Bamba).
+    Separate { gate: &'a str, up: &'a str },
+    /// One tensor `{0}.weight` holding the gate rows then the up rows (Granite's
+    /// `input_linear`): read as two weights, so the graph is the same as for `Separate`.
+    Fused(&'a str),
+}
+
 /// Attention hyper-parameters of one layer.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnParams {
@@ -68,6 +78,35 @@ impl Builder {
             transform: Transform::None,
         });
         self.g.weight_typed(name, llmc_ir::DType::U8, dims)
+    }
+
+    /// A SwiGLU MLP, `down(silu(gate(x)) · up(x))`, `d → ff → d`, in the unfused form the
+    /// `fuse_swiglu` pass recognizes (for every family, whatever the checkpoint layout).
+    pub fn swiglu_mlp(
+        &mut self,
+        x: NodeId,
+        gate_up: GateUp<'_>,
+        down: &str,
+        d: usize,
+        ff: usize,
+        bias: bool,
+    ) -> Result<NodeId> {
+        let (gate, up) = match gate_up {
+            GateUp::Separate { gate, up } => (self.linear(x, gate, ff, d, bias)?, self.linear(x, up, ff, d, bias)?),
+            GateUp::Fused(prefix) => {
+                let src = format!("{prefix}.weight");
+                let mut half = |part: &str, start: usize| -> Result<NodeId> {
+                    let name = format!("{src}#{part}");
+                    let w =
+                        self.weight_from(&name, &[ff, d], &[&src], Transform::RowRange { start, stored_rows: 2 * ff });
+                    self.op(Op::MatMul, &[x, w])
+                };
+                (half("gate", 0)?, half("up", ff)?)
+            }
+        };
+        let act = self.op(Op::Silu, &[gate])?;
+        let prod = self.op(Op::Mul, &[act, up])?;
+        self.linear(prod, down, d, ff, bias)
     }
 
     pub fn op(&mut self, op: Op, args: &[NodeId]) -> Result<NodeId> {

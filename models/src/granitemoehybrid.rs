@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::bamba::{mamba_mixer, MambaFields};
-use crate::builder::{AttnParams, Builder};
+use crate::builder::{AttnParams, Builder, GateUp};
 use crate::config::{check_dim, check_heads, field_err, typed};
 use crate::error::Result;
 use crate::weights::WeightSpec;
@@ -113,12 +113,8 @@ impl GraniteMoeHybridConfig {
     /// `silu(x·Wgᵀ) · (x·Wuᵀ)` then `W_out`, with `W_in = [gate | up]` stored as one tensor.
     fn shared_mlp(&self, b: &mut Builder, x: NodeId, p: &str) -> Result<NodeId> {
         let (d, ff) = (self.hidden_size, self.shared_intermediate_size);
-        let gu = b.linear(x, &format!("{p}.input_linear"), 2 * ff, d, false)?;
-        let gate = b.op(Op::Slice { start: 0, len: ff }, &[gu])?;
-        let up = b.op(Op::Slice { start: ff, len: ff }, &[gu])?;
-        let act = b.op(Op::Silu, &[gate])?;
-        let prod = b.op(Op::Mul, &[act, up])?;
-        b.linear(prod, &format!("{p}.output_linear"), d, ff, false)
+        let gate_up = format!("{p}.input_linear");
+        b.swiglu_mlp(x, GateUp::Fused(&gate_up), &format!("{p}.output_linear"), d, ff, false)
     }
 
     pub fn build(&self) -> Result<(llmc_ir::Graph, Vec<WeightSpec>)> {

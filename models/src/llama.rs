@@ -15,7 +15,7 @@ use llmc_ir::Op;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::builder::{AttnParams, Builder};
+use crate::builder::{AttnParams, Builder, GateUp};
 use crate::config::{check_dim, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
@@ -202,11 +202,9 @@ impl LlamaConfig {
                 x = b.op(Op::Add, &[x, moe])?;
                 continue;
             }
-            let gate = b.linear(hn, &format!("{p}.mlp.gate_proj"), ff, d, self.mlp_bias)?;
-            let up = b.linear(hn, &format!("{p}.mlp.up_proj"), ff, d, self.mlp_bias)?;
-            let act = b.op(Op::Silu, &[gate])?;
-            let prod = b.op(Op::Mul, &[act, up])?;
-            let down = b.linear(prod, &format!("{p}.mlp.down_proj"), d, ff, self.mlp_bias)?;
+            let (gate, up) = (format!("{p}.mlp.gate_proj"), format!("{p}.mlp.up_proj"));
+            let gate_up = GateUp::Separate { gate: &gate, up: &up };
+            let down = b.swiglu_mlp(hn, gate_up, &format!("{p}.mlp.down_proj"), d, ff, self.mlp_bias)?;
             x = b.op(Op::Add, &[x, down])?;
         }
         let last = b.last_row(x)?;

@@ -12,6 +12,9 @@ pub enum Transform {
     Transpose,
     /// Rows reordered: IR row `i` is checkpoint row `perm[i]` (Falcon's grouped QKV).
     PermuteRows(Vec<usize>),
+    /// IR rows are checkpoint rows `start ..` of a tensor with `stored_rows` rows (one half of
+    /// Granite's fused `[gate | up]` projection).
+    RowRange { start: usize, stored_rows: usize },
 }
 
 /// One weight of the graph: its IR name and shape, the checkpoint names it may have (first
@@ -31,6 +34,13 @@ impl WeightSpec {
     pub fn stored_shape(&self) -> Vec<usize> {
         match self.transform {
             Transform::Transpose => self.shape.iter().rev().copied().collect(),
+            Transform::RowRange { stored_rows, .. } => {
+                let mut s = self.shape.clone();
+                if let Some(r) = s.first_mut() {
+                    *r = stored_rows;
+                }
+                s
+            }
             _ => self.shape.clone(),
         }
     }
@@ -81,6 +91,16 @@ impl WeightSpec {
                     }
                 }
                 out
+            }
+            Transform::RowRange { start, stored_rows } => {
+                let cols = data.len() / (*stored_rows).max(1);
+                let rows = self.shape.first().copied().unwrap_or(0);
+                data.get(start * cols..(start + rows) * cols)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        name: self.name.clone(),
+                        files: files.describe_files(),
+                    })?
+                    .to_vec()
             }
             Transform::PermuteRows(perm) => {
                 let cols = data.len() / want[0].max(1);
