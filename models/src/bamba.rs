@@ -15,16 +15,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder, GateUp};
-use crate::config::{check_dim, check_heads, field_err, typed, RopeParams};
+use crate::config::{check_dims, check_heads, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
-fn default_eps() -> f64 {
-    1e-5
-}
-fn default_max_pos() -> usize {
-    2048
-}
 pub(crate) fn default_chunk() -> usize {
     256
 }
@@ -55,16 +49,17 @@ pub struct MambaFields {
 
 impl MambaFields {
     pub fn check(&self, path: &Path) -> Result<()> {
-        for (field, val) in [
-            ("mamba_n_heads", self.mamba_n_heads),
-            ("mamba_d_head", self.mamba_d_head),
-            ("mamba_d_state", self.mamba_d_state),
-            ("mamba_n_groups", self.mamba_n_groups),
-            ("mamba_d_conv", self.mamba_d_conv),
-            ("mamba_chunk_size", self.mamba_chunk_size),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("mamba_n_heads", self.mamba_n_heads),
+                ("mamba_d_head", self.mamba_d_head),
+                ("mamba_d_state", self.mamba_d_state),
+                ("mamba_n_groups", self.mamba_n_groups),
+                ("mamba_d_conv", self.mamba_d_conv),
+                ("mamba_chunk_size", self.mamba_chunk_size),
+            ],
+        )?;
         if !self.mamba_n_heads.is_multiple_of(self.mamba_n_groups) {
             return Err(field_err(path, "mamba_n_groups", "must divide mamba_n_heads"));
         }
@@ -99,13 +94,13 @@ pub struct BambaConfig {
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
     pub attn_layer_indices: Vec<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::defaults::eps_1e5")]
     pub rms_norm_eps: f64,
     #[serde(flatten)]
     pub mamba: MambaFields,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::defaults::max_pos_2048")]
     pub max_position_embeddings: usize,
     #[serde(skip)]
     pub rope: Option<RopeParams>,
@@ -166,15 +161,16 @@ impl BambaConfig {
             rope.partial_rotary_factor = 0.5;
         }
         c.rope = Some(rope);
-        for (field, val) in [
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("intermediate_size", c.intermediate_size),
-            ("num_hidden_layers", c.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("vocab_size", c.vocab_size),
+                ("hidden_size", c.hidden_size),
+                ("intermediate_size", c.intermediate_size),
+                ("num_hidden_layers", c.num_hidden_layers),
+                ("num_attention_heads", c.num_attention_heads),
+            ],
+        )?;
         c.mamba.check(path)?;
         if c.attn_layer_indices.iter().any(|&i| i >= c.num_hidden_layers) {
             return Err(field_err(path, "attn_layer_indices", "refers to a layer past num_hidden_layers"));

@@ -15,21 +15,15 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder};
-use crate::config::{check_dim, check_heads, field_err, typed, RopeParams};
+use crate::config::{check_dims, check_heads, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
 fn yes() -> bool {
     true
 }
-fn default_eps() -> f64 {
-    1e-5
-}
 fn default_act() -> String {
     "relu2".into()
-}
-fn default_max_pos() -> usize {
-    2048
 }
 
 /// `config.json` of BitNet, with HF's field names.
@@ -44,13 +38,13 @@ pub struct BitNetConfig {
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
     pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::defaults::eps_1e5")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_act")]
     pub hidden_act: String,
     #[serde(default = "yes")]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::defaults::max_pos_2048")]
     pub max_position_embeddings: usize,
     #[serde(skip)]
     pub rope: Option<RopeParams>,
@@ -60,17 +54,18 @@ impl BitNetConfig {
     pub fn parse(path: &Path, v: &Value) -> Result<BitNetConfig> {
         let mut c: BitNetConfig = typed(path, v)?;
         c.rope = Some(RopeParams::from_config(path, v, 500000.0)?);
-        for (field, val) in [
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("intermediate_size", c.intermediate_size),
-            ("num_hidden_layers", c.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads),
-            ("num_key_value_heads", c.kv_heads()),
-            ("max_position_embeddings", c.max_position_embeddings),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("vocab_size", c.vocab_size),
+                ("hidden_size", c.hidden_size),
+                ("intermediate_size", c.intermediate_size),
+                ("num_hidden_layers", c.num_hidden_layers),
+                ("num_attention_heads", c.num_attention_heads),
+                ("num_key_value_heads", c.kv_heads()),
+                ("max_position_embeddings", c.max_position_embeddings),
+            ],
+        )?;
         check_heads(path, c.hidden_size, c.num_attention_heads, c.kv_heads())?;
         if c.hidden_act != "relu2" {
             return Err(field_err(path, "hidden_act", format!("`{}` is not supported (relu2 only)", c.hidden_act)));

@@ -69,6 +69,24 @@ pub fn check_dim(path: &Path, field: &str, value: usize) -> Result<()> {
     Ok(())
 }
 
+/// `check_dim` for each `(field, value)`: the first bad one is the error.
+pub fn check_dims(path: &Path, dims: &[(&str, usize)]) -> Result<()> {
+    dims.iter().try_for_each(|&(field, value)| check_dim(path, field, value))
+}
+
+/// serde defaults shared by the family configs (`#[serde(default = "...")]` needs a path).
+pub mod defaults {
+    pub fn eps_1e5() -> f64 {
+        1e-5
+    }
+    pub fn eps_1e6() -> f64 {
+        1e-6
+    }
+    pub fn max_pos_2048() -> usize {
+        2048
+    }
+}
+
 /// Attention heads must split `hidden` evenly and be a whole number of kv groups.
 pub fn check_heads(path: &Path, hidden: usize, heads: usize, kv_heads: usize) -> Result<()> {
     if !hidden.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {

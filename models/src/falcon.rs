@@ -21,21 +21,15 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder};
-use crate::config::{check_dim, field_err, typed, RopeParams};
+use crate::config::{check_dims, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::{Transform, WeightSpec};
 
 fn yes() -> bool {
     true
 }
-fn default_eps() -> f64 {
-    1e-5
-}
 fn default_act() -> String {
     "gelu".into()
-}
-fn default_max_pos() -> usize {
-    2048
 }
 
 /// `config.json` of Falcon, with HF's field names.
@@ -63,11 +57,11 @@ pub struct FalconConfig {
     pub ffn_hidden_size: Option<usize>,
     #[serde(default = "default_act")]
     pub activation: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::defaults::eps_1e5")]
     pub layer_norm_epsilon: f64,
     #[serde(default = "yes")]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::defaults::max_pos_2048")]
     pub max_position_embeddings: usize,
     #[serde(skip)]
     pub rope: Option<RopeParams>,
@@ -77,17 +71,18 @@ impl FalconConfig {
     pub fn parse(path: &Path, v: &Value) -> Result<FalconConfig> {
         let mut c: FalconConfig = typed(path, v)?;
         c.rope = Some(RopeParams::from_config(path, v, 10000.0)?);
-        for (field, val) in [
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("num_hidden_layers", c.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads),
-            ("num_kv_heads", c.kv_heads()),
-            ("ffn_hidden_size", c.ffn()),
-            ("max_position_embeddings", c.max_position_embeddings),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("vocab_size", c.vocab_size),
+                ("hidden_size", c.hidden_size),
+                ("num_hidden_layers", c.num_hidden_layers),
+                ("num_attention_heads", c.num_attention_heads),
+                ("num_kv_heads", c.kv_heads()),
+                ("ffn_hidden_size", c.ffn()),
+                ("max_position_embeddings", c.max_position_embeddings),
+            ],
+        )?;
         if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field_err(path, "num_attention_heads", "must divide hidden_size"));
         }

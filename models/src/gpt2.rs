@@ -15,15 +15,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder};
-use crate::config::{check_dim, field_err, typed};
+use crate::config::{check_dims, field_err, typed};
 use crate::error::Result;
 use crate::weights::{Transform, WeightSpec};
 
 fn yes() -> bool {
     true
-}
-fn default_eps() -> f64 {
-    1e-5
 }
 fn default_act() -> String {
     "gelu_new".into()
@@ -41,7 +38,7 @@ pub struct Gpt2Config {
     pub n_inner: Option<usize>,
     #[serde(default = "default_act")]
     pub activation_function: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::defaults::eps_1e5")]
     pub layer_norm_epsilon: f64,
     #[serde(default = "yes")]
     pub scale_attn_weights: bool,
@@ -54,16 +51,17 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     pub fn parse(path: &Path, v: &Value) -> Result<Gpt2Config> {
         let c: Gpt2Config = typed(path, v)?;
-        for (field, val) in [
-            ("vocab_size", c.vocab_size),
-            ("n_embd", c.n_embd),
-            ("n_head", c.n_head),
-            ("n_layer", c.n_layer),
-            ("n_positions", c.n_positions),
-            ("n_inner", c.inner()),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("vocab_size", c.vocab_size),
+                ("n_embd", c.n_embd),
+                ("n_head", c.n_head),
+                ("n_layer", c.n_layer),
+                ("n_positions", c.n_positions),
+                ("n_inner", c.inner()),
+            ],
+        )?;
         if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(field_err(path, "n_head", "must divide n_embd"));
         }

@@ -19,13 +19,10 @@ use serde_json::Value;
 
 use crate::bamba::{mamba_mixer, MambaFields};
 use crate::builder::{AttnParams, Builder, GateUp};
-use crate::config::{check_dim, check_heads, field_err, typed};
+use crate::config::{check_dims, check_heads, field_err, typed};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
-fn default_eps() -> f64 {
-    1e-6
-}
 fn default_max_pos() -> usize {
     4096
 }
@@ -47,7 +44,7 @@ pub struct GraniteMoeHybridConfig {
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
     pub layer_types: Vec<String>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::defaults::eps_1e6")]
     pub rms_norm_eps: f64,
     #[serde(default = "one_f")]
     pub embedding_multiplier: f64,
@@ -76,15 +73,16 @@ pub struct GraniteMoeHybridConfig {
 impl GraniteMoeHybridConfig {
     pub fn parse(path: &Path, v: &Value) -> Result<GraniteMoeHybridConfig> {
         let c: GraniteMoeHybridConfig = typed(path, v)?;
-        for (field, val) in [
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("intermediate_size", c.intermediate_size),
-            ("num_hidden_layers", c.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("vocab_size", c.vocab_size),
+                ("hidden_size", c.hidden_size),
+                ("intermediate_size", c.intermediate_size),
+                ("num_hidden_layers", c.num_hidden_layers),
+                ("num_attention_heads", c.num_attention_heads),
+            ],
+        )?;
         c.mamba.check(path)?;
         if c.layer_types.len() != c.num_hidden_layers {
             return Err(field_err(path, "layer_types", "must have one entry per layer"));

@@ -16,18 +16,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::builder::{AttnParams, Builder, GateUp};
-use crate::config::{check_dim, field_err, typed, RopeParams};
+use crate::config::{check_dim, check_dims, field_err, typed, RopeParams};
 use crate::error::Result;
 use crate::weights::WeightSpec;
 
-fn default_eps() -> f64 {
-    1e-6
-}
 fn default_act() -> String {
     "silu".into()
-}
-fn default_max_pos() -> usize {
-    2048
 }
 
 /// `config.json` of the Llama family, with HF's field names.
@@ -43,7 +37,7 @@ pub struct LlamaConfig {
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
     pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::defaults::eps_1e6")]
     pub rms_norm_eps: f64,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -61,7 +55,7 @@ pub struct LlamaConfig {
     pub max_window_layers: Option<usize>,
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::defaults::max_pos_2048")]
     pub max_position_embeddings: usize,
     /// Mixtral: experts per MoE layer and experts per token.
     #[serde(default)]
@@ -76,18 +70,19 @@ impl LlamaConfig {
     pub fn parse(path: &Path, v: &Value) -> Result<LlamaConfig> {
         let mut c: LlamaConfig = typed(path, v)?;
         c.rope = Some(RopeParams::from_config(path, v, 10000.0)?);
-        for (field, val) in [
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("intermediate_size", c.intermediate_size),
-            ("num_hidden_layers", c.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads),
-            ("num_key_value_heads", c.kv_heads()),
-            ("head_dim", c.head_dim()),
-            ("max_position_embeddings", c.max_position_embeddings),
-        ] {
-            check_dim(path, field, val)?;
-        }
+        check_dims(
+            path,
+            &[
+                ("vocab_size", c.vocab_size),
+                ("hidden_size", c.hidden_size),
+                ("intermediate_size", c.intermediate_size),
+                ("num_hidden_layers", c.num_hidden_layers),
+                ("num_attention_heads", c.num_attention_heads),
+                ("num_key_value_heads", c.kv_heads()),
+                ("head_dim", c.head_dim()),
+                ("max_position_embeddings", c.max_position_embeddings),
+            ],
+        )?;
         if c.head_dim.is_none() && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field_err(
                 path,
