@@ -53,7 +53,7 @@ pub fn compile(
     progress(Progress::Stage("optimizing the graph"));
     let mut graph = model.graph.clone();
     passes::run_pipeline(&mut graph, pipeline)?;
-    let mut derived = materialize(&mut graph, model)?;
+    let mut derived = plan_derived(&mut graph)?;
     let ir_text = llmc_ir::text::print(&graph);
     let program = llmc_compiler::lower::lower(&graph)?;
 
@@ -63,7 +63,7 @@ pub fn compile(
     let specs: Vec<Source> = used
         .iter()
         .map(|(name, ty)| match derived.remove(name) {
-            Some(data) => Some(Source::Derived { name: name.clone(), shape: ty.shape.resolve(0), data }),
+            Some(sub) => Some(Source::Derived { name: name.clone(), shape: ty.shape.resolve(0), graph: sub }),
             None => model.specs.iter().find(|s| &s.name == name).map(Source::Checkpoint),
         })
         .collect::<Option<Vec<_>>>()
@@ -258,27 +258,35 @@ fn write_file(
     let mut done = 0;
     for (entry, spec) in header.tensors.iter_mut().zip(specs) {
         pad_to(&mut w, entry.offset).map_err(io)?;
-        let bytes: Vec<u8> = if spec.is_bytes() {
-            match spec {
+        // One tensor at a time: read (or compute), pack, write, drop.
+        let mut crc = crc32fast::Hasher::new();
+        if spec.is_bytes() {
+            let bytes = match spec {
                 Source::Checkpoint(s) => s.load_bytes(&model.files)?,
                 Source::Derived { .. } => Vec::new(),
-            }
-        } else {
-            let data = match spec {
-                Source::Checkpoint(s) => {
-                    let values = s.load(&model.files)?;
-                    // NaN or Inf in a checkpoint makes every output NaN: refuse it by name.
-                    if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                        return Err(CompileError::NonFinite { tensor: s.name.clone(), index, value });
-                    }
-                    pack::pack(entry.layout, &entry.shape, &values)
-                }
-                Source::Derived { data, .. } => pack::pack(entry.layout, &entry.shape, data),
             };
-            data.iter().flat_map(|v| v.to_le_bytes()).collect()
-        };
-        entry.crc32 = crc32fast::hash(&bytes);
-        w.write_all(&bytes).map_err(io)?;
+            crc.update(&bytes);
+            w.write_all(&bytes).map_err(io)?;
+        } else {
+            let (name, values) = match spec {
+                Source::Checkpoint(s) => (&s.name, s.load(&model.files)?),
+                Source::Derived { name, graph, .. } => (name, evaluate(graph, model)?),
+            };
+            // NaN or Inf in a checkpoint makes every output NaN: refuse it by name.
+            if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(CompileError::NonFinite { tensor: name.clone(), index, value });
+            }
+            let packed = pack::pack(entry.layout, &entry.shape, &values);
+            drop(values);
+            let mut buf = Vec::with_capacity(1 << 16);
+            for chunk in packed.chunks(1 << 14) {
+                buf.clear();
+                buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                crc.update(&buf);
+                w.write_all(&buf).map_err(io)?;
+            }
+        }
+        entry.crc32 = crc.finalize();
         done += entry.len;
         progress(Progress::Bytes { done, total });
     }
@@ -308,7 +316,12 @@ fn pad_to<W: Write + Seek>(w: &mut W, offset: u64) -> std::io::Result<()> {
 /// Where a tensor of the artifact comes from.
 enum Source<'a> {
     Checkpoint(&'a WeightSpec),
-    Derived { name: String, shape: Vec<usize>, data: Vec<f32> },
+    /// Computed at compile time: `graph` (weights and weight-only ops) has one output, `w`.
+    Derived {
+        name: String,
+        shape: Vec<usize>,
+        graph: Graph,
+    },
 }
 
 impl Source<'_> {
@@ -330,11 +343,12 @@ impl Source<'_> {
     }
 }
 
-/// Evaluates, once, every value the passes left computable from weights alone (`scale_cols`,
-/// `concat_rows`, ...) with the interpreter, and replaces it by a weight named after its first
-/// checkpoint tensor and op (e.g. `model.layers.0.self_attn.q_proj.weight#rope_interleave`).
-/// Returns the computed tensors, row-major.
-fn materialize(g: &mut Graph, model: &Model) -> Result<HashMap<String, Vec<f32>>, CompileError> {
+/// Finds every value the passes left computable from weights alone (`scale_cols`,
+/// `concat_rows`, ...) and replaces it by a weight named after its first checkpoint tensor and
+/// op (e.g. `model.layers.0.self_attn.q_proj.weight#rope_interleave`). Returns, per new weight,
+/// the small graph that computes it: the writer evaluates each one with the interpreter when
+/// it writes that tensor, so only one tensor's inputs are in memory at a time.
+fn plan_derived(g: &mut Graph) -> Result<HashMap<String, Graph>, CompileError> {
     let order = g.topo_order()?;
     let mut is_const: HashMap<NodeId, bool> = HashMap::new();
     for &id in &order {
@@ -354,12 +368,51 @@ fn materialize(g: &mut Graph, model: &Model) -> Result<HashMap<String, Vec<f32>>
                 && (g.users(id).iter().any(|u| !is_const[u]) || g.outputs.iter().any(|(_, o)| *o == id))
         })
         .collect();
-    if roots.is_empty() {
-        return Ok(HashMap::new());
+    let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut out = HashMap::new();
+    for (i, &root) in roots.iter().enumerate() {
+        let sub = extract(g, root, &position);
+        let mut name = format!("{}#{}", first_leaf(g, root), g.node(root).op.name());
+        if out.contains_key(&name) {
+            name = format!("{name}.{i}");
+        }
+        let shape = g.node(root).ty.shape.resolve(0);
+        let w = g.weight(name.clone(), &shape);
+        g.replace_uses(root, w);
+        out.insert(name, sub);
     }
-    let mut sub = g.clone();
-    sub.outputs = roots.iter().enumerate().map(|(i, &r)| (format!("r{i}"), r)).collect();
-    passes::Dce.run(&mut sub)?;
+    passes::Dce.run(g)?;
+    Ok(out)
+}
+
+/// A graph of `root` and everything it depends on (weights and weight-only ops), with `root`
+/// as its one output `w`.
+fn extract(g: &Graph, root: NodeId, position: &HashMap<NodeId, usize>) -> Graph {
+    let mut nodes = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    while let Some(id) = stack.pop() {
+        if seen.insert(id) {
+            nodes.push(id);
+            stack.extend(g.operands(id));
+        }
+    }
+    // operands first: the order of the whole graph (node indices are reused after removals)
+    nodes.sort_unstable_by_key(|n| position[n]);
+    let mut sub = Graph::new("derived");
+    let mut map = HashMap::new();
+    for id in nodes {
+        let node = g.node(id);
+        let ops: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
+        map.insert(id, sub.add_typed(node.op.clone(), &ops, node.ty.clone()));
+    }
+    sub.output("w", map[&root]);
+    sub
+}
+
+/// Computes one derived weight: loads the checkpoint tensors its graph reads and runs the
+/// interpreter once.
+fn evaluate(sub: &Graph, model: &Model) -> Result<Vec<f32>, CompileError> {
     let mut leaves: HashMap<String, Tensor> = HashMap::new();
     for (name, ty) in sub.weights() {
         let spec = model
@@ -367,25 +420,18 @@ fn materialize(g: &mut Graph, model: &Model) -> Result<HashMap<String, Vec<f32>>
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| CompileError::Materialize(format!("weight `{name}` has no checkpoint tensor")))?;
-        leaves.insert(name, Tensor { shape: ty.shape.resolve(0), data: spec.load(&model.files)? });
-    }
-    let mut cache = KvCache::new(&sub, 1);
-    let mut values = interp::run(&sub, StepInput { tokens: &[], positions: &[] }, &leaves, &mut cache)?;
-    let mut out = HashMap::new();
-    for (i, &root) in roots.iter().enumerate() {
-        let t = values
-            .remove(&format!("r{i}"))
-            .ok_or_else(|| CompileError::Materialize(format!("the value of `r{i}` was not computed")))?;
-        let mut name = format!("{}#{}", first_leaf(g, root), g.node(root).op.name());
-        if out.contains_key(&name) {
-            name = format!("{name}.{i}");
+        let data = spec.load(&model.files)?;
+        if let Some((index, &value)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(CompileError::NonFinite { tensor: name, index, value });
         }
-        let w = g.weight(name.clone(), &t.shape);
-        g.replace_uses(root, w);
-        out.insert(name, t.data);
+        leaves.insert(name, Tensor { shape: ty.shape.resolve(0), data });
     }
-    passes::Dce.run(g)?;
-    Ok(out)
+    let mut cache = KvCache::new(sub, 1);
+    let mut values = interp::run(sub, StepInput { tokens: &[], positions: &[] }, &leaves, &mut cache)?;
+    values
+        .remove("w")
+        .map(|t| t.data)
+        .ok_or_else(|| CompileError::Materialize("a derived weight was not computed".into()))
 }
 
 /// The first checkpoint weight under a node (depth first, operand order).
