@@ -42,6 +42,10 @@ enum Cmd {
         /// No progress bar.
         #[arg(short = 'q', long)]
         quiet: bool,
+        /// Storage type of the weight matrices: f32, f16, bf16, q8_0 or q4_0 (ggml's blocks).
+        /// Default: the checkpoint's own float type. Norms, biases and vectors stay f32.
+        #[arg(long, value_parser = storage_dtype)]
+        dtype: Option<llmc_ir::DType>,
     },
     /// Run a compiled artifact.
     Run(RunArgs),
@@ -166,6 +170,14 @@ fn float_in(s: &str, ok: fn(f32) -> bool, range: &str) -> Result<f32, String> {
     }
 }
 
+fn storage_dtype(s: &str) -> Result<llmc_ir::DType, String> {
+    use llmc_ir::DType;
+    match DType::parse(s) {
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0)) => Ok(d),
+        _ => Err(format!("`{s}` is not a storage type (f32, f16, bf16, q8_0, q4_0)")),
+    }
+}
+
 fn temperature(s: &str) -> Result<f32, String> {
     float_in(s, |v| v.is_finite() && v >= 0.0, "a finite number >= 0; 0 is greedy")
 }
@@ -231,7 +243,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Compile { model, output, weights, passes, no_opt, quiet } => {
+        Cmd::Compile { model, output, weights, passes, no_opt, quiet, dtype } => {
             let pipeline = match (&passes, no_opt) {
                 (_, true) => Vec::new(),
                 (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,
@@ -241,7 +253,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             // SIGINT/SIGTERM/SIGHUP remove the temporary artifact before exiting.
             signals::clean_up_on_signal(llmc_writer::temp_path(&output));
             let bar = progress_bar(quiet);
-            let report = llmc_writer::compile(&m, &output, &pipeline, &mut |p| match p {
+            let storage = dtype.map_or(llmc_writer::Storage::Checkpoint, llmc_writer::Storage::All);
+            let report = llmc_writer::compile(&m, &output, &pipeline, storage, &mut |p| match p {
                 llmc_writer::Progress::Stage(s) => bar.set_message(s),
                 llmc_writer::Progress::Bytes { done, total } => {
                     bar.set_length(total);

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use llmc_ir::{Act, Dim, Graph, InputKind, IrError, NodeId, Op};
+use llmc_ir::{Act, DType, Dim, Graph, InputKind, IrError, NodeId, Op};
 
 use crate::pack::PANEL;
 use crate::program::{Arg, Binary, Buffer, Call, KernelSpec, KvLayer, Layout, Program, RopeTable, Rows, Unary, Units};
@@ -95,7 +95,12 @@ impl Lowerer<'_> {
                     Op::Embedding => {
                         // Gathers read a packed table when it is also a matmul weight (tied
                         // embeddings): decided after all matmuls are seen, see `finish`.
-                        self.call(KernelSpec::Embedding { d: width, packed: false }, args, Units::Rows, rows, width);
+                        // A table with a storage type is always packed (its only layout).
+                        let w = self.g.node(ops[0]).ty.dtype;
+                        if w != DType::F32 {
+                            self.set_layout(&a[0], Layout::Panel16)?;
+                        }
+                        self.call(KernelSpec::Embedding { d: width, packed: false, w }, args, Units::Rows, rows, width);
                     }
                     Op::MatMul | Op::Linear { .. } => {
                         let (rms_eps, act, bias, residual) = match op {
@@ -108,7 +113,8 @@ impl Lowerer<'_> {
                         if bias {
                             self.set_layout(&a[2], Layout::Padded16)?;
                         }
-                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual };
+                        let w = self.g.node(ops[1]).ty.dtype;
+                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w };
                         self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                     }
                     Op::QkvRope { layer, heads, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, bias } => {
@@ -139,6 +145,7 @@ impl Lowerer<'_> {
                             rotary_dim: *rotary_dim,
                             rms_eps: *rms_eps,
                             bias: *bias,
+                            w: self.g.node(ops[1]).ty.dtype,
                         };
                         self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                         self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
@@ -169,15 +176,24 @@ impl Lowerer<'_> {
                         let logits = self.buffer(e, rows);
                         let route = self.buffer(2 * k, rows);
                         let h = self.buffer(k * ff, rows);
-                        let router = KernelSpec::matmul(d, e, false);
+                        let wt = |i: usize| self.g.node(ops[i]).ty.dtype;
+                        let router = KernelSpec::MatMul {
+                            k: d,
+                            m: e,
+                            bias: false,
+                            rms_eps: None,
+                            act: Act::None,
+                            residual: false,
+                            w: wt(1),
+                        };
                         let args = vec![a[0].clone(), a[1].clone(), Arg::Buf(logits)];
                         self.call(router, args, Units::Panels(e.div_ceil(PANEL)), rows, PANEL * d);
                         let spec = KernelSpec::MoeRoute { experts: e, top_k: k };
                         self.call(spec, vec![Arg::Buf(logits), Arg::Buf(route)], Units::Rows, rows, e);
-                        let spec = KernelSpec::MoeGateUp { d, ff, top_k: k };
+                        let spec = KernelSpec::MoeGateUp { d, ff, top_k: k, w: wt(2) };
                         let args = vec![a[0].clone(), a[2].clone(), Arg::Buf(route), Arg::Buf(h)];
                         self.call(spec, args, Units::Panels(2 * ff / PANEL), rows, PANEL * d * k);
-                        let spec = KernelSpec::MoeDown { d, ff, top_k: k };
+                        let spec = KernelSpec::MoeDown { d, ff, top_k: k, w: wt(3) };
                         let args = vec![Arg::Buf(h), a[3].clone(), Arg::Buf(route), Arg::Buf(out)];
                         self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
                     }
@@ -318,9 +334,9 @@ impl Lowerer<'_> {
             self.prog.layouts.iter().filter(|(_, l)| *l == Layout::Panel16).map(|(n, _)| n.clone()).collect();
         for ci in 0..self.prog.calls.len() {
             let call = &self.prog.calls[ci];
-            if let KernelSpec::Embedding { d, .. } = self.prog.kernels[call.kernel] {
+            if let KernelSpec::Embedding { d, w, .. } = self.prog.kernels[call.kernel] {
                 let is_packed = matches!(&call.args[0], Arg::Weight(n) if packed.contains(n));
-                let k = self.kernel(KernelSpec::Embedding { d, packed: is_packed });
+                let k = self.kernel(KernelSpec::Embedding { d, packed: is_packed, w });
                 self.prog.calls[ci].kernel = k;
             }
         }

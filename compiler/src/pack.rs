@@ -1,5 +1,9 @@
 //! Weight packing: the layouts kernels walk, and the inverse for the interpreter.
 
+use half::{bf16, f16};
+use llmc_ir::quant::{self, QK};
+use llmc_ir::DType;
+
 use crate::program::Layout;
 
 pub const PANEL: usize = 16;
@@ -64,6 +68,132 @@ pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
     }
 }
 
+/// Bytes one 16-row panel of a `Panel16` matrix with `cols` columns takes in storage type
+/// `dtype`:
+/// - f32: `[k][16]` f32; bf16/f16: `[k][16]` u16 (the 16-bit values);
+/// - q8_0: per block of 32 columns, the 16 rows' scales (f32) then `[32 k][16]` i8;
+/// - q4_0: per block, 16 scales then `[16 k pairs][16]` bytes, the low nibble for column
+///   `2j` and the high nibble for `2j + 1`, each `q + 8`.
+pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
+    match dtype {
+        DType::BF16 | DType::F16 => PANEL * 2 * cols,
+        DType::Q8_0 => cols / QK * (PANEL * 4 + QK * PANEL),
+        DType::Q4_0 => cols / QK * (PANEL * 4 + QK / 2 * PANEL),
+        _ => PANEL * 4 * cols,
+    }
+}
+
+/// Bytes a tensor of logical `shape` and storage type `dtype` occupies in `layout` (storage
+/// types other than f32 are `Panel16` only).
+pub fn packed_bytes(layout: Layout, dtype: DType, shape: &[usize]) -> Option<usize> {
+    match (layout, dtype) {
+        (_, DType::F32) => Some(packed_len(layout, shape) * 4),
+        (Layout::Panel16, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0) => {
+            let (rows, cols) = matrix_dims(shape);
+            if quant::is_blocked(dtype) && cols % QK != 0 {
+                return None;
+            }
+            Some(rows.div_ceil(PANEL) * panel_bytes(dtype, cols))
+        }
+        _ => None,
+    }
+}
+
+/// Packs a row-major f32 tensor into `layout` with storage type `dtype`, quantizing (ggml's
+/// reference math, see `llmc_ir::quant`) or rounding as the type requires.
+pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -> Vec<u8> {
+    if dtype == DType::F32 || layout != Layout::Panel16 {
+        return pack(layout, shape, data).iter().flat_map(|v| v.to_le_bytes()).collect();
+    }
+    let (rows, cols) = matrix_dims(shape);
+    let pb = panel_bytes(dtype, cols);
+    let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
+    for r in 0..rows {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        let panel = &mut out[p * pb..(p + 1) * pb];
+        let row = &data[r * cols..(r + 1) * cols];
+        match dtype {
+            DType::BF16 | DType::F16 => {
+                for (k, &v) in row.iter().enumerate() {
+                    let bits =
+                        if dtype == DType::BF16 { bf16::from_f32(v).to_bits() } else { f16::from_f32(v).to_bits() };
+                    panel[(k * PANEL + lane) * 2..][..2].copy_from_slice(&bits.to_le_bytes());
+                }
+            }
+            _ => {
+                let bb = pb / (cols / QK);
+                for (b, x) in row.chunks(QK).enumerate() {
+                    let blk = if dtype == DType::Q8_0 { quant::quantize_q8_0(x) } else { quant::quantize_q4_0(x) };
+                    let block = &mut panel[b * bb..(b + 1) * bb];
+                    block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d.to_le_bytes());
+                    let qs = &mut block[PANEL * 4..];
+                    for (k, &q) in blk.q.iter().enumerate() {
+                        if dtype == DType::Q8_0 {
+                            qs[k * PANEL + lane] = q as u8;
+                        } else {
+                            let nib = (q + 8) as u8 & 0x0F;
+                            qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { nib } else { nib << 4 };
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The row-major f32 values a packed tensor means (its dequantization).
+pub fn unpack_bytes(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
+    if dtype == DType::F32 || layout != Layout::Panel16 {
+        let f: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        return unpack(layout, shape, &f);
+    }
+    let (rows, cols) = matrix_dims(shape);
+    let pb = panel_bytes(dtype, cols);
+    let mut out = vec![0f32; rows * cols];
+    for r in 0..rows {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        let panel = &bytes[p * pb..(p + 1) * pb];
+        let row = &mut out[r * cols..(r + 1) * cols];
+        match dtype {
+            DType::BF16 | DType::F16 => {
+                for (k, v) in row.iter_mut().enumerate() {
+                    let at = (k * PANEL + lane) * 2;
+                    let bits = u16::from_le_bytes([panel[at], panel[at + 1]]);
+                    *v = if dtype == DType::BF16 {
+                        bf16::from_bits(bits).to_f32()
+                    } else {
+                        f16::from_bits(bits).to_f32()
+                    };
+                }
+            }
+            _ => {
+                let bb = pb / (cols / QK);
+                for (b, x) in row.chunks_mut(QK).enumerate() {
+                    let block = &panel[b * bb..(b + 1) * bb];
+                    let d = f32::from_le_bytes([
+                        block[lane * 4],
+                        block[lane * 4 + 1],
+                        block[lane * 4 + 2],
+                        block[lane * 4 + 3],
+                    ]);
+                    let qs = &block[PANEL * 4..];
+                    for (k, v) in x.iter_mut().enumerate() {
+                        let q = if dtype == DType::Q8_0 {
+                            qs[k * PANEL + lane] as i8 as i32
+                        } else {
+                            let byte = qs[(k / 2) * PANEL + lane];
+                            (if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32 - 8
+                        };
+                        *v = d * q as f32;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +210,17 @@ mod tests {
         let b = pack(Layout::Padded16, &[5], &data[..5]);
         assert_eq!(b.len(), 16);
         assert_eq!(unpack(Layout::Padded16, &[5], &b), data[..5].to_vec());
+    }
+
+    #[test]
+    fn storage_types_round_trip_to_their_meaning() {
+        let (rows, cols) = (19, 64);
+        let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        for dtype in [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0] {
+            let b = pack_bytes(Layout::Panel16, dtype, &[rows, cols], &data);
+            assert_eq!(Some(b.len()), packed_bytes(Layout::Panel16, dtype, &[rows, cols]));
+            let back = unpack_bytes(Layout::Panel16, dtype, &[rows, cols], &b);
+            assert_eq!(back, quant::round_trip(dtype, &data, cols), "{dtype:?}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! header; the runtime JITs the kernels and walks the schedule.
 
 pub use llmc_ir::Act;
+use llmc_ir::DType;
 use llmc_ir::RopeScaling;
 use serde::{Deserialize, Serialize};
 
@@ -46,13 +47,15 @@ pub enum Binary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum KernelSpec {
-    /// `[table, ids, out]`, units: rows. `packed`: the table is in `Panel16` layout.
-    Embedding { d: usize, packed: bool },
+    /// `[table, ids, out]`, units: rows. `packed`: the table is in `Panel16` layout (always,
+    /// for a storage type `w` other than f32).
+    Embedding { d: usize, packed: bool, w: DType },
     /// `[x, w (Panel16), bias (Padded16)?, residual?, out]`, units: 16-row panels of `w`
     /// (`m` rows). Prologue: with `rms_eps`, each output row is scaled by `1/rms(x row)`.
     /// Epilogue: bias, `act` (`swiglu`: panels hold 8 gate then 8 up rows, `m/2` outputs), then
     /// `+ residual`.
-    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool },
+    /// `w`: the weight's storage type (`pack::panel_bytes` gives its panel layout).
+    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType },
     /// `[x, w (Panel16), bias (Padded16)?, positions, table, kcache, vcache, q_out]`, units:
     /// panels. The fused QKV projection: RoPE on the pair-interleaved q and k rows (table:
     /// per position `rotary_dim` cosines, each twice, then `rotary_dim` signed sines
@@ -65,6 +68,7 @@ pub enum KernelSpec {
         rotary_dim: usize,
         rms_eps: Option<f32>,
         bias: bool,
+        w: DType,
     },
     /// `[x, w, out]`, units: rows.
     RmsNorm { d: usize, eps: f32 },
@@ -97,10 +101,10 @@ pub enum KernelSpec {
     /// `[x, gate_up (Panel16, per expert 2ff rows interleaved by 8), route, h]`, units: panels
     /// of one expert's 2ff rows. `h[t, j·ff ..]` = SwiGLU of the j-th selected expert: only the
     /// selected experts' weights are read.
-    MoeGateUp { d: usize, ff: usize, top_k: usize },
+    MoeGateUp { d: usize, ff: usize, top_k: usize, w: DType },
     /// `[h, down (Panel16, per expert d rows), route, out]`, units: panels of d. `out[t] =
     /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`.
-    MoeDown { d: usize, ff: usize, top_k: usize },
+    MoeDown { d: usize, ff: usize, top_k: usize, w: DType },
     /// `[zxbcdt, conv_w, conv_b, dt_bias, a_log, d, norm_w, conv_state, ssm_state, out]`,
     /// units: 1 (the tokens of the step run in order through the recurrent state). The Mamba2
     /// mixer between its projections: causal conv + SiLU, the SSM step per head, gated RMSNorm.
@@ -117,23 +121,24 @@ pub enum KernelSpec {
 impl KernelSpec {
     /// A plain matmul (no prologue, no activation, no residual).
     pub fn matmul(k: usize, m: usize, bias: bool) -> KernelSpec {
-        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false }
+        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false, w: DType::F32 }
     }
 
     pub fn name(&self) -> String {
         match self {
-            KernelSpec::Embedding { d, packed } => {
-                format!("embedding_d{d}{}", if *packed { "_packed" } else { "" })
+            KernelSpec::Embedding { d, packed, w } => {
+                format!("embedding_d{d}{}{}", if *packed { "_packed" } else { "" }, wsuffix(*w))
             }
-            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual } => format!(
-                "matmul_k{k}_m{m}{}{}{}{}",
+            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w } => format!(
+                "matmul_k{k}_m{m}{}{}{}{}{}",
+                wsuffix(*w),
                 if rms_eps.is_some() { "_rms" } else { "" },
                 if *bias { "_bias" } else { "" },
                 if *act != Act::None { format!("_{}", act.name()) } else { String::new() },
                 if *residual { "_res" } else { "" }
             ),
-            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, .. } => {
-                format!("qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}")
+            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, w, .. } => {
+                format!("qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}", wsuffix(*w))
             }
             KernelSpec::RmsNorm { d, .. } => format!("rms_norm_d{d}"),
             KernelSpec::LayerNorm { d, .. } => format!("layer_norm_d{d}"),
@@ -157,9 +162,18 @@ impl KernelSpec {
             KernelSpec::Mamba2 { heads, head_dim, d_state, .. } => format!("mamba2_h{heads}_hd{head_dim}_s{d_state}"),
             KernelSpec::BitMatMul { k, m } => format!("bit_matmul_k{k}_m{m}"),
             KernelSpec::MoeRoute { experts, top_k } => format!("moe_route_e{experts}_k{top_k}"),
-            KernelSpec::MoeGateUp { d, ff, top_k } => format!("moe_gate_up_d{d}_ff{ff}_k{top_k}"),
-            KernelSpec::MoeDown { d, ff, top_k } => format!("moe_down_d{d}_ff{ff}_k{top_k}"),
+            KernelSpec::MoeGateUp { d, ff, top_k, w } => format!("moe_gate_up_d{d}_ff{ff}_k{top_k}{}", wsuffix(*w)),
+            KernelSpec::MoeDown { d, ff, top_k, w } => format!("moe_down_d{d}_ff{ff}_k{top_k}{}", wsuffix(*w)),
         }
+    }
+}
+
+/// `_bf16`, `_q8_0` ... in kernel names (nothing for f32).
+fn wsuffix(w: DType) -> String {
+    if w == DType::F32 {
+        String::new()
+    } else {
+        format!("_{}", w.name())
     }
 }
 

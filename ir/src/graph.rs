@@ -281,8 +281,29 @@ impl Graph {
             let at = || format!("%{} ({})", numbering[&id], node.op.name());
             node.op.check_attrs().map_err(|msg| IrError::Type { node: at(), msg })?;
             check_type_bounds(&node.ty).map_err(|msg| IrError::Type { node: at(), msg })?;
+            for (i, &o) in ops.iter().enumerate() {
+                let t = &self.g[o].ty;
+                if crate::quant::is_storage(t.dtype) && !node.op.accepts_storage(i) {
+                    return Err(IrError::Type {
+                        node: at(),
+                        msg: format!("operand {i} is stored as {}, which this op cannot read", t.dtype.name()),
+                    });
+                }
+            }
             match &node.op {
                 Op::Weight { name } => {
+                    if crate::quant::is_blocked(node.ty.dtype)
+                        && (node.ty.shape.0.len() < 2
+                            || !node.ty.shape.last_const().is_some_and(|c| c % crate::quant::QK == 0))
+                    {
+                        return Err(IrError::Type {
+                            node: at(),
+                            msg: format!(
+                                "{} weight {name:?} needs rows of a multiple of 32 values",
+                                node.ty.dtype.name()
+                            ),
+                        });
+                    }
                     if !ops.is_empty() {
                         return Err(IrError::Type { node: at(), msg: "weight takes no operands".into() });
                     }

@@ -11,6 +11,7 @@ pub mod graph;
 pub mod interp;
 pub mod op;
 pub mod passes;
+pub mod quant;
 pub mod text;
 pub mod types;
 

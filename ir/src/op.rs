@@ -542,6 +542,17 @@ impl Op {
         Ok(op)
     }
 
+    /// Whether operand `i` may be a weight with a storage type (bf16, f16, q8_0, q4_0): the
+    /// weight matrices that kernels stream (projections, the embedding table, MoE experts).
+    pub fn accepts_storage(&self, i: usize) -> bool {
+        match self {
+            Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. } => i == 1,
+            Op::Embedding => i == 0,
+            Op::Moe { .. } => (1..=3).contains(&i),
+            _ => false,
+        }
+    }
+
     /// The per-sequence state this op reads or writes (a layer's KV cache or Mamba2 state), if
     /// any. Stateful ops are never merged or reordered, and every consumer of layer state (the
     /// verifier, cache sizing, lowering) reads it from here.

@@ -2,16 +2,23 @@
 
 use std::fmt;
 
-/// Element type of a value. Activations are f32; token ids and positions are i32.
-/// Weights may be stored as f16/bf16 and are widened to f32 when loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Element type of a value. Activations are f32; token ids and positions are i32. Weights
+/// that kernels read in place may have a storage type (bf16, f16, q8_0, q4_0: see `quant`);
+/// they mean the f32 values they dequantize to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DType {
+    #[default]
     F32,
     F16,
     BF16,
     I32,
     /// Raw bytes (BitNet's packed ternary weights).
     U8,
+    /// Weight storage: ggml's 8-bit blocks (see `quant`).
+    Q8_0,
+    /// Weight storage: ggml's 4-bit blocks (see `quant`).
+    Q4_0,
 }
 
 impl DType {
@@ -22,6 +29,8 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I32 => "i32",
             DType::U8 => "u8",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
         }
     }
 
@@ -32,6 +41,8 @@ impl DType {
             "bf16" => DType::BF16,
             "i32" => DType::I32,
             "u8" => DType::U8,
+            "q8_0" => DType::Q8_0,
+            "q4_0" => DType::Q4_0,
             _ => return None,
         })
     }

@@ -152,9 +152,10 @@ impl Artifact {
         let mut index = HashMap::new();
         for (i, t) in header.tensors.iter().enumerate() {
             in_file(&format!("tensor `{}`", t.name), t.offset, t.len)?;
-            if t.dtype != "f32" && t.dtype != "u8" {
-                return Err(bad(format!("tensor `{}` has unsupported dtype {}", t.name, t.dtype)));
-            }
+            let dtype = match llmc_ir::DType::parse(&t.dtype) {
+                Some(d) if d == llmc_ir::DType::F32 || d == llmc_ir::DType::U8 || llmc_ir::quant::is_storage(d) => d,
+                _ => return Err(bad(format!("tensor `{}` has unsupported dtype {}", t.name, t.dtype))),
+            };
             // The kernels read each weight in the layout the program asks for.
             let layout = if t.dtype == "u8" { Layout::RowMajor } else { program.layout_of(&t.name) };
             if t.layout != layout {
@@ -176,7 +177,7 @@ impl Artifact {
             let want = numel.filter(|&n| dims_ok && n < (1u64 << 40)).map(|n| match t.dtype.as_str() {
                 "u8" if t.layout == Layout::RowMajor => n,
                 "u8" => u64::MAX,
-                _ => pack::packed_len(t.layout, &t.shape) as u64 * 4,
+                _ => pack::packed_bytes(t.layout, dtype, &t.shape).map_or(u64::MAX, |b| b as u64),
             });
             if want != Some(t.len) {
                 return Err(bad(format!("tensor `{}`: {} bytes do not match shape {:?}", t.name, t.len, t.shape)));
@@ -189,11 +190,7 @@ impl Artifact {
         for (name, ty) in graph.weights() {
             let i =
                 index.get(&name).ok_or_else(|| bad(format!("the IR reads weight `{name}` which the file lacks")))?;
-            let want_dtype = match ty.dtype {
-                llmc_ir::DType::U8 => "u8",
-                _ => "f32",
-            };
-            if header.tensors[*i].dtype != want_dtype || ty.dtype == llmc_ir::DType::I32 {
+            if header.tensors[*i].dtype != ty.dtype.name() || ty.dtype == llmc_ir::DType::I32 {
                 return Err(bad(format!(
                     "tensor `{name}` is stored as {}, the IR reads {}",
                     header.tensors[*i].dtype,
@@ -273,10 +270,17 @@ impl WeightSource for Artifact {
         self.tensor_bytes(name)
     }
 
-    /// Row-major weights for the interpreter: packed tensors are unpacked once, on first use.
+    /// Row-major weights for the interpreter: packed tensors are unpacked once, on first use;
+    /// a storage type (bf16, f16, q8_0, q4_0) is given as the f32 values it means.
     fn weight(&self, name: &str) -> Option<(&[f32], &[usize])> {
         let i = *self.index.get(name)?;
         let t = &self.header.tensors[i];
+        let dtype = llmc_ir::DType::parse(&t.dtype)?;
+        if llmc_ir::quant::is_storage(dtype) {
+            let bytes = self.map.get(t.offset as usize..(t.offset + t.len) as usize)?;
+            let data = self.unpacked[i].get_or_init(|| pack::unpack_bytes(t.layout, dtype, &t.shape, bytes));
+            return Some((data.as_slice(), t.shape.as_slice()));
+        }
         let (raw, shape) = self.tensor(name)?;
         if t.layout == Layout::RowMajor {
             return Some((raw, shape));

@@ -44,7 +44,7 @@ pub fn bytes_per_token(engine: &Engine) -> u64 {
         for a in &call.args {
             if let Arg::Weight(name) = a {
                 total += match prog.kernels[call.kernel] {
-                    KernelSpec::Embedding { d, .. } => (d * 4) as u64,
+                    KernelSpec::Embedding { d, w, .. } => (llmc_compiler::pack::panel_bytes(w, d) / 16) as u64,
                     KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } => {
                         let experts =
                             engine.art.header.tensors.iter().find(|t| &t.name == name).map_or(1, |t| t.shape[0]);
@@ -69,8 +69,8 @@ pub fn flops_per_token(engine: &Engine) -> u64 {
         .iter()
         .map(|c| match prog.kernels[c.kernel] {
             KernelSpec::MatMul { k, m, .. } => 2 * (k * m) as u64,
-            KernelSpec::MoeGateUp { d, ff, top_k } => 2 * (d * 2 * ff * top_k) as u64,
-            KernelSpec::MoeDown { d, ff, top_k } => 2 * (d * ff * top_k) as u64,
+            KernelSpec::MoeGateUp { d, ff, top_k, .. } => 2 * (d * 2 * ff * top_k) as u64,
+            KernelSpec::MoeDown { d, ff, top_k, .. } => 2 * (d * ff * top_k) as u64,
             KernelSpec::QkvRope { k, heads, kv_heads, head_dim, .. } => {
                 2 * (k * (heads + 2 * kv_heads) * head_dim) as u64
             }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
 use llmc_ir::passes::{self, Pass};
-use llmc_ir::{Graph, NodeId, Op};
+use llmc_ir::{DType, Graph, NodeId, Op};
 use llmc_models::{Model, WeightSpec};
 
 use crate::error::CompileError;
@@ -47,6 +47,7 @@ pub fn compile(
     model: &Model,
     out: &Path,
     pipeline: &[Box<dyn Pass>],
+    storage: Storage,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<CompileReport, CompileError> {
     check_output(model, out)?;
@@ -54,6 +55,7 @@ pub fn compile(
     let mut graph = model.graph.clone();
     passes::run_pipeline(&mut graph, pipeline)?;
     let mut derived = plan_derived(&mut graph)?;
+    assign_storage(&mut graph, model, &derived, storage);
     let ir_text = llmc_ir::text::print(&graph);
     let program = llmc_compiler::lower::lower(&graph)?;
 
@@ -114,14 +116,15 @@ pub fn compile(
             .map(|s| {
                 let bytes = s.is_bytes();
                 let layout = if bytes { Layout::RowMajor } else { program.layout_of(s.name()) };
+                let dtype = used.iter().find(|(n, _)| n == s.name()).map_or(DType::F32, |(_, t)| t.dtype);
                 let len = if bytes {
                     s.shape().iter().product::<usize>() as u64
                 } else {
-                    pack::packed_len(layout, s.shape()) as u64 * 4
+                    pack::packed_bytes(layout, dtype, s.shape()).unwrap_or(0) as u64
                 };
                 let e = TensorEntry {
                     name: s.name().to_string(),
-                    dtype: if bytes { "u8" } else { "f32" }.into(),
+                    dtype: if bytes { "u8" } else { dtype.name() }.into(),
                     shape: s.shape().to_vec(),
                     layout,
                     offset: at,
@@ -276,14 +279,25 @@ fn write_file(
             if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
                 return Err(CompileError::NonFinite { tensor: name.clone(), index, value });
             }
-            let packed = pack::pack(entry.layout, &entry.shape, &values);
-            drop(values);
-            let mut buf = Vec::with_capacity(1 << 16);
-            for chunk in packed.chunks(1 << 14) {
-                buf.clear();
-                buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-                crc.update(&buf);
-                w.write_all(&buf).map_err(io)?;
+            let dtype = DType::parse(&entry.dtype).unwrap_or(DType::F32);
+            if dtype == DType::F16 && values.iter().any(|v| v.abs() > 65504.0) {
+                return Err(CompileError::Materialize(format!("weight `{name}` has values beyond the f16 range")));
+            }
+            if dtype == DType::F32 {
+                let packed = pack::pack(entry.layout, &entry.shape, &values);
+                drop(values);
+                let mut buf = Vec::with_capacity(1 << 16);
+                for chunk in packed.chunks(1 << 14) {
+                    buf.clear();
+                    buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                    crc.update(&buf);
+                    w.write_all(&buf).map_err(io)?;
+                }
+            } else {
+                let bytes = pack::pack_bytes(entry.layout, dtype, &entry.shape, &values);
+                drop(values);
+                crc.update(&bytes);
+                w.write_all(&bytes).map_err(io)?;
             }
         }
         entry.crc32 = crc.finalize();
@@ -341,6 +355,67 @@ impl Source<'_> {
             Source::Derived { shape, .. } => shape,
         }
     }
+}
+
+/// How weight matrices are stored (`llmc compile --dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// Every matrix in the checkpoint's own float type (a bf16 checkpoint stays bf16); folded
+    /// matrices take the type of their first checkpoint tensor.
+    Checkpoint,
+    /// Every matrix a kernel streams in this type. For `q4_0`, the output projection (and a
+    /// tied embedding, which is the same tensor) is `q8_0`, as llama.cpp keeps its output matrix
+    /// at higher precision in its 4-bit presets. Matrices whose rows are not a multiple of 32
+    /// values cannot be blocked and stay f32.
+    All(DType),
+}
+
+/// Gives every weight matrix that only kernels read (`Op::accepts_storage`) its storage type.
+/// Norm weights, biases and other vectors stay f32.
+fn assign_storage(g: &mut Graph, model: &Model, derived: &HashMap<String, Graph>, storage: Storage) {
+    let order = g.topo_order().unwrap_or_default();
+    let output = g.outputs.iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
+    for id in order {
+        let Op::Weight { name } = &g.node(id).op else { continue };
+        let ty = g.node(id).ty.clone();
+        if ty.dtype != DType::F32 || ty.shape.rank() < 2 {
+            continue;
+        }
+        let users = g.users(id);
+        let only_kernels = !users.is_empty()
+            && users
+                .iter()
+                .all(|&u| g.operands(u).iter().enumerate().all(|(i, &o)| o != id || g.node(u).op.accepts_storage(i)));
+        if !only_kernels {
+            continue;
+        }
+        let want = match storage {
+            Storage::Checkpoint => {
+                // the checkpoint tensor itself, or the first one a folded weight is made of
+                let src = derived.get(name).and_then(|sub| sub.weights().first().map(|(n, _)| n.clone()));
+                let src = src.as_deref().unwrap_or(name);
+                let spec = model.specs.iter().find(|s| s.name == src);
+                let loc = spec.and_then(|s| s.candidates.iter().find_map(|c| model.files.get(c)));
+                match loc.map(|l| l.dtype) {
+                    Some(safetensors::Dtype::BF16) => DType::BF16,
+                    Some(safetensors::Dtype::F16) => DType::F16,
+                    _ => DType::F32,
+                }
+            }
+            Storage::All(DType::Q4_0) if feeds_logits(g, &users, output) => DType::Q8_0,
+            Storage::All(d) => d,
+        };
+        let blocked_ok = !llmc_ir::quant::is_blocked(want) || ty.shape.last_const().is_some_and(|c| c % 32 == 0);
+        if want != DType::F32 && blocked_ok {
+            g.node_mut(id).ty.dtype = want;
+        }
+    }
+}
+
+/// Whether one of `users` is the projection that produces the logits output.
+fn feeds_logits(g: &Graph, users: &[NodeId], output: Option<NodeId>) -> bool {
+    let Some(out) = output else { return false };
+    users.iter().any(|&u| u == out || g.users(u).contains(&out))
 }
 
 /// Finds every value the passes left computable from weights alone (`scale_cols`,

@@ -20,7 +20,7 @@ pub fn copy(k: &mut Kb<'_>, src: cranelift_codegen::ir::Value, dst: cranelift_co
 
 /// `[table, ids, out]`: `out[t] = table[ids[t]]`. A packed (Panel16) table is read with a
 /// stride of 16 floats.
-pub fn embedding(k: &mut Kb<'_>, d: usize, packed: bool) {
+pub fn embedding(k: &mut Kb<'_>, d: usize, packed: bool, wt: llmc_ir::DType) {
     let (table, ids, out) = (k.ptr(0), k.ptr(1), k.ptr(2));
     let (lo, hi) = (k.lo, k.hi);
     k.for_range(lo, hi, |k, t| {
@@ -31,13 +31,11 @@ pub fn embedding(k: &mut Kb<'_>, d: usize, packed: bool) {
             // row id lives in panel id/16, lane id%16: element j at panel + (j*16 + lane)*4
             let p = k.udivi(id, PANEL as i64);
             let lane = k.uremi(id, PANEL as i64);
-            let base = k.at(table, p, (PANEL * d * 4) as i64);
-            let base = k.at(base, lane, 4);
+            let panel = k.at(table, p, crate::pack::panel_bytes(wt, d) as i64);
             let zero = k.ic(0);
             let end = k.ic(d as i64);
             k.for_range(zero, end, |k, j| {
-                let s = k.at(base, j, (PANEL * 4) as i64);
-                let x = k.ld(F32, s, 0);
+                let x = super::storage::load_elem(k, wt, panel, lane, j);
                 let dd = k.at(dst, j, 4);
                 k.st(x, dd, 0);
             });

@@ -17,8 +17,9 @@ use cranelift_frontend::Variable;
 
 use super::elementwise::apply_unary;
 use super::kb::{Kb, F32, I64, V4};
-use crate::pack::PANEL;
+use crate::pack::{panel_bytes, PANEL};
 use crate::program::{Act, Unary};
+use llmc_ir::DType;
 
 /// Most rows one call may have (the runtime's prefill chunk is at most this).
 pub const MAX_ROWS: usize = 256;
@@ -29,6 +30,8 @@ pub struct Ctx {
     pub kd: usize,
     /// Per-row RMS scale, in a stack array filled by the prologue.
     pub inv: Option<Value>,
+    /// The weight's storage type (panels laid out as `pack::panel_bytes` says).
+    pub wt: DType,
 }
 
 /// The tile's results after prologue scale and bias: `(token offset, vector index, value)`.
@@ -38,6 +41,10 @@ pub type TileVals = Vec<(usize, usize, Value)>;
 /// panel `p` (whose weights start at `wp`).
 #[allow(clippy::too_many_arguments)]
 pub fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
+    if c.wt != DType::F32 {
+        let accs = super::storage::tile_accs(k, c, wp, t, tokens, v0, nv);
+        return finish_tile(k, c, p, t, &[accs], v0);
+    }
     let sets = if tokens == 1 && c.kd >= 2 { 2 } else { 1 };
     tile_sets(k, c, p, wp, t, tokens, v0, nv, sets)
 }
@@ -146,6 +153,12 @@ fn tile_sets(
     if main < c.kd {
         body(k, 0, 0);
     }
+    finish_tile(k, c, p, t, &accs, v0)
+}
+
+/// Sums the accumulator sets of a tile and applies the RMS scale and the bias.
+fn finish_tile(k: &mut Kb<'_>, c: &Ctx, p: Value, t: Value, accs: &[Vec<Vec<Variable>>], v0: usize) -> TileVals {
+    let (tokens, nv) = (accs[0].len(), accs[0][0].len());
     let mut vals = Vec::new();
     for tt in 0..tokens {
         let scale = c.inv.map(|inv| {
@@ -156,8 +169,8 @@ fn tile_sets(
         });
         for j in 0..nv {
             let mut v = k.get(accs[0][tt][j]);
-            if sets == 2 {
-                let b = k.get(accs[1][tt][j]);
+            for set in &accs[1..] {
+                let b = k.get(set[tt][j]);
                 v = k.fadd(v, b);
             }
             if let Some(s) = scale {
@@ -221,24 +234,27 @@ pub fn panels(
 ) {
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     let kd = c.kd;
-    // Decode (n = 1): two panels per step while pairs remain.
+    let pb = panel_bytes(c.wt, kd) as i64;
+    // Decode (n = 1): two panels per step while pairs remain (f32 weights).
     let one = k.ic(1);
     let is_decode = k.icmp(IntCC::Equal, n, one);
     let lo_var = k.var(I64, lo);
-    k.when(is_decode, |k| {
-        let zero = k.ic(0);
-        let next = k.for_step(lo, hi, 2, |k, p| {
-            let wp = k.at(w, p, (PANEL * kd * 4) as i64);
-            let (a, b) = tile_two_panels(k, c, p, wp, zero);
-            epi(k, p, zero, a);
-            let p2 = k.addi(p, 1);
-            epi(k, p2, zero, b);
+    if c.wt == DType::F32 {
+        k.when(is_decode, |k| {
+            let zero = k.ic(0);
+            let next = k.for_step(lo, hi, 2, |k, p| {
+                let wp = k.at(w, p, pb);
+                let (a, b) = tile_two_panels(k, c, p, wp, zero);
+                epi(k, p, zero, a);
+                let p2 = k.addi(p, 1);
+                epi(k, p2, zero, b);
+            });
+            k.set(lo_var, next);
         });
-        k.set(lo_var, next);
-    });
+    }
     let lo = k.get(lo_var);
     k.for_range(lo, hi, |k, p| {
-        let wp = k.at(w, p, (PANEL * kd * 4) as i64);
+        let wp = k.at(w, p, pb);
         let zero = k.ic(0);
         // SwiGLU: the gate half's epilogue parks silu(gate) in the output, the up half's
         // multiplies it in (see `matmul`).
@@ -257,7 +273,17 @@ pub fn panels(
 }
 
 /// `[x, w, bias?, residual?, out]`.
-pub fn matmul(k: &mut Kb<'_>, kd: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool) {
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    k: &mut Kb<'_>,
+    kd: usize,
+    m: usize,
+    bias: bool,
+    rms_eps: Option<f32>,
+    act: Act,
+    residual: bool,
+    wt: DType,
+) {
     let x = k.ptr(0);
     let w = k.ptr(1);
     let mut i = 2;
@@ -271,7 +297,7 @@ pub fn matmul(k: &mut Kb<'_>, kd: usize, m: usize, bias: bool, rms_eps: Option<f
     });
     let out = k.ptr(i);
     let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
-    let c = Ctx { x, bias: b, kd, inv };
+    let c = Ctx { x, bias: b, kd, inv, wt };
     let swiglu = act == Act::SwiGlu;
     let m_out = if swiglu { m / 2 } else { m };
     let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {

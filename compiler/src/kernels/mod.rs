@@ -10,6 +10,7 @@ pub mod moe;
 pub mod norm;
 pub mod qkv_rope;
 pub mod rope;
+pub mod storage;
 
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::FunctionBuilder;
@@ -21,12 +22,12 @@ use kb::Kb;
 pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig) {
     let mut k = Kb::new(b, cfg);
     match spec {
-        KernelSpec::Embedding { d, packed } => elementwise::embedding(&mut k, *d, *packed),
-        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual } => {
-            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual)
+        KernelSpec::Embedding { d, packed, w } => elementwise::embedding(&mut k, *d, *packed, *w),
+        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w } => {
+            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual, *w)
         }
-        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias } => {
-            qkv_rope::qkv_rope(&mut k, *kd, *heads, *kv_heads, *head_dim, *rotary_dim, *rms_eps, *bias)
+        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias, w } => {
+            qkv_rope::qkv_rope(&mut k, *kd, *heads, *kv_heads, *head_dim, *rotary_dim, *rms_eps, *bias, *w)
         }
         KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
         KernelSpec::LayerNorm { d, eps, affine } => norm::layer_norm(&mut k, *d, *eps, *affine),
@@ -47,8 +48,8 @@ pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfi
         KernelSpec::ActQuant { k: kd } => bitnet::act_quant(&mut k, *kd),
         KernelSpec::BitMatMul { k: kd, m } => bitnet::bit_matmul(&mut k, *kd, *m),
         KernelSpec::MoeRoute { experts, top_k } => moe::route(&mut k, *experts, *top_k),
-        KernelSpec::MoeGateUp { d, ff, top_k } => moe::gate_up(&mut k, *d, *ff, *top_k),
-        KernelSpec::MoeDown { d, ff, top_k } => moe::down(&mut k, *d, *ff, *top_k),
+        KernelSpec::MoeGateUp { d, ff, top_k, w } => moe::gate_up(&mut k, *d, *ff, *top_k, *w),
+        KernelSpec::MoeDown { d, ff, top_k, w } => moe::down(&mut k, *d, *ff, *top_k, *w),
     }
     k.finish();
 }

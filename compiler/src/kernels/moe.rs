@@ -6,7 +6,10 @@ use cranelift_codegen::ir::{types, InstBuilder, StackSlotData, StackSlotKind, Va
 
 use super::elementwise::apply_unary;
 use super::kb::{Kb, F32, I64, V4};
+use llmc_ir::DType;
+
 use super::matmul::{tile, Ctx};
+use crate::pack::panel_bytes;
 use crate::pack::PANEL;
 use crate::program::Unary;
 
@@ -79,10 +82,10 @@ fn pick(k: &mut Kb<'_>, route: Value, t: Value, top_k: usize, j: usize) -> (Valu
 }
 
 /// `[x, gate_up, route, h]`, units: panels of one expert's 2ff rows.
-pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize) {
+pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
     let (x, w, route, h) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
     let panels = (2 * ff / PANEL) as i64;
-    let c = Ctx { x, bias: None, kd: d, inv: None };
+    let c = Ctx { x, bias: None, kd: d, inv: None, wt };
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     k.for_range(lo, hi, |k, p| {
         let zero = k.ic(0);
@@ -91,7 +94,7 @@ pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize) {
                 let (e, _) = pick(k, route, t, top_k, j);
                 let ep = k.muli(e, panels);
                 let gp = k.add(ep, p);
-                let wp = k.at(w, gp, (PANEL * d * 4) as i64);
+                let wp = k.at(w, gp, panel_bytes(wt, d) as i64);
                 let vals = tile(k, &c, p, wp, t, 1, 0, 4);
                 let hrow = k.at(h, t, (top_k * ff * 4) as i64);
                 let hj = k.addi(hrow, (j * ff * 4) as i64);
@@ -107,10 +110,10 @@ pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize) {
 }
 
 /// `[h, down, route, out]`, units: panels of d.
-pub fn down(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize) {
+pub fn down(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
     let (h, w, route, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
     let panels = (d / PANEL) as i64;
-    let c = Ctx { x: h, bias: None, kd: ff, inv: None };
+    let c = Ctx { x: h, bias: None, kd: ff, inv: None, wt };
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     k.for_range(lo, hi, |k, p| {
         let zero = k.ic(0);
@@ -120,7 +123,7 @@ pub fn down(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize) {
                 let (e, wj) = pick(k, route, t, top_k, j);
                 let ep = k.muli(e, panels);
                 let gp = k.add(ep, p);
-                let wp = k.at(w, gp, (PANEL * ff * 4) as i64);
+                let wp = k.at(w, gp, panel_bytes(wt, ff) as i64);
                 // h row (t, j) is row t·top_k + j of an [n·top_k, ff] matrix
                 let tk = k.muli(t, top_k as i64);
                 let row = k.addi(tk, j as i64);

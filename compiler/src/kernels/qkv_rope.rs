@@ -6,6 +6,8 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
 
 use super::kb::{Kb, V4};
+use llmc_ir::DType;
+
 use super::matmul::{panels, Ctx, TileVals};
 use crate::pack::PANEL;
 
@@ -47,6 +49,7 @@ pub fn qkv_rope(
     rd: usize,
     rms_eps: Option<f32>,
     bias: bool,
+    wt: DType,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);
@@ -54,7 +57,7 @@ pub fn qkv_rope(
     let base = 2 + bias as usize;
     let (pos, table, kc, vc, out) = (k.ptr(base), k.ptr(base + 1), k.ptr(base + 2), k.ptr(base + 3), k.ptr(base + 4));
     let inv = rms_eps.map(|eps| super::matmul::rms_prologue(k, x, kd, eps));
-    let c = Ctx { x, bias: b, kd, inv };
+    let c = Ctx { x, bias: b, kd, inv, wt };
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let m = qw + 2 * kw;
     let cap = k.cap;

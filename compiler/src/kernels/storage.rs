@@ -1,0 +1,261 @@
+//! Weights in a storage type other than f32, widened in registers: the k loop of a projection
+//! tile over bf16/f16/q8_0/q4_0 panels (layouts in `pack::panel_bytes`), and single-element
+//! loads for the embedding gather.
+//!
+//! Every weight is converted to the exact f32 value it means (`llmc_ir::quant`) and meets the
+//! activations in the same f32 FMAs as the f32 path, so the results differ from the f32
+//! kernel on the dequantized weights only by summation order.
+//! - bf16: 4 × u16 zero-extended to i32, shifted left 16 (the f32 bit pattern);
+//! - f16: the same 4 × u16, magnitude shifted into f32 position and scaled by 2^112 (exact for
+//!   normal and subnormal halves; weights are finite), sign or-ed back;
+//! - q8_0: 8 × i8 sign-extended twice to i32, converted, times the row's block scale;
+//! - q4_0: 16 bytes hold two columns of 16 rows (low nibble: even column); each nibble − 8 is
+//!   widened the same way. Scales are loaded once per block of 32 columns.
+
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Value};
+use cranelift_frontend::Variable;
+use llmc_ir::quant::QK;
+use llmc_ir::DType;
+
+use super::kb::{Kb, F32, I64, V4};
+use super::matmul::Ctx;
+use crate::pack::PANEL;
+
+const I32X4: types::Type = types::I32X4;
+const I16X8: types::Type = types::I16X8;
+const I8X16: types::Type = types::I8X16;
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// `x` (i32 lanes holding f16 bit patterns in their low 16 bits) as f32.
+fn f16_to_f32(k: &mut Kb<'_>, h: Value, consts: &Consts) -> Value {
+    let sign = k.b.ins().band(h, consts.sign16);
+    let sign = k.b.ins().ishl_imm_u(sign, 16);
+    let mag = k.b.ins().band(h, consts.mag15);
+    let mag = k.b.ins().ishl_imm_u(mag, 13);
+    let f = k.b.ins().bitcast(V4, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), mag);
+    let f = k.fmul(f, consts.two112);
+    let fi =
+        k.b.ins().bitcast(I32X4, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), f);
+    let r = k.b.ins().bor(fi, sign);
+    k.b.ins().bitcast(V4, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), r)
+}
+
+/// Vector constants a storage tile needs, made once before its loops.
+struct Consts {
+    sign16: Value,
+    mag15: Value,
+    two112: Value,
+    nib: Value,
+    eight: Value,
+}
+
+fn consts(k: &mut Kb<'_>, wt: DType) -> Consts {
+    let i32s = |k: &mut Kb<'_>, v: i64| {
+        let c = k.b.ins().iconst(types::I32, v);
+        k.b.ins().splat(I32X4, c)
+    };
+    let i8s = |k: &mut Kb<'_>, v: i64| {
+        let c = k.b.ins().iconst(types::I8, v);
+        k.b.ins().splat(I8X16, c)
+    };
+    let dummy = k.c(V4, 0.0);
+    match wt {
+        DType::F16 => Consts {
+            sign16: i32s(k, 0x8000),
+            mag15: i32s(k, 0x7fff),
+            two112: k.c(V4, f32::from_bits((127 + 112) << 23)),
+            nib: dummy,
+            eight: dummy,
+        },
+        DType::Q4_0 => Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: i8s(k, 0x0f), eight: i8s(k, 8) },
+        _ => Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: dummy, eight: dummy },
+    }
+}
+
+/// The bit-cast of an i32x4 to f32x4.
+fn as_f32(k: &mut Kb<'_>, v: Value) -> Value {
+    k.b.ins().bitcast(V4, MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little), v)
+}
+
+/// Rows `4j .. 4j + 4` of 16 i8 lanes (`lo`: rows 0..8 as i16x8, `hi`: rows 8..16) as f32x4.
+fn i8_rows(k: &mut Kb<'_>, lo: Value, hi: Value, j: usize) -> Value {
+    let half = if j < 2 { lo } else { hi };
+    let w = if j % 2 == 0 { k.b.ins().swiden_low(half) } else { k.b.ins().swiden_high(half) };
+    k.b.ins().fcvt_from_sint(V4, w)
+}
+
+/// The accumulators of one tile (`tokens` rows of x from row `t`, vectors `v0 .. v0 + nv` of
+/// the panel at `wp`), for a storage type other than f32.
+pub fn tile_accs(
+    k: &mut Kb<'_>,
+    c: &Ctx,
+    wp: Value,
+    t: Value,
+    tokens: usize,
+    v0: usize,
+    nv: usize,
+) -> Vec<Vec<Variable>> {
+    let zero = k.c(V4, 0.0);
+    let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect();
+    let cs = consts(k, c.wt);
+    let x0 = k.at(c.x, t, (c.kd * 4) as i64);
+    let xv = k.var(I64, x0);
+    let wv = k.var(I64, wp);
+    // One k step: the weight vectors `ws` meet each token's activation at column offset `xo`.
+    let fma_all = |k: &mut Kb<'_>, ws: &[Value], xo: i64| {
+        let x = k.get(xv);
+        for (tt, row) in accs.iter().enumerate() {
+            let xs = k.ld(F32, x, (tt * c.kd * 4) as i64 + xo);
+            let xb = k.splat(xs);
+            for (j, a) in row.iter().enumerate() {
+                let v = k.get(*a);
+                let v = k.fma(ws[j], xb, v);
+                k.set(*a, v);
+            }
+        }
+    };
+    match c.wt {
+        DType::BF16 | DType::F16 => {
+            let wend = k.addi(wp, (c.kd * PANEL * 2) as i64);
+            k.for_ptr(wv, wend, |k| {
+                let w = k.get(wv);
+                let ws: Vec<Value> = (0..nv)
+                    .map(|j| {
+                        let h = k.b.ins().uload16x4(flags(), w, ((v0 + j) * 8) as i32);
+                        if c.wt == DType::BF16 {
+                            let b = k.b.ins().ishl_imm_u(h, 16);
+                            as_f32(k, b)
+                        } else {
+                            f16_to_f32(k, h, &cs)
+                        }
+                    })
+                    .collect();
+                fma_all(k, &ws, 0);
+                let w = k.addi(w, (PANEL * 2) as i64);
+                k.set(wv, w);
+                let x = k.get(xv);
+                let x = k.addi(x, 4);
+                k.set(xv, x);
+            });
+        }
+        DType::Q8_0 | DType::Q4_0 => {
+            let q4 = c.wt == DType::Q4_0;
+            let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+            let wend = k.addi(wp, (c.kd / QK * block) as i64);
+            k.for_ptr(wv, wend, |k| {
+                let bp = k.get(wv);
+                let scales: Vec<Value> = (0..nv).map(|j| k.ld(V4, bp, ((v0 + j) * 16) as i64)).collect();
+                let qstart = k.addi(bp, (PANEL * 4) as i64);
+                let qend = k.addi(bp, block as i64);
+                let qv = k.var(I64, qstart);
+                k.for_ptr(qv, qend, |k| {
+                    let q = k.get(qv);
+                    // the 16 rows of one column (two columns for q4_0) as i16x8 halves
+                    let cols: Vec<(Value, Value)> = if q4 {
+                        let raw = k.b.ins().load(I8X16, flags(), q, 0);
+                        let lo = k.b.ins().band(raw, cs.nib);
+                        let hi = k.b.ins().ushr_imm_u(raw, 4);
+                        let hi = k.b.ins().band(hi, cs.nib);
+                        [lo, hi]
+                            .into_iter()
+                            .map(|v| {
+                                let v = k.b.ins().isub(v, cs.eight);
+                                (k.b.ins().swiden_low(v), k.b.ins().swiden_high(v))
+                            })
+                            .collect()
+                    } else {
+                        let needs_lo = v0 < 2;
+                        let needs_hi = v0 + nv > 2;
+                        let lo = if needs_lo { k.b.ins().sload8x8(flags(), q, 0) } else { k.b.ins().iconst(I64, 0) };
+                        let hi = if needs_hi { k.b.ins().sload8x8(flags(), q, 8) } else { lo };
+                        let lo = if needs_lo { lo } else { hi };
+                        vec![(lo, hi)]
+                    };
+                    for (ci, &(lo, hi)) in cols.iter().enumerate() {
+                        let ws: Vec<Value> = (0..nv)
+                            .map(|j| {
+                                let f = i8_rows(k, lo, hi, v0 + j);
+                                k.fmul(f, scales[j])
+                            })
+                            .collect();
+                        fma_all(k, &ws, (ci * 4) as i64);
+                    }
+                    let q = k.addi(q, PANEL as i64);
+                    k.set(qv, q);
+                    let x = k.get(xv);
+                    let x = k.addi(x, (cols.len() * 4) as i64);
+                    k.set(xv, x);
+                });
+                let bp = k.addi(bp, block as i64);
+                k.set(wv, bp);
+            });
+        }
+        _ => unreachable!("f32 tiles are in matmul.rs"),
+    }
+    let _ = I16X8;
+    accs
+}
+
+/// Element `j` (a column index, a Value) of row `lane` of the `Panel16` panel at `panel`, whose
+/// rows have `cols` columns, as f32.
+pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
+    let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+    match wt {
+        DType::BF16 | DType::F16 => {
+            let jl = k.muli(j, PANEL as i64);
+            let idx = k.add(jl, lane);
+            let a = k.at(panel, idx, 2);
+            let h = k.b.ins().uload16(types::I32, flags(), a, 0);
+            if wt == DType::BF16 {
+                let b = k.b.ins().ishl_imm_u(h, 16);
+                k.b.ins().bitcast(F32, le, b)
+            } else {
+                let sign = k.b.ins().band_imm_u(h, 0x8000);
+                let sign = k.b.ins().ishl_imm_u(sign, 16);
+                let mag = k.b.ins().band_imm_u(h, 0x7fff);
+                let mag = k.b.ins().ishl_imm_u(mag, 13);
+                let f = k.b.ins().bitcast(F32, le, mag);
+                let s = k.f(f32::from_bits((127 + 112) << 23));
+                let f = k.fmul(f, s);
+                let fi = k.b.ins().bitcast(types::I32, le, f);
+                let r = k.b.ins().bor(fi, sign);
+                k.b.ins().bitcast(F32, le, r)
+            }
+        }
+        DType::Q8_0 | DType::Q4_0 => {
+            let q4 = wt == DType::Q4_0;
+            let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+            let b = k.udivi(j, QK as i64);
+            let kk = k.uremi(j, QK as i64);
+            let bp = k.at(panel, b, block as i64);
+            let sa = k.at(bp, lane, 4);
+            let d = k.ld(F32, sa, 0);
+            let qbase = k.add(bp, lane);
+            let q = if q4 {
+                let pair = k.b.ins().ushr_imm_u(kk, 1);
+                let qa = k.at(qbase, pair, PANEL as i64);
+                let byte = k.b.ins().uload8(types::I32, flags(), qa, (PANEL * 4) as i32);
+                let odd = k.b.ins().band_imm_u(kk, 1);
+                let sh = k.b.ins().ishl_imm_u(odd, 2);
+                let sh = k.b.ins().ireduce(types::I32, sh);
+                let nib = k.b.ins().ushr(byte, sh);
+                let nib = k.b.ins().band_imm_u(nib, 0x0f);
+                k.b.ins().iadd_imm_s(nib, -8)
+            } else {
+                let qa = k.at(qbase, kk, PANEL as i64);
+                k.b.ins().sload8(types::I32, flags(), qa, (PANEL * 4) as i32)
+            };
+            let f = k.b.ins().fcvt_from_sint(F32, q);
+            k.fmul(f, d)
+        }
+        _ => {
+            let jl = k.muli(j, PANEL as i64);
+            let idx = k.add(jl, lane);
+            let a = k.at(panel, idx, 4);
+            k.ld(F32, a, 0)
+        }
+    }
+}

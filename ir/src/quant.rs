@@ -1,0 +1,123 @@
+//! Weight storage types: their exact meaning (dequantization) and the quantizers that produce
+//! them. The interpreter and the kernels agree on these definitions; the quantizers follow
+//! ggml's reference round-to-nearest math, so a Q8_0/Q4_0 weight means what it means in a
+//! GGUF file.
+//!
+//! - `bf16`, `f16`: the value is the 16-bit float widened to f32 (exact).
+//! - `q8_0`: blocks of 32 values along a row, `x = d · q` with `q: i8` and one scale `d` per
+//!   block, an f16 value (stored widened to f32 in llmc's repacked layout; exact).
+//! - `q4_0`: blocks of 32, `x = d · (q − 8)` with `q` in `0..16`, `d` an f16 value.
+
+use half::{bf16, f16};
+
+use crate::types::DType;
+
+/// Values per quantization block (both Q8_0 and Q4_0).
+pub const QK: usize = 32;
+
+/// Whether `dtype` is a weight storage type other than f32 (only weights may have one, and
+/// only where a kernel reads it: see `Op::accepts_storage`).
+pub fn is_storage(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0)
+}
+
+/// Whether `dtype` quantizes in blocks of `QK` along the last dim.
+pub fn is_blocked(dtype: DType) -> bool {
+    matches!(dtype, DType::Q8_0 | DType::Q4_0)
+}
+
+/// One block quantized: its scale (an f16 value, as f32) and its 32 integers (Q4_0: `q − 8`,
+/// so both types dequantize as `d · q`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Block {
+    pub d: f32,
+    pub q: [i8; QK],
+}
+
+/// ggml's `quantize_row_q8_0_ref` for one block: `d = max|x| / 127` (stored as f16),
+/// `q = round(x / d)` with the unrounded `d`, half away from zero.
+pub fn quantize_q8_0(x: &[f32]) -> Block {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QK];
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * id).round() as i8;
+    }
+    Block { d: f16::from_f32(d).to_f32(), q }
+}
+
+/// ggml's `quantize_row_q4_0_ref` for one block: `d = max / −8` where `max` is the value of
+/// largest magnitude (first one on ties), `q = min(15, trunc(x/d + 8.5))`; returns `q − 8`.
+pub fn quantize_q4_0(x: &[f32]) -> Block {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QK];
+    for (o, &v) in q.iter_mut().zip(x) {
+        let t = (v * id + 8.5) as i8; // C's (int8_t) cast truncates toward zero
+        *o = t.min(15) - 8;
+    }
+    Block { d: f16::from_f32(d).to_f32(), q }
+}
+
+/// Rounds `x` to what a weight of storage type `dtype` holds, value by value (f32: as is;
+/// bf16/f16: round to nearest even; blocked types: quantize and dequantize each block of the
+/// last dim). `cols` is the last dim, a multiple of `QK` for blocked types.
+pub fn round_trip(dtype: DType, x: &[f32], cols: usize) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        DType::Q8_0 | DType::Q4_0 => {
+            debug_assert!(cols % QK == 0 && x.len() % cols == 0);
+            let mut out = Vec::with_capacity(x.len());
+            for b in x.chunks(QK) {
+                let blk = if dtype == DType::Q8_0 { quantize_q8_0(b) } else { quantize_q4_0(b) };
+                out.extend(blk.q.iter().map(|&q| blk.d * q as f32));
+            }
+            out
+        }
+        _ => x.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_matches_ggml_reference_math() {
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 0.1).collect();
+        let b = quantize_q8_0(&x);
+        // amax = 1.6, d = 1.6/127 rounded to f16
+        assert_eq!(b.d, f16::from_f32(1.6 / 127.0).to_f32());
+        assert_eq!(b.q[0], -127);
+        assert_eq!(b.q[31], 127);
+        // 0.05 / (1.6/127) = 3.96875 -> 4
+        assert_eq!(b.q[16], 4);
+        let zero = quantize_q8_0(&[0.0; 32]);
+        assert_eq!((zero.d, zero.q), (0.0, [0; 32]));
+    }
+
+    #[test]
+    fn q4_0_matches_ggml_reference_math() {
+        let mut x = [0.5f32; 32];
+        x[3] = -2.0; // the value of largest magnitude: d = -2 / -8 = 0.25
+        let b = quantize_q4_0(&x);
+        assert_eq!(b.d, 0.25);
+        assert_eq!(b.q[3], -8); // -2 / 0.25 = -8 exactly -> trunc(0.5) = 0 -> 0 - 8
+        assert_eq!(b.q[0], 2); // 0.5 / 0.25 + 8.5 = 10.5 -> 10 -> 2
+        let mut y = [0.1f32; 32];
+        y[0] = 1.6; // d = -0.2; 0.1/-0.2 + 8.5 = 8.0 -> q 8 -> 0
+        let b = quantize_q4_0(&y);
+        assert_eq!(b.q[0], -8);
+        assert_eq!(b.q[1], 0);
+        assert!(round_trip(DType::Q4_0, &y, 32).iter().zip(&y).all(|(a, b)| (a - b).abs() <= 0.1 + 1e-6));
+    }
+}
