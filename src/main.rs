@@ -46,6 +46,11 @@ enum Cmd {
         /// Default: the checkpoint's own float type. Norms, biases and vectors stay f32.
         #[arg(long, value_parser = storage_dtype)]
         dtype: Option<llmc_ir::DType>,
+        /// Activation precision inside the kernels. Only `f32` exists today: every storage type
+        /// is widened to f32 in registers, so the logits are those of the f32 model of the
+        /// dequantized weights (int8 activations are not implemented).
+        #[arg(long, value_parser = ["f32"], default_value = "f32")]
+        activations: String,
     },
     /// Run a compiled artifact.
     Run(RunArgs),
@@ -243,7 +248,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Compile { model, output, weights, passes, no_opt, quiet, dtype } => {
+        Cmd::Compile { model, output, weights, passes, no_opt, quiet, dtype, activations: _ } => {
             let pipeline = match (&passes, no_opt) {
                 (_, true) => Vec::new(),
                 (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use llmc_compiler::{jit, lower, pack};
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
-use llmc_ir::{Act, Graph, InputKind, NodeId, Op, RopeScaling};
+use llmc_ir::{quant, Act, DType, Graph, InputKind, NodeId, Op, RopeScaling};
 use llmc_runtime::artifact::Limits;
 use llmc_runtime::jit_exec::JitState;
 use proptest::prelude::*;
@@ -27,6 +27,9 @@ struct Case {
     g: Graph,
     weights: HashMap<String, Tensor>,
     bytes: HashMap<String, Vec<u8>>,
+    /// Weights with a storage type: the type and the values before rounding (the interpreter
+    /// gets what they mean, `quant::round_trip`; the kernels get them packed and quantized).
+    stored: HashMap<String, (DType, Vec<f32>)>,
     seed: u64,
 }
 
@@ -35,7 +38,17 @@ impl Case {
         let mut g = Graph::new("kernel");
         g.input(InputKind::Tokens);
         g.input(InputKind::Positions);
-        Case { g, weights: HashMap::new(), bytes: HashMap::new(), seed }
+        Case { g, weights: HashMap::new(), bytes: HashMap::new(), stored: HashMap::new(), seed }
+    }
+    /// Gives weight `id` the storage type `dtype`.
+    fn store(&mut self, id: NodeId, dtype: DType) {
+        let Op::Weight { name } = self.g.node(id).op.clone() else { panic!("not a weight") };
+        let t = self.weights.get_mut(&name).unwrap();
+        let cols = *t.shape.last().unwrap();
+        let orig = std::mem::replace(&mut t.data, Vec::new());
+        t.data = quant::round_trip(dtype, &orig, cols);
+        self.stored.insert(name, (dtype, orig));
+        self.g.node_mut(id).ty.dtype = dtype;
     }
     fn tokens(&self) -> NodeId {
         self.g.node_ids()[0]
@@ -76,8 +89,18 @@ impl Case {
         let packed: HashMap<String, Vec<f32>> =
             self.weights.iter().map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data))).collect();
         let bytes = &self.bytes;
-        let lookup =
-            |n: &str| bytes.get(n).map(|b| b.as_ptr()).or_else(|| packed.get(n).map(|v| v.as_ptr() as *const u8));
+        let qbytes: HashMap<String, Vec<u8>> = self
+            .stored
+            .iter()
+            .map(|(n, (dt, orig))| (n.clone(), pack::pack_bytes(prog.layout_of(n), *dt, &self.weights[n].shape, orig)))
+            .collect();
+        let lookup = |n: &str| {
+            bytes
+                .get(n)
+                .or_else(|| qbytes.get(n))
+                .map(|b| b.as_ptr())
+                .or_else(|| packed.get(n).map(|v| v.as_ptr() as *const u8))
+        };
         // SAFETY: `packed`/`bytes` hold every weight in the program's layout and outlive `st`.
         let rows = Limits::of(&self.g).unwrap().token_rows;
         let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, ctx, n_cap, rows) }.unwrap();
@@ -533,5 +556,106 @@ fn split_calls_cover_every_unit() {
         let s = c.g.add(Op::Silu, &[y]).unwrap();
         let err = c.compare(s, &prefill(n), 16, 16);
         assert!(err < TOL, "k {k} m {m} n {n}: err {err}");
+    }
+}
+
+const STORAGE: [DType; 4] = [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Every storage type through `linear` with its prologue and epilogues (decode and prefill
+    /// tiles, odd row counts), against the interpreter on the values the type means.
+    #[test]
+    fn storage_linear(dt in 0usize..4, kb in 1usize..4, m16 in 1usize..4, extra in 0usize..16, n in 1usize..10,
+                      rms in any::<bool>(), act in 0usize..3, bias in any::<bool>(), residual in any::<bool>(),
+                      seed in 0u64..1000) {
+        let dtype = STORAGE[dt];
+        let act = [Act::None, Act::Gelu, Act::SwiGlu][act];
+        let k = 32 * kb;
+        let rows = if act == Act::SwiGlu { 16 * m16 } else { 16 * (m16 - 1) + extra.max(1) };
+        let bias = bias && act != Act::SwiGlu;
+        let m = if act == Act::SwiGlu { rows / 2 } else { rows };
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, k, 2.0);
+        let w = c.weight("w", &[rows, k], 1.0);
+        c.store(w, dtype);
+        let mut args = vec![x, w];
+        if bias {
+            args.push(c.weight("b", &[rows], 1.0));
+        }
+        if residual {
+            args.push(c.rows("r", n, m, 1.0));
+        }
+        let rms_eps = rms.then_some(1e-5);
+        let y = c.g.add(Op::Linear { rms_eps, act, bias, residual }, &args).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+    }
+
+    /// A stored table gathered by token (the packed embedding kernel) and used as the output
+    /// projection (tied embeddings).
+    #[test]
+    fn storage_tied_embedding(dt in 0usize..4, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, seed in 0u64..1000) {
+        let dtype = STORAGE[dt];
+        let d = 32 * kb;
+        let mut c = Case::new(seed);
+        let t = c.weight("table", &[vocab, d], 1.0);
+        c.store(t, dtype);
+        let tok = c.tokens();
+        let x = c.g.add(Op::Embedding, &[t, tok]).unwrap();
+        let y = c.g.add(Op::MatMul, &[x, t]).unwrap();
+        let toks: Vec<i32> = (0..n).map(|i| ((i * 7 + seed as usize) % vocab) as i32).collect();
+        let err = c.compare(y, &[(toks, (0..n as i32).collect())], 16, 16);
+        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+    }
+
+    /// `qkv_rope` + `attend` with a stored QKV matrix, prefill then decode steps.
+    #[test]
+    fn storage_qkv_rope_attend(dt in 0usize..4, kv in 1usize..3, group in 1usize..3, hd4 in 1usize..5, kb in 1usize..3,
+                               rms in any::<bool>(), first in 1usize..6, seed in 0u64..1000) {
+        let dtype = STORAGE[dt];
+        let heads = kv * group;
+        let hd = 4 * hd4;
+        let k = 32 * kb;
+        let mut c = Case::new(seed);
+        let x = c.rows("x", 64, k, 2.0);
+        let rows = (heads + 2 * kv) * hd;
+        let w = c.weight("w", &[rows, k], 1.0);
+        c.store(w, dtype);
+        let pos = c.positions();
+        let rms_eps = rms.then_some(1e-5);
+        let op = Op::QkvRope { layer: 0, heads, kv_heads: kv, head_dim: hd, rotary_dim: hd, theta: 10000.0,
+                               scaling: RopeScaling::None, rms_eps, bias: false };
+        let q = c.g.add(op, &[x, w, pos]).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let y = c.g.add(Op::Attend { layer: 0, heads, kv_heads: kv, head_dim: hd, window: None, scale }, &[q, pos]).unwrap();
+        let mut steps = vec![((0..first as i32).map(|i| (i * 5 + 1) % 64).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
+        for p in first as i32..first as i32 + 4 {
+            steps.push((vec![(p * 11 + 3) % 64], vec![p]));
+        }
+        let err = c.compare(y, &steps, 16, 8);
+        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+    }
+
+    /// MoE with stored router and experts (the expert kernels address panels by storage type).
+    #[test]
+    fn storage_moe(dt in 0usize..4, d32 in 1usize..3, ff32 in 1usize..3, experts in 1usize..5, k in 1usize..3,
+                   n in 1usize..5, seed in 0u64..1000) {
+        let dtype = STORAGE[dt];
+        let top_k = k.min(experts);
+        let (d, ff) = (32 * d32, 32 * ff32);
+        let mut c = Case::new(seed);
+        let x = c.rows("x", 64, d, 2.0);
+        let router = c.weight("router", &[experts, d], 1.0);
+        let gu = c.weight("gu", &[experts, 2 * ff, d], 0.5);
+        let down = c.weight("down", &[experts, d, ff], 0.5);
+        for w in [router, gu, down] {
+            c.store(w, dtype);
+        }
+        let y = c.g.add(Op::Moe { experts, top_k }, &[x, router, gu, down]).unwrap();
+        let steps = vec![((0..n as i32).map(|i| (i * 7 + seed as i32) % 64).collect(), (0..n as i32).collect())];
+        let err = c.compare(y, &steps, 16, 8);
+        prop_assert!(err < TOL, "{dtype:?}: err {err}");
     }
 }
