@@ -135,10 +135,18 @@ fn watchdog(limit: Duration, current: Arc<Mutex<String>>) -> Arc<AtomicU64> {
     beat
 }
 
-fn experiment(name: &str) {
+fn experiment(name: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let art = dir.path().join("orig.llmc");
-    common::compile(&fixture(name), &art);
+    let mut args = vec![
+        "compile".to_string(),
+        fixture(name).to_str().unwrap().to_string(),
+        "-o".into(),
+        art.to_str().unwrap().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = llmc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "compile failed: {}", stderr(&o));
     let orig = ArtifactBytes::parse(&std::fs::read(&art).unwrap()).unwrap();
     let header: Value = serde_json::from_slice(orig.header_json()).unwrap();
     let edited = dir.path().join("edited.llmc");
@@ -247,17 +255,22 @@ fn experiment(name: &str) {
 
 #[test]
 fn corrupted_llama_artifacts_never_crash() {
-    experiment("llama");
+    experiment("llama", &[]);
+}
+
+#[test]
+fn corrupted_quantized_artifacts_never_crash() {
+    experiment("llama", &["--dtype", "q4_0"]);
 }
 
 #[test]
 fn corrupted_gpt2_artifacts_never_crash() {
-    experiment("gpt2");
+    experiment("gpt2", &["--dtype", "bf16"]);
 }
 
 #[test]
 fn corrupted_mamba_moe_artifacts_never_crash() {
-    experiment("granitemoehybrid");
+    experiment("granitemoehybrid", &["--dtype", "q8_0"]);
 }
 
 /// The examples of the issue, through the binary: one `error:` line, exit 1.
