@@ -3,6 +3,7 @@
 
 mod inspect;
 mod out;
+mod perplexity;
 mod run;
 mod signals;
 
@@ -54,6 +55,8 @@ enum Cmd {
     },
     /// Run a compiled artifact.
     Run(RunArgs),
+    /// Perplexity of a text file, with llama-perplexity's method (second half of each chunk).
+    Perplexity(PerplexityArgs),
     /// Measure prefill and decode speed against the memory bandwidth (JIT backend).
     Bench {
         artifact: PathBuf,
@@ -163,6 +166,27 @@ pub struct RunArgs {
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0, allow_negative_numbers = true)]
     threads: usize,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct PerplexityArgs {
+    /// The artifact written by `llmc compile` (it must bundle a tokenizer).
+    artifact: PathBuf,
+    /// The text file to score.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Tokens per chunk (the context of every evaluation); the second half of each is scored.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512, allow_negative_numbers = true)]
+    ctx_size: i64,
+    /// Threads (0 = all cores).
+    #[arg(short = 't', long, default_value_t = 0, allow_negative_numbers = true)]
+    threads: usize,
+    /// Print one JSON object on stdout: {"ppl", "ppl_stderr", "chunks", "tokens"}.
+    #[arg(long)]
+    json: bool,
+    /// Executor: interp (reference interpreter) or jit. Default: the fastest available.
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 /// An f32 option value; `ok` says whether it is in range, `range` is said when it is not.
@@ -311,6 +335,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
+        Cmd::Perplexity(args) => perplexity::run(args),
         Cmd::Inspect { artifact, json, verify } => inspect::inspect(&artifact, json, verify),
         Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
             let engine = Engine::open(&artifact, clamp_threads(threads))?;

@@ -269,6 +269,44 @@ impl Graph {
         Ok(())
     }
 
+    /// The same step with `logits` for every row instead of the last one only (what
+    /// perplexity needs): each `take_last` node is replaced by its input, every node after it
+    /// gets its type inferred again (`[1, d]` becomes `[n, d]`), and the result is verified.
+    /// Weights, per-layer state and every other node are unchanged, so the derived graph reads
+    /// exactly the tensors of the original. Refused when the graph has no `take_last` or when
+    /// the result's `logits` are not one row per token.
+    pub fn with_all_logits(&self) -> Result<Graph, IrError> {
+        let bad = |msg: String| IrError::Type { node: "output logits".into(), msg };
+        let mut g = self.clone();
+        let takes: Vec<NodeId> = g.g.node_indices().filter(|&id| matches!(g.g[id].op, Op::TakeLast)).collect();
+        if takes.is_empty() {
+            return Err(bad("the graph has no take_last to remove (its logits already cover every row?)".into()));
+        }
+        for t in takes {
+            let &[input] = g.operands(t).as_slice() else {
+                return Err(bad("take_last must have exactly one operand".into()));
+            };
+            g.replace_uses(t, input);
+            g.remove(t);
+        }
+        for id in g.topo_order()? {
+            if matches!(g.g[id].op, Op::Weight { .. }) {
+                continue;
+            }
+            let ops = g.operands(id);
+            let tys: Vec<&Type> = ops.iter().map(|&o| &g.g[o].ty).collect();
+            let ty = g.g[id].op.infer(&tys).map_err(|msg| IrError::Type { node: g.g[id].op.name().into(), msg })?;
+            g.g[id].ty = ty;
+        }
+        g.verify()?;
+        let logits = g.outputs.iter().find(|(name, _)| name == "logits").map(|(_, id)| *id);
+        let ty = &g.g[logits.ok_or_else(|| bad("the graph has no `logits` output".into()))?].ty;
+        if !matches!(ty.shape.0.as_slice(), [crate::types::Dim::N, crate::types::Dim::C(_)]) {
+            return Err(bad(format!("logits are {ty} after removing take_last, not one row per token")));
+        }
+        Ok(g)
+    }
+
     /// Checks every node: operand count and types against the op's typing rule, weights and
     /// inputs well-formed, outputs present, no cycles. Names the first offending node.
     pub fn verify(&self) -> Result<(), IrError> {

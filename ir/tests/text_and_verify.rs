@@ -234,3 +234,60 @@ fn mamba2_gated_norm_spans_all_groups() {
         assert!(apart > 0.1, "token {t}: the inputs do not separate the two norms ({apart})");
     }
 }
+
+/// `with_all_logits` removes `take_last`, re-types what follows it (`[1, d]` → `[n, d]`) and
+/// leaves everything else alone: on the interpreter its last row is exactly the original
+/// graph's output, and every row is the same step's per-token result.
+#[test]
+fn all_logits_graph_keeps_the_last_row() {
+    let (d, vocab) = (8, 5);
+    let mut g = block(d, 2, 1, None);
+    let last = g.outputs[0].1;
+    let nw = g.weight("final_norm", &[d]);
+    let h = g.add(Op::RmsNorm { eps: 1e-5 }, &[last, nw]).unwrap();
+    let head = g.weight("lm_head", &[vocab, d]);
+    let logits = g.add(Op::MatMul, &[h, head]).unwrap();
+    g.outputs = vec![("logits".into(), logits)];
+    g.verify().unwrap();
+    let all = g.with_all_logits().unwrap();
+    let text = text::print(&all);
+    assert!(!text.contains("take_last"), "{text}");
+    assert!(text.contains(&format!(": f32[n, {vocab}]")), "{text}");
+    assert_eq!(all.weights(), g.weights(), "same weights, same types");
+    assert_eq!(all.kv_layers(), g.kv_layers());
+    // the derived graph has nothing left to derive
+    assert!(all.with_all_logits().unwrap_err().to_string().contains("no take_last"));
+
+    let val = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + k) % 11) as f32 / 11.0 - 0.4).collect::<Vec<f32>>();
+    let hd = d / 2;
+    let w = weights(&[
+        ("emb", vec![10, d], val(10 * d, 1)),
+        ("norm", vec![d], val(d, 2)),
+        ("qkv", vec![4 * hd, d], val(4 * hd * d, 3)),
+        ("final_norm", vec![d], val(d, 4)),
+        ("lm_head", vec![vocab, d], val(vocab * d, 5)),
+    ]);
+    let (tokens, positions) = ([3, 1, 4, 1, 5], [0, 1, 2, 3, 4]);
+    let step = StepInput { tokens: &tokens, positions: &positions };
+    let one = interp::run(&g, step, &w, &mut KvCache::new(&g, 8)).unwrap().remove("logits").unwrap();
+    let step = StepInput { tokens: &tokens, positions: &positions };
+    let every = interp::run(&all, step, &w, &mut KvCache::new(&all, 8)).unwrap().remove("logits").unwrap();
+    assert_eq!(one.shape, vec![1, vocab]);
+    assert_eq!(every.shape, vec![5, vocab]);
+    assert_eq!(&every.data[4 * vocab..], one.data.as_slice());
+    // row 1 is what a two-token step would end with
+    let step = StepInput { tokens: &tokens[..2], positions: &positions[..2] };
+    let two = interp::run(&g, step, &w, &mut KvCache::new(&g, 8)).unwrap().remove("logits").unwrap();
+    assert_eq!(&every.data[vocab..2 * vocab], two.data.as_slice());
+}
+
+#[test]
+fn all_logits_graph_needs_a_take_last() {
+    let mut g = Graph::new("no_take");
+    let tok = g.input(InputKind::Tokens);
+    let emb = g.weight("emb", &[4, 2]);
+    let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
+    g.output("logits", x);
+    let e = g.with_all_logits().unwrap_err().to_string();
+    assert!(e.contains("no take_last"), "{e}");
+}

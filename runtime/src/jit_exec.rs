@@ -29,6 +29,65 @@ const SPLIT_THRESHOLD: usize = 16 * 1024;
 /// Floats of split work below which a whole step runs on one thread (about 4 MB of weights).
 const PARALLEL_STEP_THRESHOLD: usize = 1 << 20;
 
+/// The all-rows variant of an artifact's step: the graph from
+/// [`Graph::with_all_logits`](llmc_ir::Graph::with_all_logits) (no `take_last`: `logits` for
+/// every token), its program (lowered here, at load, from that verified graph) and the kernels
+/// JIT-compiled for it. Built only by [`AllRows::derive`]; what the interpreter and
+/// [`JitState::all_rows`] run for perplexity.
+pub struct AllRows {
+    graph: llmc_ir::Graph,
+    program: Program,
+    kernels: Kernels,
+}
+
+impl AllRows {
+    /// Derives the all-rows graph from `art`'s verified IR, lowers it and compiles its kernels.
+    pub fn derive(art: &Artifact) -> Result<AllRows, RuntimeError> {
+        let bad = |msg: String| RuntimeError::BadArtifact { path: art.path.clone(), msg };
+        let graph = art.graph.with_all_logits()?;
+        let program =
+            llmc_compiler::lower::lower(&graph).map_err(|e| bad(format!("the all-rows IR cannot be lowered: {e}")))?;
+        check_weights(&graph, &program, art)?;
+        let kernels = llmc_compiler::jit::compile(&program.kernels).map_err(|e| bad(e.to_string()))?;
+        Ok(AllRows { graph, program, kernels })
+    }
+
+    /// The graph the interpreter runs.
+    pub fn graph(&self) -> &llmc_ir::Graph {
+        &self.graph
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    fn check_weights(&self, art: &Artifact) -> Result<(), RuntimeError> {
+        check_weights(&self.graph, &self.program, art)
+    }
+}
+
+/// `graph` reads exactly `art.graph`'s weights (names, shapes, dtypes), and every stored tensor
+/// is in the layout `program` reads.
+fn check_weights(graph: &llmc_ir::Graph, program: &Program, art: &Artifact) -> Result<(), RuntimeError> {
+    let bad = |msg: String| RuntimeError::BadArtifact { path: art.path.clone(), msg };
+    if graph.weights() != art.graph.weights() {
+        return Err(bad("the all-rows graph reads other weights than the artifact's IR".into()));
+    }
+    if crate::artifact::Limits::of(graph).map_err(bad)? != art.limits {
+        return Err(bad("the all-rows graph gathers from other embedding tables than the artifact's IR".into()));
+    }
+    for t in &art.header.tensors {
+        let want = if t.dtype == "u8" { llmc_compiler::program::Layout::RowMajor } else { program.layout_of(&t.name) };
+        if t.layout != want {
+            return Err(bad(format!(
+                "tensor `{}` is stored {:?}, the all-rows program reads {:?}",
+                t.name, t.layout, want
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Per-sequence state of the JIT backend, for one program and the kernels compiled from it
 /// (both borrowed, so the state cannot be run with another program or outlive the weights).
 pub struct JitState<'a> {
@@ -170,6 +229,43 @@ impl<'a> JitState<'a> {
             JitState::with_weights(
                 &art.header.program,
                 kernels,
+                &|name| art.tensor_ptr(name),
+                ctx,
+                n_cap,
+                art.limits.token_rows,
+            )
+        }
+    }
+
+    /// State for running the all-rows variant of `art`'s program (`logits` for every token
+    /// of a step, see [`AllRows`]). The weights are `art`'s own tensors: this checks, as
+    /// [`Artifact::open`] does for the stored program, that the derived graph reads exactly the
+    /// weights of the artifact's verified IR (same names, shapes and dtypes) and that every
+    /// stored tensor is in the layout the derived program's kernels read; anything else is
+    /// refused before a kernel sees a pointer.
+    pub fn all_rows(
+        art: &'a Artifact,
+        all: &'a AllRows,
+        ctx: usize,
+        n_cap: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
+        all.check_weights(art)?;
+        if let Some(rows) = art.limits.position_rows {
+            if ctx > rows {
+                return Err(RuntimeError::Usage(format!("context size {ctx} exceeds the model's {rows} positions")));
+            }
+        }
+        // SAFETY: `all.program` is the lowering of the verified graph `all.graph` (built only
+        // by `AllRows::derive`, fields private) and `all.kernels` were compiled from it;
+        // `check_weights` just established that this graph reads the same weights, with the
+        // same shapes and dtypes, as `art.graph`, against which `Artifact::open` checked the
+        // tensors in the map (inside the file, shape, dtype), and that each stored tensor's
+        // layout is the one `all.program` reads. The map lives for 'a. `token_rows` comes
+        // from `art.graph`, whose embedding tables are the derived graph's.
+        unsafe {
+            JitState::with_weights(
+                &all.program,
+                &all.kernels,
                 &|name| art.tensor_ptr(name),
                 ctx,
                 n_cap,

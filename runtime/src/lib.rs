@@ -5,6 +5,7 @@ pub mod artifact;
 pub mod bench;
 pub mod error;
 pub mod jit_exec;
+pub mod perplexity;
 pub mod sampler;
 pub mod session;
 pub mod text;

@@ -4,12 +4,15 @@
 use std::path::Path;
 use std::time::Instant;
 
+use std::sync::OnceLock;
+
 use llmc_compiler::jit::Kernels;
 use llmc_ir::interp::{self, KvCache, StepInput};
+use llmc_ir::Graph;
 
 use crate::artifact::Artifact;
 use crate::error::RuntimeError;
-use crate::jit_exec::JitState;
+use crate::jit_exec::{AllRows, JitState};
 use crate::sampler::Sampler;
 
 /// Which executor runs the graph.
@@ -44,6 +47,8 @@ pub struct Engine {
     /// Seconds spent mapping and checking the artifact, and JIT-compiling the kernels.
     pub load_s: f64,
     pub jit_s: f64,
+    /// The all-rows variant of the program (perplexity), derived on first use only.
+    all_rows: OnceLock<AllRows>,
 }
 
 impl Engine {
@@ -61,7 +66,17 @@ impl Engine {
             .num_threads(threads)
             .build()
             .map_err(|e| RuntimeError::Usage(format!("thread pool: {e}")))?;
-        Ok(Engine { art, kernels, pool, load_s, jit_s })
+        Ok(Engine { art, kernels, pool, load_s, jit_s, all_rows: OnceLock::new() })
+    }
+
+    /// The all-rows variant of the artifact's step (`logits` for every token), derived from
+    /// the verified IR, lowered and JIT-compiled on the first call, then kept.
+    pub fn all_rows(&self) -> Result<&AllRows, RuntimeError> {
+        if let Some(all) = self.all_rows.get() {
+            return Ok(all);
+        }
+        let all = AllRows::derive(&self.art)?;
+        Ok(self.all_rows.get_or_init(|| all))
     }
 
     pub fn threads(&self) -> usize {
@@ -78,6 +93,10 @@ enum State<'a> {
 pub struct Session<'a> {
     engine: &'a Engine,
     state: State<'a>,
+    /// The graph the interpreter runs (the artifact's, or its all-rows variant).
+    graph: &'a Graph,
+    /// Whether steps produce logits for every token (`new_all_logits`) or the last only.
+    all_rows: bool,
     /// Positions filled so far.
     pub pos: usize,
     pub ctx: usize,
@@ -90,23 +109,59 @@ impl<'a> Session<'a> {
     /// A new sequence with room for `ctx` positions (default: the model's trained context,
     /// at most 4096).
     pub fn new(engine: &'a Engine, backend: Backend, ctx: Option<usize>) -> Result<Session<'a>, RuntimeError> {
+        Session::build(engine, backend, ctx, false)
+    }
+
+    /// A sequence whose steps compute logits for every token ([`Session::step_rows`]), not
+    /// only the last: the engine's [`AllRows`] program. What perplexity runs; generation uses
+    /// [`Session::new`], which computes the last row only.
+    pub fn new_all_logits(
+        engine: &'a Engine,
+        backend: Backend,
+        ctx: Option<usize>,
+    ) -> Result<Session<'a>, RuntimeError> {
+        Session::build(engine, backend, ctx, true)
+    }
+
+    fn build(
+        engine: &'a Engine,
+        backend: Backend,
+        ctx: Option<usize>,
+        all_rows: bool,
+    ) -> Result<Session<'a>, RuntimeError> {
         let art = &engine.art;
         let max = art.header.max_positions;
         let ctx = ctx.unwrap_or(max.min(4096));
         if ctx == 0 || ctx > llmc_ir::op::MAX_DIM || (art.header.hard_context_limit && ctx > max) {
             return Err(RuntimeError::Usage(format!("context size {ctx} must be in 1..={max} for this model")));
         }
+        let all = if all_rows { Some(engine.all_rows()?) } else { None };
+        let graph = all.map_or(&art.graph, AllRows::graph);
+        // An all-rows step hands back a copy of its logits: rows × vocab floats.
+        let rows_copy = if all_rows {
+            let width = graph_logits_width(graph).unwrap_or(0) as u64;
+            (DEFAULT_CHUNK.min(ctx) as u64).checked_mul(width).and_then(|f| f.checked_mul(4))
+        } else {
+            Some(0)
+        };
+        let what = format!("a context of {ctx} tokens");
         let state = match backend {
             Backend::Interp => {
-                crate::jit_exec::check_memory(
-                    interp_state_bytes(&art.graph, ctx),
-                    &format!("a context of {ctx} tokens"),
-                )?;
-                State::Interp(KvCache::new(&art.graph, ctx))
+                let need = interp_state_bytes(graph, ctx).zip(rows_copy).and_then(|(a, b)| a.checked_add(b));
+                crate::jit_exec::check_memory(need, &what)?;
+                State::Interp(KvCache::new(graph, ctx))
             }
-            Backend::Jit => State::Jit(Box::new(JitState::new(art, &engine.kernels, ctx, DEFAULT_CHUNK)?)),
+            Backend::Jit => match all {
+                None => State::Jit(Box::new(JitState::new(art, &engine.kernels, ctx, DEFAULT_CHUNK)?)),
+                Some(all) => {
+                    let state = crate::jit_exec::state_bytes(all.program(), ctx, DEFAULT_CHUNK.min(ctx));
+                    let need = state.zip(rows_copy).and_then(|(a, b)| a.checked_add(b));
+                    crate::jit_exec::check_memory(need, &what)?;
+                    State::Jit(Box::new(JitState::all_rows(art, all, ctx, DEFAULT_CHUNK)?))
+                }
+            },
         };
-        Ok(Session { engine, state, pos: 0, ctx })
+        Ok(Session { engine, state, graph, all_rows, pos: 0, ctx })
     }
 
     /// Turns per-kernel timing on (JIT backend only).
@@ -157,6 +212,55 @@ impl<'a> Session<'a> {
     /// Runs the tokens through the model at the next positions; returns the logits of the
     /// last. Long inputs run as several steps of at most `DEFAULT_CHUNK` tokens.
     pub fn step(&mut self, tokens: &[i32]) -> Result<Vec<f32>, RuntimeError> {
+        self.check_step(tokens)?;
+        let mut logits = Vec::new();
+        let mut last = 0;
+        for chunk in tokens.chunks(DEFAULT_CHUNK) {
+            logits = self.run_chunk(chunk)?;
+            last = chunk.len();
+        }
+        if self.all_rows {
+            // keep the last row of the last chunk
+            let width = logits.len() / last.max(1);
+            logits.drain(..logits.len() - width);
+        }
+        Ok(logits)
+    }
+
+    /// Runs the tokens like [`Session::step`] on a session made by
+    /// [`Session::new_all_logits`], handing the logits of every token to `on_rows` as they are
+    /// computed: `on_rows(i, width, logits)` gets the rows of tokens `i..` (row-major, `width`
+    /// logits per token, at most `DEFAULT_CHUNK` rows per call), so the whole input's logits
+    /// are never held at once.
+    pub fn step_rows(
+        &mut self,
+        tokens: &[i32],
+        mut on_rows: impl FnMut(usize, usize, &[f32]) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        if !self.all_rows {
+            return Err(RuntimeError::Usage(
+                "this session computes the last token's logits only (use Session::new_all_logits)".into(),
+            ));
+        }
+        self.check_step(tokens)?;
+        let mut row = 0;
+        for chunk in tokens.chunks(DEFAULT_CHUNK) {
+            let logits = self.run_chunk(chunk)?;
+            if logits.is_empty() || logits.len() % chunk.len() != 0 {
+                return Err(RuntimeError::Usage(format!(
+                    "the all-rows step returned {} logits for {} tokens",
+                    logits.len(),
+                    chunk.len()
+                )));
+            }
+            on_rows(row, logits.len() / chunk.len(), &logits)?;
+            row += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// Token ids inside the vocabulary, positions inside the context.
+    fn check_step(&self, tokens: &[i32]) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Usage("a step needs at least one token".into()));
         }
@@ -172,23 +276,29 @@ impl<'a> Session<'a> {
                 max: art.header.max_positions,
             });
         }
-        let mut logits = Vec::new();
-        for chunk in tokens.chunks(DEFAULT_CHUNK) {
-            let positions: Vec<i32> = (self.pos..self.pos + chunk.len()).map(|p| p as i32).collect();
-            logits = match &mut self.state {
-                State::Interp(cache) => {
-                    let mut out =
-                        interp::run(&art.graph, StepInput { tokens: chunk, positions: &positions }, art, cache)?;
-                    out.remove("logits")
-                        .ok_or_else(|| RuntimeError::Usage("the graph has no logits output".into()))?
-                        .data
-                }
-                State::Jit(st) => st.step(&self.engine.pool, chunk, &positions)?,
-            };
-            self.pos += chunk.len();
-        }
+        Ok(())
+    }
+
+    /// One step of at most `DEFAULT_CHUNK` checked tokens at the next positions; its logits.
+    fn run_chunk(&mut self, chunk: &[i32]) -> Result<Vec<f32>, RuntimeError> {
+        let art = &self.engine.art;
+        let positions: Vec<i32> = (self.pos..self.pos + chunk.len()).map(|p| p as i32).collect();
+        let logits = match &mut self.state {
+            State::Interp(cache) => {
+                let mut out = interp::run(self.graph, StepInput { tokens: chunk, positions: &positions }, art, cache)?;
+                out.remove("logits").ok_or_else(|| RuntimeError::Usage("the graph has no logits output".into()))?.data
+            }
+            State::Jit(st) => st.step(&self.engine.pool, chunk, &positions)?,
+        };
+        self.pos += chunk.len();
         Ok(logits)
     }
+}
+
+/// Columns of the graph's `logits` output (the vocabulary), if it has one.
+fn graph_logits_width(g: &Graph) -> Option<usize> {
+    let id = g.outputs.iter().find(|(name, _)| name == "logits")?.1;
+    g.node(id).ty.shape.last_const()
 }
 
 /// Bytes of the interpreter's per-sequence state (f32 K and V per position and kv head, and

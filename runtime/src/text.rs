@@ -44,6 +44,26 @@ impl Text {
         Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
     }
 
+    /// The BOS token the tokenizer puts before a text when it adds its special tokens
+    /// (`tokenizer(text)` starts with it), if it does: Llama's `<s>` or
+    /// `<|begin_of_text|>`; `None` for GPT-2 or SmolLM2, whose tokenizers add nothing (as
+    /// llama.cpp's `add_bos_token` false). Tokens it appends (an EOS) are not reported.
+    pub fn bos_added(&self) -> Result<Option<i32>, RuntimeError> {
+        let with = self.encode("a", true)?;
+        let without = self.encode("a", false)?;
+        Ok(if with.len() > without.len() && with.ends_with(&without) { with.first().copied() } else { None })
+    }
+
+    /// Token ids of a document: no special token added, and special-token text inside it
+    /// (`<|endoftext|>` written out in the file) tokenized as plain text, as llama.cpp's
+    /// perplexity tokenizes its input (`parse_special` false).
+    pub fn encode_document(&self, text: &str) -> Result<Vec<i32>, RuntimeError> {
+        let mut tok = self.tok.clone();
+        tok.set_encode_special_tokens(true);
+        let enc = tok.encode(text, false).map_err(|e| text_err(format!("tokenizing the text: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
+    }
+
     /// The text of `ids`, special tokens included (as transformers' `decode` does by default).
     pub fn decode(&self, ids: &[i32]) -> Result<String, RuntimeError> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
