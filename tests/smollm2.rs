@@ -251,8 +251,8 @@ fn compile_peak_memory_is_one_tensor_at_a_time() {
     assert!(peak < bound, "peak RSS {peak} above {bound}");
 }
 
-/// SmolLM2 at every storage type still answers the quick-start prompt with " Paris." (greedy),
-/// and its artifact shrinks accordingly.
+/// SmolLM2 at every storage type runs, its artifact shrinks accordingly, and bf16, f16 and
+/// q8_0 still answer the quick-start prompt with " Paris." (greedy).
 #[test]
 #[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
 fn smollm2_every_dtype_says_paris() {
@@ -269,7 +269,47 @@ fn smollm2_every_dtype_says_paris() {
         assert!(o.status.success(), "{dt}: {}", common::stderr(&o));
         let text = String::from_utf8_lossy(&o.stdout);
         eprintln!("{dt}: {mb} MB: {text:?}");
-        assert!(text.starts_with(" Paris"), "{dt}: {text:?}");
+        // q4_0 (re-quantized from the Q4_1 weights SmolLM2 ships as; PPL 22.5 on GPL-3 against
+        // llama.cpp's 23.1 for its Q4_0 of the same weights) ranks " Paris" below
+        // " approximately" for this prompt: its quality is checked by perplexity instead.
+        if dt != "q4_0" {
+            assert!(text.starts_with(" Paris"), "{dt}: {text:?}");
+        } else {
+            assert!(!text.trim().is_empty(), "{dt}: {text:?}");
+        }
         assert!(mb <= max_mb, "{dt}: {mb} MB");
     }
+}
+
+/// Quantization quality by perplexity on a fixed text (GPL-3, -c 512, llama-perplexity's
+/// method): q8_0 within 0.5% of f32, q4_0 within 3% of llama.cpp's Q4_0 of the same weights
+/// (23.08, measured with llama-perplexity; f32 llmc 18.13, llama.cpp 18.30 with its digit
+/// splitting). Slow (two full runs): about three minutes on two cores.
+#[test]
+#[ignore = "fetches and runs a 538 MB model; scripts/test runs it in release mode"]
+fn quantized_perplexity_matches_llama_cpp_quality() {
+    let dir = model_dir();
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models");
+    let ppl = |dt: &str| -> f64 {
+        let art = out_dir.join(format!("smollm2-ppl-{dt}.llmc"));
+        let o = common::llmc(&["compile", dir.to_str().unwrap(), "-o", art.to_str().unwrap(), "-q", "--dtype", dt]);
+        assert!(o.status.success(), "{dt}: {}", common::stderr(&o));
+        let o = common::llmc(&[
+            "perplexity",
+            art.to_str().unwrap(),
+            "-f",
+            "/usr/share/common-licenses/GPL-3",
+            "-c",
+            "512",
+            "--json",
+        ]);
+        let _ = std::fs::remove_file(&art);
+        assert!(o.status.success(), "{dt}: {}", common::stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["ppl"].as_f64().unwrap()
+    };
+    let (f32_ppl, q8, q4) = (ppl("f32"), ppl("q8_0"), ppl("q4_0"));
+    eprintln!("perplexity f32 {f32_ppl:.3}, q8_0 {q8:.3}, q4_0 {q4:.3} (llama.cpp Q4_0: 23.08)");
+    assert!((q8 - f32_ppl).abs() / f32_ppl < 0.005, "q8_0 {q8} vs f32 {f32_ppl}");
+    assert!((q4 - 23.08).abs() / 23.08 < 0.03, "q4_0 {q4} vs llama.cpp's 23.08");
 }
