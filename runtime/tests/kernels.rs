@@ -659,3 +659,20 @@ proptest! {
         prop_assert!(err < TOL, "{dtype:?}: err {err}");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// bf16/f16 take any row length (two columns per loop step plus an odd last one).
+    #[test]
+    fn storage_half_any_k(half in any::<bool>(), k in 1usize..70, m in 1usize..40, n in 1usize..7, seed in 0u64..1000) {
+        let dtype = if half { DType::F16 } else { DType::BF16 };
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, k, 2.0);
+        let w = c.weight("w", &[m, k], 1.0);
+        c.store(w, dtype);
+        let y = c.g.add(Op::MatMul, &[x, w]).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+    }
+}

@@ -119,12 +119,11 @@ pub fn tile_accs(
     };
     match c.wt {
         DType::BF16 | DType::F16 => {
-            let wend = k.addi(wp, (c.kd * PANEL * 2) as i64);
-            k.for_ptr(wv, wend, |k| {
-                let w = k.get(wv);
-                let ws: Vec<Value> = (0..nv)
+            // the 16 rows of column `col` (of the pair at `w`) as f32 vectors
+            let widen = |k: &mut Kb<'_>, w: Value, col: usize| -> Vec<Value> {
+                (0..nv)
                     .map(|j| {
-                        let h = k.b.ins().uload16x4(flags(), w, ((v0 + j) * 8) as i32);
+                        let h = k.b.ins().uload16x4(flags(), w, (col * PANEL * 2 + (v0 + j) * 8) as i32);
                         if c.wt == DType::BF16 {
                             let b = k.b.ins().ishl_imm_u(h, 16);
                             as_f32(k, b)
@@ -132,28 +131,51 @@ pub fn tile_accs(
                             f16_to_f32(k, h, &cs)
                         }
                     })
-                    .collect();
-                fma_all(k, &ws, 0);
-                let w = k.addi(w, (PANEL * 2) as i64);
+                    .collect()
+            };
+            // two columns per iteration, then an odd last one
+            let pairs = c.kd / 2;
+            let wend = k.addi(wp, (pairs * 2 * PANEL * 2) as i64);
+            k.for_ptr(wv, wend, |k| {
+                let w = k.get(wv);
+                for col in 0..2 {
+                    let ws = widen(k, w, col);
+                    fma_all(k, &ws, (col * 4) as i64);
+                }
+                let w = k.addi(w, (2 * PANEL * 2) as i64);
                 k.set(wv, w);
                 let x = k.get(xv);
-                let x = k.addi(x, 4);
+                let x = k.addi(x, 8);
                 k.set(xv, x);
             });
+            if c.kd % 2 == 1 {
+                let w = k.get(wv);
+                let ws = widen(k, w, 0);
+                fma_all(k, &ws, 0);
+            }
         }
         DType::Q8_0 | DType::Q4_0 => {
             let q4 = c.wt == DType::Q4_0;
             let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
             let wend = k.addi(wp, (c.kd / QK * block) as i64);
+            // Small (decode) tiles sum q·x per block and scale once at its end; larger tiles
+            // scale each widened weight vector (one extra accumulator set would spill).
+            let factor = tokens * nv <= 4;
             k.for_ptr(wv, wend, |k| {
                 let bp = k.get(wv);
                 let scales: Vec<Value> = (0..nv).map(|j| k.ld(V4, bp, ((v0 + j) * 16) as i64)).collect();
+                let bacc: Vec<Vec<Variable>> = if factor {
+                    (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()
+                } else {
+                    Vec::new()
+                };
                 let qstart = k.addi(bp, (PANEL * 4) as i64);
                 let qend = k.addi(bp, block as i64);
                 let qv = k.var(I64, qstart);
+                // two columns per iteration: one q4_0 byte pair, or two q8_0 columns
                 k.for_ptr(qv, qend, |k| {
                     let q = k.get(qv);
-                    // the 16 rows of one column (two columns for q4_0) as i16x8 halves
+                    // the 16 rows of each column as i16x8 halves
                     let cols: Vec<(Value, Value)> = if q4 {
                         let raw = k.b.ins().load(I8X16, flags(), q, 0);
                         let lo = k.b.ins().band(raw, cs.nib);
@@ -167,28 +189,63 @@ pub fn tile_accs(
                             })
                             .collect()
                     } else {
-                        let needs_lo = v0 < 2;
-                        let needs_hi = v0 + nv > 2;
-                        let lo = if needs_lo { k.b.ins().sload8x8(flags(), q, 0) } else { k.b.ins().iconst(I64, 0) };
-                        let hi = if needs_hi { k.b.ins().sload8x8(flags(), q, 8) } else { lo };
-                        let lo = if needs_lo { lo } else { hi };
-                        vec![(lo, hi)]
+                        (0..2)
+                            .map(|col| {
+                                let at = (col * PANEL) as i32;
+                                let lo = (v0 < 2).then(|| k.b.ins().sload8x8(flags(), q, at));
+                                let hi = (v0 + nv > 2).then(|| k.b.ins().sload8x8(flags(), q, at + 8));
+                                let (lo, hi) = match (lo, hi) {
+                                    (Some(l), Some(h)) => (l, h),
+                                    (Some(l), None) => (l, l),
+                                    (None, Some(h)) => (h, h),
+                                    (None, None) => unreachable!("a tile has at least one vector"),
+                                };
+                                (lo, hi)
+                            })
+                            .collect()
                     };
                     for (ci, &(lo, hi)) in cols.iter().enumerate() {
                         let ws: Vec<Value> = (0..nv)
                             .map(|j| {
                                 let f = i8_rows(k, lo, hi, v0 + j);
-                                k.fmul(f, scales[j])
+                                if factor {
+                                    f
+                                } else {
+                                    k.fmul(f, scales[j])
+                                }
                             })
                             .collect();
-                        fma_all(k, &ws, (ci * 4) as i64);
+                        if factor {
+                            let x = k.get(xv);
+                            for (tt, row) in bacc.iter().enumerate() {
+                                let xs = k.ld(F32, x, (tt * c.kd * 4) as i64 + (ci * 4) as i64);
+                                let xb = k.splat(xs);
+                                for (j, a) in row.iter().enumerate() {
+                                    let v = k.get(*a);
+                                    let v = k.fma(ws[j], xb, v);
+                                    k.set(*a, v);
+                                }
+                            }
+                        } else {
+                            fma_all(k, &ws, (ci * 4) as i64);
+                        }
                     }
-                    let q = k.addi(q, PANEL as i64);
+                    let q = k.addi(q, (if q4 { PANEL } else { 2 * PANEL }) as i64);
                     k.set(qv, q);
                     let x = k.get(xv);
-                    let x = k.addi(x, (cols.len() * 4) as i64);
+                    let x = k.addi(x, 8);
                     k.set(xv, x);
                 });
+                if factor {
+                    for (tt, row) in bacc.iter().enumerate() {
+                        for (j, b) in row.iter().enumerate() {
+                            let bv = k.get(*b);
+                            let a = k.get(accs[tt][j]);
+                            let a = k.fma(bv, scales[j], a);
+                            k.set(accs[tt][j], a);
+                        }
+                    }
+                }
                 let bp = k.addi(bp, block as i64);
                 k.set(wv, bp);
             });
