@@ -1,9 +1,11 @@
 //! Shared building blocks for the family files: a graph under construction plus the weight
 //! specs it reads. Family files describe only what differs between architectures.
 
+use std::collections::HashMap;
+
 use llmc_ir::{Graph, InputKind, NodeId, Op, RopeScaling};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::weights::{Transform, WeightSpec};
 
 pub struct Builder {
@@ -11,7 +13,15 @@ pub struct Builder {
     pub tokens: NodeId,
     pub positions: NodeId,
     pub specs: Vec<WeightSpec>,
+    /// Weight nodes by name (a weight read twice is one node), so a lookup does not scan the
+    /// graph: building stays linear in the number of layers and experts.
+    weights: HashMap<String, NodeId>,
 }
+
+/// The most nodes a model's step graph may have. The largest released models need well under
+/// 2^17 (a few hundred experts in each of ~100 layers); a config asking for more (e.g. 2^24
+/// layers, which passes the per-field checks) is refused instead of exhausting memory.
+pub const MAX_NODES: usize = 1 << 20;
 
 /// Attention hyper-parameters of one layer.
 #[derive(Clone, Copy, Debug)]
@@ -30,7 +40,7 @@ impl Builder {
         let mut g = Graph::new(name);
         let tokens = g.input(InputKind::Tokens);
         let positions = g.input(InputKind::Positions);
-        Builder { g, tokens, positions, specs: Vec::new() }
+        Builder { g, tokens, positions, specs: Vec::new(), weights: HashMap::new() }
     }
 
     /// A weight read from the checkpoint tensor of the same name.
@@ -40,22 +50,20 @@ impl Builder {
 
     /// A weight with explicit checkpoint names and layout transform.
     pub fn weight_from(&mut self, name: &str, dims: &[usize], candidates: &[&str], transform: Transform) -> NodeId {
-        if !self.specs.iter().any(|s| s.name == name) {
-            self.specs.push(WeightSpec {
-                name: name.to_string(),
-                shape: dims.to_vec(),
-                dtype: llmc_ir::DType::F32,
-                candidates: candidates.iter().map(|c| c.to_string()).collect(),
-                transform,
-            });
+        // A weight read twice (tied embeddings) is one node, with one spec.
+        if let Some(&id) = self.weights.get(name) {
+            return id;
         }
-        // A weight read twice (tied embeddings) is one node.
-        let existing = self
-            .g
-            .node_ids()
-            .into_iter()
-            .find(|&id| matches!(&self.g.node(id).op, Op::Weight { name: n } if n == name));
-        existing.unwrap_or_else(|| self.g.weight(name, dims))
+        self.specs.push(WeightSpec {
+            name: name.to_string(),
+            shape: dims.to_vec(),
+            dtype: llmc_ir::DType::F32,
+            candidates: candidates.iter().map(|c| c.to_string()).collect(),
+            transform,
+        });
+        let id = self.g.weight(name, dims);
+        self.weights.insert(name.to_string(), id);
+        id
     }
 
     /// A raw-byte weight (BitNet's packed ternary matrix), read as stored.
@@ -67,10 +75,17 @@ impl Builder {
             candidates: vec![name.to_string()],
             transform: Transform::None,
         });
-        self.g.weight_typed(name, llmc_ir::DType::U8, dims)
+        let id = self.g.weight_typed(name, llmc_ir::DType::U8, dims);
+        self.weights.entry(name.to_string()).or_insert(id);
+        id
     }
 
+    /// Adds an op node; refuses to grow the graph past [`MAX_NODES`] (every family adds ops
+    /// in each layer and expert loop, so this bounds the whole graph).
     pub fn op(&mut self, op: Op, args: &[NodeId]) -> Result<NodeId> {
+        if self.g.node_count() >= MAX_NODES {
+            return Err(ModelError::TooLarge { limit: MAX_NODES });
+        }
         Ok(self.g.add(op, args)?)
     }
 

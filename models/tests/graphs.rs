@@ -117,3 +117,20 @@ proptest! {
         }
     }
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_config): the mixtral fixture's config with
+/// `num_hidden_layers: 4096` took minutes to build (a weight lookup scanned the whole graph),
+/// and 2^24 layers, which passes the per-field checks, never finished.
+#[test]
+fn many_layers_build_in_linear_time_and_too_many_are_refused() {
+    let mut v: Value =
+        serde_json::from_slice(&std::fs::read(common::fixture("mixtral").join("config.json")).unwrap()).unwrap();
+    v["num_hidden_layers"] = json!(4096);
+    let t = std::time::Instant::now();
+    let (g, _) = parse(v.clone()).unwrap().build().unwrap();
+    assert!(g.node_count() > 4096 * 10);
+    assert!(t.elapsed().as_secs() < 20, "4096 layers took {:?}", t.elapsed());
+    v["num_hidden_layers"] = json!(1 << 24);
+    let e = parse(v).unwrap().build().unwrap_err();
+    assert!(matches!(e, llmc_models::ModelError::TooLarge { .. }), "{e}");
+}
