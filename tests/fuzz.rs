@@ -523,33 +523,48 @@ enum Step {
     Index(usize),
 }
 
-fn node_paths(v: &Value, only_numbers: bool, path: &mut Vec<Step>, out: &mut Vec<Vec<Step>>) {
-    if !path.is_empty() && (!only_numbers || v.is_number()) {
-        out.push(path.clone());
-    }
-    match v {
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                path.push(Step::Index(i));
-                node_paths(x, only_numbers, path, out);
-                path.pop();
-            }
-        }
-        Value::Object(o) => {
-            for (k, x) in o {
-                path.push(Step::Key(k.clone()));
-                node_paths(x, only_numbers, path, out);
-                path.pop();
-            }
-        }
-        _ => {}
-    }
+/// How many nodes below the root satisfy `pred`.
+fn count_nodes(v: &Value, pred: &dyn Fn(&Value) -> bool) -> u64 {
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(a) => Box::new(a.iter()),
+        Value::Object(o) => Box::new(o.values()),
+        _ => return 0,
+    };
+    children.map(|x| pred(x) as u64 + count_nodes(x, pred)).sum()
 }
 
-fn paths(v: &Value, only_numbers: bool) -> Vec<Vec<Step>> {
-    let mut out = Vec::new();
-    node_paths(v, only_numbers, &mut Vec::new(), &mut out);
-    out
+/// Finds the path of the `n`-th node satisfying `pred`, depth first (memory: one path, so a
+/// huge or deeply nested document costs time, not memory).
+fn nth_node(v: &Value, pred: &dyn Fn(&Value) -> bool, n: &mut u64, path: &mut Vec<Step>) -> bool {
+    let children: Vec<(Step, &Value)> = match v {
+        Value::Array(a) => a.iter().enumerate().map(|(i, x)| (Step::Index(i), x)).collect(),
+        Value::Object(o) => o.iter().map(|(k, x)| (Step::Key(k.clone()), x)).collect(),
+        _ => return false,
+    };
+    for (step, x) in children {
+        path.push(step);
+        if pred(x) {
+            if *n == 0 {
+                return true;
+            }
+            *n -= 1;
+        }
+        if nth_node(x, pred, n, path) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+/// The path of the node number `pick` (modulo their count) among those satisfying `pred`.
+fn pick_path(v: &Value, pred: &dyn Fn(&Value) -> bool, pick: u64) -> Option<Vec<Step>> {
+    let count = count_nodes(v, pred);
+    if count == 0 {
+        return None;
+    }
+    let (mut n, mut path) = (pick % count, Vec::new());
+    nth_node(v, pred, &mut n, &mut path).then_some(path)
 }
 
 fn node_mut<'v>(v: &'v mut Value, path: &[Step]) -> Option<&'v mut Value> {
@@ -642,11 +657,10 @@ impl JsonPool {
     fn mutate_value(&self, v: &mut Value, muts: &[JsonMut]) {
         for m in muts {
             let pick = |v: &Value, n: u64, numbers: bool| {
-                let ps = paths(v, numbers);
-                if ps.is_empty() {
-                    None
+                if numbers {
+                    pick_path(v, &Value::is_number, n)
                 } else {
-                    Some(ps[(n % ps.len() as u64) as usize].clone())
+                    pick_path(v, &|_| true, n)
                 }
             };
             match m {
@@ -702,11 +716,20 @@ impl JsonPool {
                     }
                 }
                 JsonMut::AddKey(a, k, val) => {
-                    let objs: Vec<Vec<Step>> = std::iter::once(Vec::new())
-                        .chain(paths(v, false))
-                        .filter(|p| node_ref(v, p).is_some_and(Value::is_object))
-                        .collect();
-                    let p = &objs[(*a % objs.len() as u64) as usize];
+                    // The root (if an object) or an object below it.
+                    let below = count_nodes(v, &Value::is_object);
+                    let root = v.is_object() as u64;
+                    if below + root == 0 {
+                        continue;
+                    }
+                    let k_obj = *a % (below + root);
+                    let p = if k_obj < root {
+                        Vec::new()
+                    } else {
+                        let Some(p) = pick_path(v, &Value::is_object, k_obj - root) else { continue };
+                        p
+                    };
+                    let p = &p;
                     let key = self.keys.get(*k as usize % self.keys.len().max(1)).cloned().unwrap_or_default();
                     let new = self.make(val, None);
                     if let Some(Value::Object(o)) = node_mut(v, p) {
@@ -732,17 +755,15 @@ impl JsonPool {
                     }
                 }
                 JsonMut::Grow(a, k) => {
-                    let arrays: Vec<Vec<Step>> = paths(v, false)
-                        .into_iter()
-                        .filter(|p| node_ref(v, p).and_then(Value::as_array).is_some_and(|a| !a.is_empty()))
-                        .collect();
-                    if arrays.is_empty() {
-                        continue;
-                    }
-                    let p = &arrays[(*a % arrays.len() as u64) as usize];
-                    if let Some(Value::Array(arr)) = node_mut(v, p) {
+                    let non_empty = |x: &Value| x.as_array().is_some_and(|a| !a.is_empty());
+                    let Some(p) = pick_path(v, &non_empty, *a) else { continue };
+                    if let Some(Value::Array(arr)) = node_mut(v, &p) {
                         let x = arr[*k as usize % arr.len()].clone();
-                        arr.extend(std::iter::repeat_n(x, *k as usize));
+                        // At most ~100k new nodes per edit: the document stays a size a real
+                        // file could have.
+                        let size = 1 + count_nodes(&x, &|_| true);
+                        let copies = (*k as u64).min(100_000 / size) as usize;
+                        arr.extend(std::iter::repeat_n(x, copies));
                     }
                 }
             }
