@@ -1102,7 +1102,40 @@ impl Attrs {
         let s = self.str(key)?;
         s.strip_prefix('"')
             .and_then(|s| s.strip_suffix('"'))
-            .map(|s| s.replace("\\\"", "\"").replace("\\\\", "\\"))
+            .and_then(unescape)
             .ok_or_else(|| format!("attribute `{key}` must be a quoted string, got `{s}`"))
     }
+}
+
+/// Undoes the escapes that Rust's `{:?}` writes in a string (the printer quotes names that
+/// way): `\"`, `\'`, `\\`, `\n`, `\r`, `\t`, `\0` and `\u{HEX}`; `None` for any other escape.
+/// (Unescaping only `\"` and `\\` made a name with a control character print differently
+/// after a round trip.)
+pub fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next()? {
+            '"' => '"',
+            '\'' => '\'',
+            '\\' => '\\',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            '0' => '\0',
+            'u' => {
+                let body = chars.as_str().strip_prefix('{')?;
+                let end = body.find('}')?;
+                let c = u32::from_str_radix(&body[..end], 16).ok().and_then(char::from_u32)?;
+                chars = body[end + 1..].chars();
+                c
+            }
+            _ => return None,
+        });
+    }
+    Some(out)
 }

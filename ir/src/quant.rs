@@ -95,11 +95,11 @@ mod tests {
     fn q8_0_matches_ggml_reference_math() {
         let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 0.1).collect();
         let b = quantize_q8_0(&x);
-        // amax = 1.6, d = 1.6/127 rounded to f16
-        assert_eq!(b.d, f16::from_f32(1.6 / 127.0).to_f32());
+        // amax = 1.55 (x[31]), d = 1.55/127 rounded to f16
+        assert_eq!(b.d, f16::from_f32(1.55f32 / 127.0).to_f32());
         assert_eq!(b.q[0], -127);
         assert_eq!(b.q[31], 127);
-        // 0.05 / (1.6/127) = 3.96875 -> 4
+        // 0.05 / (1.55/127) = 4.097 -> 4
         assert_eq!(b.q[16], 4);
         let zero = quantize_q8_0(&[0.0; 32]);
         assert_eq!((zero.d, zero.q), (0.0, [0; 32]));

@@ -69,6 +69,7 @@ pub fn parse(text: &str) -> Result<Graph, IrError> {
                 .and_then(|r| r.strip_suffix('{'))
                 .map(str::trim)
                 .and_then(|q| q.strip_prefix('"').and_then(|q| q.strip_suffix('"')))
+                .and_then(crate::op::unescape)
                 .ok_or_else(|| err(format!("expected `graph \"NAME\" {{`, got `{line}`")))?;
             graph = Some(Graph::new(name));
             continue;

@@ -291,3 +291,24 @@ fn all_logits_graph_needs_a_take_last() {
     let e = g.with_all_logits().unwrap_err().to_string();
     assert!(e.contains("no take_last"), "{e}");
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_ir_text): a NUL byte inserted into a weight name of the
+/// printed llama graph parsed, but printed as `"\0model.norm.weight"` and parsed back as a
+/// backslash and a zero: names with escapes did not survive print → parse → print.
+#[test]
+fn names_with_escaped_characters_round_trip() {
+    let mut g = Graph::new("we\"ird\\\u{0}\t");
+    let tok = g.input(InputKind::Tokens);
+    let emb = g.weight("\u{0}emb\n\u{200b}\"q\\", &[10, 4]);
+    let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
+    let last = g.add(Op::TakeLast, &[x]).unwrap();
+    g.output("logits", last);
+    let t1 = text::print(&g);
+    let parsed = text::parse(&t1).unwrap();
+    assert_eq!(parsed.name, g.name);
+    assert!(parsed.weights().iter().any(|(n, _)| n == "\u{0}emb\n\u{200b}\"q\\"), "{t1}");
+    assert_eq!(t1, text::print(&parsed));
+    // An escape the printer never writes is an error, not a silent change of the name.
+    let bad = t1.replace("\\0emb", "\\qemb");
+    assert!(text::parse(&bad).is_err());
+}

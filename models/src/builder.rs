@@ -1,9 +1,11 @@
 //! Shared building blocks for the family files: a graph under construction plus the weight
 //! specs it reads. Family files describe only what differs between architectures.
 
+use std::collections::HashMap;
+
 use llmc_ir::{Graph, InputKind, NodeId, Op, RopeScaling};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::weights::{Transform, WeightSpec};
 
 pub struct Builder {
@@ -11,9 +13,9 @@ pub struct Builder {
     pub tokens: NodeId,
     pub positions: NodeId,
     pub specs: Vec<WeightSpec>,
-    /// Weight nodes by name (a weight read twice, like tied embeddings, is one node); kept
-    /// beside the graph so building stays linear in the number of layers.
-    weights: std::collections::HashMap<String, NodeId>,
+    /// Weight nodes by name (a weight read twice is one node), so a lookup does not scan the
+    /// graph: building stays linear in the number of layers and experts.
+    weights: HashMap<String, NodeId>,
 }
 
 /// Where a SwiGLU MLP's gate and up projections come from.
@@ -25,6 +27,11 @@ pub enum GateUp<'a> {
     /// `input_linear`): read as two weights, so the graph is the same as for `Separate`.
     Fused(&'a str),
 }
+
+/// The most nodes a model's step graph may have. The largest released models need well under
+/// 2^17 (a few hundred experts in each of ~100 layers); a config asking for more (e.g. 2^24
+/// layers, which passes the per-field checks) is refused instead of exhausting memory.
+pub const MAX_NODES: usize = 1 << 20;
 
 /// Attention hyper-parameters of one layer.
 #[derive(Clone, Copy, Debug)]
@@ -43,7 +50,7 @@ impl Builder {
         let mut g = Graph::new(name);
         let tokens = g.input(InputKind::Tokens);
         let positions = g.input(InputKind::Positions);
-        Builder { g, tokens, positions, specs: Vec::new(), weights: Default::default() }
+        Builder { g, tokens, positions, specs: Vec::new(), weights: HashMap::new() }
     }
 
     /// A weight read from the checkpoint tensor of the same name.
@@ -53,6 +60,7 @@ impl Builder {
 
     /// A weight with explicit checkpoint names and layout transform.
     pub fn weight_from(&mut self, name: &str, dims: &[usize], candidates: &[&str], transform: Transform) -> NodeId {
+        // A weight read twice (tied embeddings) is one node, with one spec.
         if let Some(&id) = self.weights.get(name) {
             return id;
         }
@@ -77,7 +85,9 @@ impl Builder {
             candidates: vec![name.to_string()],
             transform: Transform::None,
         });
-        self.g.weight_typed(name, llmc_ir::DType::U8, dims)
+        let id = self.g.weight_typed(name, llmc_ir::DType::U8, dims);
+        self.weights.entry(name.to_string()).or_insert(id);
+        id
     }
 
     /// A SwiGLU MLP, `down(silu(gate(x)) · up(x))`, `d → ff → d`, in the unfused form the
@@ -109,7 +119,12 @@ impl Builder {
         self.linear(prod, down, d, ff, bias)
     }
 
+    /// Adds an op node; refuses to grow the graph past [`MAX_NODES`] (every family adds ops
+    /// in each layer and expert loop, so this bounds the whole graph).
     pub fn op(&mut self, op: Op, args: &[NodeId]) -> Result<NodeId> {
+        if self.g.node_count() >= MAX_NODES {
+            return Err(ModelError::GraphTooLarge { limit: MAX_NODES });
+        }
         Ok(self.g.add(op, args)?)
     }
 

@@ -30,6 +30,8 @@ pub enum ModelError {
     TensorShape { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
     #[error("{path}: tensor `{name}` has dtype {dtype}, which llmc cannot read (F32, F16 and BF16 are supported)")]
     TensorDtype { path: PathBuf, name: String, dtype: String },
+    #[error("the model's graph would have more than {limit} nodes (too many layers or experts in config.json)")]
+    GraphTooLarge { limit: usize },
     #[error("building the graph: {0}")]
     Ir(#[from] llmc_ir::IrError),
 }

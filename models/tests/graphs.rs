@@ -117,3 +117,19 @@ proptest! {
         }
     }
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_config): the mixtral fixture's config with
+/// `num_hidden_layers: 4096` took minutes to build (a weight lookup scanned the whole graph),
+/// and 2^24 layers, which passed the per-field checks, never finished. Layer counts are now
+/// capped (1024) and building is linear (the time is not asserted: tests never assert times).
+#[test]
+fn many_layers_build_and_too_many_are_refused() {
+    let mut v: Value =
+        serde_json::from_slice(&std::fs::read(common::fixture("mixtral").join("config.json")).unwrap()).unwrap();
+    v["num_hidden_layers"] = json!(1024);
+    let (g, _) = parse(v.clone()).unwrap().build().unwrap();
+    assert!(g.node_count() > 1024 * 10);
+    v["num_hidden_layers"] = json!(1 << 24);
+    let e = parse(v).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("num_hidden_layers"), "{e}");
+}

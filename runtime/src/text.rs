@@ -13,6 +13,16 @@ fn text_err(msg: impl Into<String>) -> RuntimeError {
     RuntimeError::Usage(msg.into())
 }
 
+/// Runs a call into `tokenizers` or `minijinja` with a panic turned into an error: both have
+/// panicked on malformed input (a bad decoder in tokenizer.json, `loop.cycle()` or `""[::-1]`
+/// in a template; found by tests/fuzz.rs), and the input comes from the model.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Result<T, RuntimeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        Err(text_err(format!("{what}: the library failed on this input ({})", msg.unwrap_or("panic"))))
+    })
+}
+
 /// The tokenizer bundled in an artifact.
 pub struct Text {
     tok: Tokenizer,
@@ -33,14 +43,18 @@ impl Text {
 
     /// A tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Text, RuntimeError> {
-        let tok = Tokenizer::from_bytes(bytes).map_err(|e| text_err(format!("tokenizer.json: {e}")))?;
+        let tok = guarded("tokenizer.json", || {
+            Tokenizer::from_bytes(bytes).map_err(|e| text_err(format!("tokenizer.json: {e}")))
+        })?;
         Ok(Text { tok })
     }
 
     /// Token ids of `text`. `special`: let the tokenizer add its special tokens (BOS...) as
     /// `tokenizer(text)` does; chat prompts already contain them and pass `false`.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i32>, RuntimeError> {
-        let enc = self.tok.encode(text, special).map_err(|e| text_err(format!("tokenizing the prompt: {e}")))?;
+        let enc = guarded("tokenizing the prompt", || {
+            self.tok.encode(text, special).map_err(|e| text_err(format!("tokenizing the prompt: {e}")))
+        })?;
         Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
     }
 
@@ -67,7 +81,7 @@ impl Text {
     /// The text of `ids`, special tokens included (as transformers' `decode` does by default).
     pub fn decode(&self, ids: &[i32]) -> Result<String, RuntimeError> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.tok.decode(&ids, false).map_err(|e| text_err(format!("decoding: {e}")))
+        guarded("decoding", || self.tok.decode(&ids, false).map_err(|e| text_err(format!("decoding: {e}"))))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -161,27 +175,29 @@ pub fn render_chat(
     });
     env.add_template("chat", template).map_err(|e| text_err(format!("chat template: {e}")))?;
     let t = env.get_template("chat").map_err(|e| text_err(format!("chat template: {e}")))?;
-    let mut out = LimitedOutput { buf: Vec::new(), over: false };
-    let ctx = context! {
-        messages => messages,
-        add_generation_prompt => true,
-        bos_token => bos_token.unwrap_or(""),
-        eos_token => eos_token.unwrap_or(""),
-    };
-    match t.render_captured_to(ctx, &mut out) {
-        Ok(_) => {}
-        Err(_) if out.over => {
-            return Err(text_err(format!(
-                "chat template: the rendered chat is larger than {} MiB",
-                TEMPLATE_OUTPUT_LIMIT >> 20
-            )))
+    guarded("chat template", || {
+        let mut out = LimitedOutput { buf: Vec::new(), over: false };
+        let ctx = context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => bos_token.unwrap_or(""),
+            eos_token => eos_token.unwrap_or(""),
+        };
+        match t.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            Err(_) if out.over => {
+                return Err(text_err(format!(
+                    "chat template: the rendered chat is larger than {} MiB",
+                    TEMPLATE_OUTPUT_LIMIT >> 20
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(text_err(format!(
+                    "chat template: rendering did not finish within {TEMPLATE_FUEL} steps (a runaway loop?)"
+                )))
+            }
+            Err(e) => return Err(text_err(format!("chat template: {e}"))),
         }
-        Err(e) if e.kind() == ErrorKind::OutOfFuel => {
-            return Err(text_err(format!(
-                "chat template: rendering did not finish within {TEMPLATE_FUEL} steps (a runaway loop?)"
-            )))
-        }
-        Err(e) => return Err(text_err(format!("chat template: {e}"))),
-    }
-    String::from_utf8(out.buf).map_err(|_| text_err("chat template: the rendered chat is not valid UTF-8"))
+        String::from_utf8(out.buf).map_err(|_| text_err("chat template: the rendered chat is not valid UTF-8"))
+    })
 }

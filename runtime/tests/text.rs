@@ -85,3 +85,16 @@ fn bad_templates_are_errors() {
     let e = render_chat("{{ raise_exception('roles must alternate') }}", &[], None, None).unwrap_err().to_string();
     assert!(e.contains("roles must alternate"), "{e}");
 }
+
+/// Found by `tests/fuzz.rs`: `tokenizers` panicked on a tokenizer.json whose `decoder` value
+/// was not JSON (one flipped bit), and `minijinja` on `loop.cycle()` without arguments and on
+/// `""[::-1]` (SmolLM2-style template, empty message). Each is an error now, not a crash.
+#[test]
+fn library_panics_on_bad_input_are_errors() {
+    let bad_tok = br###"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":z"cleanup":true,"prefix":"##","type":"WordPiece"},"model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"###;
+    assert!(Text::from_bytes(bad_tok).is_err());
+    let msgs = [Message { role: "user".into(), content: String::new() }];
+    let e = render_chat("{% for m in messages %}{{ loop.cycle() }}{% endfor %}", &msgs, None, None).unwrap_err();
+    assert!(e.to_string().starts_with("chat template"), "{e}");
+    assert!(render_chat("{{ messages[0].content[::-1] }}", &msgs, None, None).is_err());
+}
