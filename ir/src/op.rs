@@ -966,8 +966,9 @@ impl Op {
                 let mut total = 0;
                 for t in ins {
                     let s = &t.shape.0;
-                    if s.len() != first.len() || s[1..] != first[1..] || t.dtype != DType::F32 {
-                        return Err(format!("concat_rows operands differ: {} vs {}", ins[0], t));
+                    // (A scalar has no rows: `s[1..]` would panic on it.)
+                    if s.is_empty() || s.len() != first.len() || s[1..] != first[1..] || t.dtype != DType::F32 {
+                        return Err(format!("concat_rows operands differ or are scalars: {} vs {}", ins[0], t));
                     }
                     match s[0] {
                         Dim::C(r) => total += r,

@@ -312,3 +312,13 @@ fn names_with_escaped_characters_round_trip() {
     let bad = t1.replace("\\0emb", "\\qemb");
     assert!(text::parse(&bad).is_err());
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_ir_text): deleting one token of the optimized qwen2 graph
+/// left `concat_rows` with scalar operands, and the type rule sliced `shape[1..]` of a rank-0
+/// shape (a panic instead of a verifier error).
+#[test]
+fn concat_rows_of_scalars_is_a_type_error() {
+    let t = "graph \"t\" {\n  %0 = weight name=\"a\" : f32[]\n  %1 = concat_rows(%0, %0) : f32[2]\n  output logits = %1\n}\n";
+    let e = text::parse(t).unwrap_err().to_string();
+    assert!(e.contains("concat_rows"), "{e}");
+}
