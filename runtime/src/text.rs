@@ -43,6 +43,7 @@ impl Text {
 
     /// A tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Text, RuntimeError> {
+        check_unigram_pieces(bytes)?;
         let tok = guarded("tokenizer.json", || {
             Tokenizer::from_bytes(bytes).map_err(|e| text_err(format!("tokenizer.json: {e}")))
         })?;
@@ -91,6 +92,28 @@ impl Text {
     /// Id of a token given as text (e.g. a special token), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<i32> {
         self.tok.token_to_id(token).map(|i| i as i32)
+    }
+}
+
+/// The longest Unigram piece accepted, in bytes. `tokenizers` keeps a Unigram vocabulary in a
+/// character trie that it drops recursively, one stack frame per character: a 76k-character
+/// piece (found by tests/fuzz.rs) overflowed a 2 MB thread stack when the tokenizer was
+/// dropped, aborting the process. Real pieces are at most a few hundred bytes.
+pub const MAX_UNIGRAM_PIECE: usize = 4096;
+
+fn check_unigram_pieces(bytes: &[u8]) -> Result<(), RuntimeError> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Ok(()); // not JSON: `tokenizers` says why
+    };
+    if v["model"]["type"] != "Unigram" {
+        return Ok(());
+    }
+    let pieces = v["model"]["vocab"].as_array().into_iter().flatten().filter_map(|e| e.get(0)?.as_str());
+    match pieces.map(str::len).max() {
+        Some(len) if len > MAX_UNIGRAM_PIECE => Err(text_err(format!(
+            "tokenizer.json: a Unigram piece of {len} bytes is over the {MAX_UNIGRAM_PIECE}-byte limit"
+        ))),
+        _ => Ok(()),
     }
 }
 

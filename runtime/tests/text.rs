@@ -98,3 +98,26 @@ fn library_panics_on_bad_input_are_errors() {
     assert!(e.to_string().starts_with("chat template"), "{e}");
     assert!(render_chat("{{ messages[0].content[::-1] }}", &msgs, None, None).is_err());
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_tokenizer): a Unigram tokenizer.json whose first piece was
+/// replaced by 76181 `a`s loaded, but dropping it overflowed the stack (recursive trie drop
+/// in `tokenizers`) and aborted the process. Such a piece is refused at load.
+#[test]
+fn huge_unigram_piece_is_refused() {
+    let tok = |piece: &str| {
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false,
+                      "vocab": [[piece, 0.0], ["a", -1.0], ["b", -2.0]]}
+        })
+        .to_string()
+    };
+    let t = Text::from_bytes(tok("<unk>").as_bytes()).unwrap();
+    assert_eq!(t.encode("ab", false).unwrap(), vec![1, 2]);
+    let huge = "a".repeat(76181);
+    let e = std::thread::spawn(move || Text::from_bytes(tok(&huge).as_bytes()).err().map(|e| e.to_string()))
+        .join()
+        .unwrap();
+    assert!(e.is_some_and(|e| e.contains("Unigram piece of 76181 bytes")));
+}
