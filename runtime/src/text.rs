@@ -182,10 +182,43 @@ impl std::io::Write for LimitedOutput {
     }
 }
 
+/// The largest chat template accepted (real ones are a few KB, the largest known ~20 KB).
+pub const MAX_TEMPLATE_BYTES: usize = 64 << 10;
+
+/// minijinja parses and evaluates operator chains recursively, ~400 bytes of stack per link:
+/// `{{ 1 ~ 'a' ~ 'a' ... }}` with 8000 links overflowed a 2 MB thread stack (found by
+/// tests/fuzz.rs), and a stack overflow aborts the process. Templates render on a thread with
+/// this much stack, twice what the longest chain under `MAX_TEMPLATE_BYTES` needs (65536
+/// unary minuses); it is reserved, not touched, by a normal template.
+const RENDER_STACK: usize = 64 << 20;
+
 /// Renders a chat with the model's own template (Jinja, as transformers' `apply_chat_template`
 /// with `add_generation_prompt=True`). The template is untrusted: its work is bounded by
 /// [`TEMPLATE_FUEL`] and its output by [`TEMPLATE_OUTPUT_LIMIT`].
 pub fn render_chat(
+    template: &str,
+    messages: &[Message],
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+) -> Result<String, RuntimeError> {
+    if template.len() > MAX_TEMPLATE_BYTES {
+        return Err(text_err(format!(
+            "chat template: {} bytes is over the {MAX_TEMPLATE_BYTES}-byte limit",
+            template.len()
+        )));
+    }
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(RENDER_STACK)
+            .spawn_scoped(s, || render_chat_on_this_thread(template, messages, bos_token, eos_token))
+            .map_err(|e| text_err(format!("chat template: cannot start a thread: {e}")))?
+            .join()
+            .unwrap_or_else(|_| Err(text_err("chat template: rendering failed")))
+    })
+}
+
+fn render_chat_on_this_thread(
     template: &str,
     messages: &[Message],
     bos_token: Option<&str>,

@@ -121,3 +121,18 @@ fn huge_unigram_piece_is_refused() {
         .unwrap();
     assert!(e.is_some_and(|e| e.contains("Unigram piece of 76181 bytes")));
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_chat_template): a long operator chain in a template
+/// overflowed the stack inside minijinja (`{{ 1 ~ 'a' ~ 'a' ... }}`, 8000 links, on a 2 MB
+/// thread), aborting the process. Rendering now has its own large stack and templates a size
+/// limit; this test runs on a 2 MB test thread.
+#[test]
+fn long_operator_chains_in_templates_do_not_overflow_the_stack() {
+    let msgs = [Message { role: "user".into(), content: "hi".into() }];
+    let chain = format!("{{{{ 1{} }}}}", " ~ 'a'".repeat(9000));
+    assert_eq!(render_chat(&chain, &msgs, None, None).unwrap().len(), 9001);
+    let minus = format!("{{{{ {}1 }}}}", "-".repeat(60000));
+    assert_eq!(render_chat(&minus, &msgs, None, None).unwrap(), "1");
+    let too_big = format!("{{{{ {}1 }}}}", "-".repeat(70000));
+    assert!(render_chat(&too_big, &msgs, None, None).unwrap_err().to_string().contains("limit"));
+}
