@@ -18,9 +18,10 @@
 //! buy nothing on these machines.
 //!
 //! Every target runs ~4 s in the normal suite; `LLMC_FUZZ_SECS=N` runs each for N seconds,
-//! `LLMC_FUZZ_SEED=S` replays a run (the seed is printed). A panic or a broken property is
-//! reported with the (shrunk) input; an input running for more than 30 s aborts the process
-//! with its description (watchdog); the peak RSS is printed and must stay under
+//! `LLMC_FUZZ_SEED=S` replays a run (the seed is printed), `LLMC_FUZZ_TRACE=FILE` keeps the
+//! description of the input being run in FILE (for a crash that aborts). A panic or a broken
+//! property is reported with the (shrunk) input; an input running for more than 30 s aborts
+//! the process with its description (watchdog); the peak RSS is printed and must stay under
 //! `LLMC_FUZZ_RSS_MB` (default 4096).
 //!
 //! ```text
@@ -183,6 +184,10 @@ where
     seed_bytes[8..16].copy_from_slice(&(target.len() as u64).to_le_bytes());
     let mut runner = TestRunner::new_with_rng(Config::default(), TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
     let dog = Watchdog::start(target, Duration::from_secs(env_u64("LLMC_FUZZ_CASE_SECS").unwrap_or(30)));
+    // A stack overflow or an allocation failure aborts the process before anything can be
+    // reported: LLMC_FUZZ_TRACE=FILE writes each input's description there before it runs.
+    let trace = std::env::var_os("LLMC_FUZZ_TRACE").map(PathBuf::from);
+    eprintln!("fuzz {target}: seed {seed}, {secs} s");
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(secs);
     let mut inputs = 0u64;
@@ -195,7 +200,11 @@ where
             Err(e) => panic!("fuzz {target}: cannot generate an input: {e}"),
         };
         let v = tree.current();
-        dog.enter(describe(&v));
+        let desc = describe(&v);
+        if let Some(t) = &trace {
+            let _ = std::fs::write(t, &desc);
+        }
+        dog.enter(desc);
         inputs += 1;
         match run_case(&mut body, &v) {
             Ok(label) => *outcomes.entry(label).or_default() += 1,
