@@ -105,6 +105,16 @@ fn check_unigram_pieces(bytes: &[u8]) -> Result<(), RuntimeError> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return Ok(()); // not JSON: `tokenizers` says why
     };
+    // Added tokens become one matcher (Aho-Corasick) built at load: 652 added tokens of 197k
+    // characters each (found by tests/fuzz.rs) took 150 s to load. Real added tokens are a
+    // few dozen bytes.
+    let added = v["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let longest = added.iter().filter_map(|t| t.get("content")?.as_str()).map(str::len).max().unwrap_or(0);
+    if longest > MAX_UNIGRAM_PIECE {
+        return Err(text_err(format!(
+            "tokenizer.json: an added token of {longest} bytes is over the {MAX_UNIGRAM_PIECE}-byte limit"
+        )));
+    }
     if v["model"]["type"] != "Unigram" {
         return Ok(());
     }

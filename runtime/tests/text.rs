@@ -136,3 +136,23 @@ fn long_operator_chains_in_templates_do_not_overflow_the_stack() {
     let too_big = format!("{{{{ {}1 }}}}", "-".repeat(70000));
     assert!(render_chat(&too_big, &msgs, None, None).unwrap_err().to_string().contains("limit"));
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_tokenizer): 652 added tokens of 197,368 characters each took
+/// 150 s to load (their matcher is built at load). An added token over 4096 bytes is refused.
+#[test]
+fn huge_added_tokens_are_refused() {
+    let tok = |content: &str| {
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+            "added_tokens": [{"id": 2, "content": content, "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "a"}
+        })
+        .to_string()
+    };
+    let t = Text::from_bytes(tok("<s>").as_bytes()).unwrap();
+    assert_eq!(t.encode("<s>", true).unwrap(), vec![2]);
+    let e = Text::from_bytes(tok(&"x".repeat(197_368)).as_bytes()).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("added token of 197368 bytes")), "{e:?}");
+}
