@@ -100,6 +100,8 @@ impl Text {
 /// piece (found by tests/fuzz.rs) overflowed a 2 MB thread stack when the tokenizer was
 /// dropped, aborting the process. Real pieces are at most a few hundred bytes.
 pub const MAX_UNIGRAM_PIECE: usize = 4096;
+/// The most items a post-processor template (`single`, `pair`) may have.
+pub const MAX_TEMPLATE_ITEMS: usize = 64;
 
 fn check_unigram_pieces(bytes: &[u8]) -> Result<(), RuntimeError> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -114,6 +116,21 @@ fn check_unigram_pieces(bytes: &[u8]) -> Result<(), RuntimeError> {
         return Err(text_err(format!(
             "tokenizer.json: an added token of {longest} bytes is over the {MAX_UNIGRAM_PIECE}-byte limit"
         )));
+    }
+    // A post-processor template repeats the input once per `Sequence` item: a `single` of 1007
+    // items (found by tests/fuzz.rs) made every encode and streamed decode take minutes. Real
+    // templates have a handful of items (BOS, the sequence, EOS).
+    let pp = &v["post_processor"];
+    let templates = std::iter::once(pp).chain(pp["processors"].as_array().into_iter().flatten());
+    for t in templates {
+        for key in ["single", "pair"] {
+            let n = t[key].as_array().map_or(0, Vec::len);
+            if n > MAX_TEMPLATE_ITEMS {
+                return Err(text_err(format!(
+                    "tokenizer.json: a post-processor `{key}` template of {n} items is over the {MAX_TEMPLATE_ITEMS}-item limit"
+                )));
+            }
+        }
     }
     if v["model"]["type"] != "Unigram" {
         return Ok(());

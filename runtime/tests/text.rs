@@ -156,3 +156,25 @@ fn huge_added_tokens_are_refused() {
     let e = Text::from_bytes(tok(&"x".repeat(197_368)).as_bytes()).err().map(|e| e.to_string());
     assert!(e.as_deref().is_some_and(|e| e.contains("added token of 197368 bytes")), "{e:?}");
 }
+
+/// Found by `tests/fuzz.rs` (fuzz_tokenizer): a post-processor whose `single` template repeats
+/// the sequence 1007 times made every encode (and the streamed decode of its ids) take minutes.
+#[test]
+fn huge_post_processor_templates_are_refused() {
+    let tok = |items: usize| {
+        let single: Vec<_> = (0..items).map(|_| serde_json::json!({"Sequence": {"id": "A", "type_id": 0}})).collect();
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "normalizer": null, "added_tokens": [],
+            "pre_tokenizer": null, "decoder": null,
+            "post_processor": {"type": "TemplateProcessing", "single": single,
+                               "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                               "special_tokens": {}},
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "a"}
+        })
+        .to_string()
+    };
+    let t = Text::from_bytes(tok(1).as_bytes()).unwrap();
+    assert_eq!(t.encode("b", true).unwrap(), vec![1]);
+    let e = Text::from_bytes(tok(1007).as_bytes()).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("template of 1007 items")), "{e:?}");
+}
