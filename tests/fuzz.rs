@@ -1869,3 +1869,4 @@ fn fuzz_chat_template() {
         }
     });
 }
+

@@ -43,7 +43,7 @@ impl Text {
 
     /// A tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Text, RuntimeError> {
-        check_unigram_pieces(bytes)?;
+        check_tokenizer_json(bytes)?;
         let tok = guarded("tokenizer.json", || {
             Tokenizer::from_bytes(bytes).map_err(|e| text_err(format!("tokenizer.json: {e}")))
         })?;
@@ -103,10 +103,14 @@ pub const MAX_UNIGRAM_PIECE: usize = 4096;
 /// The most items a post-processor template (`single`, `pair`) may have.
 pub const MAX_TEMPLATE_ITEMS: usize = 64;
 
-fn check_unigram_pieces(bytes: &[u8]) -> Result<(), RuntimeError> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Ok(()); // not JSON: `tokenizers` says why
-    };
+fn check_tokenizer_json(bytes: &[u8]) -> Result<(), RuntimeError> {
+    // Not JSON is refused here, before `tokenizers` sees it: its deserializer builds the model
+    // while it reads, so a document that breaks after a long Unigram piece (found by
+    // tests/fuzz.rs: a 190,919-byte piece, then a missing final `}`) dropped the half-built
+    // trie recursively and overflowed the stack. `tokenizers` reads with serde_json too, so
+    // nothing it accepts is refused here.
+    let v = serde_json::from_slice::<serde_json::Value>(bytes)
+        .map_err(|e| text_err(format!("tokenizer.json is not valid JSON: {e}")))?;
     // Added tokens become one matcher (Aho-Corasick) built at load: 652 added tokens of 197k
     // characters each (found by tests/fuzz.rs) took 150 s to load. Real added tokens are a
     // few dozen bytes.

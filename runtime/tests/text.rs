@@ -122,6 +122,26 @@ fn huge_unigram_piece_is_refused() {
     assert!(e.is_some_and(|e| e.contains("Unigram piece of 76181 bytes")));
 }
 
+/// Found by `tests/fuzz.rs` (fuzz_tokenizer): the same long Unigram piece in a document that
+/// breaks after it (the final `}` missing). `tokenizers` builds the model while it reads, then
+/// fails and drops the half-built trie recursively: the stack overflowed before the piece check
+/// ran. A document that is not JSON is refused before `tokenizers` sees it.
+#[test]
+fn huge_unigram_piece_in_broken_json_is_refused() {
+    let doc = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false,
+                  "vocab": [["<unk>", 0.0], ["a".repeat(190_919), -1.0], ["b", -2.0]]}
+    })
+    .to_string();
+    let broken = doc[..doc.len() - 1].to_string();
+    let e = std::thread::spawn(move || Text::from_bytes(broken.as_bytes()).err().map(|e| e.to_string()))
+        .join()
+        .unwrap();
+    assert!(e.is_some_and(|e| e.contains("not valid JSON")));
+}
+
 /// Found by `tests/fuzz.rs` (fuzz_chat_template): a long operator chain in a template
 /// overflowed the stack inside minijinja (`{{ 1 ~ 'a' ~ 'a' ... }}`, 8000 links, on a 2 MB
 /// thread), aborting the process. Rendering now has its own large stack and templates a size
