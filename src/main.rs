@@ -47,10 +47,11 @@ enum Cmd {
         /// Default: the checkpoint's own float type. Norms, biases and vectors stay f32.
         #[arg(long, value_parser = storage_dtype)]
         dtype: Option<llmc_ir::DType>,
-        /// Activation precision inside the kernels. Only `f32` exists today: every storage type
-        /// is widened to f32 in registers, so the logits are those of the f32 model of the
-        /// dequantized weights (int8 activations are not implemented).
-        #[arg(long, value_parser = ["f32"], default_value = "f32")]
+        /// Activation precision of the projections over q8_0/q4_0 weights. `q8_0` (default):
+        /// their inputs are rounded to int8 blocks of 32 and multiplied with integer dot
+        /// products (as llama.cpp does). `f32`: weights are widened to f32 in registers, so
+        /// the logits are those of the f32 model on the dequantized weights.
+        #[arg(long, value_parser = ["q8_0", "f32"], default_value = "q8_0")]
         activations: String,
     },
     /// Run a compiled artifact.
@@ -272,7 +273,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Compile { model, output, weights, passes, no_opt, quiet, dtype, activations: _ } => {
+        Cmd::Compile { model, output, weights, passes, no_opt, quiet, dtype, activations } => {
             let pipeline = match (&passes, no_opt) {
                 (_, true) => Vec::new(),
                 (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,
@@ -290,7 +291,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             signals::clean_up_on_signal(llmc_writer::temp_path(&output));
             let bar = progress_bar(quiet);
             let storage = dtype.map_or(llmc_writer::Storage::Checkpoint, llmc_writer::Storage::All);
-            let report = llmc_writer::compile(&m, &output, &pipeline, storage, &mut |p| match p {
+            let act = if activations == "f32" { llmc_writer::Activations::F32 } else { llmc_writer::Activations::Q8 };
+            let report = llmc_writer::compile(&m, &output, &pipeline, storage, act, &mut |p| match p {
                 llmc_writer::Progress::Stage(s) => bar.set_message(s),
                 llmc_writer::Progress::Bytes { done, total } => {
                     bar.set_length(total);

@@ -1275,6 +1275,7 @@ fn compiled_artifacts() -> &'static [Vec<u8>] {
                     &out,
                     &llmc_ir::passes::standard_pipeline(),
                     llmc_writer::Storage::Checkpoint,
+                    llmc_writer::Activations::Q8,
                     &mut |_| {},
                 )
                 .unwrap();
@@ -1869,4 +1870,3 @@ fn fuzz_chat_template() {
         }
     });
 }
-

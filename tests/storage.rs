@@ -1,7 +1,8 @@
 //! Weight storage types end to end (`llmc compile --dtype`): every fixture family at every
 //! storage type compiles and runs, the JIT agrees with the interpreter on the quantized
-//! artifact, and a quantized artifact means exactly the f32 model of its dequantized weights
-//! (what transformers would compute on them: the kernels keep activations in f32).
+//! artifact (q8_0/q4_0 with int8 activations, the default), and with `--activations f32` a
+//! quantized artifact means exactly the f32 model of its dequantized weights (what
+//! transformers would compute on them).
 
 mod common;
 
@@ -80,8 +81,8 @@ fn dequantized_fixture(name: &str, dtype: llmc_ir::DType, dir: &Path) -> std::pa
     model
 }
 
-/// Unoptimized (so the quantized tensors are the checkpoint's own, not folded ones): the
-/// quantized artifact gives the logits of the f32 model of its dequantized weights, on both
+/// Unoptimized (so the quantized tensors are the checkpoint's own, not folded ones), with
+/// `--activations f32`: the quantized artifact gives the logits of the f32 model of its dequantized weights, on both
 /// backends. (`--dtype q4_0` keeps the output matrix at q8_0, so it is checked as q8_0 here
 /// for the families whose output matrix is the embedding.)
 #[test]
@@ -92,7 +93,7 @@ fn quantized_artifacts_mean_their_dequantized_weights() {
         for dt in ["bf16", "f16", "q8_0"] {
             let dtype = llmc_ir::DType::parse(dt).unwrap();
             let q = dir.path().join(format!("{fam}-{dt}.llmc"));
-            compile_with(&fixture(fam), &q, &["--dtype", dt, "--no-opt"]);
+            compile_with(&fixture(fam), &q, &["--dtype", dt, "--no-opt", "--activations", "f32"]);
             let f = dir.path().join(format!("{fam}-{dt}-f32.llmc"));
             compile_with(&dequantized_fixture(fam, dtype, dir.path()), &f, &["--dtype", "f32", "--no-opt"]);
             for backend in ["jit", "interp"] {

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::program::{Layout, Program};
 
 pub const MAGIC: &[u8; 8] = b"LLMCART\0";
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// Bytes before the JSON header.
 pub const PREAMBLE: usize = 24;
 /// The largest JSON header a loader reads (the header lists tensors and kernel calls: a few

@@ -59,8 +59,12 @@ impl Lowerer<'_> {
         let Arg::Weight(name) = arg else {
             return Err(err("matmul weights and biases must be weights (computed matrices are not supported yet)"));
         };
+        let matrix = |l: Layout| matches!(l, Layout::Panel16 | Layout::Dot16);
         match self.prog.layouts.iter_mut().find(|(n, _)| n == name) {
-            Some((_, l)) if *l == layout || *l == Layout::Panel16 => {}
+            Some((_, l)) if matrix(*l) && matrix(layout) && *l != layout => {
+                return Err(err(format!("weight {name} is read both by int8 (quant_q8) and f32 projections")))
+            }
+            Some((_, l)) if *l == layout || matrix(*l) => {}
             Some((_, l)) => *l = layout,
             None => self.prog.layouts.push((name.clone(), layout)),
         }
@@ -82,11 +86,30 @@ impl Lowerer<'_> {
             _ => Rows::One,
         };
         let width = node.ty.shape.last_const().unwrap_or(0);
+        // `quant_q8` lowers into the prologue of the projections it feeds (as their input).
+        let quantized = |i: usize| matches!(self.g.node(ops[i]).op, Op::QuantQ8);
+        let xq_ok = matches!(node.op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. });
+        if let Some(i) = (0..ops.len()).find(|&i| quantized(i) && (i != 0 || !xq_ok)) {
+            return Err(err(format!(
+                "quant_q8 feeds operand {i} of {}: only the input of a projection takes it",
+                node.op.name()
+            )));
+        }
+        let xq = xq_ok && quantized(0);
+        if xq && !matches!(self.g.node(ops[1]).ty.dtype, DType::Q8_0 | DType::Q4_0) {
+            return Err(err(format!(
+                "quant_q8 feeds a {} whose weight is {:?}: int8 projections need q8_0 or q4_0",
+                node.op.name(),
+                self.g.node(ops[1]).ty.dtype
+            )));
+        }
+        let wlayout = if xq { Layout::Dot16 } else { Layout::Panel16 };
         let in_width = |i: usize| self.g.node(ops[i]).ty.shape.last_const().unwrap_or(0);
         let result = match &node.op {
             Op::Input(InputKind::Tokens) => Arg::Tokens,
             Op::Input(InputKind::Positions) => Arg::Positions,
             Op::Weight { name } => Arg::Weight(name.clone()),
+            Op::QuantQ8 => a[0].clone(),
             op => {
                 let out = self.buffer(width, rows);
                 let mut args = a.clone();
@@ -94,13 +117,11 @@ impl Lowerer<'_> {
                 match op {
                     Op::Embedding => {
                         // Gathers read a packed table when it is also a matmul weight (tied
-                        // embeddings): decided after all matmuls are seen, see `finish`.
-                        // A table with a storage type is always packed (its only layout).
+                        // embeddings): decided after all matmuls are seen, see
+                        // `fix_embeddings`. A table with a storage type is always packed.
                         let w = self.g.node(ops[0]).ty.dtype;
-                        if w != DType::F32 {
-                            self.set_layout(&a[0], Layout::Panel16)?;
-                        }
-                        self.call(KernelSpec::Embedding { d: width, packed: false, w }, args, Units::Rows, rows, width);
+                        let spec = KernelSpec::Embedding { d: width, layout: Layout::RowMajor, w };
+                        self.call(spec, args, Units::Rows, rows, width);
                     }
                     Op::MatMul | Op::Linear { .. } => {
                         let (rms_eps, act, bias, residual) = match op {
@@ -109,18 +130,18 @@ impl Lowerer<'_> {
                         };
                         let k = in_width(0);
                         let m = self.g.node(ops[1]).ty.shape.resolve(0)[0];
-                        self.set_layout(&a[1], Layout::Panel16)?;
+                        self.set_layout(&a[1], wlayout)?;
                         if bias {
                             self.set_layout(&a[2], Layout::Padded16)?;
                         }
                         let w = self.g.node(ops[1]).ty.dtype;
-                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w };
+                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq };
                         self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                     }
                     Op::QkvRope { layer, heads, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, bias } => {
                         let k = in_width(0);
                         let m = (heads + 2 * kv_heads) * head_dim;
-                        self.set_layout(&a[1], Layout::Panel16)?;
+                        self.set_layout(&a[1], wlayout)?;
                         if *bias {
                             self.set_layout(&a[2], Layout::Padded16)?;
                         }
@@ -146,6 +167,7 @@ impl Lowerer<'_> {
                             rms_eps: *rms_eps,
                             bias: *bias,
                             w: self.g.node(ops[1]).ty.dtype,
+                            xq,
                         };
                         self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                         self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
@@ -185,6 +207,7 @@ impl Lowerer<'_> {
                             act: Act::None,
                             residual: false,
                             w: wt(1),
+                            xq: false,
                         };
                         let args = vec![a[0].clone(), a[1].clone(), Arg::Buf(logits)];
                         self.call(router, args, Units::Panels(e.div_ceil(PANEL)), rows, PANEL * d);
@@ -319,7 +342,7 @@ impl Lowerer<'_> {
                         self.call(KernelSpec::Concat { widths }, args, Units::Rows, rows, width)
                     }
                     Op::TakeLast => self.call(KernelSpec::TakeLast { d: width }, args, Units::Single, Rows::N, width),
-                    Op::Input(_) | Op::Weight { .. } => unreachable!("handled above"),
+                    Op::Input(_) | Op::Weight { .. } | Op::QuantQ8 => unreachable!("handled above"),
                 }
                 Arg::Buf(out)
             }
@@ -328,15 +351,25 @@ impl Lowerer<'_> {
         Ok(())
     }
 
-    /// Embedding tables that are also matmul weights are read in their packed layout.
+    /// Embedding tables that are also matmul weights are read in the matmul's layout; a table
+    /// with a storage type is packed (`Panel16`) in any case.
     fn fix_embeddings(&mut self) {
-        let packed: Vec<String> =
-            self.prog.layouts.iter().filter(|(_, l)| *l == Layout::Panel16).map(|(n, _)| n.clone()).collect();
         for ci in 0..self.prog.calls.len() {
             let call = &self.prog.calls[ci];
             if let KernelSpec::Embedding { d, w, .. } = self.prog.kernels[call.kernel] {
-                let is_packed = matches!(&call.args[0], Arg::Weight(n) if packed.contains(n));
-                let k = self.kernel(KernelSpec::Embedding { d, packed: is_packed, w });
+                let Arg::Weight(name) = &call.args[0] else { continue };
+                let name = name.clone();
+                let have = self.prog.layouts.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
+                let layout = match have {
+                    Some(l @ (Layout::Panel16 | Layout::Dot16)) => l,
+                    _ if w != DType::F32 => {
+                        self.prog.layouts.retain(|(n, _)| *n != name);
+                        self.prog.layouts.push((name, Layout::Panel16));
+                        Layout::Panel16
+                    }
+                    _ => Layout::RowMajor,
+                };
+                let k = self.kernel(KernelSpec::Embedding { d, layout, w });
                 self.prog.calls[ci].kernel = k;
             }
         }
@@ -428,4 +461,35 @@ pub fn lower(g: &Graph) -> Result<Program, IrError> {
     l.fix_embeddings();
     l.plan_memory();
     Ok(l.prog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tokens → embedding → quant_q8 → matmul(w)`, with `w` of type `wt`; `silu` on the
+    /// quantized value instead when `misuse`.
+    fn graph(wt: DType, misuse: bool) -> Graph {
+        let mut g = Graph::new("q");
+        let tok = g.input(InputKind::Tokens);
+        g.input(InputKind::Positions);
+        let table = g.weight("table", &[8, 64]);
+        let x = g.add(Op::Embedding, &[table, tok]).unwrap();
+        let q = g.add(Op::QuantQ8, &[x]).unwrap();
+        let w = g.weight_typed("w", wt, &[16, 64]);
+        let y = if misuse { g.add(Op::Silu, &[q]).unwrap() } else { g.add(Op::MatMul, &[q, w]).unwrap() };
+        g.output("logits", y);
+        g
+    }
+
+    #[test]
+    fn quant_q8_lowers_into_int8_projections_only() {
+        let p = lower(&graph(DType::Q8_0, false)).unwrap();
+        assert!(p.kernels.iter().any(|k| matches!(k, KernelSpec::MatMul { xq: true, .. })));
+        assert_eq!(p.layout_of("w"), Layout::Dot16);
+        let e = lower(&graph(DType::F32, false)).unwrap_err().to_string();
+        assert!(e.contains("int8 projections need q8_0 or q4_0"), "{e}");
+        let e = lower(&graph(DType::Q8_0, true)).unwrap_err().to_string();
+        assert!(e.contains("only the input of a projection"), "{e}");
+    }
 }

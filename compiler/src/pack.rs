@@ -23,13 +23,15 @@ pub fn packed_len(layout: Layout, shape: &[usize]) -> usize {
             rows.div_ceil(PANEL) * PANEL * cols
         }
         Layout::Padded16 => shape[0].div_ceil(PANEL) * PANEL,
+        // never f32: `packed_bytes` refuses it
+        Layout::Dot16 => 0,
     }
 }
 
 /// Packs a row-major tensor into `layout`.
 pub fn pack(layout: Layout, shape: &[usize], data: &[f32]) -> Vec<f32> {
     match layout {
-        Layout::RowMajor => data.to_vec(),
+        Layout::RowMajor | Layout::Dot16 => data.to_vec(),
         Layout::Padded16 => {
             let mut out = data.to_vec();
             out.resize(packed_len(layout, shape), 0.0);
@@ -52,7 +54,7 @@ pub fn pack(layout: Layout, shape: &[usize], data: &[f32]) -> Vec<f32> {
 /// Recovers the row-major tensor from its packed form.
 pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
     match layout {
-        Layout::RowMajor => packed.to_vec(),
+        Layout::RowMajor | Layout::Dot16 => packed.to_vec(),
         Layout::Padded16 => packed[..shape[0]].to_vec(),
         Layout::Panel16 => {
             let (rows, cols) = matrix_dims(shape);
@@ -83,12 +85,24 @@ pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
     }
 }
 
+/// Where value `k` (0..32) of a block's row `lane` sits in the `Dot16` layout, after the 16
+/// scales: `(byte, high nibble)`. Columns go in groups of 4; a group holds the 16 rows × 4
+/// columns (64 bytes, row-major), so each 16-byte vector is 4 rows × 4 columns.
+/// - q8_0: 8 groups, each byte `q + 128` (unsigned: `vpdpbusd` multiplies u8 by i8);
+/// - q4_0: 4 groups of columns `4g..4g+4` in the low nibbles and `16+4g..` in the high ones,
+///   each nibble `q + 8`.
+pub fn dot_at(dtype: DType, lane: usize, k: usize) -> (usize, bool) {
+    let (g, high) = if dtype == DType::Q8_0 { (k / 4, false) } else { ((k % 16) / 4, k >= 16) };
+    (g * PANEL * 4 + lane * 4 + k % 4, high)
+}
+
 /// Bytes a tensor of logical `shape` and storage type `dtype` occupies in `layout` (storage
 /// types other than f32 are `Panel16` only).
 pub fn packed_bytes(layout: Layout, dtype: DType, shape: &[usize]) -> Option<usize> {
     match (layout, dtype) {
         (_, DType::F32) => Some(packed_len(layout, shape) * 4),
-        (Layout::Panel16, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0) => {
+        (Layout::Panel16, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0)
+        | (Layout::Dot16, DType::Q8_0 | DType::Q4_0) => {
             let (rows, cols) = matrix_dims(shape);
             if quant::is_blocked(dtype) && cols % QK != 0 {
                 return None;
@@ -102,9 +116,10 @@ pub fn packed_bytes(layout: Layout, dtype: DType, shape: &[usize]) -> Option<usi
 /// Packs a row-major f32 tensor into `layout` with storage type `dtype`, quantizing (ggml's
 /// reference math, see `llmc_ir::quant`) or rounding as the type requires.
 pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -> Vec<u8> {
-    if dtype == DType::F32 || layout != Layout::Panel16 {
+    if dtype == DType::F32 || !matches!(layout, Layout::Panel16 | Layout::Dot16) {
         return pack(layout, shape, data).iter().flat_map(|v| v.to_le_bytes()).collect();
     }
+    let dot = layout == Layout::Dot16;
     let (rows, cols) = matrix_dims(shape);
     let pb = panel_bytes(dtype, cols);
     let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
@@ -128,7 +143,11 @@ pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -
                     block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d.to_le_bytes());
                     let qs = &mut block[PANEL * 4..];
                     for (k, &q) in blk.q.iter().enumerate() {
-                        if dtype == DType::Q8_0 {
+                        if dot {
+                            let (at, high) = dot_at(dtype, lane, k);
+                            let u = if dtype == DType::Q8_0 { (q as i32 + 128) as u8 } else { (q + 8) as u8 };
+                            qs[at] |= if high { u << 4 } else { u };
+                        } else if dtype == DType::Q8_0 {
                             qs[k * PANEL + lane] = q as u8;
                         } else {
                             let nib = (q + 8) as u8 & 0x0F;
@@ -144,7 +163,8 @@ pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -
 
 /// The row-major f32 values a packed tensor means (its dequantization).
 pub fn unpack_bytes(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
-    if dtype == DType::F32 || layout != Layout::Panel16 {
+    let dot = layout == Layout::Dot16;
+    if dtype == DType::F32 || !matches!(layout, Layout::Panel16 | Layout::Dot16) {
         let f: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         return unpack(layout, shape, &f);
     }
@@ -179,7 +199,15 @@ pub fn unpack_bytes(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8])
                     ]);
                     let qs = &block[PANEL * 4..];
                     for (k, v) in x.iter_mut().enumerate() {
-                        let q = if dtype == DType::Q8_0 {
+                        let q = if dot {
+                            let (at, high) = dot_at(dtype, lane, k);
+                            let u = if high {
+                                qs[at] >> 4
+                            } else {
+                                qs[at] & if dtype == DType::Q8_0 { 0xFF } else { 0x0F }
+                            };
+                            u as i32 - if dtype == DType::Q8_0 { 128 } else { 8 }
+                        } else if dtype == DType::Q8_0 {
                             qs[k * PANEL + lane] as i8 as i32
                         } else {
                             let byte = qs[(k / 2) * PANEL + lane];
@@ -216,11 +244,16 @@ mod tests {
     fn storage_types_round_trip_to_their_meaning() {
         let (rows, cols) = (19, 64);
         let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        for dtype in [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0] {
-            let b = pack_bytes(Layout::Panel16, dtype, &[rows, cols], &data);
-            assert_eq!(Some(b.len()), packed_bytes(Layout::Panel16, dtype, &[rows, cols]));
-            let back = unpack_bytes(Layout::Panel16, dtype, &[rows, cols], &b);
-            assert_eq!(back, quant::round_trip(dtype, &data, cols), "{dtype:?}");
+        let cases = [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0]
+            .map(|d| (Layout::Panel16, d))
+            .into_iter()
+            .chain([(Layout::Dot16, DType::Q8_0), (Layout::Dot16, DType::Q4_0)]);
+        for (layout, dtype) in cases {
+            let b = pack_bytes(layout, dtype, &[rows, cols], &data);
+            assert_eq!(Some(b.len()), packed_bytes(layout, dtype, &[rows, cols]));
+            let back = unpack_bytes(layout, dtype, &[rows, cols], &b);
+            assert_eq!(back, quant::round_trip(dtype, &data, cols), "{layout:?} {dtype:?}");
         }
+        assert_eq!(packed_bytes(Layout::Dot16, DType::BF16, &[rows, cols]), None);
     }
 }

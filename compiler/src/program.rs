@@ -19,6 +19,11 @@ pub enum Layout {
     Panel16,
     /// A vector padded with zeros to a multiple of 16 (matmul biases).
     Padded16,
+    /// `q8_0`/`q4_0` matrices read by the int8 dot-product kernels: panels of 16 rows as in
+    /// `Panel16`, but inside each block of 32 columns the quantized values are grouped by 4
+    /// consecutive columns of one row, so one 16-byte load holds 4 rows × 4 columns, what
+    /// `vpdpbusd` sums (`pack::panel_bytes` gives the bytes).
+    Dot16,
 }
 
 /// Elementwise unary functions.
@@ -47,15 +52,17 @@ pub enum Binary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum KernelSpec {
-    /// `[table, ids, out]`, units: rows. `packed`: the table is in `Panel16` layout (always,
-    /// for a storage type `w` other than f32).
-    Embedding { d: usize, packed: bool, w: DType },
+    /// `[table, ids, out]`, units: rows. `layout`: the table's (`Panel16` when it is also a
+    /// matmul weight or has a storage type `w` other than f32; `Dot16` when an int8 matmul
+    /// reads it).
+    Embedding { d: usize, layout: Layout, w: DType },
     /// `[x, w (Panel16), bias (Padded16)?, residual?, out]`, units: 16-row panels of `w`
     /// (`m` rows). Prologue: with `rms_eps`, each output row is scaled by `1/rms(x row)`.
     /// Epilogue: bias, `act` (`swiglu`: panels hold 8 gate then 8 up rows, `m/2` outputs), then
     /// `+ residual`.
-    /// `w`: the weight's storage type (`pack::panel_bytes` gives its panel layout).
-    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType },
+    /// `w`: the weight's storage type (`pack::panel_bytes` gives its panel layout). `xq`: the
+    /// input is `quant_q8`'s (int8 dot products; `w` is q8_0/q4_0 in `Dot16`).
+    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType, xq: bool },
     /// `[x, w (Panel16), bias (Padded16)?, positions, table, kcache, vcache, q_out]`, units:
     /// panels. The fused QKV projection: RoPE on the pair-interleaved q and k rows (table:
     /// per position `rotary_dim` cosines, each twice, then `rotary_dim` signed sines
@@ -69,6 +76,8 @@ pub enum KernelSpec {
         rms_eps: Option<f32>,
         bias: bool,
         w: DType,
+        /// int8 activations, as for `MatMul`
+        xq: bool,
     },
     /// `[x, w, out]`, units: rows.
     RmsNorm { d: usize, eps: f32 },
@@ -121,24 +130,34 @@ pub enum KernelSpec {
 impl KernelSpec {
     /// A plain matmul (no prologue, no activation, no residual).
     pub fn matmul(k: usize, m: usize, bias: bool) -> KernelSpec {
-        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false, w: DType::F32 }
+        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false, w: DType::F32, xq: false }
     }
 
     pub fn name(&self) -> String {
         match self {
-            KernelSpec::Embedding { d, packed, w } => {
-                format!("embedding_d{d}{}{}", if *packed { "_packed" } else { "" }, wsuffix(*w))
+            KernelSpec::Embedding { d, layout, w } => {
+                let l = match layout {
+                    Layout::RowMajor => "",
+                    Layout::Dot16 => "_dot",
+                    _ => "_packed",
+                };
+                format!("embedding_d{d}{l}{}", wsuffix(*w))
             }
-            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w } => format!(
-                "matmul_k{k}_m{m}{}{}{}{}{}",
+            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq } => format!(
+                "matmul_k{k}_m{m}{}{}{}{}{}{}",
                 wsuffix(*w),
+                if *xq { "_xq8" } else { "" },
                 if rms_eps.is_some() { "_rms" } else { "" },
                 if *bias { "_bias" } else { "" },
                 if *act != Act::None { format!("_{}", act.name()) } else { String::new() },
                 if *residual { "_res" } else { "" }
             ),
-            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, w, .. } => {
-                format!("qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}", wsuffix(*w))
+            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, w, xq, .. } => {
+                format!(
+                    "qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}{}",
+                    wsuffix(*w),
+                    if *xq { "_xq8" } else { "" }
+                )
             }
             KernelSpec::RmsNorm { d, .. } => format!("rms_norm_d{d}"),
             KernelSpec::LayerNorm { d, .. } => format!("layer_norm_d{d}"),

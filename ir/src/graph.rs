@@ -115,6 +115,20 @@ impl Graph {
         }
     }
 
+    /// Makes operand `i` of `user` be `new` (whatever it was).
+    pub fn set_operand(&mut self, user: NodeId, i: usize, new: NodeId) {
+        let old: Vec<_> = self
+            .g
+            .edges_directed(user, Direction::Incoming)
+            .filter(|e| *e.weight() == i as u32)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.g.remove_edge(e);
+        }
+        self.g.add_edge(new, user, i as u32);
+    }
+
     pub fn remove(&mut self, id: NodeId) {
         self.g.remove_node(id);
     }

@@ -773,6 +773,10 @@ fn eval<'w>(
             }
             owned(vec![rows, width], out)
         }
+        Op::QuantQ8 => {
+            let (x, xs) = args[0].f32()?;
+            owned(xs.to_vec(), crate::quant::round_trip_act_q8(x))
+        }
         Op::TakeLast => {
             let (x, xs) = args[0].f32()?;
             if xs[0] == 0 {

@@ -191,6 +191,11 @@ pub enum Op {
     Concat,
     /// `[n, d] -> [1, d]`: the last row (the logits that sampling needs).
     TakeLast,
+    /// `[n, k] -> [n, k]` (`k` a multiple of 32): each row rounded to int8 blocks of 32 and
+    /// back, `x = d · q` (`quant::quantize_act_q8`): the activation quantization of the int8
+    /// dot-product kernels. It only feeds the input of projections whose weight is `q8_0` or
+    /// `q4_0`, and lowers into their prologue (no kernel of its own).
+    QuantQ8,
 
     // ---- fused ops, created by passes ----
     /// `(x [n, k], w [r, k], bias? [r], residual? [n, m]) -> [n, m]`: a projection with a fused
@@ -335,6 +340,7 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat => "concat",
             Op::TakeLast => "take_last",
+            Op::QuantQ8 => "quant_q8",
             Op::Linear { .. } => "linear",
             Op::QkvRope { .. } => "qkv_rope",
             Op::Attend { .. } => "attend",
@@ -440,7 +446,8 @@ impl Op {
             | Op::Concat
             | Op::Relu2
             | Op::BitLinear
-            | Op::TakeLast => vec![],
+            | Op::TakeLast
+            | Op::QuantQ8 => vec![],
         }
     }
 
@@ -486,6 +493,7 @@ impl Op {
             "slice" => Op::Slice { start: attrs.num("start")?, len: attrs.num("len")? },
             "concat" => Op::Concat,
             "take_last" => Op::TakeLast,
+            "quant_q8" => Op::QuantQ8,
             "linear" => Op::Linear {
                 rms_eps: attrs.opt_num("rms_eps")?,
                 act: Act::parse(attrs.str("act")?).ok_or_else(|| "bad act".to_string())?,
@@ -699,6 +707,7 @@ impl Op {
             | Op::Mul
             | Op::Concat
             | Op::TakeLast
+            | Op::QuantQ8
             | Op::ConcatRows
             | Op::ConcatCols
             | Op::InterleaveRows8
@@ -895,6 +904,14 @@ impl Op {
                     }
                 }
                 Ok(same_rows(total))
+            }
+            Op::QuantQ8 => {
+                arity(1, 1)?;
+                let d = rows(ins[0], "quant_q8 input")?;
+                if d % crate::quant::QK != 0 {
+                    return Err(format!("quant_q8 needs a multiple of {} columns, got {d}", crate::quant::QK));
+                }
+                Ok(ins[0].clone())
             }
             Op::TakeLast => {
                 arity(1, 1)?;

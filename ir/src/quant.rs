@@ -67,6 +67,32 @@ pub fn quantize_q4_0(x: &[f32]) -> Block {
     Block { d: f16::from_f32(d).to_f32(), q }
 }
 
+/// The activation quantization of the int8 dot-product kernels (`quant_q8`), one block of 32:
+/// `d = max|x| / 127` (kept in f32), `q = round(x · (1/d))`, ties to even (what the kernels'
+/// `nearest` does, so both sides round the same f32 product the same way). Returns `(d, q)`;
+/// the block means `d · q`.
+pub fn quantize_act_q8(x: &[f32]) -> (f32, [i8; QK]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QK];
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * id).round_ties_even() as i8;
+    }
+    (d, q)
+}
+
+/// `quant_q8` on rows of `cols` values (a multiple of `QK`): each block quantized and
+/// dequantized.
+pub fn round_trip_act_q8(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(QK) {
+        let (d, q) = quantize_act_q8(b);
+        out.extend(q.iter().map(|&q| d * q as f32));
+    }
+    out
+}
+
 /// Rounds `x` to what a weight of storage type `dtype` holds, value by value (f32: as is;
 /// bf16/f16: round to nearest even; blocked types: quantize and dequantize each block of the
 /// last dim). `cols` is the last dim, a multiple of `QK` for blocked types.
@@ -103,6 +129,20 @@ mod tests {
         assert_eq!(b.q[16], 4);
         let zero = quantize_q8_0(&[0.0; 32]);
         assert_eq!((zero.d, zero.q), (0.0, [0; 32]));
+    }
+
+    #[test]
+    fn activation_q8_rounds_ties_to_even() {
+        let mut x = [0f32; 32];
+        x[0] = 127.0; // d = 1
+        x[1] = 2.5;
+        x[2] = -3.5;
+        x[3] = 0.4;
+        let (d, q) = quantize_act_q8(&x);
+        assert_eq!(d, 1.0);
+        assert_eq!(&q[..4], &[127, 2, -4, 0]);
+        assert_eq!(round_trip_act_q8(&x)[..4], [127.0, 2.0, -4.0, 0.0]);
+        assert_eq!(quantize_act_q8(&[0.0; 32]), (0.0, [0; 32]));
     }
 
     #[test]

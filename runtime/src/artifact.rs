@@ -169,7 +169,7 @@ impl Artifact {
             }
             // The stored length follows from the shape and the layout (packed tensors are padded).
             let dims_ok = match t.layout {
-                Layout::Panel16 => t.shape.len() >= 2,
+                Layout::Panel16 | Layout::Dot16 => t.shape.len() >= 2,
                 Layout::Padded16 => t.shape.len() == 1,
                 Layout::RowMajor => true,
             };

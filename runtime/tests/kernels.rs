@@ -50,6 +50,14 @@ impl Case {
         self.stored.insert(name, (dtype, orig));
         self.g.node_mut(id).ty.dtype = dtype;
     }
+    /// `quant_q8(x)` when `on` (the int8 kernels' input), else `x`.
+    fn quant_act(&mut self, x: NodeId, on: bool) -> NodeId {
+        if on {
+            self.g.add(Op::QuantQ8, &[x]).unwrap()
+        } else {
+            x
+        }
+    }
     fn tokens(&self) -> NodeId {
         self.g.node_ids()[0]
     }
@@ -569,7 +577,7 @@ proptest! {
     #[test]
     fn storage_linear(dt in 0usize..4, kb in 1usize..4, m16 in 1usize..4, extra in 0usize..16, n in 1usize..10,
                       rms in any::<bool>(), act in 0usize..3, bias in any::<bool>(), residual in any::<bool>(),
-                      seed in 0u64..1000) {
+                      xq in any::<bool>(), seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let act = [Act::None, Act::Gelu, Act::SwiGlu][act];
         let k = 32 * kb;
@@ -578,6 +586,7 @@ proptest! {
         let m = if act == Act::SwiGlu { rows / 2 } else { rows };
         let mut c = Case::new(seed);
         let x = c.rows("x", n, k, 2.0);
+        let x = c.quant_act(x, xq && quant::is_blocked(dtype));
         let w = c.weight("w", &[rows, k], 1.0);
         c.store(w, dtype);
         let mut args = vec![x, w];
@@ -590,13 +599,14 @@ proptest! {
         let rms_eps = rms.then_some(1e-5);
         let y = c.g.add(Op::Linear { rms_eps, act, bias, residual }, &args).unwrap();
         let err = c.compare(y, &prefill(n), 16, 16);
-        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+        prop_assert!(err < TOL, "{dtype:?} xq {xq}: err {err}");
     }
 
     /// A stored table gathered by token (the packed embedding kernel) and used as the output
     /// projection (tied embeddings).
     #[test]
-    fn storage_tied_embedding(dt in 0usize..4, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, seed in 0u64..1000) {
+    fn storage_tied_embedding(dt in 0usize..4, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, xq in any::<bool>(),
+                              seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let d = 32 * kb;
         let mut c = Case::new(seed);
@@ -604,22 +614,24 @@ proptest! {
         c.store(t, dtype);
         let tok = c.tokens();
         let x = c.g.add(Op::Embedding, &[t, tok]).unwrap();
+        let x = c.quant_act(x, xq && quant::is_blocked(dtype));
         let y = c.g.add(Op::MatMul, &[x, t]).unwrap();
         let toks: Vec<i32> = (0..n).map(|i| ((i * 7 + seed as usize) % vocab) as i32).collect();
         let err = c.compare(y, &[(toks, (0..n as i32).collect())], 16, 16);
-        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+        prop_assert!(err < TOL, "{dtype:?} xq {xq}: err {err}");
     }
 
     /// `qkv_rope` + `attend` with a stored QKV matrix, prefill then decode steps.
     #[test]
     fn storage_qkv_rope_attend(dt in 0usize..4, kv in 1usize..3, group in 1usize..3, hd4 in 1usize..5, kb in 1usize..3,
-                               rms in any::<bool>(), first in 1usize..6, seed in 0u64..1000) {
+                               rms in any::<bool>(), first in 1usize..6, xq in any::<bool>(), seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let heads = kv * group;
         let hd = 4 * hd4;
         let k = 32 * kb;
         let mut c = Case::new(seed);
         let x = c.rows("x", 64, k, 2.0);
+        let x = c.quant_act(x, xq && quant::is_blocked(dtype));
         let rows = (heads + 2 * kv) * hd;
         let w = c.weight("w", &[rows, k], 1.0);
         c.store(w, dtype);
@@ -635,7 +647,7 @@ proptest! {
             steps.push((vec![(p * 11 + 3) % 64], vec![p]));
         }
         let err = c.compare(y, &steps, 16, 8);
-        prop_assert!(err < TOL, "{dtype:?}: err {err}");
+        prop_assert!(err < TOL, "{dtype:?} xq {xq}: err {err}");
     }
 
     /// MoE with stored router and experts (the expert kernels address panels by storage type).
@@ -657,6 +669,24 @@ proptest! {
         let steps = vec![((0..n as i32).map(|i| (i * 7 + seed as i32) % 64).collect(), (0..n as i32).collect())];
         let err = c.compare(y, &steps, 16, 8);
         prop_assert!(err < TOL, "{dtype:?}: err {err}");
+    }
+}
+
+/// A row too long for all of a step's int8 rows to fit the kernel's quantized buffer (256 KiB):
+/// the rows are quantized and multiplied in chunks (12 rows of 16,384 columns, then 5).
+#[test]
+fn int8_linear_in_chunks() {
+    for dtype in [DType::Q8_0, DType::Q4_0] {
+        let (k, m, n) = (16384, 20, 17);
+        let mut c = Case::new(7);
+        let x = c.rows("x", n, k, 2.0);
+        let x = c.quant_act(x, true);
+        let w = c.weight("w", &[m, k], 1.0);
+        c.store(w, dtype);
+        let y =
+            c.g.add(Op::Linear { rms_eps: Some(1e-5), act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
+        let err = c.compare(y, &prefill(n), 32, 32);
+        assert!(err < TOL, "{dtype:?}: err {err}");
     }
 }
 

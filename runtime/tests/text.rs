@@ -136,9 +136,8 @@ fn huge_unigram_piece_in_broken_json_is_refused() {
     })
     .to_string();
     let broken = doc[..doc.len() - 1].to_string();
-    let e = std::thread::spawn(move || Text::from_bytes(broken.as_bytes()).err().map(|e| e.to_string()))
-        .join()
-        .unwrap();
+    let e =
+        std::thread::spawn(move || Text::from_bytes(broken.as_bytes()).err().map(|e| e.to_string())).join().unwrap();
     assert!(e.is_some_and(|e| e.contains("not valid JSON")));
 }
 

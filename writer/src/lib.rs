@@ -10,4 +10,4 @@ pub mod error;
 pub mod write;
 
 pub use error::CompileError;
-pub use write::{compile, host_target, temp_path, CompileReport, Progress, Storage};
+pub use write::{compile, host_target, temp_path, Activations, CompileReport, Progress, Storage};

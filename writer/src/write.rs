@@ -48,6 +48,7 @@ pub fn compile(
     out: &Path,
     pipeline: &[Box<dyn Pass>],
     storage: Storage,
+    activations: Activations,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<CompileReport, CompileError> {
     check_output(model, out)?;
@@ -56,6 +57,9 @@ pub fn compile(
     passes::run_pipeline(&mut graph, pipeline)?;
     let mut derived = plan_derived(&mut graph)?;
     assign_storage(&mut graph, model, &derived, storage);
+    if activations == Activations::Q8 {
+        quantize_activations(&mut graph)?;
+    }
     let ir_text = llmc_ir::text::print(&graph);
     let program = llmc_compiler::lower::lower(&graph)?;
 
@@ -410,6 +414,44 @@ fn assign_storage(g: &mut Graph, model: &Model, derived: &HashMap<String, Graph>
             g.node_mut(id).ty.dtype = want;
         }
     }
+}
+
+/// The precision of the activations the projections over quantized weights read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 everywhere: quantized weights are widened in registers, so the logits are those of
+    /// the f32 model on the dequantized weights.
+    F32,
+    /// The input of every projection over q8_0/q4_0 weights (`linear`, `qkv_rope`, `matmul`)
+    /// is rounded to int8 blocks (`quant_q8`), and the kernels use integer dot products.
+    /// Other weights, and MoE experts, keep f32 activations.
+    Q8,
+}
+
+/// Puts a `quant_q8` before the input of every projection whose weight is q8_0 or q4_0 (one
+/// per input value, shared by its projections).
+fn quantize_activations(g: &mut Graph) -> Result<(), CompileError> {
+    let mut quantized: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in g.topo_order()? {
+        if !matches!(g.node(id).op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. }) {
+            continue;
+        }
+        let ops = g.operands(id);
+        let (Some(&x), Some(&w)) = (ops.first(), ops.get(1)) else { continue };
+        if !llmc_ir::quant::is_blocked(g.node(w).ty.dtype) {
+            continue;
+        }
+        let q = match quantized.get(&x) {
+            Some(&q) => q,
+            None => {
+                let q = g.add(Op::QuantQ8, &[x])?;
+                quantized.insert(x, q);
+                q
+            }
+        };
+        g.set_operand(id, 0, q);
+    }
+    Ok(())
 }
 
 /// Whether one of `users` is the projection that produces the logits output.

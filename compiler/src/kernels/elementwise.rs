@@ -18,9 +18,10 @@ pub fn copy(k: &mut Kb<'_>, src: cranelift_codegen::ir::Value, dst: cranelift_co
     });
 }
 
-/// `[table, ids, out]`: `out[t] = table[ids[t]]`. A packed (Panel16) table is read with a
-/// stride of 16 floats.
-pub fn embedding(k: &mut Kb<'_>, d: usize, packed: bool, wt: llmc_ir::DType) {
+/// `[table, ids, out]`: `out[t] = table[ids[t]]`. A packed table (`Panel16`, or `Dot16` when
+/// the int8 output projection shares it) is read element by element through its layout.
+pub fn embedding(k: &mut Kb<'_>, d: usize, layout: crate::program::Layout, wt: llmc_ir::DType) {
+    let packed = layout != crate::program::Layout::RowMajor;
     let (table, ids, out) = (k.ptr(0), k.ptr(1), k.ptr(2));
     let (lo, hi) = (k.lo, k.hi);
     k.for_range(lo, hi, |k, t| {
@@ -35,7 +36,11 @@ pub fn embedding(k: &mut Kb<'_>, d: usize, packed: bool, wt: llmc_ir::DType) {
             let zero = k.ic(0);
             let end = k.ic(d as i64);
             k.for_range(zero, end, |k, j| {
-                let x = super::storage::load_elem(k, wt, panel, lane, j);
+                let x = if layout == crate::program::Layout::Dot16 {
+                    super::dot::load_elem(k, wt, panel, lane, j)
+                } else {
+                    super::storage::load_elem(k, wt, panel, lane, j)
+                };
                 let dd = k.at(dst, j, 4);
                 k.st(x, dd, 0);
             });

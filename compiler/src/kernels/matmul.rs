@@ -32,6 +32,30 @@ pub struct Ctx {
     pub inv: Option<Value>,
     /// The weight's storage type (panels laid out as `pack::panel_bytes` says).
     pub wt: DType,
+    /// Int8 activations (`quant_q8`; the weight is `Dot16`): the quantized rows.
+    pub xq: Option<super::dot::Xq>,
+}
+
+impl Ctx {
+    /// The context of a projection over `kd` columns of `x`: with `xq`, the int8 prologue's
+    /// buffer (which also computes the RMS scale); otherwise the f32 RMS prologue, if any.
+    pub fn new(
+        k: &mut Kb<'_>,
+        x: Value,
+        bias: Option<Value>,
+        kd: usize,
+        rms_eps: Option<f32>,
+        wt: DType,
+        xq: bool,
+    ) -> Ctx {
+        if xq {
+            let q = super::dot::setup(k, kd, rms_eps);
+            Ctx { x, bias, kd, inv: q.inv.map(|(v, _)| v), wt, xq: Some(q) }
+        } else {
+            let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
+            Ctx { x, bias, kd, inv, wt, xq: None }
+        }
+    }
 }
 
 /// The tile's results after prologue scale and bias: `(token offset, vector index, value)`.
@@ -41,6 +65,10 @@ pub type TileVals = Vec<(usize, usize, Value)>;
 /// panel `p` (whose weights start at `wp`).
 #[allow(clippy::too_many_arguments)]
 pub fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
+    if let Some(xq) = &c.xq {
+        let accs = super::dot::tile_accs(k, c, xq, wp, t, tokens, v0, nv);
+        return finish_tile(k, c, p, t, &[accs], v0);
+    }
     if c.wt != DType::F32 {
         let accs = super::storage::tile_accs(k, c, wp, t, tokens, v0, nv);
         return finish_tile(k, c, p, t, &[accs], v0);
@@ -235,6 +263,26 @@ pub fn panels(
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     let kd = c.kd;
     let pb = panel_bytes(c.wt, kd) as i64;
+    if let Some(xq) = &c.xq {
+        // Int8: rows in chunks that fit the quantized buffer; 4 tokens × 4 rows per tile
+        // (each weight vector feeds four dot products), 1 token × 16 rows for the rest.
+        super::dot::chunks(k, c, xq, &mut |k, c0, end| {
+            k.for_range(lo, hi, |k, p| {
+                let wp = k.at(w, p, pb);
+                let rest = k.for_step(c0, end, 4, |k, t| {
+                    for v0 in 0..4 {
+                        let v = tile(k, c, p, wp, t, 4, v0, 1);
+                        epi(k, p, t, v);
+                    }
+                });
+                k.for_range(rest, end, |k, t| {
+                    let v = tile(k, c, p, wp, t, 1, 0, 4);
+                    epi(k, p, t, v);
+                });
+            });
+        });
+        return;
+    }
     // Decode (n = 1): two panels per step while pairs remain (f32 weights).
     let one = k.ic(1);
     let is_decode = k.icmp(IntCC::Equal, n, one);
@@ -283,6 +331,7 @@ pub fn matmul(
     act: Act,
     residual: bool,
     wt: DType,
+    xq: bool,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);
@@ -296,8 +345,7 @@ pub fn matmul(
         k.ptr(i - 1)
     });
     let out = k.ptr(i);
-    let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
-    let c = Ctx { x, bias: b, kd, inv, wt };
+    let c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
     let swiglu = act == Act::SwiGlu;
     let m_out = if swiglu { m / 2 } else { m };
     let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod bitnet;
+pub mod dot;
 pub mod elementwise;
 pub mod kb;
 pub mod mamba;
@@ -22,12 +23,12 @@ use kb::Kb;
 pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig) {
     let mut k = Kb::new(b, cfg);
     match spec {
-        KernelSpec::Embedding { d, packed, w } => elementwise::embedding(&mut k, *d, *packed, *w),
-        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w } => {
-            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual, *w)
+        KernelSpec::Embedding { d, layout, w } => elementwise::embedding(&mut k, *d, *layout, *w),
+        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w, xq } => {
+            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual, *w, *xq)
         }
-        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias, w } => {
-            qkv_rope::qkv_rope(&mut k, *kd, *heads, *kv_heads, *head_dim, *rotary_dim, *rms_eps, *bias, *w)
+        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias, w, xq } => {
+            qkv_rope::qkv_rope(&mut k, *kd, *heads, *kv_heads, *head_dim, *rotary_dim, *rms_eps, *bias, *w, *xq)
         }
         KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
         KernelSpec::LayerNorm { d, eps, affine } => norm::layer_norm(&mut k, *d, *eps, *affine),

@@ -85,7 +85,7 @@ fn pick(k: &mut Kb<'_>, route: Value, t: Value, top_k: usize, j: usize) -> (Valu
 pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
     let (x, w, route, h) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
     let panels = (2 * ff / PANEL) as i64;
-    let c = Ctx { x, bias: None, kd: d, inv: None, wt };
+    let c = Ctx { x, bias: None, kd: d, inv: None, wt, xq: None };
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     k.for_range(lo, hi, |k, p| {
         let zero = k.ic(0);
@@ -113,7 +113,7 @@ pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
 pub fn down(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
     let (h, w, route, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
     let panels = (d / PANEL) as i64;
-    let c = Ctx { x: h, bias: None, kd: ff, inv: None, wt };
+    let c = Ctx { x: h, bias: None, kd: ff, inv: None, wt, xq: None };
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     k.for_range(lo, hi, |k, p| {
         let zero = k.ic(0);

@@ -50,14 +50,14 @@ pub fn qkv_rope(
     rms_eps: Option<f32>,
     bias: bool,
     wt: DType,
+    xq: bool,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);
     let b = bias.then(|| k.ptr(2));
     let base = 2 + bias as usize;
     let (pos, table, kc, vc, out) = (k.ptr(base), k.ptr(base + 1), k.ptr(base + 2), k.ptr(base + 3), k.ptr(base + 4));
-    let inv = rms_eps.map(|eps| super::matmul::rms_prologue(k, x, kd, eps));
-    let c = Ctx { x, bias: b, kd, inv, wt };
+    let c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let m = qw + 2 * kw;
     let cap = k.cap;

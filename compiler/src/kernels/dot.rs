@@ -1,0 +1,317 @@
+//! Int8 dot-product projections (`quant_q8` → `linear`/`qkv_rope` over `q8_0`/`q4_0` weights
+//! in the `Dot16` layout, `pack::dot_at`).
+//!
+//! The prologue quantizes each input row once per call (`quant::quantize_act_q8`: blocks of
+//! 32, `d = max|x|/127`, `q = nearest(x · 1/d)`) into a stack buffer, and with an RMS
+//! prologue computes `1/rms` from the dequantized values, as the IR says (`quant_q8` comes
+//! first). A tile then multiplies 16 signed activation bytes by 16 unsigned weight bytes (4
+//! rows × 4 columns) into four i32 sums per instruction: the `swiden`/`uwiden`/`imul`/
+//! `iadd_pairwise` tree below is what Cranelift folds into one `vpdpbusd` on AVX-VNNI and
+//! AVX512-VNNI hosts (and lowers to a longer exact sequence elsewhere). Weights are stored
+//! unsigned (`q + 128`, or the `q + 8` nibble), so each block's integer sum is corrected by
+//! `offset · Σq_x` (computed by the prologue) before it is scaled by `d_w · d_x` and added to
+//! the f32 accumulators. Integer sums are exact; results differ from the interpreter on the
+//! same rounded values only by the f32 summation order of the block partial sums.
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
+use cranelift_frontend::Variable;
+use llmc_ir::quant::QK;
+use llmc_ir::DType;
+
+use super::kb::{Kb, F32, I64, V4};
+use super::matmul::{Ctx, MAX_ROWS};
+use crate::pack::PANEL;
+
+const I32X4: types::Type = types::I32X4;
+const I8X16: types::Type = types::I8X16;
+
+/// Bytes of stack the quantized rows of one chunk may take.
+const BUF_BYTES: usize = 256 * 1024;
+
+/// The quantized input rows of an int8 projection: a stack buffer of `rows` rows of
+/// `row_bytes` (`k` bytes of q, then per block of 32 the scale `d` (f32) and the correction
+/// `offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step.
+pub struct Xq {
+    pub buf: Value,
+    pub row_bytes: usize,
+    pub rows: usize,
+    pub c0: Variable,
+    /// The inverse RMS of each row of the step (with an RMS prologue).
+    pub inv: Option<(Value, f32)>,
+}
+
+fn le() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// The unsigned offset a weight byte (or nibble) of `wt` carries in `Dot16`.
+fn offset(wt: DType) -> i64 {
+    if wt == DType::Q8_0 {
+        128
+    } else {
+        8
+    }
+}
+
+/// Sets up the buffer (and the RMS slot) for a projection over `kd` columns.
+pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>) -> Xq {
+    let row_bytes = kd + kd / QK * 8;
+    let rows = (BUF_BYTES / row_bytes / 4 * 4).clamp(4, MAX_ROWS);
+    let slot =
+        k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (rows * row_bytes) as u32, 4));
+    let buf = k.b.ins().stack_addr(I64, slot, 0);
+    let inv = rms_eps.map(|eps| {
+        let s = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (MAX_ROWS * 4) as u32, 4));
+        (k.b.ins().stack_addr(I64, s, 0), eps)
+    });
+    let zero = k.ic(0);
+    let c0 = k.var(I64, zero);
+    Xq { buf, row_bytes, rows, c0, inv }
+}
+
+/// Quantizes rows `c0 .. c0 + len` of `x` into the buffer (and their inverse RMS).
+pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
+    let kd = c.kd;
+    let off = offset(c.wt);
+    let zero = k.ic(0);
+    k.for_range(zero, len, |k, r| {
+        let t = k.add(c0, r);
+        let src = k.at(c.x, t, (kd * 4) as i64);
+        let dst = k.at(xq.buf, r, xq.row_bytes as i64);
+        let z4 = k.c(V4, 0.0);
+        let ss = k.var(V4, z4);
+        let b0 = k.ic(0);
+        let nb = k.ic((kd / QK) as i64);
+        k.for_range(b0, nb, |k, b| {
+            let xb = k.at(src, b, (QK * 4) as i64);
+            let v: Vec<Value> = (0..8).map(|i| k.ld(V4, xb, i * 16)).collect();
+            let mut m = k.b.ins().fabs(v[0]);
+            for vi in &v[1..] {
+                let a = k.b.ins().fabs(*vi);
+                m = k.fmax(m, a);
+            }
+            let amax = k.hmax(m);
+            let c127 = k.f(127.0);
+            let d = k.fdiv(amax, c127);
+            let one = k.f(1.0);
+            let fz = k.f(0.0);
+            let id = k.fdiv(one, d);
+            let nz = k.fcmp(FloatCC::NotEqual, d, fz);
+            let id = k.select(nz, id, fz);
+            let ids = k.splat(id);
+            let ds = k.splat(d);
+            let mut qi = Vec::new();
+            for vi in &v {
+                let s = k.fmul(*vi, ids);
+                let qf = k.b.ins().nearest(s);
+                if xq.inv.is_some() {
+                    let dq = k.fmul(qf, ds);
+                    let a = k.get(ss);
+                    let a = k.fma(dq, dq, a);
+                    k.set(ss, a);
+                }
+                qi.push(k.b.ins().fcvt_to_sint_sat(I32X4, qf));
+            }
+            let mut sum = qi[0];
+            for q in &qi[1..] {
+                sum = k.b.ins().iadd(sum, *q);
+            }
+            let lanes: Vec<Value> = (0..4u8).map(|i| k.b.ins().extractlane(sum, i)).collect();
+            let s01 = k.b.ins().iadd(lanes[0], lanes[1]);
+            let s23 = k.b.ins().iadd(lanes[2], lanes[3]);
+            let s = k.b.ins().iadd(s01, s23);
+            let corr = k.b.ins().imul_imm_s(s, off);
+            let h: Vec<Value> = (0..4).map(|i| k.b.ins().snarrow(qi[2 * i], qi[2 * i + 1])).collect();
+            let lo = k.b.ins().snarrow(h[0], h[1]);
+            let hi = k.b.ins().snarrow(h[2], h[3]);
+            let qd = k.at(dst, b, QK as i64);
+            k.st(lo, qd, 0);
+            k.st(hi, qd, 16);
+            let md = k.at(dst, b, 8);
+            k.st(d, md, kd as i64);
+            k.st(corr, md, kd as i64 + 4);
+        });
+        if let Some((inv, eps)) = xq.inv {
+            let a = k.get(ss);
+            let h = k.hsum(a);
+            let dinv = k.f(1.0 / kd as f32);
+            let e = k.f(eps);
+            let ms = k.fma(h, dinv, e);
+            let rt = k.b.ins().sqrt(ms);
+            let one = k.f(1.0);
+            let s = k.fdiv(one, rt);
+            let p = k.at(inv, t, 4);
+            k.st(s, p, 0);
+        }
+    });
+}
+
+/// `acc + Σ` over each group of 4 bytes of `x (i8) · w (u8)`: one `vpdpbusd` on VNNI hosts.
+fn dot(k: &mut Kb<'_>, x: Value, w: Value, acc: Value) -> Value {
+    let ins = |k: &mut Kb<'_>, high: bool| {
+        let (xs, wu) = if high {
+            (k.b.ins().swiden_high(x), k.b.ins().uwiden_high(w))
+        } else {
+            (k.b.ins().swiden_low(x), k.b.ins().uwiden_low(w))
+        };
+        k.b.ins().imul(xs, wu)
+    };
+    let lo = ins(k, false);
+    let hi = ins(k, true);
+    let lo_l = k.b.ins().swiden_low(lo);
+    let lo_h = k.b.ins().swiden_high(lo);
+    let l = k.b.ins().iadd_pairwise(lo_l, lo_h);
+    let hi_l = k.b.ins().swiden_low(hi);
+    let hi_h = k.b.ins().swiden_high(hi);
+    let h = k.b.ins().iadd_pairwise(hi_l, hi_h);
+    let s = k.b.ins().iadd_pairwise(l, h);
+    k.b.ins().iadd(s, acc)
+}
+
+/// The f32 accumulators of one tile: `tokens` rows from step row `t`, vectors `v0 .. v0 + nv`
+/// (4 rows each) of the panel at `wp`.
+pub fn tile_accs(
+    k: &mut Kb<'_>,
+    c: &Ctx,
+    xq: &Xq,
+    wp: Value,
+    t: Value,
+    tokens: usize,
+    v0: usize,
+    nv: usize,
+) -> Vec<Vec<Variable>> {
+    let q4 = c.wt == DType::Q4_0;
+    let groups = if q4 { QK / 8 } else { QK / 4 };
+    let block = PANEL * 4 + groups * PANEL * 4;
+    let rb = xq.row_bytes as i64;
+    let zero = k.c(V4, 0.0);
+    let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect();
+    let c0 = k.get(xq.c0);
+    let r = k.b.ins().isub(t, c0);
+    let x0 = k.at(xq.buf, r, rb);
+    let meta0 = k.addi(x0, c.kd as i64);
+    let xv = k.var(I64, x0);
+    let mv = k.var(I64, meta0);
+    let wv = k.var(I64, wp);
+    let wend = k.addi(wp, (c.kd / QK * block) as i64);
+    k.for_ptr(wv, wend, |k| {
+        let bp = k.get(wv);
+        let x = k.get(xv);
+        let izero = k.b.ins().iconst(types::I32, 0);
+        let izero = k.b.ins().splat(I32X4, izero);
+        let mut iacc: Vec<Vec<Value>> = vec![vec![izero; nv]; tokens];
+        for g in 0..groups {
+            // each token's 4 (q4_0: 4 + 4) activation bytes of this group, in every lane
+            let bcast = |k: &mut Kb<'_>, at: i64| {
+                let v = k.b.ins().load(types::I32, flags(), x, at as i32);
+                let v = k.b.ins().splat(I32X4, v);
+                k.b.ins().bitcast(I8X16, le(), v)
+            };
+            let xs: Vec<(Value, Option<Value>)> = (0..tokens)
+                .map(|tt| {
+                    let at = tt as i64 * rb + g as i64 * 4;
+                    (bcast(k, at), q4.then(|| bcast(k, at + 16)))
+                })
+                .collect();
+            for j in 0..nv {
+                let w = k.b.ins().load(I8X16, flags(), bp, (PANEL * 4 + g * PANEL * 4 + (v0 + j) * 16) as i32);
+                let (wl, wh) = if q4 {
+                    let c15 = k.b.ins().iconst(types::I8, 0x0f);
+                    let nib = k.b.ins().splat(I8X16, c15);
+                    let lo = k.b.ins().band(w, nib);
+                    let hi = k.b.ins().ushr_imm_u(w, 4);
+                    let hi = k.b.ins().band(hi, nib);
+                    (lo, Some(hi))
+                } else {
+                    (w, None)
+                };
+                for (tt, row) in iacc.iter_mut().enumerate() {
+                    let (xl, xh) = xs[tt];
+                    row[j] = dot(k, xl, wl, row[j]);
+                    if let (Some(xh), Some(wh)) = (xh, wh) {
+                        row[j] = dot(k, xh, wh, row[j]);
+                    }
+                }
+            }
+        }
+        let m = k.get(mv);
+        for (tt, row) in iacc.iter().enumerate() {
+            let dx = k.ld(F32, m, tt as i64 * rb);
+            let dx = k.splat(dx);
+            let corr = k.b.ins().load(types::I32, flags(), m, (tt as i64 * rb + 4) as i32);
+            let corr = k.b.ins().splat(I32X4, corr);
+            for (j, &ia) in row.iter().enumerate() {
+                let sw = k.ld(V4, bp, ((v0 + j) * 16) as i64);
+                let s = k.fmul(sw, dx);
+                let exact = k.b.ins().isub(ia, corr);
+                let f = k.b.ins().fcvt_from_sint(V4, exact);
+                let a = k.get(accs[tt][j]);
+                let a = k.fma(f, s, a);
+                k.set(accs[tt][j], a);
+            }
+        }
+        let bp = k.addi(bp, block as i64);
+        k.set(wv, bp);
+        let x = k.addi(x, QK as i64);
+        k.set(xv, x);
+        let m = k.addi(m, 8);
+        k.set(mv, m);
+    });
+    accs
+}
+
+/// Walks rows in chunks that fit the buffer: quantizes each chunk, then runs `walk(c0, end)`
+/// over its rows.
+pub fn chunks(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, walk: &mut dyn FnMut(&mut Kb<'_>, Value, Value)) {
+    let n = k.n;
+    let zero = k.ic(0);
+    let last = k.addi(n, xq.rows as i64 - 1);
+    k.for_step(zero, last, xq.rows as i64, |k, c0| {
+        let end = k.addi(c0, xq.rows as i64);
+        let full = k.icmp(IntCC::SignedLessThanOrEqual, end, n);
+        let end = k.select(full, end, n);
+        let len = k.b.ins().isub(end, c0);
+        k.set(xq.c0, c0);
+        quantize_rows(k, c, xq, c0, len);
+        walk(k, c0, end);
+    });
+}
+
+/// Element `j` (a column Value) of row `lane` of the `Dot16` panel at `panel` as f32 (the
+/// embedding gather of a table the output projection also reads).
+pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
+    let q4 = wt == DType::Q4_0;
+    let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+    let b = k.udivi(j, QK as i64);
+    let kk = k.uremi(j, QK as i64);
+    let bp = k.at(panel, b, block as i64);
+    let sa = k.at(bp, lane, 4);
+    let d = k.ld(F32, sa, 0);
+    // (g · 64 + lane · 4 + kk % 4), g = kk / 4 (q8_0) or (kk % 16) / 4 (q4_0)
+    let c = k.uremi(kk, 4);
+    let within = if q4 { k.uremi(kk, 16) } else { kk };
+    let g = k.udivi(within, 4);
+    let go = k.muli(g, (PANEL * 4) as i64);
+    let lo = k.muli(lane, 4);
+    let o = k.add(go, lo);
+    let o = k.add(o, c);
+    let qa = k.add(bp, o);
+    let byte = k.b.ins().uload8(types::I32, flags(), qa, (PANEL * 4) as i32);
+    let q = if q4 {
+        let high = k.udivi(kk, 16);
+        let sh = k.b.ins().ishl_imm_u(high, 2);
+        let sh = k.b.ins().ireduce(types::I32, sh);
+        let nib = k.b.ins().ushr(byte, sh);
+        let nib = k.b.ins().band_imm_u(nib, 0x0f);
+        k.b.ins().iadd_imm_s(nib, -8)
+    } else {
+        k.b.ins().iadd_imm_s(byte, -128)
+    };
+    let f = k.b.ins().fcvt_from_sint(F32, q);
+    k.fmul(f, d)
+}
