@@ -31,7 +31,7 @@ const BUF_BYTES: usize = 256 * 1024;
 
 /// The quantized input rows of an int8 projection: a stack buffer of `rows` rows of
 /// `row_bytes` (`k` bytes of q, then per block of 32 the scale `d` (f32) and the correction
-/// `offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step.
+/// `−offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step.
 pub struct Xq {
     pub buf: Value,
     pub row_bytes: usize,
@@ -125,7 +125,7 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
             let s01 = k.b.ins().iadd(lanes[0], lanes[1]);
             let s23 = k.b.ins().iadd(lanes[2], lanes[3]);
             let s = k.b.ins().iadd(s01, s23);
-            let corr = k.b.ins().imul_imm_s(s, off);
+            let corr = k.b.ins().imul_imm_s(s, -off);
             let h: Vec<Value> = (0..4).map(|i| k.b.ins().snarrow(qi[2 * i], qi[2 * i + 1])).collect();
             let lo = k.b.ins().snarrow(h[0], h[1]);
             let hi = k.b.ins().snarrow(h[2], h[3]);
@@ -174,7 +174,9 @@ fn dot(k: &mut Kb<'_>, x: Value, w: Value, acc: Value) -> Value {
 }
 
 /// The f32 accumulators of one tile: `tokens` rows from step row `t`, vectors `v0 .. v0 + nv`
-/// (4 rows each) of the panel at `wp`.
+/// (4 rows each) of the panel at `wp`, and with `panels = 2` of the next panel too (two
+/// weight streams in flight: decode); accumulators are `[token][panel · nv + vector]`.
+#[allow(clippy::too_many_arguments)]
 pub fn tile_accs(
     k: &mut Kb<'_>,
     c: &Ctx,
@@ -184,13 +186,18 @@ pub fn tile_accs(
     tokens: usize,
     v0: usize,
     nv: usize,
+    panels: usize,
 ) -> Vec<Vec<Variable>> {
+    let pb = crate::pack::panel_bytes(c.wt, c.kd);
+    let nv_all = nv * panels;
+    // byte offset of vector `j` (over all panels) inside a group / the scales of a block
+    let voff = |j: usize| (j / nv) * pb + (v0 + j % nv) * 16;
     let q4 = c.wt == DType::Q4_0;
     let groups = if q4 { QK / 8 } else { QK / 4 };
     let block = PANEL * 4 + groups * PANEL * 4;
     let rb = xq.row_bytes as i64;
     let zero = k.c(V4, 0.0);
-    let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect();
+    let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv_all).map(|_| k.var(V4, zero)).collect()).collect();
     let c0 = k.get(xq.c0);
     let r = k.b.ins().isub(t, c0);
     let x0 = k.at(xq.buf, r, rb);
@@ -202,14 +209,21 @@ pub fn tile_accs(
     k.for_ptr(wv, wend, |k| {
         let bp = k.get(wv);
         let x = k.get(xv);
-        let izero = k.b.ins().iconst(types::I32, 0);
-        let izero = k.b.ins().splat(I32X4, izero);
-        let mut iacc: Vec<Vec<Value>> = vec![vec![izero; nv]; tokens];
+        // The sums start at `-offset · Σq_x`: the unsigned weights' offset taken out.
+        let m = k.get(mv);
+        let mut iacc: Vec<Vec<Value>> = (0..tokens)
+            .map(|tt| {
+                let corr = k.ld(F32, m, tt as i64 * rb + 4);
+                let corr = k.splat(corr);
+                vec![k.b.ins().bitcast(I32X4, le(), corr); nv_all]
+            })
+            .collect();
         for g in 0..groups {
             // each token's 4 (q4_0: 4 + 4) activation bytes of this group, in every lane
+            // (loaded as an f32 so the load folds into one `vbroadcastss`)
             let bcast = |k: &mut Kb<'_>, at: i64| {
-                let v = k.b.ins().load(types::I32, flags(), x, at as i32);
-                let v = k.b.ins().splat(I32X4, v);
+                let v = k.ld(F32, x, at);
+                let v = k.splat(v);
                 k.b.ins().bitcast(I8X16, le(), v)
             };
             let xs: Vec<(Value, Option<Value>)> = (0..tokens)
@@ -218,8 +232,8 @@ pub fn tile_accs(
                     (bcast(k, at), q4.then(|| bcast(k, at + 16)))
                 })
                 .collect();
-            for j in 0..nv {
-                let w = k.b.ins().load(I8X16, flags(), bp, (PANEL * 4 + g * PANEL * 4 + (v0 + j) * 16) as i32);
+            for j in 0..nv_all {
+                let w = k.b.ins().load(I8X16, flags(), bp, (PANEL * 4 + g * PANEL * 4 + voff(j)) as i32);
                 let (wl, wh) = if q4 {
                     let c15 = k.b.ins().iconst(types::I8, 0x0f);
                     let nib = k.b.ins().splat(I8X16, c15);
@@ -239,17 +253,13 @@ pub fn tile_accs(
                 }
             }
         }
-        let m = k.get(mv);
         for (tt, row) in iacc.iter().enumerate() {
             let dx = k.ld(F32, m, tt as i64 * rb);
             let dx = k.splat(dx);
-            let corr = k.b.ins().load(types::I32, flags(), m, (tt as i64 * rb + 4) as i32);
-            let corr = k.b.ins().splat(I32X4, corr);
             for (j, &ia) in row.iter().enumerate() {
-                let sw = k.ld(V4, bp, ((v0 + j) * 16) as i64);
+                let sw = k.ld(V4, bp, voff(j) as i64);
                 let s = k.fmul(sw, dx);
-                let exact = k.b.ins().isub(ia, corr);
-                let f = k.b.ins().fcvt_from_sint(V4, exact);
+                let f = k.b.ins().fcvt_from_sint(V4, ia);
                 let a = k.get(accs[tt][j]);
                 let a = k.fma(f, s, a);
                 k.set(accs[tt][j], a);

@@ -66,7 +66,7 @@ pub type TileVals = Vec<(usize, usize, Value)>;
 #[allow(clippy::too_many_arguments)]
 pub fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usize, v0: usize, nv: usize) -> TileVals {
     if let Some(xq) = &c.xq {
-        let accs = super::dot::tile_accs(k, c, xq, wp, t, tokens, v0, nv);
+        let accs = super::dot::tile_accs(k, c, xq, wp, t, tokens, v0, nv, 1);
         return finish_tile(k, c, p, t, &[accs], v0);
     }
     if c.wt != DType::F32 {
@@ -267,6 +267,24 @@ pub fn panels(
         // Int8: rows in chunks that fit the quantized buffer; 4 tokens × 4 rows per tile
         // (each weight vector feeds four dot products), 1 token × 16 rows for the rest.
         super::dot::chunks(k, c, xq, &mut |k, c0, end| {
+            // One row (decode): two panels per step while pairs remain.
+            let one = k.addi(c0, 1);
+            let single = k.icmp(IntCC::Equal, end, one);
+            let lo_var = k.var(I64, lo);
+            k.when(single, |k| {
+                let next = k.for_step(lo, hi, 2, |k, p| {
+                    let wp = k.at(w, p, pb);
+                    let accs = super::dot::tile_accs(k, c, xq, wp, c0, 1, 0, 4, 2);
+                    let (a, b) = accs[0].split_at(4);
+                    let v = finish_tile(k, c, p, c0, &[vec![a.to_vec()]], 0);
+                    epi(k, p, c0, v);
+                    let p2 = k.addi(p, 1);
+                    let v = finish_tile(k, c, p2, c0, &[vec![b.to_vec()]], 0);
+                    epi(k, p2, c0, v);
+                });
+                k.set(lo_var, next);
+            });
+            let lo = k.get(lo_var);
             k.for_range(lo, hi, |k, p| {
                 let wp = k.at(w, p, pb);
                 let rest = k.for_step(c0, end, 4, |k, t| {
