@@ -218,6 +218,11 @@ pub fn tile_accs(
                 vec![k.b.ins().bitcast(I32X4, le(), corr); nv_all]
             })
             .collect();
+        // the nibble mask, made once per block (opt_level none does not hoist constants)
+        let nib = q4.then(|| {
+            let c15 = k.b.ins().iconst(types::I8, 0x0f);
+            k.b.ins().splat(I8X16, c15)
+        });
         for g in 0..groups {
             // each token's 4 (q4_0: 4 + 4) activation bytes of this group, in every lane
             // (loaded as an f32 so the load folds into one `vbroadcastss`)
@@ -234,11 +239,12 @@ pub fn tile_accs(
                 .collect();
             for j in 0..nv_all {
                 let w = k.b.ins().load(I8X16, flags(), bp, (PANEL * 4 + g * PANEL * 4 + voff(j)) as i32);
-                let (wl, wh) = if q4 {
-                    let c15 = k.b.ins().iconst(types::I8, 0x0f);
-                    let nib = k.b.ins().splat(I8X16, c15);
+                let (wl, wh) = if let Some(nib) = nib {
                     let lo = k.b.ins().band(w, nib);
-                    let hi = k.b.ins().ushr_imm_u(w, 4);
+                    // shift 16-bit lanes (one `psrlw`; x86 has no byte shift) and mask
+                    let w16 = k.b.ins().bitcast(types::I16X8, le(), w);
+                    let hi = k.b.ins().ushr_imm_u(w16, 4);
+                    let hi = k.b.ins().bitcast(I8X16, le(), hi);
                     let hi = k.b.ins().band(hi, nib);
                     (lo, Some(hi))
                 } else {
