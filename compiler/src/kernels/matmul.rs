@@ -12,7 +12,7 @@
 //! Live vectors stay at ≤ 13 so Cranelift does not spill. The k loop walks pointers.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
+use cranelift_codegen::ir::{types, ConstantData, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::Variable;
 
 use super::elementwise::apply_unary;
@@ -77,34 +77,84 @@ pub fn tile(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value, tokens: usiz
     tile_sets(k, c, p, wp, t, tokens, v0, nv, sets)
 }
 
+/// Byte shuffles taking f32 lanes `[a0, b0, a1, b1]` and `[a2, b2, a3, b3]` of two vectors.
+const INTERLEAVE_LO: [u8; 16] = [0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23];
+const INTERLEAVE_HI: [u8; 16] = [8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31];
+
+fn le() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
+}
+
 /// Decode over two neighbouring panels at once: two independent weight streams per k step
-/// (more memory-level parallelism than one), 8 accumulators.
+/// (more memory-level parallelism than one), 8 accumulators. f32, or bf16/f16 widened in
+/// registers (`storage::widen4`).
 fn tile_two_panels(k: &mut Kb<'_>, c: &Ctx, p: Value, wp: Value, t: Value) -> (TileVals, TileVals) {
     let zero = k.c(V4, 0.0);
     let accs: Vec<Vec<Variable>> = (0..2).map(|_| (0..4).map(|_| k.var(V4, zero)).collect()).collect();
     let x0 = k.at(c.x, t, (c.kd * 4) as i64);
     let wv = k.var(I64, wp);
     let xv = k.var(I64, x0);
-    let wend = k.addi(wp, (c.kd * PANEL * 4) as i64);
-    let second = (PANEL * c.kd * 4) as i64;
+    let es = if c.wt == DType::F32 { 4 } else { 2 };
+    let wend = k.addi(wp, (c.kd * PANEL * es) as i64);
+    let second = panel_bytes(c.wt, c.kd) as i64;
+    let cs = super::storage::widen_consts(k, c.wt);
     k.for_ptr(wv, wend, |k| {
         let w = k.get(wv);
         let x = k.get(xv);
         let xs = k.ld(F32, x, 0);
         let xb = k.splat(xs);
         for (panel, acc) in accs.iter().enumerate() {
-            for (j, a) in acc.iter().enumerate() {
-                let wj = k.ld(V4, w, panel as i64 * second + (j * 16) as i64);
+            let ws: Vec<Value> = if c.wt == DType::BF16 {
+                // 8 rows per load, two bf16 per i32 lane: the even rows are the low halves
+                // shifted up, the odd rows the high halves masked; accumulators hold
+                // [even 0..8, odd 0..8, even 8..16, odd 8..16] until the tile's end.
+                (0..2)
+                    .flat_map(|h| {
+                        let off = panel as i64 * second + h * 16;
+                        let l = k.b.ins().load(types::I32X4, MemFlagsData::new().with_notrap(), w, off as i32);
+                        let even = k.b.ins().ishl_imm_u(l, 16);
+                        let odd = k.b.ins().band(l, cs.high16);
+                        [even, odd].map(|v| k.b.ins().bitcast(V4, le(), v))
+                    })
+                    .collect()
+            } else {
+                (0..4)
+                    .map(|j| {
+                        let off = panel as i64 * second + (j * 4 * es) as i64;
+                        if c.wt == DType::F32 {
+                            k.ld(V4, w, off)
+                        } else {
+                            super::storage::widen4(k, c.wt, w, off, &cs)
+                        }
+                    })
+                    .collect()
+            };
+            for (wj, a) in ws.into_iter().zip(acc) {
                 let v = k.get(*a);
                 let v = k.fma(wj, xb, v);
                 k.set(*a, v);
             }
         }
-        let w = k.addi(w, (PANEL * 4) as i64);
+        let w = k.addi(w, (PANEL * es) as i64);
         k.set(wv, w);
         let x = k.addi(x, 4);
         k.set(xv, x);
     });
+    if c.wt == DType::BF16 {
+        // back to rows in order: rows 4i..4i+4 interleave an even and an odd accumulator
+        let lo = k.b.func.dfg.immediates.push(ConstantData::from(&INTERLEAVE_LO[..]));
+        let hi = k.b.func.dfg.immediates.push(ConstantData::from(&INTERLEAVE_HI[..]));
+        for acc in &accs {
+            let v: Vec<Value> = acc.iter().map(|a| k.get(*a)).collect();
+            let v: Vec<Value> = v.iter().map(|x| k.b.ins().bitcast(types::I8X16, le(), *x)).collect();
+            let rows = [(v[0], v[1], lo), (v[0], v[1], hi), (v[2], v[3], lo), (v[2], v[3], hi)];
+            for (j, (a, b, m)) in rows.into_iter().enumerate() {
+                let r = k.b.ins().shuffle(a, b, m);
+                let r = k.b.ins().bitcast(V4, le(), r);
+                k.set(acc[j], r);
+            }
+        }
+    }
     let p2 = k.addi(p, 1);
     let mut out = Vec::new();
     for (panel, pp) in [(0, p), (1, p2)] {
@@ -301,11 +351,11 @@ pub fn panels(
         });
         return;
     }
-    // Decode (n = 1): two panels per step while pairs remain (f32 weights).
+    // Decode (n = 1): two panels per step while pairs remain (f32, bf16 and f16 weights).
     let one = k.ic(1);
     let is_decode = k.icmp(IntCC::Equal, n, one);
     let lo_var = k.var(I64, lo);
-    if c.wt == DType::F32 {
+    if matches!(c.wt, DType::F32 | DType::BF16 | DType::F16) {
         k.when(is_decode, |k| {
             let zero = k.ic(0);
             let next = k.for_step(lo, hi, 2, |k, p| {

@@ -44,7 +44,9 @@ fn f16_to_f32(k: &mut Kb<'_>, h: Value, consts: &Consts) -> Value {
 }
 
 /// Vector constants a storage tile needs, made once before its loops.
-struct Consts {
+pub struct Consts {
+    /// `0xFFFF0000` in each i32 lane (bf16: the high half of a lane is an f32 as it is)
+    pub high16: Value,
     sign16: Value,
     mag15: Value,
     two112: Value,
@@ -69,9 +71,36 @@ fn consts(k: &mut Kb<'_>, wt: DType) -> Consts {
             two112: k.c(V4, f32::from_bits((127 + 112) << 23)),
             nib: dummy,
             eight: dummy,
+            high16: dummy,
         },
-        DType::Q4_0 => Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: i8s(k, 0x0f), eight: i8s(k, 8) },
-        _ => Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: dummy, eight: dummy },
+        DType::Q4_0 => {
+            Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: i8s(k, 0x0f), eight: i8s(k, 8), high16: dummy }
+        }
+        DType::BF16 => Consts {
+            sign16: dummy,
+            mag15: dummy,
+            two112: dummy,
+            nib: dummy,
+            eight: dummy,
+            high16: i32s(k, 0xFFFF_0000u32 as i32 as i64),
+        },
+        _ => Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: dummy, eight: dummy, high16: dummy },
+    }
+}
+
+/// The constants `widen4` needs for `wt` (made once, before the loop).
+pub fn widen_consts(k: &mut Kb<'_>, wt: DType) -> Consts {
+    consts(k, wt)
+}
+
+/// Four bf16/f16 values at `w + off` as f32x4.
+pub fn widen4(k: &mut Kb<'_>, wt: DType, w: Value, off: i64, cs: &Consts) -> Value {
+    let h = k.b.ins().uload16x4(flags(), w, off as i32);
+    if wt == DType::BF16 {
+        let b = k.b.ins().ishl_imm_u(h, 16);
+        as_f32(k, b)
+    } else {
+        f16_to_f32(k, h, cs)
     }
 }
 
