@@ -277,11 +277,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             let pipeline = match (&passes, no_opt) {
                 (_, true) => Vec::new(),
                 (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,
-                // q4_0 blocks quantize the unfolded matrices: folding an RMSNorm scale into a
-                // matrix's columns first puts the norm's largest columns into every block's
-                // scale (SmolLM2, GPL-3, -c 512: PPL 32.4 folded vs 22.5 unfolded; llama.cpp's
-                // Q4_0 on the same weights: 23.1). q8_0 barely notices (18.14 vs f32 18.13).
-                (None, false) if dtype == Some(llmc_ir::DType::Q4_0) => {
+                // Blocked types keep the RMSNorm scales unfolded. q4_0 weight blocks: folding
+                // a norm scale into a matrix's columns puts the norm's largest columns into
+                // every block's scale (SmolLM2, GPL-3, -c 512: PPL 32.4 folded vs 22.5
+                // unfolded; llama.cpp's Q4_0 on the same weights: 23.1). Int8 activations: a
+                // folded norm leaves the raw residual stream (with its outlier channels) to be
+                // quantized, where llama.cpp quantizes the normed one (q8_0: PPL 18.28 folded,
+                // 18.18 unfolded, f32 18.13).
+                (None, false) if dtype.is_some_and(llmc_ir::quant::is_blocked) => {
                     llmc_ir::passes::standard_pipeline().into_iter().filter(|p| p.name() != "fold_norm").collect()
                 }
                 (None, false) => llmc_ir::passes::standard_pipeline(),
