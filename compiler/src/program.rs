@@ -85,7 +85,7 @@ pub enum KernelSpec {
     LayerNorm { d: usize, eps: f32, affine: bool },
     /// `[x, positions, table, out]`, units: rows. `table[pos][0..rd/2]` = cos, `[rd/2..rd]` = sin.
     Rope { heads: usize, head_dim: usize, rotary_dim: usize },
-    /// `[k, v, positions, kcache, vcache]`, units: rows. Cache layout `[cap, kv_heads, head_dim]`,
+    /// `[k, v, positions, kcache, vcache]`, units: rows. Cache layout `[kv_heads, cap, head_dim]`,
     /// slot `pos % cap` (a ring when the layer has a window).
     KvAppend { kv_heads: usize, head_dim: usize },
     /// `[q, positions, kcache, vcache, out]`, units: `kv_heads × n` (kv head, token) pairs.

@@ -690,6 +690,31 @@ fn int8_linear_in_chunks() {
     }
 }
 
+/// Contexts longer than the attention kernel's key block (128 positions): prefills of 200 and
+/// then 190 tokens, and decode steps, with and without a sliding window (whose ring wraps).
+#[test]
+fn attention_over_several_key_blocks() {
+    for (window, hd) in [(None, 16), (Some(150), 12), (None, 7)] {
+        let (kv, group) = (2, 3);
+        let heads = kv * group;
+        let mut c = Case::new(3);
+        let q = c.rows("q", 64, heads * hd, 2.0);
+        let k = c.rows("k", 64, kv * hd, 2.0);
+        let v = c.rows("v", 64, kv * hd, 2.0);
+        let pos = c.positions();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let y =
+            c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos])
+                .unwrap();
+        let step = |from: i32, n: i32| {
+            ((from..from + n).map(|i| (i * 7 + 1) % 64).collect::<Vec<_>>(), (from..from + n).collect())
+        };
+        let steps = vec![step(0, 200), step(200, 1), step(201, 190), step(391, 1), step(392, 1)];
+        let err = c.compare(y, &steps, 512, 200);
+        assert!(err < TOL, "window {window:?} hd {hd}: err {err}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 

@@ -1,31 +1,35 @@
 //! Attention over the KV cache.
 //!
-//! Cache layout per layer: `[cap, kv_heads, head_dim]` for K and for V; position `p` lives in
-//! slot `p % cap` (`cap` is the context size, or a ring of `window + chunk` slots for
+//! Cache layout per layer: `[kv_heads, cap, head_dim]` for K and for V (each head's positions
+//! contiguous, so attention streams them); position `p` lives in slot `p % cap` (`cap` is the context size, or a ring of `window + chunk` slots for
 //! sliding-window layers). `kv_append` writes the step's keys and values; `attention` then
 //! computes, for each (kv head, token) unit, the outputs of the query heads of that group with
-//! an online softmax in one pass over positions: each K and V vector loaded is shared by the
-//! whole group.
+//! an online softmax over blocks of positions (see `attention`).
 
-use cranelift_codegen::ir::InstBuilder;
-use cranelift_codegen::ir::Value;
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 
-use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::condcodes::IntCC;
 
 use super::kb::{Kb, F32, I64, V4};
 
-/// `[k, v, positions, kcache, vcache]`, units: rows. `w` = kv_heads × head_dim floats per row.
-pub fn kv_append(k: &mut Kb<'_>, w: usize) {
+/// `[k, v, positions, kcache, vcache]`, units: rows (each `kv_heads × head_dim` floats).
+pub fn kv_append(k: &mut Kb<'_>, kv_heads: usize, hd: usize) {
     let (kp, vp, pos, kc, vc) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3), k.ptr(4));
     let (lo, hi, cap) = (k.lo, k.hi, k.cap);
+    let w = kv_heads * hd;
     k.for_range(lo, hi, |k, t| {
         let pp = k.at(pos, t, 4);
         let p = k.ld_i32(pp, 0);
         let slot = k.b.ins().urem(p, cap);
         for (src, dst) in [(kp, kc), (vp, vc)] {
             let s = k.at(src, t, (w * 4) as i64);
-            let d = k.at(dst, slot, (w * 4) as i64);
-            super::elementwise::copy(k, s, d, w);
+            for h in 0..kv_heads {
+                let hrow = k.muli(cap, h as i64);
+                let row = k.add(hrow, slot);
+                let d = k.at(dst, row, (hd * 4) as i64);
+                let sh = k.addi(s, (h * hd * 4) as i64);
+                super::elementwise::copy(k, sh, d, hd);
+            }
         }
     });
 }
@@ -38,12 +42,30 @@ fn head_chunks(hd: usize) -> Vec<(usize, bool)> {
     v
 }
 
+/// Positions per key block: the block's scores sit in a stack array, `STRIDE` floats per head
+/// (room for the padding up to a multiple of 4).
+const BLOCK: usize = 128;
+const STRIDE: usize = BLOCK + 4;
+
 /// `[q, positions, kcache, vcache, out]`, units: `kv_heads × n`.
+///
+/// Keys are taken in blocks of `BLOCK` positions (flash-attention style, per query row): the
+/// block's scores for the group's heads go to a stack array, then its maximum moves each
+/// head's running maximum (rescaling the running sum and output once per block), the scores
+/// become weights with a vectorized exp, and the values are accumulated dims-chunk by
+/// dims-chunk with the group's accumulators in registers. Each K and V vector loaded is shared
+/// by the whole group.
 pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, window: Option<usize>, scale: f32) {
     let (q, pos, kc, vc, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3), k.ptr(4));
     let group = heads / kv_heads;
     let qw = heads * hd;
     let chunks = head_chunks(hd);
+    let nvec = hd / 4;
+    // dims chunk of the value pass: group × cv accumulators stay in registers
+    let cv = (8 / group).clamp(1, 4);
+    let slot =
+        k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (group * STRIDE * 4) as u32, 4));
+    let sbuf = k.b.ins().stack_addr(I64, slot, 0);
     let (lo, hi, n, cap) = (k.lo, k.hi, k.n, k.cap);
     k.for_range(lo, hi, |k, u| {
         let kvh = k.b.ins().udiv(u, n);
@@ -76,83 +98,152 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
         let m: Vec<_> = (0..group).map(|_| k.var(F32, minf)).collect();
         let l: Vec<_> = (0..group).map(|_| k.var(F32, zero)).collect();
         let end = k.addi(p, 1);
-        // The cache slot of position j is j % cap: one division here, then a wrapping counter.
-        let slot0 = k.b.ins().urem(jlo, cap);
-        let slot_var = k.var(I64, slot0);
-        k.for_range(jlo, end, |k, _j| {
-            let slot = k.get(slot_var);
-            let next = k.addi(slot, 1);
-            let wrap = k.icmp(IntCC::Equal, next, cap);
-            let first_slot = k.ic(0);
-            let next = k.select(wrap, first_slot, next);
-            k.set(slot_var, next);
-            let row = k.muli(slot, kv_heads as i64);
-            let row = k.add(row, kvh);
-            let kj = k.at(kc, row, (hd * 4) as i64);
-            let vj = k.at(vc, row, (hd * 4) as i64);
-            // scores of the group's heads against k_j (k loaded once per chunk)
-            let mut acc: Vec<Value> = (0..group).map(|_| zero4).collect();
-            let mut tail: Vec<Value> = (0..group).map(|_| zero).collect();
-            for &(off, vec) in &chunks {
-                let ty = if vec { V4 } else { F32 };
-                let kv = k.ld(ty, kj, (off * 4) as i64);
-                for g in 0..group {
-                    let qv = k.ld(ty, qg, ((g * hd + off) * 4) as i64);
-                    if vec {
-                        acc[g] = k.fma(qv, kv, acc[g]);
-                    } else {
-                        tail[g] = k.fma(qv, kv, tail[g]);
+        let last = k.addi(end, BLOCK as i64 - 1);
+        k.for_step(jlo, last, BLOCK as i64, |k, b0| {
+            let bend = k.addi(b0, BLOCK as i64);
+            let full = k.icmp(IntCC::SignedLessThanOrEqual, bend, end);
+            let bend = k.select(full, bend, end);
+            let len = k.b.ins().isub(bend, b0);
+            // K and V rows of position b0 + jj: a wrapping slot counter from b0 % cap
+            let rows = |k: &mut Kb<'_>, body: &mut dyn FnMut(&mut Kb<'_>, Value, Value)| {
+                let slot0 = k.b.ins().urem(b0, cap);
+                let slot_var = k.var(I64, slot0);
+                let z = k.ic(0);
+                k.for_range(z, len, |k, jj| {
+                    let slot = k.get(slot_var);
+                    let next = k.addi(slot, 1);
+                    let wrap = k.icmp(IntCC::Equal, next, cap);
+                    let first_slot = k.ic(0);
+                    let next = k.select(wrap, first_slot, next);
+                    k.set(slot_var, next);
+                    let hrow = k.mul(kvh, cap);
+                    let row = k.add(hrow, slot);
+                    body(k, jj, row);
+                });
+            };
+            // 1. scores s[g][jj] = scale · q_g · k_j, and their block maximum per head
+            let mx: Vec<_> = (0..group).map(|_| k.var(F32, minf)).collect();
+            rows(k, &mut |k, jj, row| {
+                let kj = k.at(kc, row, (hd * 4) as i64);
+                let mut acc: Vec<[Value; 2]> = (0..group).map(|_| [zero4, zero4]).collect();
+                let mut tail: Vec<Value> = (0..group).map(|_| zero).collect();
+                for (ci, &(off, vec)) in chunks.iter().enumerate() {
+                    let ty = if vec { V4 } else { F32 };
+                    let kv = k.ld(ty, kj, (off * 4) as i64);
+                    for g in 0..group {
+                        let qv = k.ld(ty, qg, ((g * hd + off) * 4) as i64);
+                        if vec {
+                            acc[g][ci % 2] = k.fma(qv, kv, acc[g][ci % 2]);
+                        } else {
+                            tail[g] = k.fma(qv, kv, tail[g]);
+                        }
                     }
                 }
-            }
-            let sc = k.f(scale);
-            let mut pw = Vec::new();
-            for g in 0..group {
-                let s = k.hsum(acc[g]);
-                let s = k.fadd(s, tail[g]);
-                let s = k.fmul(s, sc);
-                // online softmax; the running max only rarely moves, so the rescale of l and
-                // of the head's output (by e^{m-s}) runs only when it does
-                let mo = k.get(m[g]);
-                let grows = k.fcmp(FloatCC::GreaterThan, s, mo);
-                let (mg, lg) = (m[g], l[g]);
-                let chunks = &chunks;
-                k.when(grows, |k| {
-                    let d1 = k.fsub(mo, s);
-                    let c = k.exp(F32, d1);
-                    let lo_ = k.get(lg);
-                    let ln = k.fmul(lo_, c);
-                    k.set(lg, ln);
-                    k.set(mg, s);
-                    let c4 = k.splat(c);
-                    for &(off, vec) in chunks {
-                        let ty = if vec { V4 } else { F32 };
-                        let o_off = ((g * hd + off) * 4) as i64;
-                        let o = k.ld(ty, og, o_off);
-                        let oc = k.fmul(o, if vec { c4 } else { c });
-                        k.st(oc, og, o_off);
-                    }
-                });
-                let mn = k.get(m[g]);
-                let d2 = k.fsub(s, mn);
-                let e = k.exp(F32, d2);
-                let lo_ = k.get(l[g]);
-                let ln = k.fadd(lo_, e);
-                k.set(l[g], ln);
-                pw.push(e);
-            }
-            // out_g += e_g · v_j (v loaded once per chunk)
-            let pw4: Vec<Value> = pw.iter().map(|&e| k.splat(e)).collect();
-            for &(off, vec) in &chunks {
-                let ty = if vec { V4 } else { F32 };
-                let vv = k.ld(ty, vj, (off * 4) as i64);
+                let sc = k.f(scale);
                 for g in 0..group {
+                    let a = k.fadd(acc[g][0], acc[g][1]);
+                    let h = k.hsum(a);
+                    let s = k.fadd(h, tail[g]);
+                    let s = k.fmul(s, sc);
+                    let at = k.at(sbuf, jj, 4);
+                    k.st(s, at, (g * STRIDE * 4) as i64);
+                    let mo = k.get(mx[g]);
+                    let mn = k.fmax(mo, s);
+                    k.set(mx[g], mn);
+                }
+            });
+            // 2. the running maximum moves: rescale l and the output by e^(m_old - m_new); the
+            // padding after the block's last score weighs (almost) nothing
+            let pad_end = k.addi(len, 3);
+            let neg = k.f(-1e30);
+            k.for_range(len, pad_end, |k, jj| {
+                let at = k.at(sbuf, jj, 4);
+                for g in 0..group {
+                    k.st(neg, at, (g * STRIDE * 4) as i64);
+                }
+            });
+            for g in 0..group {
+                let mo = k.get(m[g]);
+                let mb = k.get(mx[g]);
+                let mn = k.fmax(mo, mb);
+                k.set(m[g], mn);
+                let d = k.fsub(mo, mn);
+                let c = k.exp(F32, d);
+                let lg = k.get(l[g]);
+                let lc = k.fmul(lg, c);
+                let c4 = k.splat(c);
+                for &(off, vec) in &chunks {
+                    let ty = if vec { V4 } else { F32 };
                     let o_off = ((g * hd + off) * 4) as i64;
                     let o = k.ld(ty, og, o_off);
-                    let e = if vec { pw4[g] } else { pw[g] };
-                    let o2 = k.fma(vv, e, o);
-                    k.st(o2, og, o_off);
+                    let oc = k.fmul(o, if vec { c4 } else { c });
+                    k.st(oc, og, o_off);
                 }
+                // 3. weights e^(s - m), four at a time, and their sum
+                let mn4 = k.splat(mn);
+                let sum = k.var(V4, zero4);
+                let z = k.ic(0);
+                k.for_step(z, pad_end, 4, |k, jj| {
+                    let at = k.at(sbuf, jj, 4);
+                    let sv = k.ld(V4, at, (g * STRIDE * 4) as i64);
+                    let d = k.fsub(sv, mn4);
+                    let e = k.exp(V4, d);
+                    k.st(e, at, (g * STRIDE * 4) as i64);
+                    let a = k.get(sum);
+                    let a = k.fadd(a, e);
+                    k.set(sum, a);
+                });
+                let a = k.get(sum);
+                let h = k.hsum(a);
+                let ln = k.fadd(lc, h);
+                k.set(l[g], ln);
+            }
+            // 4. out_g += Σ_j w_gj · v_j, `cv` vectors of dims at a time
+            let mut c0 = 0;
+            while c0 < nvec {
+                let w = cv.min(nvec - c0);
+                let accs: Vec<Vec<_>> = (0..group).map(|_| (0..w).map(|_| k.var(V4, zero4)).collect()).collect();
+                rows(k, &mut |k, jj, row| {
+                    let vj = k.at(vc, row, (hd * 4) as i64);
+                    let vv: Vec<Value> = (0..w).map(|c| k.ld(V4, vj, ((c0 + c) * 16) as i64)).collect();
+                    let at = k.at(sbuf, jj, 4);
+                    for (g, ag) in accs.iter().enumerate() {
+                        let e = k.ld(F32, at, (g * STRIDE * 4) as i64);
+                        let e4 = k.splat(e);
+                        for (c, a) in ag.iter().enumerate() {
+                            let x = k.get(*a);
+                            let x = k.fma(vv[c], e4, x);
+                            k.set(*a, x);
+                        }
+                    }
+                });
+                for (g, ag) in accs.iter().enumerate() {
+                    for (c, a) in ag.iter().enumerate() {
+                        let o_off = ((g * hd + (c0 + c) * 4) * 4) as i64;
+                        let o = k.ld(V4, og, o_off);
+                        let x = k.get(*a);
+                        let o = k.fadd(o, x);
+                        k.st(o, og, o_off);
+                    }
+                }
+                c0 += w;
+            }
+            // the dims past the last whole vector (head_dim not a multiple of 4)
+            if hd % 4 != 0 {
+                rows(k, &mut |k, jj, row| {
+                    let vj = k.at(vc, row, (hd * 4) as i64);
+                    let at = k.at(sbuf, jj, 4);
+                    for g in 0..group {
+                        let e = k.ld(F32, at, (g * STRIDE * 4) as i64);
+                        for d in nvec * 4..hd {
+                            let v = k.ld(F32, vj, (d * 4) as i64);
+                            let o_off = ((g * hd + d) * 4) as i64;
+                            let o = k.ld(F32, og, o_off);
+                            let o = k.fma(v, e, o);
+                            k.st(o, og, o_off);
+                        }
+                    }
+                });
             }
         });
         // normalize

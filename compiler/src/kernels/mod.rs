@@ -33,7 +33,7 @@ pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfi
         KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
         KernelSpec::LayerNorm { d, eps, affine } => norm::layer_norm(&mut k, *d, *eps, *affine),
         KernelSpec::Rope { heads, head_dim, rotary_dim } => rope::rope(&mut k, *heads, *head_dim, *rotary_dim),
-        KernelSpec::KvAppend { kv_heads, head_dim } => attention::kv_append(&mut k, kv_heads * head_dim),
+        KernelSpec::KvAppend { kv_heads, head_dim } => attention::kv_append(&mut k, *kv_heads, *head_dim),
         KernelSpec::Attention { heads, kv_heads, head_dim, window, scale } => {
             attention::attention(&mut k, *heads, *kv_heads, *head_dim, *window, *scale)
         }

@@ -38,6 +38,17 @@ fn rope(k: &mut Kb<'_>, v: Value, table: Value, pos: Value, c: Value, rd: usize)
     k.get(out)
 }
 
+/// The address of dim `rr` (over all kv heads) of cache slot `slot`: the cache is
+/// `[kv_heads, cap, head_dim]` (see `attention`).
+fn cache_at(k: &mut Kb<'_>, cache: Value, rr: Value, slot: Value, cap: Value, hd: usize) -> Value {
+    let head = k.udivi(rr, hd as i64);
+    let col = k.uremi(rr, hd as i64);
+    let hrow = k.mul(head, cap);
+    let row = k.add(hrow, slot);
+    let base = k.at(cache, row, (hd * 4) as i64);
+    k.at(base, col, 4)
+}
+
 /// `[x, w, bias?, positions, table, kcache, vcache, q_out]`.
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_rope(
@@ -92,14 +103,12 @@ pub fn qkv_rope(
                                 let rr = k.addi(r, -(qw as i64));
                                 let col = k.uremi(rr, hd as i64);
                                 let y = rope(k, v, table, ps, col, rd);
-                                let row = k.at(kc, slot, (kw * 4) as i64);
-                                let dst = k.at(row, rr, 4);
+                                let dst = cache_at(k, kc, rr, slot, cap, hd);
                                 k.st(y, dst, 0);
                             },
                             |k| {
                                 let rr = k.addi(r, -((qw + kw) as i64));
-                                let row = k.at(vc, slot, (kw * 4) as i64);
-                                let dst = k.at(row, rr, 4);
+                                let dst = cache_at(k, vc, rr, slot, cap, hd);
                                 k.st(v, dst, 0);
                             },
                         );
