@@ -1870,3 +1870,200 @@ fn fuzz_chat_template() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. GGUF files.
+
+/// A GGUF writer for the fuzz bases; also returns where every count, length, dim, type and
+/// offset field sits (`(byte offset, width)`), for targeted number edits.
+struct GgufBuilder {
+    b: Vec<u8>,
+    fields: Vec<(usize, usize)>,
+}
+
+impl GgufBuilder {
+    fn num(&mut self, v: u64, width: usize) {
+        self.fields.push((self.b.len(), width));
+        self.b.extend_from_slice(&v.to_le_bytes()[..width]);
+    }
+    fn str(&mut self, s: &str) {
+        self.num(s.len() as u64, 8);
+        self.b.extend_from_slice(s.as_bytes());
+    }
+    /// `kv`: (key, value type, value writer); tensors: (name, ne, type id, data).
+    fn file(
+        kv: &[(&str, Box<dyn Fn(&mut GgufBuilder)>)],
+        tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
+        align: usize,
+    ) -> GgufBuilder {
+        let mut g = GgufBuilder { b: b"GGUF".to_vec(), fields: Vec::new() };
+        g.num(3, 4);
+        g.num(tensors.len() as u64, 8);
+        g.num(kv.len() as u64, 8);
+        for (k, w) in kv {
+            g.str(k);
+            w(&mut g);
+        }
+        let mut off = 0u64;
+        for (name, ne, ty, data) in tensors {
+            g.str(name);
+            g.num(ne.len() as u64, 4);
+            for &d in ne {
+                g.num(d, 8);
+            }
+            g.num(*ty as u64, 4);
+            g.num(off, 8);
+            off += (data.len() as u64).div_ceil(align as u64) * align as u64;
+        }
+        for (_, _, _, data) in tensors {
+            while g.b.len() % align != 0 {
+                g.b.push(0);
+            }
+            g.b.extend_from_slice(data);
+        }
+        g
+    }
+}
+
+fn gguf_bases() -> Vec<GgufBuilder> {
+    let s = |v: &'static str| -> Box<dyn Fn(&mut GgufBuilder)> {
+        Box::new(move |g| {
+            g.num(8, 4);
+            g.str(v)
+        })
+    };
+    let u32v = |v: u64| -> Box<dyn Fn(&mut GgufBuilder)> {
+        Box::new(move |g| {
+            g.num(4, 4);
+            g.num(v, 4)
+        })
+    };
+    let f32v = |v: f32| -> Box<dyn Fn(&mut GgufBuilder)> {
+        Box::new(move |g| {
+            g.num(6, 4);
+            g.b.extend_from_slice(&v.to_le_bytes())
+        })
+    };
+    let strs = |v: &'static [&'static str]| -> Box<dyn Fn(&mut GgufBuilder)> {
+        Box::new(move |g| {
+            g.num(9, 4);
+            g.num(8, 4);
+            g.num(v.len() as u64, 8);
+            for x in v {
+                g.str(x)
+            }
+        })
+    };
+    let nested: Box<dyn Fn(&mut GgufBuilder)> = Box::new(|g| {
+        g.num(9, 4);
+        g.num(9, 4);
+        g.num(2, 8);
+        for _ in 0..2 {
+            g.num(5, 4);
+            g.num(3, 8);
+            for i in 0..3 {
+                g.num(i, 4);
+            }
+        }
+    });
+    let f32s = |n: usize| (0..n).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect::<Vec<u8>>();
+    let q8 = |blocks: usize| {
+        (0..blocks)
+            .flat_map(|b| {
+                let mut v = half::f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes().to_vec();
+                v.extend((0..32).map(|i| (i as i8 - 16) as u8));
+                v
+            })
+            .collect::<Vec<u8>>()
+    };
+    vec![
+        GgufBuilder::file(
+            &[
+                ("general.architecture", s("llama")),
+                ("llama.block_count", u32v(1)),
+                ("llama.attention.layer_norm_rms_epsilon", f32v(1e-5)),
+                ("tokenizer.ggml.tokens", strs(&["<unk>", "a", "b", "ab"])),
+                ("x.nested", nested),
+            ],
+            &[("token_embd.weight", vec![32, 4], 8, q8(4)), ("output_norm.weight", vec![32], 0, f32s(32))],
+            32,
+        ),
+        GgufBuilder::file(
+            &[("general.alignment", u32v(64)), ("general.name", s("two"))],
+            &[
+                ("a", vec![3, 2], 0, f32s(6)),
+                ("b", vec![2, 2, 2, 2], 1, vec![0x3c; 32]),
+                ("c", vec![32], 3, vec![1; 20]),
+            ],
+            64,
+        ),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum GgufCase {
+    Bytes(Vec<u8>),
+    /// Numbers set at fields of the base (field index, value index into INTS), then byte edits.
+    Mutated {
+        base: usize,
+        nums: Vec<(u16, u16)>,
+        bytes: Vec<ByteMut>,
+    },
+}
+
+#[test]
+fn fuzz_gguf() {
+    let bases = gguf_bases();
+    let strategy = prop_oneof![
+        1 => prop::collection::vec(any::<u8>(), 0..200).prop_map(|mut b| {
+            if b.len() >= 8 {
+                b[..4].copy_from_slice(b"GGUF");
+                b[4..8].copy_from_slice(&3u32.to_le_bytes());
+            }
+            GgufCase::Bytes(b)
+        }),
+        8 => (0..bases.len(), prop::collection::vec((any::<u16>(), any::<u16>()), 0..3), some_byte_muts(3))
+            .prop_map(|(base, nums, bytes)| GgufCase::Mutated { base, nums, bytes }),
+    ];
+    let path = Path::new("fuzz.gguf");
+    fuzz("gguf", strategy, |case| {
+        let bytes = match case {
+            GgufCase::Bytes(b) => b.clone(),
+            GgufCase::Mutated { base, nums, bytes } => {
+                let g = &bases[*base];
+                let mut b = g.b.clone();
+                for &(f, v) in nums {
+                    let (at, width) = g.fields[f as usize % g.fields.len()];
+                    let val = INTS[v as usize % INTS.len()] as u64;
+                    b[at..at + width].copy_from_slice(&val.to_le_bytes()[..width]);
+                }
+                let len = b.len();
+                apply_byte_muts(&mut b, bytes, 0..len, &["GGUF"]);
+                b
+            }
+        };
+        match llmc_models::gguf::Gguf::parse(path, &bytes) {
+            Err(_) => Ok("refused"),
+            Ok(g) => {
+                let mut spans: Vec<(usize, usize)> = Vec::new();
+                for t in &g.tensors {
+                    if t.start > t.end || t.end > bytes.len() || t.shape.is_empty() || t.shape.len() > 4 {
+                        return Err(format!(
+                            "tensor `{}` accepted with span {}..{} of {}",
+                            t.name,
+                            t.start,
+                            t.end,
+                            bytes.len()
+                        ));
+                    }
+                    spans.push((t.start, t.end));
+                }
+                spans.sort_unstable();
+                if spans.windows(2).any(|w| w[1].0 < w[0].1 && w[0].1 > w[0].0 && w[1].1 > w[1].0) {
+                    return Err("overlapping tensors accepted".into());
+                }
+                Ok("parsed")
+            }
+        }
+    });
+}

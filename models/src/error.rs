@@ -22,6 +22,8 @@ pub enum ModelError {
     Config { path: PathBuf, msg: String },
     #[error("{path}: invalid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: invalid GGUF file: {msg}")]
+    Gguf { path: PathBuf, msg: String },
     #[error("no weights found beside {config}: expected model.safetensors or model.safetensors.index.json")]
     NoWeights { config: PathBuf },
     #[error("tensor `{name}` is missing from the weights ({files})")]

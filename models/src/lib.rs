@@ -10,6 +10,7 @@ pub mod builder;
 pub mod config;
 pub mod error;
 pub mod falcon;
+pub mod gguf;
 pub mod gpt2;
 pub mod granitemoehybrid;
 pub mod llama;
