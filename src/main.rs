@@ -1,6 +1,7 @@
 //! `llmc`: the command line. Library errors are typed; here they become one clear line on
 //! stderr and a non-zero exit.
 
+mod gguf_cache;
 mod inspect;
 mod out;
 mod perplexity;
@@ -271,25 +272,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// The standard pass pipeline; weights in blocked types (q8_0/q4_0) keep their RMSNorm scales
+/// unfolded. q4_0 weight blocks: folding a norm scale into a matrix's columns puts the norm's
+/// largest columns into every block's scale (SmolLM2, GPL-3, -c 512: PPL 32.4 folded vs 22.5
+/// unfolded; llama.cpp's Q4_0 on the same weights: 23.1). Int8 activations: a folded norm
+/// leaves the raw residual stream (with its outlier channels) to be quantized, where
+/// llama.cpp quantizes the normed one (q8_0: PPL 18.28 folded, 18.18 unfolded, f32 18.13).
+/// A GGUF's quantized blocks are kept as they are, so nothing may be folded into them.
+pub(crate) fn default_pipeline(blocked: bool) -> Vec<Box<dyn llmc_ir::passes::Pass>> {
+    let all = llmc_ir::passes::standard_pipeline();
+    if blocked {
+        all.into_iter().filter(|p| p.name() != "fold_norm").collect()
+    } else {
+        all
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Compile { model, output, weights, passes, no_opt, quiet, dtype, activations } => {
+            let m = llmc_models::load(&model, weights.as_deref())?;
+            // a GGUF of a blocked type without --dtype keeps its quantized blocks
+            let blocked = dtype.map_or(m.is_quantized(), llmc_ir::quant::is_blocked);
             let pipeline = match (&passes, no_opt) {
                 (_, true) => Vec::new(),
                 (Some(list), _) => llmc_ir::passes::parse_pipeline(list).map_err(anyhow::Error::msg)?,
-                // Blocked types keep the RMSNorm scales unfolded. q4_0 weight blocks: folding
-                // a norm scale into a matrix's columns puts the norm's largest columns into
-                // every block's scale (SmolLM2, GPL-3, -c 512: PPL 32.4 folded vs 22.5
-                // unfolded; llama.cpp's Q4_0 on the same weights: 23.1). Int8 activations: a
-                // folded norm leaves the raw residual stream (with its outlier channels) to be
-                // quantized, where llama.cpp quantizes the normed one (q8_0: PPL 18.28 folded,
-                // 18.18 unfolded, f32 18.13).
-                (None, false) if dtype.is_some_and(llmc_ir::quant::is_blocked) => {
-                    llmc_ir::passes::standard_pipeline().into_iter().filter(|p| p.name() != "fold_norm").collect()
-                }
-                (None, false) => llmc_ir::passes::standard_pipeline(),
+                (None, false) => default_pipeline(blocked),
             };
-            let m = llmc_models::load(&model, weights.as_deref())?;
             // SIGINT/SIGTERM/SIGHUP remove the temporary artifact before exiting.
             signals::clean_up_on_signal(llmc_writer::temp_path(&output));
             let bar = progress_bar(quiet);
@@ -350,7 +359,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Perplexity(args) => perplexity::run(args),
         Cmd::Inspect { artifact, json, verify } => inspect::inspect(&artifact, json, verify),
         Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
-            let engine = Engine::open(&artifact, clamp_threads(threads))?;
+            let engine = Engine::open(&gguf_cache::artifact_for(&artifact)?, clamp_threads(threads))?;
             let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
             if json {
                 outln!("{}", serde_json::to_string(&r)?)?;

@@ -33,7 +33,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let engine = Engine::open(&a.artifact, crate::clamp_threads(a.threads))?;
+    let engine = Engine::open(&crate::gguf_cache::artifact_for(&a.artifact)?, crate::clamp_threads(a.threads))?;
     if engine.art.tokenizer_json().is_none() {
         bail!(
             "{} has no tokenizer (its model folder had no tokenizer.json); perplexity needs one to tokenize the text",

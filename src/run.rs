@@ -16,7 +16,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(b) => Backend::parse(b)?,
         None => Backend::fastest(),
     };
-    let engine = Engine::open(&a.artifact, crate::clamp_threads(a.threads))?;
+    let engine = Engine::open(&crate::gguf_cache::artifact_for(&a.artifact)?, crate::clamp_threads(a.threads))?;
     let ctx = context_size(&a, &engine);
     // A one-shot run sizes its state (the KV cache above all) from what it needs.
     let one_shot = |prompt_len: usize| ctx.min(prompt_len.saturating_add(a.n_predict).max(1));

@@ -10,7 +10,9 @@ pub mod builder;
 pub mod config;
 pub mod error;
 pub mod falcon;
+pub mod ggml_quants;
 pub mod gguf;
+pub mod gguf_import;
 pub mod gpt2;
 pub mod granitemoehybrid;
 pub mod llama;
@@ -122,6 +124,40 @@ pub struct Model {
     pub text: text::TextAssets,
 }
 
+/// Whether `path` is a GGUF file (by its name, or its first four bytes `GGUF`).
+pub fn is_gguf_path(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && gguf::is_gguf(&magic)
+}
+
+impl Model {
+    /// Whether the checkpoint's weight matrices are already quantized (a GGUF of a blocked
+    /// type): then the compiler keeps them as they are and does not fold norm scales in.
+    pub fn is_quantized(&self) -> bool {
+        self.files
+            .tensors
+            .values()
+            .any(|l| l.gguf.as_ref().is_some_and(|g| llmc_ir::quant::is_blocked(ggml_quants::storage_type(g.ty))))
+    }
+
+    /// The storage type the checkpoint gives the tensor `name` (its own float type, or for a
+    /// GGUF tensor `ggml_quants::storage_type`).
+    pub fn checkpoint_storage(&self, name: &str) -> Option<llmc_ir::DType> {
+        let l = self.files.get(name)?;
+        Some(match (&l.gguf, l.dtype) {
+            (Some(g), _) => ggml_quants::storage_type(g.ty),
+            (None, safetensors::Dtype::BF16) => llmc_ir::DType::BF16,
+            (None, safetensors::Dtype::F16) => llmc_ir::DType::F16,
+            _ => llmc_ir::DType::F32,
+        })
+    }
+}
+
 /// Reads only the config and builds the graph (no weights needed).
 pub fn load_config(path: &Path) -> Result<(PathBuf, Value, ModelConfig)> {
     let config_path = config::config_path(path);
@@ -134,6 +170,15 @@ pub fn load_config(path: &Path) -> Result<(PathBuf, Value, ModelConfig)> {
 /// `weights` if given, else `model.safetensors` or `model.safetensors.index.json` beside the
 /// config. Every tensor the graph reads is checked to exist with the right shape and dtype.
 pub fn load(path: &Path, weights: Option<&Path>) -> Result<Model> {
+    if is_gguf_path(path) {
+        if weights.is_some() {
+            return Err(ModelError::Config {
+                path: path.into(),
+                msg: "a GGUF file holds its own weights: drop --weights".into(),
+            });
+        }
+        return gguf_import::load_gguf(path);
+    }
     let (config_path, raw_config, config) = load_config(path)?;
     let (graph, specs) = config.build()?;
     let files = match weights {
@@ -160,7 +205,7 @@ impl Model {
     }
 }
 
-fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
+pub(crate) fn check_spec(files: &WeightFiles, spec: &WeightSpec) -> Result<()> {
     let (src, loc) = spec
         .candidates
         .iter()

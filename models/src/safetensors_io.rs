@@ -19,6 +19,20 @@ pub struct TensorLoc {
     /// Byte range in the file.
     pub start: usize,
     pub end: usize,
+    /// A tensor of a GGUF file (then `dtype` is nominally F32: `read_f32` dequantizes).
+    pub gguf: Option<GgufTensor>,
+}
+
+/// Where a Hugging Face tensor name lives in a GGUF file.
+#[derive(Clone, Debug)]
+pub struct GgufTensor {
+    /// Its name in the file.
+    pub name: String,
+    pub ty: crate::gguf::GgmlType,
+    /// llama.cpp's converter reordered the rows of each of these heads for its interleaved
+    /// RoPE (Q and K of `llama` models): row `2i + h` of a head is Hugging Face's row
+    /// `h · head_dim/2 + i`. Reading undoes it.
+    pub unpermute_heads: Option<usize>,
 }
 
 /// A set of memory-mapped safetensors files and the index of their tensors.
@@ -106,12 +120,24 @@ impl WeightFiles {
                 let (s, e) = info.data_offsets;
                 tensors.insert(
                     name.clone(),
-                    TensorLoc { file: i, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e },
+                    TensorLoc {
+                        file: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                        gguf: None,
+                    },
                 );
             }
             maps.push(map);
         }
         Ok(WeightFiles { paths: paths.to_vec(), index: None, maps, tensors })
+    }
+
+    /// The tensors of a GGUF file under their Hugging Face names (`gguf_import`).
+    pub fn from_gguf(path: PathBuf, map: Mmap, tensors: HashMap<String, TensorLoc>) -> WeightFiles {
+        WeightFiles { paths: vec![path], index: None, maps: vec![map], tensors }
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorLoc> {
@@ -150,6 +176,13 @@ impl WeightFiles {
             .ok_or_else(|| ModelError::MissingTensor { name: name.into(), files: self.describe_files() })?;
         let bytes = &self.maps[loc.file][loc.start..loc.end];
         let path = self.paths[loc.file].clone();
+        if let Some(g) = &loc.gguf {
+            let v = crate::ggml_quants::dequantize(g.ty, bytes);
+            return Ok(match g.unpermute_heads {
+                Some(heads) => unpermute(&v, &loc.shape, heads),
+                None => v,
+            });
+        }
         let out = match loc.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -160,6 +193,28 @@ impl WeightFiles {
         };
         Ok(out)
     }
+}
+
+/// Undoes llama.cpp's Q/K row permutation of a `[heads · head_dim, cols]` matrix (or a
+/// `[heads · head_dim]` bias): its row `h·hd + 2i + s` is Hugging Face's `h·hd + s·hd/2 + i`.
+fn unpermute(v: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
+    let rows = shape.first().copied().unwrap_or(0);
+    let cols = if shape.len() > 1 { v.len() / rows.max(1) } else { 1 };
+    let hd = rows / heads.max(1);
+    if heads == 0 || rows % heads != 0 || hd % 2 != 0 {
+        return v.to_vec();
+    }
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for s in 0..2 {
+                let from = h * hd + 2 * i + s;
+                let to = h * hd + s * hd / 2 + i;
+                out[to * cols..(to + 1) * cols].copy_from_slice(&v[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    out
 }
 
 fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {

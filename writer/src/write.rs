@@ -399,12 +399,8 @@ fn assign_storage(g: &mut Graph, model: &Model, derived: &HashMap<String, Graph>
                 let src = derived.get(name).and_then(|sub| sub.weights().first().map(|(n, _)| n.clone()));
                 let src = src.as_deref().unwrap_or(name);
                 let spec = model.specs.iter().find(|s| s.name == src);
-                let loc = spec.and_then(|s| s.candidates.iter().find_map(|c| model.files.get(c)));
-                match loc.map(|l| l.dtype) {
-                    Some(safetensors::Dtype::BF16) => DType::BF16,
-                    Some(safetensors::Dtype::F16) => DType::F16,
-                    _ => DType::F32,
-                }
+                let cand = spec.and_then(|s| s.candidates.iter().find(|c| model.files.get(c).is_some()));
+                cand.and_then(|c| model.checkpoint_storage(c)).unwrap_or(DType::F32)
             }
             Storage::All(DType::Q4_0) if feeds_logits(g, &users, output) => DType::Q8_0,
             Storage::All(d) => d,

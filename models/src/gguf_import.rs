@@ -1,0 +1,327 @@
+//! A GGUF file as a model: its `{arch}.*` metadata becomes the Hugging Face config the family
+//! builders already read, its tensors are found under the Hugging Face names (with llama.cpp's
+//! Q/K row permutation undone), and its `tokenizer.ggml.*` metadata becomes a `tokenizer.json`.
+//!
+//! Supported architectures: `llama` (Llama 2/3, SmolLM2, Mistral) and `qwen2`. Anything this
+//! module cannot map exactly (another architecture, RoPE scaling, a tokenizer model or
+//! pre-tokenizer it does not know, a tensor type without a reader) is an error naming it.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value as Json};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::{Gguf, GgufFile, Value};
+use crate::safetensors_io::{GgufTensor, TensorLoc, WeightFiles};
+use crate::text::TextAssets;
+use crate::{check_spec, Model, ModelConfig};
+
+/// Architectures `llmc` reads from GGUF metadata.
+pub const GGUF_ARCHS: &str = "llama, qwen2";
+
+fn err(path: &Path, msg: impl Into<String>) -> ModelError {
+    ModelError::Gguf { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// The Hugging Face `config.json` the metadata describes.
+fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
+    let arch = g
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(path, "metadata `general.architecture` is missing"))?
+        .to_string();
+    if !matches!(arch.as_str(), "llama" | "qwen2") {
+        return Err(err(path, format!("architecture `{arch}` is not supported from GGUF (supported: {GGUF_ARCHS})")));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let int = |k: &str| -> Result<Option<u64>> {
+        match g.get(&key(k)) {
+            None => Ok(None),
+            Some(v) => {
+                v.as_u64().map(Some).ok_or_else(|| err(path, format!("metadata `{}` must be an integer", key(k))))
+            }
+        }
+    };
+    let need =
+        |k: &str| -> Result<u64> { int(k)?.ok_or_else(|| err(path, format!("metadata `{}` is missing", key(k)))) };
+    let float = |k: &str| -> Result<Option<f64>> {
+        match g.get(&key(k)) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| err(path, format!("metadata `{}` must be a number", key(k)))),
+        }
+    };
+    let d = need("embedding_length")?;
+    let heads = need("attention.head_count")?;
+    let kv = int("attention.head_count_kv")?.unwrap_or(heads);
+    if heads == 0 || d % heads != 0 {
+        return Err(err(path, format!("embedding_length {d} is not a multiple of head_count {heads}")));
+    }
+    let head_dim = d / heads;
+    if let Some(rd) = int("rope.dimension_count")? {
+        if rd != head_dim {
+            return Err(err(
+                path,
+                format!("rope.dimension_count {rd} differs from the head size {head_dim} (partial RoPE)"),
+            ));
+        }
+    }
+    for k in ["rope.scaling.type", "rope.scaling.factor"] {
+        match g.get(&key(k)) {
+            None => {}
+            Some(Value::Str(s)) if s == "none" => {}
+            Some(Value::F32(f)) if *f == 1.0 || *f == 0.0 => {}
+            Some(v) => {
+                return Err(err(
+                    path,
+                    format!("metadata `{}` = {v:?}: RoPE scaling from GGUF is not supported", key(k)),
+                ))
+            }
+        }
+    }
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(err(path, "tensor `rope_freqs.weight` (Llama 3 RoPE scaling) is not supported from GGUF"));
+    }
+    if int("expert_count")?.is_some_and(|e| e > 0) {
+        return Err(err(path, format!("`{arch}.expert_count`: mixture-of-experts GGUFs are not supported yet")));
+    }
+    let vocab = match int("vocab_size")? {
+        Some(v) => v,
+        None => g.get("tokenizer.ggml.tokens").and_then(Value::as_array).map_or(0, |a| a.len() as u64),
+    };
+    let tie = g.tensor("output.weight").is_none();
+    let mut c = Map::new();
+    c.insert("model_type".into(), json!(arch));
+    c.insert("hidden_size".into(), json!(d));
+    c.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
+    c.insert("num_hidden_layers".into(), json!(need("block_count")?));
+    c.insert("num_attention_heads".into(), json!(heads));
+    c.insert("num_key_value_heads".into(), json!(kv));
+    c.insert("vocab_size".into(), json!(vocab));
+    c.insert("tie_word_embeddings".into(), json!(tie));
+    c.insert("hidden_act".into(), json!("silu"));
+    if let Some(e) = float("attention.layer_norm_rms_epsilon")? {
+        c.insert("rms_norm_eps".into(), json!(e));
+    }
+    c.insert("rope_theta".into(), json!(float("rope.freq_base")?.unwrap_or(10000.0)));
+    if let Some(n) = int("context_length")? {
+        c.insert("max_position_embeddings".into(), json!(n));
+    }
+    if let Some(w) = int("attention.sliding_window")? {
+        c.insert("sliding_window".into(), json!(w));
+    }
+    if arch == "llama" && g.tensor("blk.0.attn_q.bias").is_some() {
+        c.insert("attention_bias".into(), json!(true));
+    }
+    Ok((arch, Json::Object(c)))
+}
+
+/// The GGUF name of a Hugging Face tensor name of the llama/qwen2 builders, and whether its
+/// rows carry llama.cpp's Q/K permutation (`Some(heads)`).
+fn gguf_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
+    match hf {
+        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
+        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
+        "lm_head.weight" => return Some(("output.weight".into(), None)),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let (name, perm) = match part {
+        "input_layernorm" => ("attn_norm", None),
+        "post_attention_layernorm" => ("ffn_norm", None),
+        "self_attn.q_proj" => ("attn_q", Some(heads)),
+        "self_attn.k_proj" => ("attn_k", Some(kv_heads)),
+        "self_attn.v_proj" => ("attn_v", None),
+        "self_attn.o_proj" => ("attn_output", None),
+        "mlp.gate_proj" => ("ffn_gate", None),
+        "mlp.up_proj" => ("ffn_up", None),
+        "mlp.down_proj" => ("ffn_down", None),
+        _ => return None,
+    };
+    // llama.cpp's converter permutes the Q and K rows of `llama` models only (for its
+    // interleaved RoPE); qwen2 files keep Hugging Face's order.
+    let perm = if arch == "llama" { perm } else { None };
+    Some((format!("blk.{layer}.{name}.{kind}"), perm))
+}
+
+/// Opens a GGUF file as a model.
+pub fn load_gguf(path: &Path) -> Result<Model> {
+    let file = GgufFile::open(path)?;
+    let (arch, raw_config) = hf_config(path, &file.header)?;
+    let config = ModelConfig::from_json(path, &raw_config)?;
+    let (graph, specs) = config.build()?;
+    let (heads, kv) = (
+        raw_config["num_attention_heads"].as_u64().unwrap_or(1) as usize,
+        raw_config["num_key_value_heads"].as_u64().unwrap_or(1) as usize,
+    );
+    let mut tensors = std::collections::HashMap::new();
+    for spec in &specs {
+        for cand in &spec.candidates {
+            let Some((gname, perm)) = gguf_name(&arch, cand, heads, kv) else { continue };
+            let Some(t) = file.header.tensor(&gname) else { continue };
+            let ty = t
+                .ty
+                .ok_or_else(|| err(path, format!("tensor `{gname}` has ggml type {}, unknown to llmc", t.type_id)))?;
+            if !crate::ggml_quants::can_read(ty) {
+                return Err(err(
+                    path,
+                    format!(
+                        "tensor `{gname}` is {}, which llmc cannot read (supported: {})",
+                        ty.name(),
+                        crate::ggml_quants::READABLE
+                    ),
+                ));
+            }
+            let loc = TensorLoc {
+                file: 0,
+                dtype: safetensors::Dtype::F32,
+                shape: t.shape.clone(),
+                start: t.start,
+                end: t.end,
+                gguf: Some(GgufTensor {
+                    name: gname,
+                    ty,
+                    unpermute_heads: if t.shape.len() == 2 { perm } else { None },
+                }),
+            };
+            tensors.insert(cand.clone(), loc);
+        }
+    }
+    let text = text_assets(path, &file.header)?;
+    let files = WeightFiles::from_gguf(path.to_path_buf(), file.map, tensors);
+    for spec in &specs {
+        check_spec(&files, spec)?;
+    }
+    Ok(Model { config_path: path.to_path_buf(), raw_config, config, graph, specs, files, text })
+}
+
+/// Pre-tokenizers by `tokenizer.ggml.pre`, as Hugging Face's tokenizer.json files of those
+/// models write them (ids must equal transformers').
+fn pre_tokenizer(path: &Path, pre: &str) -> Result<(Json, Json)> {
+    let byte_level =
+        |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre {
+        // SmolLM2's and GPT-2's tokenizer.json: byte-level with the GPT-2 regex
+        "smollm" | "gpt-2" => (Json::Null, byte_level(true)),
+        "starcoder" => (
+            Json::Null,
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        ),
+        "qwen2" => {
+            (json!({"type": "NFC"}), json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}))
+        }
+        "llama-bpe" | "llama3" => {
+            (Json::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}))
+        }
+        other => {
+            return Err(err(
+                path,
+                format!("tokenizer.ggml.pre `{other}` is not supported (smollm, gpt-2, starcoder, qwen2, llama-bpe)"),
+            ))
+        }
+    })
+}
+
+/// `tokenizer.json` (Hugging Face's format) and the special tokens from the metadata.
+fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
+    let mut t = TextAssets { generation: json!({}), ..Default::default() };
+    t.chat_template = g.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
+    let Some(model) = g.get("tokenizer.ggml.model").and_then(Value::as_str) else {
+        return Ok(t); // no tokenizer: token ids only
+    };
+    if model != "gpt2" {
+        return Err(err(path, format!("tokenizer.ggml.model `{model}` is not supported (gpt2 byte-level BPE is)")));
+    }
+    let strs = |k: &str| -> Result<Vec<String>> {
+        let a = g.get(k).and_then(Value::as_array).ok_or_else(|| err(path, format!("metadata `{k}` is missing")))?;
+        a.iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| err(path, format!("metadata `{k}` must hold strings")))
+            })
+            .collect()
+    };
+    let tokens = strs("tokenizer.ggml.tokens")?;
+    let merges = strs("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_u64().map_or(-1, |x| x as i64)).collect(),
+        Some(a) => {
+            return Err(err(
+                path,
+                format!("tokenizer.ggml.token_type has {} items for {} tokens", a.len(), tokens.len()),
+            ))
+        }
+        None => vec![1; tokens.len()],
+    };
+    let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("gpt-2");
+    let (normalizer, pre_tok) = pre_tokenizer(path, pre)?;
+    let id = |k: &str| -> Result<Option<i64>> {
+        match g.get(k) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(i) if (i as usize) < tokens.len() => Ok(Some(i as i64)),
+                _ => Err(err(path, format!("metadata `{k}` = {v:?} is not a token id below {}", tokens.len()))),
+            },
+        }
+    };
+    let mut vocab = Map::new();
+    for (i, tok) in tokens.iter().enumerate() {
+        if vocab.insert(tok.clone(), json!(i)).is_some() {
+            return Err(err(path, format!("token `{tok}` appears twice in tokenizer.ggml.tokens")));
+        }
+    }
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(json!([a, b])),
+            None => Err(err(path, format!("merge `{m}` has no space"))),
+        })
+        .collect::<Result<_>>()?;
+    // control and user-defined tokens (types 3, 4) are matched whole, as added tokens
+    let added: Vec<Json> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
+        .map(|(i, (tok, &ty))| {
+            json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": ty == 3})
+        })
+        .collect();
+    let bos = id("tokenizer.ggml.bos_token_id")?;
+    let eos = id("tokenizer.ggml.eos_token_id")?;
+    let eot = id("tokenizer.ggml.eot_token_id")?;
+    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+    let post = match (add_bos, bos) {
+        (true, Some(b)) => {
+            let s = &tokens[b as usize];
+            json!({"type": "TemplateProcessing",
+                   "single": [{"SpecialToken": {"id": s, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"SpecialToken": {"id": s, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                            {"SpecialToken": {"id": s, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {s.as_str(): {"id": s, "ids": [b], "tokens": [s]}}})
+        }
+        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+    };
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": normalizer, "pre_tokenizer": pre_tok, "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre.starts_with("llama"),
+                  "vocab": vocab, "merges": merges}
+    });
+    t.tokenizer_json = Some(serde_json::to_vec(&tok).map_err(|e| err(path, e.to_string()))?);
+    t.bos_token_id = bos;
+    t.bos_token = bos.map(|b| tokens[b as usize].clone());
+    t.eos_token = eos.map(|e| tokens[e as usize].clone());
+    t.eos_token_ids = eos.into_iter().chain(eot).collect();
+    t.eos_token_ids.dedup();
+    t.pad_token_id = id("tokenizer.ggml.padding_token_id")?;
+    Ok(t)
+}

@@ -1,0 +1,169 @@
+//! GGUF files end to end: SmolLM2-135M-Instruct's Q4_1 GGUF (Q4_1 blocks, Q8_0 embeddings;
+//! fetched once per test process by scripts/get-smollm2-gguf) compiled and run directly, with
+//! its tokenizer and chat template from the file's own metadata; and hostile or unsupported
+//! GGUF files refused with one clear line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{ints, llmc, run_json, stderr};
+
+fn gguf() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let o = Command::new(root.join("scripts/get-smollm2-gguf"))
+            .arg(root.join("target/models"))
+            .output()
+            .expect("run scripts/get-smollm2-gguf");
+        assert!(o.status.success(), "get-smollm2-gguf: {}", String::from_utf8_lossy(&o.stderr));
+        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// transformers' reference for SmolLM2 (its weights are this GGUF's, dequantized).
+fn expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(common::shared().join("tools/smollm2/expected.json")).unwrap();
+    let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+    e["prompts"][0].clone()
+}
+
+fn compile(model: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["compile", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"];
+    args.extend_from_slice(extra);
+    let o = llmc(&args);
+    assert!(o.status.success(), "compile failed: {}", stderr(&o));
+}
+
+/// With f32 activations the GGUF's prompt ids (from its own tokenizer metadata) and greedy ids
+/// equal transformers'.
+#[test]
+#[ignore = "fetches a 98 MB GGUF; scripts/test runs it in release mode"]
+fn smollm2_gguf_equals_transformers_with_f32_activations() {
+    let case = expected();
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("smollm2-gguf-f32.llmc");
+    compile(&gguf(), &art, &["--activations", "f32"]);
+    let o = llmc(&["run", art.to_str().unwrap(), "-p", case["text"].as_str().unwrap(), "-n", "1", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ints(&v["prompt_ids"]), ints(&case["prompt_ids"]));
+    let g = run_json(&art, &ints(&case["prompt_ids"]), 32, &[]);
+    assert_eq!(ints(&g["generated_ids"]), ints(&case["greedy_ids"]));
+    let o = llmc(&["inspect", art.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let dtypes = v["dtypes"].as_object().unwrap();
+    assert!(dtypes.keys().any(|k| k.starts_with("q8_0/")), "{dtypes:?}");
+}
+
+/// With the default (int8 activation) kernels, fed transformers' greedy tokens one at a time,
+/// the argmax agrees at 31 of 32 steps or more (llama.cpp's standard for its own kernels).
+#[test]
+#[ignore = "fetches a 98 MB GGUF; scripts/test runs it in release mode"]
+fn smollm2_gguf_default_kernels_follow_transformers() {
+    let case = expected();
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("smollm2-gguf.llmc");
+    compile(&gguf(), &art, &[]);
+    let engine = llmc_runtime::Engine::open(&art, 2).unwrap();
+    let mut s = llmc_runtime::session::Session::new(&engine, llmc_runtime::session::Backend::Jit, Some(64)).unwrap();
+    let prompt: Vec<i32> = ints(&case["prompt_ids"]).iter().map(|&i| i as i32).collect();
+    let greedy: Vec<i32> = ints(&case["greedy_ids"]).iter().map(|&i| i as i32).collect();
+    let argmax =
+        |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as i32;
+    let mut logits = s.step(&prompt).unwrap();
+    let mut agree = 0;
+    for (i, &want) in greedy.iter().enumerate() {
+        let got = argmax(&logits);
+        if got != want {
+            eprintln!(
+                "step {i}: argmax {got} ({}), transformers {want} ({})",
+                logits[got as usize], logits[want as usize]
+            );
+        }
+        agree += (got == want) as usize;
+        logits = s.step(&[want]).unwrap();
+    }
+    eprintln!("int8 kernels agree with transformers at {agree} of {} steps", greedy.len());
+    assert!(agree >= 31, "{agree} of 32");
+}
+
+/// `llmc run model.gguf` compiles on first use into the cache, says so, and reuses it.
+#[test]
+#[ignore = "fetches a 98 MB GGUF; scripts/test runs it in release mode"]
+fn run_gguf_compiles_once_into_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new(common::llmc_bin())
+            .args(["run", gguf().to_str().unwrap(), "-p", "The capital of France is", "-n", "3", "--temp", "0"])
+            .env("XDG_CACHE_HOME", cache.path())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("first use"), "{}", stderr(&first));
+    assert!(String::from_utf8_lossy(&first.stdout).starts_with(" Paris"), "{}", String::from_utf8_lossy(&first.stdout));
+    let second = run();
+    assert!(second.status.success());
+    assert!(!stderr(&second).contains("first use"), "{}", stderr(&second));
+    assert_eq!(first.stdout, second.stdout);
+    let cached: Vec<_> = std::fs::read_dir(cache.path().join("llmc")).unwrap().collect();
+    assert_eq!(cached.len(), 1, "one artifact, no temp files left");
+}
+
+/// A minimal GGUF: `general.architecture` and one f32 tensor.
+fn tiny_gguf(arch: &str) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, arch);
+    s(&mut b, "token_embd.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend([0u8; 32]);
+    b
+}
+
+#[test]
+fn unsupported_and_broken_gguf_files_are_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.llmc");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("mamba.gguf", tiny_gguf("mamba"), "architecture `mamba` is not supported"),
+        ("trunc.gguf", tiny_gguf("llama")[..60].to_vec(), "invalid GGUF file"),
+        ("noblocks.gguf", tiny_gguf("llama"), "metadata `llama.embedding_length` is missing"),
+        ("magic.gguf", b"GGUF\x09\0\0\0".to_vec(), "GGUF version 9"),
+    ];
+    for (name, bytes, want) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        for cmd in [
+            vec!["compile", p.to_str().unwrap(), "-o", out.to_str().unwrap()],
+            vec!["run", p.to_str().unwrap(), "-p", "x"],
+        ] {
+            let o = Command::new(common::llmc_bin()).args(&cmd).env("XDG_CACHE_HOME", dir.path()).output().unwrap();
+            assert!(!o.status.success(), "{name}: {cmd:?} succeeded");
+            let e = stderr(&o);
+            assert!(e.contains(want), "{name}: {e}");
+            assert!(!e.contains("panicked"), "{name}: {e}");
+        }
+    }
+}
