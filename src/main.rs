@@ -204,7 +204,7 @@ fn float_in(s: &str, ok: fn(f32) -> bool, range: &str) -> Result<f32, String> {
 fn storage_dtype(s: &str) -> Result<llmc_ir::DType, String> {
     use llmc_ir::DType;
     match DType::parse(s) {
-        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0)) => Ok(d),
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1)) => Ok(d),
         _ => Err(format!("`{s}` is not a storage type (f32, f16, bf16, q8_0, q4_0)")),
     }
 }

@@ -57,7 +57,11 @@ fn smollm2_gguf_equals_transformers_with_f32_activations() {
     let o = llmc(&["inspect", art.to_str().unwrap(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let dtypes = v["dtypes"].as_object().unwrap();
-    assert!(dtypes.keys().any(|k| k.starts_with("q8_0/")), "{dtypes:?}");
+    // stored as the file has them: Q4_1 blocks and the Q8_0 embedding table
+    assert!(
+        dtypes.keys().any(|k| k.starts_with("q8_0/")) && dtypes.keys().any(|k| k.starts_with("q4_1/")),
+        "{dtypes:?}"
+    );
 }
 
 /// With the default (int8 activation) kernels, fed transformers' greedy tokens one at a time,

@@ -96,7 +96,7 @@ impl Lowerer<'_> {
             )));
         }
         let xq = xq_ok && quantized(0);
-        if xq && !matches!(self.g.node(ops[1]).ty.dtype, DType::Q8_0 | DType::Q4_0) {
+        if xq && !llmc_ir::quant::is_blocked(self.g.node(ops[1]).ty.dtype) {
             return Err(err(format!(
                 "quant_q8 feeds a {} whose weight is {:?}: int8 projections need q8_0 or q4_0",
                 node.op.name(),

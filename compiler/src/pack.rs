@@ -75,13 +75,24 @@ pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
 /// - f32: `[k][16]` f32; bf16/f16: `[k][16]` u16 (the 16-bit values);
 /// - q8_0: per block of 32 columns, the 16 rows' scales (f32) then `[32 k][16]` i8;
 /// - q4_0: per block, 16 scales then `[16 k pairs][16]` bytes, the low nibble for column
-///   `2j` and the high nibble for `2j + 1`, each `q + 8`.
+///   `2j` and the high nibble for `2j + 1`, each `q + 8`;
+/// - q4_1: per block, 16 scales, 16 minimums (f32), then the nibbles `q` as for q4_0.
 pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
     match dtype {
         DType::BF16 | DType::F16 => PANEL * 2 * cols,
         DType::Q8_0 => cols / QK * (PANEL * 4 + QK * PANEL),
-        DType::Q4_0 => cols / QK * (PANEL * 4 + QK / 2 * PANEL),
+        DType::Q4_0 | DType::Q4_1 => cols / QK * (block_head(dtype) + QK / 2 * PANEL),
         _ => PANEL * 4 * cols,
+    }
+}
+
+/// Bytes of a block's per-row header (16 f32 scales; q4_1: then 16 f32 minimums), after
+/// which its quantized values start.
+pub fn block_head(dtype: DType) -> usize {
+    if dtype == DType::Q4_1 {
+        PANEL * 8
+    } else {
+        PANEL * 4
     }
 }
 
@@ -89,8 +100,8 @@ pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
 /// scales: `(byte, high nibble)`. Columns go in groups of 4; a group holds the 16 rows × 4
 /// columns (64 bytes, row-major), so each 16-byte vector is 4 rows × 4 columns.
 /// - q8_0: 8 groups, each byte `q + 128` (unsigned: `vpdpbusd` multiplies u8 by i8);
-/// - q4_0: 4 groups of columns `4g..4g+4` in the low nibbles and `16+4g..` in the high ones,
-///   each nibble `q + 8`.
+/// - q4_0, q4_1: 4 groups of columns `4g..4g+4` in the low nibbles and `16+4g..` in the high
+///   ones, each nibble `q + 8` (q4_0) or `q` (q4_1).
 pub fn dot_at(dtype: DType, lane: usize, k: usize) -> (usize, bool) {
     let (g, high) = if dtype == DType::Q8_0 { (k / 4, false) } else { ((k % 16) / 4, k >= 16) };
     (g * PANEL * 4 + lane * 4 + k % 4, high)
@@ -101,8 +112,8 @@ pub fn dot_at(dtype: DType, lane: usize, k: usize) -> (usize, bool) {
 pub fn packed_bytes(layout: Layout, dtype: DType, shape: &[usize]) -> Option<usize> {
     match (layout, dtype) {
         (_, DType::F32) => Some(packed_len(layout, shape) * 4),
-        (Layout::Panel16, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0)
-        | (Layout::Dot16, DType::Q8_0 | DType::Q4_0) => {
+        (Layout::Panel16, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+        | (Layout::Dot16, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) => {
             let (rows, cols) = matrix_dims(shape);
             if quant::is_blocked(dtype) && cols % QK != 0 {
                 return None;
@@ -138,20 +149,36 @@ pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -
             _ => {
                 let bb = pb / (cols / QK);
                 for (b, x) in row.chunks(QK).enumerate() {
-                    let blk = if dtype == DType::Q8_0 { quant::quantize_q8_0(x) } else { quant::quantize_q4_0(x) };
+                    // (scale, minimum, the stored bytes: q8_0's i8, else the nibbles)
+                    let (d, m, us): (f32, Option<f32>, [u8; QK]) = match dtype {
+                        DType::Q8_0 => {
+                            let blk = quant::quantize_q8_0(x);
+                            (blk.d, None, blk.q.map(|q| q as u8))
+                        }
+                        DType::Q4_1 => {
+                            let blk = quant::quantize_q4_1(x);
+                            (blk.d, Some(blk.m), blk.q)
+                        }
+                        _ => {
+                            let blk = quant::quantize_q4_0(x);
+                            (blk.d, None, blk.q.map(|q| (q + 8) as u8))
+                        }
+                    };
                     let block = &mut panel[b * bb..(b + 1) * bb];
-                    block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d.to_le_bytes());
-                    let qs = &mut block[PANEL * 4..];
-                    for (k, &q) in blk.q.iter().enumerate() {
+                    block[lane * 4..lane * 4 + 4].copy_from_slice(&d.to_le_bytes());
+                    if let Some(m) = m {
+                        block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&m.to_le_bytes());
+                    }
+                    let qs = &mut block[block_head(dtype)..];
+                    for (k, &u) in us.iter().enumerate() {
                         if dot {
                             let (at, high) = dot_at(dtype, lane, k);
-                            let u = if dtype == DType::Q8_0 { (q as i32 + 128) as u8 } else { (q + 8) as u8 };
+                            let u = if dtype == DType::Q8_0 { u ^ 0x80 } else { u };
                             qs[at] |= if high { u << 4 } else { u };
                         } else if dtype == DType::Q8_0 {
-                            qs[k * PANEL + lane] = q as u8;
+                            qs[k * PANEL + lane] = u;
                         } else {
-                            let nib = (q + 8) as u8 & 0x0F;
-                            qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { nib } else { nib << 4 };
+                            qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { u } else { u << 4 };
                         }
                     }
                 }
@@ -197,23 +224,30 @@ pub fn unpack_bytes(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8])
                         block[lane * 4 + 2],
                         block[lane * 4 + 3],
                     ]);
-                    let qs = &block[PANEL * 4..];
+                    let qs = &block[block_head(dtype)..];
+                    let m = f32::from_le_bytes(block[PANEL * 4 + lane * 4..][..4].try_into().unwrap_or([0; 4]));
                     for (k, v) in x.iter_mut().enumerate() {
-                        let q = if dot {
+                        // the stored byte (q8_0: as i8) or nibble
+                        let u = if dot {
                             let (at, high) = dot_at(dtype, lane, k);
-                            let u = if high {
-                                qs[at] >> 4
+                            if dtype == DType::Q8_0 {
+                                (qs[at] ^ 0x80) as i8 as i32
+                            } else if high {
+                                (qs[at] >> 4) as i32
                             } else {
-                                qs[at] & if dtype == DType::Q8_0 { 0xFF } else { 0x0F }
-                            };
-                            u as i32 - if dtype == DType::Q8_0 { 128 } else { 8 }
+                                (qs[at] & 0x0F) as i32
+                            }
                         } else if dtype == DType::Q8_0 {
                             qs[k * PANEL + lane] as i8 as i32
                         } else {
                             let byte = qs[(k / 2) * PANEL + lane];
-                            (if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32 - 8
+                            (if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32
                         };
-                        *v = d * q as f32;
+                        *v = match dtype {
+                            DType::Q4_1 => u as f32 * d + m,
+                            DType::Q4_0 => d * (u - 8) as f32,
+                            _ => d * u as f32,
+                        };
                     }
                 }
             }
@@ -244,10 +278,10 @@ mod tests {
     fn storage_types_round_trip_to_their_meaning() {
         let (rows, cols) = (19, 64);
         let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let cases = [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0]
+        let cases = [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1]
             .map(|d| (Layout::Panel16, d))
             .into_iter()
-            .chain([(Layout::Dot16, DType::Q8_0), (Layout::Dot16, DType::Q4_0)]);
+            .chain([(Layout::Dot16, DType::Q8_0), (Layout::Dot16, DType::Q4_0), (Layout::Dot16, DType::Q4_1)]);
         for (layout, dtype) in cases {
             let b = pack_bytes(layout, dtype, &[rows, cols], &data);
             assert_eq!(Some(b.len()), packed_bytes(layout, dtype, &[rows, cols]));

@@ -7,6 +7,7 @@
 //! - `q8_0`: blocks of 32 values along a row, `x = d · q` with `q: i8` and one scale `d` per
 //!   block, an f16 value (stored widened to f32 in llmc's repacked layout; exact).
 //! - `q4_0`: blocks of 32, `x = d · (q − 8)` with `q` in `0..16`, `d` an f16 value.
+//! - `q4_1`: blocks of 32, `x = q · d + m` with `q` in `0..16`, `d` and `m` f16 values.
 
 use half::{bf16, f16};
 
@@ -18,12 +19,38 @@ pub const QK: usize = 32;
 /// Whether `dtype` is a weight storage type other than f32 (only weights may have one, and
 /// only where a kernel reads it: see `Op::accepts_storage`).
 pub fn is_storage(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0)
+    matches!(dtype, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
 }
 
 /// Whether `dtype` quantizes in blocks of `QK` along the last dim.
 pub fn is_blocked(dtype: DType) -> bool {
-    matches!(dtype, DType::Q8_0 | DType::Q4_0)
+    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+}
+
+/// One Q4_1 block: scale `d` and minimum `m` (f16 values, as f32) and 32 integers `q` in
+/// `0..16`; the block means `q · d + m`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Block41 {
+    pub d: f32,
+    pub m: f32,
+    pub q: [u8; QK],
+}
+
+/// ggml's `quantize_row_q4_1_ref` for one block: `d = (max − min) / 15`, `m = min` (both
+/// stored as f16), `q = min(15, trunc((x − min) / d + 0.5))` with the unrounded `d`.
+pub fn quantize_q4_1(x: &[f32]) -> Block41 {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0u8; QK];
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (((v - min) * id + 0.5) as u8).min(15);
+    }
+    Block41 { d: f16::from_f32(d).to_f32(), m: f16::from_f32(min).to_f32(), q }
 }
 
 /// One block quantized: its scale (an f16 value, as f32) and its 32 integers (Q4_0: `q − 8`,
@@ -100,6 +127,15 @@ pub fn round_trip(dtype: DType, x: &[f32], cols: usize) -> Vec<f32> {
     match dtype {
         DType::BF16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
         DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        DType::Q4_1 => {
+            debug_assert!(cols % QK == 0 && x.len() % cols == 0);
+            let mut out = Vec::with_capacity(x.len());
+            for b in x.chunks(QK) {
+                let blk = quantize_q4_1(b);
+                out.extend(blk.q.iter().map(|&q| q as f32 * blk.d + blk.m));
+            }
+            out
+        }
         DType::Q8_0 | DType::Q4_0 => {
             debug_assert!(cols % QK == 0 && x.len() % cols == 0);
             let mut out = Vec::with_capacity(x.len());
@@ -143,6 +179,19 @@ mod tests {
         assert_eq!(&q[..4], &[127, 2, -4, 0]);
         assert_eq!(round_trip_act_q8(&x)[..4], [127.0, 2.0, -4.0, 0.0]);
         assert_eq!(quantize_act_q8(&[0.0; 32]), (0.0, [0; 32]));
+    }
+
+    #[test]
+    fn q4_1_matches_ggml_reference_math() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 * 0.5 - 3.0).collect(); // -3 .. 12.5
+        let b = quantize_q4_1(&x);
+        assert_eq!(b.m, -3.0);
+        assert_eq!(b.d, f16::from_f32(15.5 / 15.0).to_f32());
+        assert_eq!((b.q[0], b.q[31]), (0, 15));
+        let back = round_trip(DType::Q4_1, &x, 32);
+        assert!(back.iter().zip(&x).all(|(a, v)| (a - v).abs() <= 0.52), "{back:?}");
+        // values that are already Q4_1 blocks come back unchanged (a GGUF's Q4_1 tensor)
+        assert_eq!(round_trip(DType::Q4_1, &back, 32), back);
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum DType {
     Q8_0,
     /// Weight storage: ggml's 4-bit blocks (see `quant`).
     Q4_0,
+    /// Weight storage: ggml's 4-bit blocks with a minimum (see `quant`).
+    Q4_1,
 }
 
 impl DType {
@@ -31,6 +33,7 @@ impl DType {
             DType::U8 => "u8",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
         }
     }
 
@@ -43,6 +46,7 @@ impl DType {
             "u8" => DType::U8,
             "q8_0" => DType::Q8_0,
             "q4_0" => DType::Q4_0,
+            "q4_1" => DType::Q4_1,
             _ => return None,
         })
     }

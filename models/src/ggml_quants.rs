@@ -106,9 +106,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// The storage type llmc keeps a GGUF tensor in, when compiled without `--dtype`: the file's
-/// own type where llmc has it (f32, f16, bf16, q8_0, q4_0: repacked losslessly), and q8_0
-/// for the other quantized types (re-quantized from their exact values: llmc has no native
-/// kernels for Q4_1, Q5_x and the K-quants yet).
+/// own type where llmc has it (f32, f16, bf16, q8_0, q4_0, q4_1: repacked losslessly), and
+/// q8_0 for the other quantized types (re-quantized from their exact values: llmc has no
+/// native kernels for Q5_x and the K-quants yet).
 pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
     use llmc_ir::DType;
     match ty {
@@ -116,6 +116,7 @@ pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
         GgmlType::F16 => DType::F16,
         GgmlType::BF16 => DType::BF16,
         GgmlType::Q4_0 => DType::Q4_0,
+        GgmlType::Q4_1 => DType::Q4_1,
         _ => DType::Q8_0,
     }
 }

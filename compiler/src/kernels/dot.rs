@@ -51,16 +51,20 @@ fn flags() -> MemFlagsData {
 
 /// The unsigned offset a weight byte (or nibble) of `wt` carries in `Dot16`.
 fn offset(wt: DType) -> i64 {
-    if wt == DType::Q8_0 {
-        128
-    } else {
-        8
+    match wt {
+        DType::Q8_0 => 128,
+        DType::Q4_0 => 8,
+        _ => 0,
     }
 }
 
+/// Bytes per block of a quantized row's metadata: `d` (f32), the correction `−offset · Σq`
+/// (i32) and `d · Σq` (f32, for q4_1's minimum: `Σ x·(q·d_w + m) = d_w·Σ x·q + m·Σ x`).
+const META: usize = 12;
+
 /// Sets up the buffer (and the RMS slot) for a projection over `kd` columns.
 pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>) -> Xq {
-    let row_bytes = kd + kd / QK * 8;
+    let row_bytes = kd + kd / QK * META;
     let rows = (BUF_BYTES / row_bytes / 4 * 4).clamp(4, MAX_ROWS);
     let slot =
         k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (rows * row_bytes) as u32, 4));
@@ -132,9 +136,12 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
             let qd = k.at(dst, b, QK as i64);
             k.st(lo, qd, 0);
             k.st(hi, qd, 16);
-            let md = k.at(dst, b, 8);
+            let md = k.at(dst, b, META as i64);
             k.st(d, md, kd as i64);
             k.st(corr, md, kd as i64 + 4);
+            let sf = k.b.ins().fcvt_from_sint(F32, s);
+            let dsum = k.fmul(d, sf);
+            k.st(dsum, md, kd as i64 + 8);
         });
         if let Some((inv, eps)) = xq.inv {
             let a = k.get(ss);
@@ -192,9 +199,10 @@ pub fn tile_accs(
     let nv_all = nv * panels;
     // byte offset of vector `j` (over all panels) inside a group / the scales of a block
     let voff = |j: usize| (j / nv) * pb + (v0 + j % nv) * 16;
-    let q4 = c.wt == DType::Q4_0;
+    let q4 = c.wt != DType::Q8_0;
     let groups = if q4 { QK / 8 } else { QK / 4 };
-    let block = PANEL * 4 + groups * PANEL * 4;
+    let head = crate::pack::block_head(c.wt);
+    let block = head + groups * PANEL * 4;
     let rb = xq.row_bytes as i64;
     let zero = k.c(V4, 0.0);
     let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv_all).map(|_| k.var(V4, zero)).collect()).collect();
@@ -238,7 +246,7 @@ pub fn tile_accs(
                 })
                 .collect();
             for j in 0..nv_all {
-                let w = k.b.ins().load(I8X16, flags(), bp, (PANEL * 4 + g * PANEL * 4 + voff(j)) as i32);
+                let w = k.b.ins().load(I8X16, flags(), bp, (head + g * PANEL * 4 + voff(j)) as i32);
                 let (wl, wh) = if let Some(nib) = nib {
                     let lo = k.b.ins().band(w, nib);
                     // shift 16-bit lanes (one `psrlw`; x86 has no byte shift) and mask
@@ -262,12 +270,20 @@ pub fn tile_accs(
         for (tt, row) in iacc.iter().enumerate() {
             let dx = k.ld(F32, m, tt as i64 * rb);
             let dx = k.splat(dx);
+            let dsum = (c.wt == DType::Q4_1).then(|| {
+                let v = k.ld(F32, m, tt as i64 * rb + 8);
+                k.splat(v)
+            });
             for (j, &ia) in row.iter().enumerate() {
                 let sw = k.ld(V4, bp, voff(j) as i64);
                 let s = k.fmul(sw, dx);
                 let f = k.b.ins().fcvt_from_sint(V4, ia);
                 let a = k.get(accs[tt][j]);
-                let a = k.fma(f, s, a);
+                let mut a = k.fma(f, s, a);
+                if let Some(ds) = dsum {
+                    let mw = k.ld(V4, bp, (PANEL * 4 + voff(j)) as i64);
+                    a = k.fma(mw, ds, a);
+                }
                 k.set(accs[tt][j], a);
             }
         }
@@ -275,7 +291,7 @@ pub fn tile_accs(
         k.set(wv, bp);
         let x = k.addi(x, QK as i64);
         k.set(xv, x);
-        let m = k.addi(m, 8);
+        let m = k.addi(m, META as i64);
         k.set(mv, m);
     });
     accs
@@ -301,8 +317,9 @@ pub fn chunks(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, walk: &mut dyn FnMut(&mut Kb<'_>
 /// Element `j` (a column Value) of row `lane` of the `Dot16` panel at `panel` as f32 (the
 /// embedding gather of a table the output projection also reads).
 pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
-    let q4 = wt == DType::Q4_0;
-    let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+    let q4 = wt != DType::Q8_0;
+    let head = crate::pack::block_head(wt);
+    let block = head + if q4 { QK / 2 * PANEL } else { QK * PANEL };
     let b = k.udivi(j, QK as i64);
     let kk = k.uremi(j, QK as i64);
     let bp = k.at(panel, b, block as i64);
@@ -317,17 +334,27 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
     let o = k.add(go, lo);
     let o = k.add(o, c);
     let qa = k.add(bp, o);
-    let byte = k.b.ins().uload8(types::I32, flags(), qa, (PANEL * 4) as i32);
+    let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
     let q = if q4 {
         let high = k.udivi(kk, 16);
         let sh = k.b.ins().ishl_imm_u(high, 2);
         let sh = k.b.ins().ireduce(types::I32, sh);
         let nib = k.b.ins().ushr(byte, sh);
         let nib = k.b.ins().band_imm_u(nib, 0x0f);
-        k.b.ins().iadd_imm_s(nib, -8)
+        if wt == DType::Q4_0 {
+            k.b.ins().iadd_imm_s(nib, -8)
+        } else {
+            nib
+        }
     } else {
         k.b.ins().iadd_imm_s(byte, -128)
     };
     let f = k.b.ins().fcvt_from_sint(F32, q);
-    k.fmul(f, d)
+    if wt == DType::Q4_1 {
+        let m = k.ld(F32, sa, (PANEL * 4) as i64);
+        let fd = k.fmul(f, d);
+        k.fadd(fd, m)
+    } else {
+        k.fmul(f, d)
+    }
 }

@@ -73,7 +73,7 @@ fn consts(k: &mut Kb<'_>, wt: DType) -> Consts {
             eight: dummy,
             high16: dummy,
         },
-        DType::Q4_0 => {
+        DType::Q4_0 | DType::Q4_1 => {
             Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: i8s(k, 0x0f), eight: i8s(k, 8), high16: dummy }
         }
         DType::BF16 => Consts {
@@ -183,22 +183,29 @@ pub fn tile_accs(
                 fma_all(k, &ws, 0);
             }
         }
-        DType::Q8_0 | DType::Q4_0 => {
-            let q4 = c.wt == DType::Q4_0;
-            let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            let q4 = c.wt != DType::Q8_0;
+            let head = crate::pack::block_head(c.wt);
+            let block = head + if q4 { QK / 2 * PANEL } else { QK * PANEL };
             let wend = k.addi(wp, (c.kd / QK * block) as i64);
             // Small (decode) tiles sum q·x per block and scale once at its end; larger tiles
-            // scale each widened weight vector (one extra accumulator set would spill).
-            let factor = tokens * nv <= 4;
+            // (and q4_1, whose minimum is added to each weight) scale each widened weight
+            // vector (one extra accumulator set would spill).
+            let factor = tokens * nv <= 4 && c.wt != DType::Q4_1;
             k.for_ptr(wv, wend, |k| {
                 let bp = k.get(wv);
                 let scales: Vec<Value> = (0..nv).map(|j| k.ld(V4, bp, ((v0 + j) * 16) as i64)).collect();
+                let mins: Vec<Value> = if c.wt == DType::Q4_1 {
+                    (0..nv).map(|j| k.ld(V4, bp, (PANEL * 4 + (v0 + j) * 16) as i64)).collect()
+                } else {
+                    Vec::new()
+                };
                 let bacc: Vec<Vec<Variable>> = if factor {
                     (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()
                 } else {
                     Vec::new()
                 };
-                let qstart = k.addi(bp, (PANEL * 4) as i64);
+                let qstart = k.addi(bp, head as i64);
                 let qend = k.addi(bp, block as i64);
                 let qv = k.var(I64, qstart);
                 // two columns per iteration: one q4_0 byte pair, or two q8_0 columns
@@ -213,7 +220,7 @@ pub fn tile_accs(
                         [lo, hi]
                             .into_iter()
                             .map(|v| {
-                                let v = k.b.ins().isub(v, cs.eight);
+                                let v = if c.wt == DType::Q4_0 { k.b.ins().isub(v, cs.eight) } else { v };
                                 (k.b.ins().swiden_low(v), k.b.ins().swiden_high(v))
                             })
                             .collect()
@@ -239,6 +246,8 @@ pub fn tile_accs(
                                 let f = i8_rows(k, lo, hi, v0 + j);
                                 if factor {
                                     f
+                                } else if c.wt == DType::Q4_1 {
+                                    k.fma(f, scales[j], mins[j])
                                 } else {
                                     k.fmul(f, scales[j])
                                 }
@@ -311,9 +320,10 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
                 k.b.ins().bitcast(F32, le, r)
             }
         }
-        DType::Q8_0 | DType::Q4_0 => {
-            let q4 = wt == DType::Q4_0;
-            let block = PANEL * 4 + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            let q4 = wt != DType::Q8_0;
+            let head = crate::pack::block_head(wt);
+            let block = head + if q4 { QK / 2 * PANEL } else { QK * PANEL };
             let b = k.udivi(j, QK as i64);
             let kk = k.uremi(j, QK as i64);
             let bp = k.at(panel, b, block as i64);
@@ -323,19 +333,29 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
             let q = if q4 {
                 let pair = k.b.ins().ushr_imm_u(kk, 1);
                 let qa = k.at(qbase, pair, PANEL as i64);
-                let byte = k.b.ins().uload8(types::I32, flags(), qa, (PANEL * 4) as i32);
+                let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
                 let odd = k.b.ins().band_imm_u(kk, 1);
                 let sh = k.b.ins().ishl_imm_u(odd, 2);
                 let sh = k.b.ins().ireduce(types::I32, sh);
                 let nib = k.b.ins().ushr(byte, sh);
                 let nib = k.b.ins().band_imm_u(nib, 0x0f);
-                k.b.ins().iadd_imm_s(nib, -8)
+                if wt == DType::Q4_0 {
+                    k.b.ins().iadd_imm_s(nib, -8)
+                } else {
+                    nib
+                }
             } else {
                 let qa = k.at(qbase, kk, PANEL as i64);
-                k.b.ins().sload8(types::I32, flags(), qa, (PANEL * 4) as i32)
+                k.b.ins().sload8(types::I32, flags(), qa, head as i32)
             };
             let f = k.b.ins().fcvt_from_sint(F32, q);
-            k.fmul(f, d)
+            if wt == DType::Q4_1 {
+                let m = k.ld(F32, sa, (PANEL * 4) as i64);
+                let fd = k.fmul(f, d);
+                k.fadd(fd, m)
+            } else {
+                k.fmul(f, d)
+            }
         }
         _ => {
             let jl = k.muli(j, PANEL as i64);
