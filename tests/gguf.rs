@@ -171,3 +171,45 @@ fn unsupported_and_broken_gguf_files_are_one_error_line() {
         }
     }
 }
+
+/// Qwen2.5-Coder-0.5B-Instruct's Q4_K_M GGUF (Q5_0, Q8_0, Q6_K, Q4_K and F32 tensors; qwen2
+/// architecture and pre-tokenizer), fetched once per test process by ../shared/tools/get-qwen25.
+fn qwen() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models");
+        let o = Command::new(common::shared().join("tools/get-qwen25"))
+            .arg(&dir)
+            .arg("0.5b")
+            .output()
+            .expect("run get-qwen25");
+        assert!(o.status.success(), "get-qwen25: {}", String::from_utf8_lossy(&o.stderr));
+        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+fn qwen_expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(common::shared().join("tools/qwen25/expected-0.5b.json")).unwrap();
+    let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+    e["prompts"][0].clone()
+}
+
+/// Prompt ids from the GGUF's own tokenizer, and greedy ids with f32 activations and with the
+/// default int8 kernels, equal transformers' (on the file's dequantized weights).
+#[test]
+fn qwen25_gguf_equals_transformers() {
+    let case = qwen_expected();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [("default", &[][..]), ("f32", &["--activations", "f32"][..])] {
+        let art = dir.path().join(format!("qwen-{name}.llmc"));
+        compile(&qwen(), &art, extra);
+        let o = llmc(&["run", art.to_str().unwrap(), "-p", case["text"].as_str().unwrap(), "-n", "1", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(ints(&v["prompt_ids"]), ints(&case["prompt_ids"]), "{name}");
+        let g = run_json(&art, &ints(&case["prompt_ids"]), 32, &[]);
+        assert_eq!(ints(&g["generated_ids"]), ints(&case["greedy_ids"]), "{name}");
+        let _ = std::fs::remove_file(&art);
+    }
+}
