@@ -1976,7 +1976,86 @@ fn gguf_bases() -> Vec<GgufBuilder> {
             })
             .collect::<Vec<u8>>()
     };
+    let i32s = |v: &'static [i32]| -> Box<dyn Fn(&mut GgufBuilder)> {
+        Box::new(move |g| {
+            g.num(9, 4);
+            g.num(5, 4);
+            g.num(v.len() as u64, 8);
+            for &x in v {
+                g.num(x as u32 as u64, 4)
+            }
+        })
+    };
+    let boolv = |v: bool| -> Box<dyn Fn(&mut GgufBuilder)> {
+        Box::new(move |g| {
+            g.num(7, 4);
+            g.b.push(v as u8)
+        })
+    };
+    let halfs = |n: usize, bf: bool| {
+        (0..n)
+            .flat_map(|i| {
+                let v = (i % 7) as f32 * 0.01 - 0.03;
+                if bf {
+                    half::bf16::from_f32(v).to_le_bytes()
+                } else {
+                    half::f16::from_f32(v).to_le_bytes()
+                }
+            })
+            .collect::<Vec<u8>>()
+    };
+    let q4 = |blocks: usize, with_min: bool| {
+        (0..blocks)
+            .flat_map(|b| {
+                let mut v = half::f16::from_f32(0.01 * (b % 5 + 1) as f32).to_le_bytes().to_vec();
+                if with_min {
+                    v.extend(half::f16::from_f32(-0.05).to_le_bytes());
+                }
+                v.extend((0..16).map(|i| (i * 37 + b) as u8));
+                v
+            })
+            .collect::<Vec<u8>>()
+    };
+    // A whole (tiny) llama model with a gpt2 tokenizer: llmc_models::load takes it.
+    let model = GgufBuilder::file(
+        &[
+            ("general.architecture", s("llama")),
+            ("llama.embedding_length", u32v(32)),
+            ("llama.feed_forward_length", u32v(64)),
+            ("llama.block_count", u32v(1)),
+            ("llama.attention.head_count", u32v(2)),
+            ("llama.attention.head_count_kv", u32v(1)),
+            ("llama.rope.dimension_count", u32v(16)),
+            ("llama.context_length", u32v(64)),
+            ("llama.attention.layer_norm_rms_epsilon", f32v(1e-5)),
+            ("llama.rope.freq_base", f32v(10000.0)),
+            ("tokenizer.ggml.model", s("gpt2")),
+            ("tokenizer.ggml.pre", s("smollm")),
+            ("tokenizer.ggml.tokens", strs(&["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġa", "c", "<|im_start|>"])),
+            ("tokenizer.ggml.token_type", i32s(&[3, 1, 1, 1, 1, 1, 1, 3])),
+            ("tokenizer.ggml.merges", strs(&["a b", "Ġ a"])),
+            ("tokenizer.ggml.bos_token_id", u32v(7)),
+            ("tokenizer.ggml.eos_token_id", u32v(0)),
+            ("tokenizer.ggml.add_bos_token", boolv(false)),
+            ("tokenizer.chat_template", s("{% for m in messages %}{{ m.content }}{% endfor %}")),
+        ],
+        &[
+            ("token_embd.weight", vec![32, 8], 0, f32s(256)),
+            ("output_norm.weight", vec![32], 0, f32s(32)),
+            ("blk.0.attn_norm.weight", vec![32], 0, f32s(32)),
+            ("blk.0.ffn_norm.weight", vec![32], 0, f32s(32)),
+            ("blk.0.attn_q.weight", vec![32, 32], 8, q8(32)),
+            ("blk.0.attn_k.weight", vec![32, 16], 3, q4(16, true)),
+            ("blk.0.attn_v.weight", vec![32, 16], 2, q4(16, false)),
+            ("blk.0.attn_output.weight", vec![32, 32], 1, halfs(1024, false)),
+            ("blk.0.ffn_gate.weight", vec![32, 64], 0, f32s(2048)),
+            ("blk.0.ffn_up.weight", vec![32, 64], 30, halfs(2048, true)),
+            ("blk.0.ffn_down.weight", vec![64, 32], 8, q8(64)),
+        ],
+        32,
+    );
     vec![
+        model,
         GgufBuilder::file(
             &[
                 ("general.architecture", s("llama")),
@@ -2026,6 +2105,9 @@ fn fuzz_gguf() {
             .prop_map(|(base, nums, bytes)| GgufCase::Mutated { base, nums, bytes }),
     ];
     let path = Path::new("fuzz.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fuzz.gguf");
+    let out = dir.path().join("fuzz.llmc");
     fuzz("gguf", strategy, |case| {
         let bytes = match case {
             GgufCase::Bytes(b) => b.clone(),
@@ -2042,7 +2124,35 @@ fn fuzz_gguf() {
                 b
             }
         };
-        match llmc_models::gguf::Gguf::parse(path, &bytes) {
+        let header = llmc_models::gguf::Gguf::parse(path, &bytes);
+        if header.is_ok() {
+            // the whole import: metadata → config, tensors, tokenizer; then compile
+            std::fs::write(&file, &bytes).map_err(|e| e.to_string())?;
+            if let Ok(model) = llmc_models::load(&file, None) {
+                if let Some(tok) = &model.text.tokenizer_json {
+                    if let Ok(t) = Text::from_bytes(tok) {
+                        let _ = t.encode("ab c<|im_start|>", true).map(|ids| t.decode(&ids));
+                    }
+                }
+                let _ = std::fs::remove_file(&out);
+                let pipeline = llmc_ir::passes::standard_pipeline();
+                let storage = llmc_writer::Storage::Checkpoint;
+                return Ok(
+                    match llmc_writer::compile(
+                        &model,
+                        &out,
+                        &pipeline,
+                        storage,
+                        llmc_writer::Activations::Q8,
+                        &mut |_| {},
+                    ) {
+                        Ok(_) => "loaded and compiled",
+                        Err(_) => "loaded, compile refused",
+                    },
+                );
+            }
+        }
+        match header {
             Err(_) => Ok("refused"),
             Ok(g) => {
                 let mut spans: Vec<(usize, usize)> = Vec::new();
