@@ -180,11 +180,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
                 shape: t.shape.clone(),
                 start: t.start,
                 end: t.end,
-                gguf: Some(GgufTensor {
-                    name: gname,
-                    ty,
-                    unpermute_heads: if t.shape.len() == 2 { perm } else { None },
-                }),
+                gguf: Some(GgufTensor { name: gname, ty, unpermute_heads: perm }),
             };
             tensors.insert(cand.clone(), loc);
         }

@@ -233,3 +233,30 @@ fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's converter: `w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2)`, i.e. its row
+    /// `h·hd + 2i + s` is Hugging Face's row `h·hd + s·hd/2 + i`; `unpermute` undoes it for
+    /// matrices and biases.
+    #[test]
+    fn unpermute_undoes_llama_cpp_qk_permutation() {
+        let (heads, hd, cols) = (3, 8, 2);
+        let hf: Vec<f32> = (0..heads * hd * cols).map(|i| i as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for s in 0..2 {
+                for i in 0..hd / 2 {
+                    let (g, f) = (h * hd + 2 * i + s, h * hd + s * hd / 2 + i);
+                    gguf[g * cols..(g + 1) * cols].copy_from_slice(&hf[f * cols..(f + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute(&gguf, &[heads * hd, cols], heads), hf);
+        let bias: Vec<f32> = (0..heads * hd).map(|r| gguf[r * cols] / cols as f32).collect();
+        let want: Vec<f32> = (0..heads * hd).map(|r| r as f32).collect();
+        assert_eq!(unpermute(&bias, &[heads * hd], heads), want);
+    }
+}
