@@ -2,7 +2,7 @@
 //! program's schedule calling native kernels, split over threads by rayon.
 
 use llmc_compiler::jit::{KernelFn, Kernels};
-use llmc_compiler::program::{Arg, Program, Rows};
+use llmc_compiler::program::{Arg, KernelSpec, Program, Rows};
 
 use crate::artifact::Artifact;
 use crate::error::RuntimeError;
@@ -470,7 +470,10 @@ impl<'a> JitState<'a> {
         if let Some(p) = profile.as_mut() {
             p.resize(prog.kernels.len(), (0.0, 0));
         }
-        // How each call splits: `threads` chunks for big calls, one for small ones.
+        // How each call splits: `threads` chunks for big calls, one for small ones. Attention's
+        // work per unit grows with the context: it splits once the cached positions make it
+        // worth it (decode at a long context has only kv_heads units, each a long scan).
+        let span = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let plan: Vec<(KernelFn, i64, usize, usize, SendPtr, i64)> = prog
             .calls
             .iter()
@@ -478,7 +481,14 @@ impl<'a> JitState<'a> {
             .map(|(ci, call)| {
                 let n_call = if call.rows == Rows::One { 1 } else { n };
                 let units = call.units.count(n_call);
-                let chunks = if threads > 1 && units >= 2 && units * call.work_per_unit >= SPLIT_THRESHOLD {
+                let work = match prog.kernels[call.kernel] {
+                    KernelSpec::Attention { heads, kv_heads, head_dim, window, .. } => {
+                        let scanned = window.map_or(span, |w| w.min(span));
+                        scanned.saturating_mul(head_dim).saturating_mul(heads / kv_heads.max(1)).max(call.work_per_unit)
+                    }
+                    _ => call.work_per_unit,
+                };
+                let chunks = if threads > 1 && units >= 2 && units.saturating_mul(work) >= SPLIT_THRESHOLD {
                     threads.min(units)
                 } else {
                     1
