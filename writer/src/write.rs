@@ -263,50 +263,28 @@ fn write_file(
     }
     let total: u64 = header.tensors.iter().map(|t| t.len).sum();
     let mut done = 0;
-    for (entry, spec) in header.tensors.iter_mut().zip(specs) {
-        pad_to(&mut w, entry.offset).map_err(io)?;
-        // One tensor at a time: read (or compute), pack, write, drop.
-        let mut crc = crc32fast::Hasher::new();
-        if spec.is_bytes() {
-            let bytes = match spec {
-                Source::Checkpoint(s) => s.load_bytes(&model.files)?,
-                Source::Derived { .. } => Vec::new(),
-            };
-            crc.update(&bytes);
+    // A few tensors at a time (one per core): read (or compute), pack, checksum in parallel,
+    // then write in file order and drop. Memory stays a few tensors above one.
+    let window = rayon::current_num_threads().clamp(1, 4);
+    for (entries, group) in header.tensors.chunks_mut(window).zip(specs.chunks(window)) {
+        use rayon::prelude::*;
+        let packed: Vec<Result<(Vec<u8>, u32), CompileError>> = entries
+            .par_iter()
+            .zip(group.par_iter())
+            .map(|(entry, spec)| {
+                let bytes = materialize(entry, spec, model)?;
+                let crc = crc32fast::hash(&bytes);
+                Ok((bytes, crc))
+            })
+            .collect();
+        for (entry, result) in entries.iter_mut().zip(packed) {
+            let (bytes, crc) = result?;
+            pad_to(&mut w, entry.offset).map_err(io)?;
             w.write_all(&bytes).map_err(io)?;
-        } else {
-            let (name, values) = match spec {
-                Source::Checkpoint(s) => (&s.name, s.load(&model.files)?),
-                Source::Derived { name, graph, .. } => (name, evaluate(graph, model)?),
-            };
-            // NaN or Inf in a checkpoint makes every output NaN: refuse it by name.
-            if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(CompileError::NonFinite { tensor: name.clone(), index, value });
-            }
-            let dtype = DType::parse(&entry.dtype).unwrap_or(DType::F32);
-            if dtype == DType::F16 && values.iter().any(|v| v.abs() > 65504.0) {
-                return Err(CompileError::Materialize(format!("weight `{name}` has values beyond the f16 range")));
-            }
-            if dtype == DType::F32 {
-                let packed = pack::pack(entry.layout, &entry.shape, &values);
-                drop(values);
-                let mut buf = Vec::with_capacity(1 << 16);
-                for chunk in packed.chunks(1 << 14) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-                    crc.update(&buf);
-                    w.write_all(&buf).map_err(io)?;
-                }
-            } else {
-                let bytes = pack::pack_bytes(entry.layout, dtype, &entry.shape, &values);
-                drop(values);
-                crc.update(&bytes);
-                w.write_all(&bytes).map_err(io)?;
-            }
+            entry.crc32 = crc;
+            done += entry.len;
+            progress(Progress::Bytes { done, total });
         }
-        entry.crc32 = crc.finalize();
-        done += entry.len;
-        progress(Progress::Bytes { done, total });
     }
     pad_to(&mut w, header.file_size).map_err(io)?;
     let mut json = serde_json::to_vec(&*header).map_err(|e| CompileError::Header(e.to_string()))?;
@@ -321,6 +299,36 @@ fn write_file(
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     Ok(())
+}
+
+/// The bytes of one tensor in the artifact: its checkpoint bytes (`u8` tensors), or its values
+/// (read or computed), checked finite and packed in its layout and storage type.
+fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<Vec<u8>, CompileError> {
+    if spec.is_bytes() {
+        return Ok(match spec {
+            Source::Checkpoint(s) => s.load_bytes(&model.files)?,
+            Source::Derived { .. } => Vec::new(),
+        });
+    }
+    let (name, values) = match spec {
+        Source::Checkpoint(s) => (&s.name, s.load(&model.files)?),
+        Source::Derived { name, graph, .. } => (name, evaluate(graph, model)?),
+    };
+    // NaN or Inf in a checkpoint makes every output NaN: refuse it by name.
+    if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(CompileError::NonFinite { tensor: name.clone(), index, value });
+    }
+    let dtype = DType::parse(&entry.dtype).unwrap_or(DType::F32);
+    if dtype == DType::F16 && values.iter().any(|v| v.abs() > 65504.0) {
+        return Err(CompileError::Materialize(format!("weight `{name}` has values beyond the f16 range")));
+    }
+    if dtype == DType::F32 {
+        let packed = pack::pack(entry.layout, &entry.shape, &values);
+        drop(values);
+        Ok(packed.iter().flat_map(|v| v.to_le_bytes()).collect())
+    } else {
+        Ok(pack::pack_bytes(entry.layout, dtype, &entry.shape, &values))
+    }
 }
 
 fn pad_to<W: Write + Seek>(w: &mut W, offset: u64) -> std::io::Result<()> {
