@@ -13,7 +13,7 @@ use common::{fixture, ints, llmc, run_json, stderr};
 
 const FAMILIES: [&str; 9] =
     ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bamba", "granitemoehybrid", "bitnet"];
-const DTYPES: [&str; 4] = ["bf16", "f16", "q8_0", "q4_0"];
+const DTYPES: [&str; 5] = ["bf16", "f16", "q8_0", "q4_0", "q4_1"];
 
 fn compile_with(model: &Path, out: &Path, extra: &[&str]) {
     let mut args = vec!["compile", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"];
@@ -90,7 +90,7 @@ fn quantized_artifacts_mean_their_dequantized_weights() {
     let dir = tempfile::tempdir().unwrap();
     let ids = [3i64, 1, 4, 1, 5, 9, 2, 6];
     for fam in ["llama", "qwen2", "mixtral"] {
-        for dt in ["bf16", "f16", "q8_0"] {
+        for dt in ["bf16", "f16", "q8_0", "q4_1"] {
             let dtype = llmc_ir::DType::parse(dt).unwrap();
             let q = dir.path().join(format!("{fam}-{dt}.llmc"));
             compile_with(&fixture(fam), &q, &["--dtype", dt, "--no-opt", "--activations", "f32"]);
