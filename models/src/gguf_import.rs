@@ -57,6 +57,16 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
         return Err(err(path, format!("embedding_length {d} is not a multiple of head_count {heads}")));
     }
     let head_dim = d / heads;
+    for k in ["attention.key_length", "attention.value_length"] {
+        if let Some(l) = int(k)? {
+            if l != head_dim {
+                return Err(err(
+                    path,
+                    format!("metadata `{}` = {l} differs from embedding_length / head_count = {head_dim}", key(k)),
+                ));
+            }
+        }
+    }
     if let Some(rd) = int("rope.dimension_count")? {
         if rd != head_dim {
             return Err(err(
@@ -320,4 +330,51 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
     t.eos_token_ids.dedup();
     t.pad_token_id = id("tokenizer.ggml.padding_token_id")?;
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::tests::{build, str_val};
+
+    fn u32v(v: u32) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+
+    /// `llama` metadata with `extra` keys added.
+    fn header(extra: &[(&str, u32, Vec<u8>)]) -> Gguf {
+        let mut kv = vec![
+            ("general.architecture", 8, str_val("llama")),
+            ("llama.embedding_length", 4, u32v(64)),
+            ("llama.feed_forward_length", 4, u32v(128)),
+            ("llama.block_count", 4, u32v(2)),
+            ("llama.attention.head_count", 4, u32v(4)),
+            ("llama.attention.head_count_kv", 4, u32v(2)),
+        ];
+        kv.extend(extra.iter().cloned());
+        Gguf::parse(Path::new("t.gguf"), &build(&kv, &[])).unwrap()
+    }
+
+    #[test]
+    fn metadata_becomes_the_hf_config() {
+        let (arch, c) =
+            hf_config(Path::new("t.gguf"), &header(&[("llama.rope.freq_base", 6, 5e5f32.to_le_bytes().to_vec())]))
+                .unwrap();
+        assert_eq!(arch, "llama");
+        assert_eq!((c["hidden_size"].as_u64(), c["num_key_value_heads"].as_u64()), (Some(64), Some(2)));
+        assert_eq!(c["rope_theta"].as_f64(), Some(5e5));
+        assert_eq!(c["tie_word_embeddings"], true);
+    }
+
+    #[test]
+    fn what_cannot_be_mapped_exactly_is_refused_by_name() {
+        let e =
+            |extra: &[(&str, u32, Vec<u8>)]| hf_config(Path::new("t.gguf"), &header(extra)).unwrap_err().to_string();
+        assert!(e(&[("llama.attention.key_length", 4, u32v(32))]).contains("llama.attention.key_length"));
+        assert!(e(&[("llama.rope.dimension_count", 4, u32v(8))]).contains("partial RoPE"));
+        assert!(e(&[("llama.rope.scaling.type", 8, str_val("yarn"))]).contains("RoPE scaling"));
+        assert!(e(&[("llama.expert_count", 4, u32v(8))]).contains("mixture-of-experts"));
+        let g = Gguf::parse(Path::new("t.gguf"), &build(&[("general.architecture", 8, str_val("phi3"))], &[])).unwrap();
+        assert!(hf_config(Path::new("t.gguf"), &g).unwrap_err().to_string().contains("`phi3` is not supported"));
+    }
 }
