@@ -146,12 +146,7 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
         if let Some((inv, eps)) = xq.inv {
             let a = k.get(ss);
             let h = k.hsum(a);
-            let dinv = k.f(1.0 / kd as f32);
-            let e = k.f(eps);
-            let ms = k.fma(h, dinv, e);
-            let rt = k.b.ins().sqrt(ms);
-            let one = k.f(1.0);
-            let s = k.fdiv(one, rt);
+            let s = super::matmul::inv_rms(k, h, kd, eps);
             let p = k.at(inv, t, 4);
             k.st(s, p, 0);
         }
@@ -324,7 +319,6 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
     let kk = k.uremi(j, QK as i64);
     let bp = k.at(panel, b, block as i64);
     let sa = k.at(bp, lane, 4);
-    let d = k.ld(F32, sa, 0);
     // (g · 64 + lane · 4 + kk % 4), g = kk / 4 (q8_0) or (kk % 16) / 4 (q4_0)
     let c = k.uremi(kk, 4);
     let within = if q4 { k.uremi(kk, 16) } else { kk };
@@ -337,24 +331,9 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
     let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
     let q = if q4 {
         let high = k.udivi(kk, 16);
-        let sh = k.b.ins().ishl_imm_u(high, 2);
-        let sh = k.b.ins().ireduce(types::I32, sh);
-        let nib = k.b.ins().ushr(byte, sh);
-        let nib = k.b.ins().band_imm_u(nib, 0x0f);
-        if wt == DType::Q4_0 {
-            k.b.ins().iadd_imm_s(nib, -8)
-        } else {
-            nib
-        }
+        super::storage::nibble(k, byte, high)
     } else {
         k.b.ins().iadd_imm_s(byte, -128)
     };
-    let f = k.b.ins().fcvt_from_sint(F32, q);
-    if wt == DType::Q4_1 {
-        let m = k.ld(F32, sa, (PANEL * 4) as i64);
-        let fd = k.fmul(f, d);
-        k.fadd(fd, m)
-    } else {
-        k.fmul(f, d)
-    }
+    super::storage::block_value(k, wt, q, sa)
 }

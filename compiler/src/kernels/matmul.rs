@@ -265,6 +265,16 @@ fn finish_tile(k: &mut Kb<'_>, c: &Ctx, p: Value, t: Value, accs: &[Vec<Vec<Vari
     vals
 }
 
+/// `1/sqrt(ss/kd + eps)` for a row's sum of squares `ss` (a scalar).
+pub fn inv_rms(k: &mut Kb<'_>, ss: Value, kd: usize, eps: f32) -> Value {
+    let dinv = k.f(1.0 / kd as f32);
+    let e = k.f(eps);
+    let ms = k.fma(ss, dinv, e);
+    let r = k.b.ins().sqrt(ms);
+    let one = k.f(1.0);
+    k.fdiv(one, r)
+}
+
 /// The RMS prologue: `inv[t] = 1/sqrt(mean(x[t]²) + eps)` for every row, into a stack array.
 pub fn rms_prologue(k: &mut Kb<'_>, x: Value, kd: usize, eps: f32) -> Value {
     let slot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (MAX_ROWS * 4) as u32, 4));
@@ -289,12 +299,7 @@ pub fn rms_prologue(k: &mut Kb<'_>, x: Value, kd: usize, eps: f32) -> Value {
         let h = k.hsum(a);
         let tl = k.get(tail);
         let ss = k.fadd(h, tl);
-        let dinv = k.f(1.0 / kd as f32);
-        let e = k.f(eps);
-        let ms = k.fma(ss, dinv, e);
-        let r = k.b.ins().sqrt(ms);
-        let one = k.f(1.0);
-        let s = k.fdiv(one, r);
+        let s = inv_rms(k, ss, kd, eps);
         let dst = k.at(inv, t, 4);
         k.st(s, dst, 0);
     });

@@ -294,6 +294,30 @@ pub fn tile_accs(
     accs
 }
 
+/// The nibble of `byte` (an i32) that `high` (an i64, 0 or 1) picks.
+pub fn nibble(k: &mut Kb<'_>, byte: Value, high: Value) -> Value {
+    let sh = k.b.ins().ishl_imm_u(high, 2);
+    let sh = k.b.ins().ireduce(types::I32, sh);
+    let nib = k.b.ins().ushr(byte, sh);
+    k.b.ins().band_imm_u(nib, 0x0f)
+}
+
+/// The value a stored integer means in a block of `wt` whose row header starts at `sa` (the
+/// row's scale, and for q4_1 its minimum 16 floats later): `q` is q8_0's signed value or a
+/// nibble.
+pub fn block_value(k: &mut Kb<'_>, wt: DType, q: Value, sa: Value) -> Value {
+    let d = k.ld(F32, sa, 0);
+    let q = if wt == DType::Q4_0 { k.b.ins().iadd_imm_s(q, -8) } else { q };
+    let f = k.b.ins().fcvt_from_sint(F32, q);
+    let fd = k.fmul(f, d);
+    if wt == DType::Q4_1 {
+        let m = k.ld(F32, sa, (PANEL * 4) as i64);
+        k.fadd(fd, m)
+    } else {
+        fd
+    }
+}
+
 /// Element `j` (a column index, a Value) of row `lane` of the `Panel16` panel at `panel`, whose
 /// rows have `cols` columns, as f32.
 pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
@@ -328,34 +352,18 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
             let kk = k.uremi(j, QK as i64);
             let bp = k.at(panel, b, block as i64);
             let sa = k.at(bp, lane, 4);
-            let d = k.ld(F32, sa, 0);
             let qbase = k.add(bp, lane);
             let q = if q4 {
                 let pair = k.b.ins().ushr_imm_u(kk, 1);
                 let qa = k.at(qbase, pair, PANEL as i64);
                 let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
                 let odd = k.b.ins().band_imm_u(kk, 1);
-                let sh = k.b.ins().ishl_imm_u(odd, 2);
-                let sh = k.b.ins().ireduce(types::I32, sh);
-                let nib = k.b.ins().ushr(byte, sh);
-                let nib = k.b.ins().band_imm_u(nib, 0x0f);
-                if wt == DType::Q4_0 {
-                    k.b.ins().iadd_imm_s(nib, -8)
-                } else {
-                    nib
-                }
+                nibble(k, byte, odd)
             } else {
                 let qa = k.at(qbase, kk, PANEL as i64);
                 k.b.ins().sload8(types::I32, flags(), qa, head as i32)
             };
-            let f = k.b.ins().fcvt_from_sint(F32, q);
-            if wt == DType::Q4_1 {
-                let m = k.ld(F32, sa, (PANEL * 4) as i64);
-                let fd = k.fmul(f, d);
-                k.fadd(fd, m)
-            } else {
-                k.fmul(f, d)
-            }
+            block_value(k, wt, q, sa)
         }
         _ => {
             let jl = k.muli(j, PANEL as i64);
