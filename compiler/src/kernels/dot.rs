@@ -59,7 +59,8 @@ fn offset(wt: DType) -> i64 {
 }
 
 /// Bytes per block of a quantized row's metadata: `d` (f32), the correction `−offset · Σq`
-/// (i32) and `d · Σq` (f32, for q4_1's minimum: `Σ x·(q·d_w + m) = d_w·Σ x·q + m·Σ x`).
+/// (i32) and, for q4_1 only, `d · Σq` (f32, for its minimum: `Σ x·(q·d_w + m) = d_w·Σ x·q +
+/// m·Σ x`).
 const META: usize = 12;
 
 /// Sets up the buffer (and the RMS slot) for a projection over `kd` columns.
@@ -139,9 +140,11 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
             let md = k.at(dst, b, META as i64);
             k.st(d, md, kd as i64);
             k.st(corr, md, kd as i64 + 4);
-            let sf = k.b.ins().fcvt_from_sint(F32, s);
-            let dsum = k.fmul(d, sf);
-            k.st(dsum, md, kd as i64 + 8);
+            if c.wt == DType::Q4_1 {
+                let sf = k.b.ins().fcvt_from_sint(F32, s);
+                let dsum = k.fmul(d, sf);
+                k.st(dsum, md, kd as i64 + 8);
+            }
         });
         if let Some((inv, eps)) = xq.inv {
             let a = k.get(ss);
