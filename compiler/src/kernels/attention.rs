@@ -42,6 +42,18 @@ fn head_chunks(hd: usize) -> Vec<(usize, bool)> {
     v
 }
 
+/// Multiplies the head output at float `at` of `out` (chunks as `head_chunks`) by the scalar `c`.
+fn scale_head(k: &mut Kb<'_>, out: Value, at: usize, chunks: &[(usize, bool)], c: Value) {
+    let c4 = k.splat(c);
+    for &(off, vec) in chunks {
+        let ty = if vec { V4 } else { F32 };
+        let o_off = ((at + off) * 4) as i64;
+        let o = k.ld(ty, out, o_off);
+        let y = k.fmul(o, if vec { c4 } else { c });
+        k.st(y, out, o_off);
+    }
+}
+
 /// Positions per key block: the block's scores sit in a stack array, `STRIDE` floats per head
 /// (room for the padding up to a multiple of 4).
 const BLOCK: usize = 128;
@@ -171,14 +183,7 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
                 let c = k.exp(F32, d);
                 let lg = k.get(l[g]);
                 let lc = k.fmul(lg, c);
-                let c4 = k.splat(c);
-                for &(off, vec) in &chunks {
-                    let ty = if vec { V4 } else { F32 };
-                    let o_off = ((g * hd + off) * 4) as i64;
-                    let o = k.ld(ty, og, o_off);
-                    let oc = k.fmul(o, if vec { c4 } else { c });
-                    k.st(oc, og, o_off);
-                }
+                scale_head(k, og, g * hd, &chunks, c);
                 // 3. weights e^(s - m), four at a time, and their sum
                 let mn4 = k.splat(mn);
                 let sum = k.var(V4, zero4);
@@ -251,14 +256,7 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
         for g in 0..group {
             let lg = k.get(l[g]);
             let inv = k.fdiv(one, lg);
-            let inv4 = k.splat(inv);
-            for &(off, vec) in &chunks {
-                let ty = if vec { V4 } else { F32 };
-                let o_off = ((g * hd + off) * 4) as i64;
-                let o = k.ld(ty, og, o_off);
-                let y = k.fmul(o, if vec { inv4 } else { inv });
-                k.st(y, og, o_off);
-            }
+            scale_head(k, og, g * hd, &chunks, inv);
         }
     });
 }
