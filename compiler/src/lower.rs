@@ -98,7 +98,7 @@ impl Lowerer<'_> {
         let xq = xq_ok && quantized(0);
         if xq && !llmc_ir::quant::is_blocked(self.g.node(ops[1]).ty.dtype) {
             return Err(err(format!(
-                "quant_q8 feeds a {} whose weight is {:?}: int8 projections need q8_0 or q4_0",
+                "quant_q8 feeds a {} whose weight is {:?}: int8 projections need a blocked type (q8_0, q4_0, q4_1, q5_1, q6_k)",
                 node.op.name(),
                 self.g.node(ops[1]).ty.dtype
             )));
@@ -488,7 +488,7 @@ mod tests {
         assert!(p.kernels.iter().any(|k| matches!(k, KernelSpec::MatMul { xq: true, .. })));
         assert_eq!(p.layout_of("w"), Layout::Dot16);
         let e = lower(&graph(DType::F32, false)).unwrap_err().to_string();
-        assert!(e.contains("int8 projections need q8_0 or q4_0"), "{e}");
+        assert!(e.contains("int8 projections need a blocked type (q8_0, q4_0, q4_1, q5_1, q6_k)"), "{e}");
         let e = lower(&graph(DType::Q8_0, true)).unwrap_err().to_string();
         assert!(e.contains("only the input of a projection"), "{e}");
     }

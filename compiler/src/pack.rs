@@ -1,7 +1,7 @@
 //! Weight packing: the layouts kernels walk, and the inverse for the interpreter.
 
 use half::{bf16, f16};
-use llmc_ir::quant::{self, QK};
+use llmc_ir::quant::{self, QBlock, QK};
 use llmc_ir::DType;
 
 use crate::program::Layout;
@@ -70,117 +70,138 @@ pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
     }
 }
 
-/// Bytes one 16-row panel of a `Panel16` matrix with `cols` columns takes in storage type
-/// `dtype`:
+/// Bytes one 16-row panel of a `Panel16` (or `Dot16`) matrix with `cols` columns takes in
+/// storage type `dtype`:
 /// - f32: `[k][16]` f32; bf16/f16: `[k][16]` u16 (the 16-bit values);
-/// - q8_0: per block of 32 columns, the 16 rows' scales (f32) then `[32 k][16]` i8;
-/// - q4_0: per block, 16 scales then `[16 k pairs][16]` bytes, the low nibble for column
-///   `2j` and the high nibble for `2j + 1`, each `q + 8`;
-/// - q4_1: per block, 16 scales, 16 minimums (f32), then the nibbles `q` as for q4_0.
+/// - blocked types: per block of 32 columns, a head of 16 f32 scales (the rows' `d[0]`), then
+///   for q4_1/q5_1 16 minimums, for q6_k the 16 second-half scales `d[1]` (`block_head`),
+///   then the integers: one byte each (q8_0, q5_1, q6_k: `[32 k][16]`) or nibble pairs (q4_0,
+///   q4_1: `[16 k pairs][16]` bytes, the low nibble for column `2j`, the high one for
+///   `2j + 1`), each stored as `q + dot_offset` (nibbles; in `Dot16` every integer) or as the
+///   i8 `q` (bytes in `Panel16`).
 pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
     match dtype {
         DType::BF16 | DType::F16 => PANEL * 2 * cols,
-        DType::Q8_0 => cols / QK * (PANEL * 4 + QK * PANEL),
-        DType::Q4_0 | DType::Q4_1 => cols / QK * (block_head(dtype) + QK / 2 * PANEL),
+        d if quant::is_blocked(d) => cols / QK * block_bytes(d),
         _ => PANEL * 4 * cols,
     }
 }
 
-/// Bytes of a block's per-row header (16 f32 scales; q4_1: then 16 f32 minimums), after
-/// which its quantized values start.
+/// Bytes of one block of 32 columns of a panel (head and integers).
+pub fn block_bytes(dtype: DType) -> usize {
+    block_head(dtype) + if is_nibble(dtype) { QK / 2 * PANEL } else { QK * PANEL }
+}
+
+/// Bytes of a block's per-row header (16 f32 scales; q4_1/q5_1: then 16 f32 minimums; q6_k:
+/// then the 16 scales of the block's second half), after which its integers start.
 pub fn block_head(dtype: DType) -> usize {
-    if dtype == DType::Q4_1 {
+    if quant::has_min(dtype) || dtype == DType::Q6K {
         PANEL * 8
     } else {
         PANEL * 4
     }
 }
 
-/// Where value `k` (0..32) of a block's row `lane` sits in the `Dot16` layout, after the 16
-/// scales: `(byte, high nibble)`. Columns go in groups of 4; a group holds the 16 rows × 4
+/// Whether `dtype` stores its integers as nibbles (else one byte each).
+pub fn is_nibble(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q4_1)
+}
+
+/// What a stored integer carries on top of `q` so that it is unsigned (`vpdpbusd` multiplies
+/// unsigned weight bytes by signed activations): q8_0 128, q4_0 8, q6_k 32, else 0.
+pub fn dot_offset(dtype: DType) -> i32 {
+    match dtype {
+        DType::Q8_0 => 128,
+        DType::Q4_0 => 8,
+        DType::Q6K => 32,
+        _ => 0,
+    }
+}
+
+/// Where value `k` (0..32) of a block's row `lane` sits in the `Dot16` layout, after the
+/// block's head: `(byte, high nibble)`. Columns go in groups of 4; a group holds the 16 rows × 4
 /// columns (64 bytes, row-major), so each 16-byte vector is 4 rows × 4 columns.
-/// - q8_0: 8 groups, each byte `q + 128` (unsigned: `vpdpbusd` multiplies u8 by i8);
+/// - byte types: 8 groups, each byte `q + dot_offset`;
 /// - q4_0, q4_1: 4 groups of columns `4g..4g+4` in the low nibbles and `16+4g..` in the high
-///   ones, each nibble `q + 8` (q4_0) or `q` (q4_1).
+///   ones, each nibble `q + dot_offset`.
 pub fn dot_at(dtype: DType, lane: usize, k: usize) -> (usize, bool) {
-    let (g, high) = if dtype == DType::Q8_0 { (k / 4, false) } else { ((k % 16) / 4, k >= 16) };
+    let (g, high) = if is_nibble(dtype) { ((k % 16) / 4, k >= 16) } else { (k / 4, false) };
     (g * PANEL * 4 + lane * 4 + k % 4, high)
 }
 
 /// Bytes a tensor of logical `shape` and storage type `dtype` occupies in `layout` (storage
-/// types other than f32 are `Panel16` only).
+/// types other than f32 are `Panel16`, and blocked ones `Dot16` too).
 pub fn packed_bytes(layout: Layout, dtype: DType, shape: &[usize]) -> Option<usize> {
-    match (layout, dtype) {
-        (_, DType::F32) => Some(packed_len(layout, shape) * 4),
-        (Layout::Panel16, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
-        | (Layout::Dot16, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) => {
-            let (rows, cols) = matrix_dims(shape);
-            if quant::is_blocked(dtype) && cols % QK != 0 {
-                return None;
-            }
-            Some(rows.div_ceil(PANEL) * panel_bytes(dtype, cols))
-        }
-        _ => None,
+    if dtype == DType::F32 {
+        return Some(packed_len(layout, shape) * 4);
     }
+    let fits = match layout {
+        Layout::Panel16 => quant::is_storage(dtype),
+        Layout::Dot16 => quant::is_blocked(dtype),
+        _ => false,
+    };
+    let (rows, cols) = matrix_dims(shape);
+    if !fits || quant::is_blocked(dtype) && cols % QK != 0 {
+        return None;
+    }
+    Some(rows.div_ceil(PANEL) * panel_bytes(dtype, cols))
 }
 
-/// Packs a row-major f32 tensor into `layout` with storage type `dtype`, quantizing (ggml's
-/// reference math, see `llmc_ir::quant`) or rounding as the type requires.
+/// Packs a row-major f32 tensor into `layout` with storage type `dtype`, quantizing (see
+/// `llmc_ir::quant::quantize_block`) or rounding as the type requires.
 pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -> Vec<u8> {
-    if dtype == DType::F32 || !matches!(layout, Layout::Panel16 | Layout::Dot16) {
+    if quant::is_blocked(dtype) && matches!(layout, Layout::Panel16 | Layout::Dot16) {
+        return pack_blocks(layout, dtype, shape, &quant::quantize_blocks(dtype, data));
+    }
+    if dtype == DType::F32 || !matches!(layout, Layout::Panel16) {
         return pack(layout, shape, data).iter().flat_map(|v| v.to_le_bytes()).collect();
     }
-    let dot = layout == Layout::Dot16;
     let (rows, cols) = matrix_dims(shape);
     let pb = panel_bytes(dtype, cols);
     let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
     for r in 0..rows {
         let (p, lane) = (r / PANEL, r % PANEL);
         let panel = &mut out[p * pb..(p + 1) * pb];
-        let row = &data[r * cols..(r + 1) * cols];
-        match dtype {
-            DType::BF16 | DType::F16 => {
-                for (k, &v) in row.iter().enumerate() {
-                    let bits =
-                        if dtype == DType::BF16 { bf16::from_f32(v).to_bits() } else { f16::from_f32(v).to_bits() };
-                    panel[(k * PANEL + lane) * 2..][..2].copy_from_slice(&bits.to_le_bytes());
-                }
+        for (k, &v) in data[r * cols..(r + 1) * cols].iter().enumerate() {
+            let bits = if dtype == DType::BF16 { bf16::from_f32(v).to_bits() } else { f16::from_f32(v).to_bits() };
+            panel[(k * PANEL + lane) * 2..][..2].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Packs the blocks of a blocked matrix (`rows · cols / 32` blocks, row-major, each in
+/// `dtype`'s canonical form) into `layout` (`Panel16` or `Dot16`).
+pub fn pack_blocks(layout: Layout, dtype: DType, shape: &[usize], blocks: &[QBlock]) -> Vec<u8> {
+    let dot = layout == Layout::Dot16;
+    let (rows, cols) = matrix_dims(shape);
+    let nb = cols / QK;
+    let pb = panel_bytes(dtype, cols);
+    let bb = block_bytes(dtype);
+    let head = block_head(dtype);
+    let off = dot_offset(dtype);
+    let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
+    for r in 0..rows {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        let panel = &mut out[p * pb..(p + 1) * pb];
+        for (b, blk) in blocks[r * nb..(r + 1) * nb].iter().enumerate() {
+            let block = &mut panel[b * bb..(b + 1) * bb];
+            block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d[0].to_le_bytes());
+            if quant::has_min(dtype) {
+                block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
+            } else if dtype == DType::Q6K {
+                block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.d[1].to_le_bytes());
             }
-            _ => {
-                let bb = pb / (cols / QK);
-                for (b, x) in row.chunks(QK).enumerate() {
-                    // (scale, minimum, the stored bytes: q8_0's i8, else the nibbles)
-                    let (d, m, us): (f32, Option<f32>, [u8; QK]) = match dtype {
-                        DType::Q8_0 => {
-                            let blk = quant::quantize_q8_0(x);
-                            (blk.d, None, blk.q.map(|q| q as u8))
-                        }
-                        DType::Q4_1 => {
-                            let blk = quant::quantize_q4_1(x);
-                            (blk.d, Some(blk.m), blk.q)
-                        }
-                        _ => {
-                            let blk = quant::quantize_q4_0(x);
-                            (blk.d, None, blk.q.map(|q| (q + 8) as u8))
-                        }
-                    };
-                    let block = &mut panel[b * bb..(b + 1) * bb];
-                    block[lane * 4..lane * 4 + 4].copy_from_slice(&d.to_le_bytes());
-                    if let Some(m) = m {
-                        block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&m.to_le_bytes());
-                    }
-                    let qs = &mut block[block_head(dtype)..];
-                    for (k, &u) in us.iter().enumerate() {
-                        if dot {
-                            let (at, high) = dot_at(dtype, lane, k);
-                            let u = if dtype == DType::Q8_0 { u ^ 0x80 } else { u };
-                            qs[at] |= if high { u << 4 } else { u };
-                        } else if dtype == DType::Q8_0 {
-                            qs[k * PANEL + lane] = u;
-                        } else {
-                            qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { u } else { u << 4 };
-                        }
-                    }
+            let qs = &mut block[head..];
+            for (k, &q) in blk.q.iter().enumerate() {
+                let u = (q as i32 + off) as u8;
+                if dot {
+                    let (at, high) = dot_at(dtype, lane, k);
+                    qs[at] |= if high { u << 4 } else { u };
+                } else if is_nibble(dtype) {
+                    qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { u } else { u << 4 };
+                } else {
+                    qs[k * PANEL + lane] = q as u8;
                 }
             }
         }
@@ -188,10 +209,65 @@ pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -
     out
 }
 
+/// The blocks a packed blocked matrix holds (the inverse of `pack_blocks`).
+pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]) -> Vec<QBlock> {
+    let dot = layout == Layout::Dot16;
+    let (rows, cols) = matrix_dims(shape);
+    let nb = cols / QK;
+    let pb = panel_bytes(dtype, cols);
+    let bb = block_bytes(dtype);
+    let head = block_head(dtype);
+    let off = dot_offset(dtype);
+    let f = |b: &[u8], at: usize| f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut out = Vec::with_capacity(rows * nb);
+    for r in 0..rows {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        let panel = &bytes[p * pb..(p + 1) * pb];
+        for b in 0..nb {
+            let block = &panel[b * bb..(b + 1) * bb];
+            let d0 = f(block, lane * 4);
+            let second = f(block, PANEL * 4 + lane * 4);
+            let mut blk = QBlock {
+                d: [d0, if dtype == DType::Q6K { second } else { d0 }],
+                m: if quant::has_min(dtype) { second } else { 0.0 },
+                q: [0; QK],
+            };
+            let qs = &block[head..];
+            for (k, q) in blk.q.iter_mut().enumerate() {
+                *q = if dot {
+                    let (at, high) = dot_at(dtype, lane, k);
+                    let u = if !is_nibble(dtype) {
+                        qs[at]
+                    } else if high {
+                        qs[at] >> 4
+                    } else {
+                        qs[at] & 0x0F
+                    };
+                    (u as i32 - off) as i8
+                } else if is_nibble(dtype) {
+                    let byte = qs[(k / 2) * PANEL + lane];
+                    ((if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32 - off) as i8
+                } else {
+                    qs[k * PANEL + lane] as i8
+                };
+            }
+            out.push(blk);
+        }
+    }
+    out
+}
+
 /// The row-major f32 values a packed tensor means (its dequantization).
 pub fn unpack_bytes(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
-    let dot = layout == Layout::Dot16;
-    if dtype == DType::F32 || !matches!(layout, Layout::Panel16 | Layout::Dot16) {
+    if quant::is_blocked(dtype) && matches!(layout, Layout::Panel16 | Layout::Dot16) {
+        let blocks = unpack_blocks(layout, dtype, shape, bytes);
+        let mut out = vec![0f32; blocks.len() * QK];
+        for (b, o) in blocks.iter().zip(out.chunks_mut(QK)) {
+            quant::dequantize_block(b, o);
+        }
+        return out;
+    }
+    if dtype == DType::F32 || !matches!(layout, Layout::Panel16) {
         let f: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         return unpack(layout, shape, &f);
     }
@@ -201,56 +277,10 @@ pub fn unpack_bytes(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8])
     for r in 0..rows {
         let (p, lane) = (r / PANEL, r % PANEL);
         let panel = &bytes[p * pb..(p + 1) * pb];
-        let row = &mut out[r * cols..(r + 1) * cols];
-        match dtype {
-            DType::BF16 | DType::F16 => {
-                for (k, v) in row.iter_mut().enumerate() {
-                    let at = (k * PANEL + lane) * 2;
-                    let bits = u16::from_le_bytes([panel[at], panel[at + 1]]);
-                    *v = if dtype == DType::BF16 {
-                        bf16::from_bits(bits).to_f32()
-                    } else {
-                        f16::from_bits(bits).to_f32()
-                    };
-                }
-            }
-            _ => {
-                let bb = pb / (cols / QK);
-                for (b, x) in row.chunks_mut(QK).enumerate() {
-                    let block = &panel[b * bb..(b + 1) * bb];
-                    let d = f32::from_le_bytes([
-                        block[lane * 4],
-                        block[lane * 4 + 1],
-                        block[lane * 4 + 2],
-                        block[lane * 4 + 3],
-                    ]);
-                    let qs = &block[block_head(dtype)..];
-                    let m = f32::from_le_bytes(block[PANEL * 4 + lane * 4..][..4].try_into().unwrap_or([0; 4]));
-                    for (k, v) in x.iter_mut().enumerate() {
-                        // the stored byte (q8_0: as i8) or nibble
-                        let u = if dot {
-                            let (at, high) = dot_at(dtype, lane, k);
-                            if dtype == DType::Q8_0 {
-                                (qs[at] ^ 0x80) as i8 as i32
-                            } else if high {
-                                (qs[at] >> 4) as i32
-                            } else {
-                                (qs[at] & 0x0F) as i32
-                            }
-                        } else if dtype == DType::Q8_0 {
-                            qs[k * PANEL + lane] as i8 as i32
-                        } else {
-                            let byte = qs[(k / 2) * PANEL + lane];
-                            (if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32
-                        };
-                        *v = match dtype {
-                            DType::Q4_1 => u as f32 * d + m,
-                            DType::Q4_0 => d * (u - 8) as f32,
-                            _ => d * u as f32,
-                        };
-                    }
-                }
-            }
+        for (k, v) in out[r * cols..(r + 1) * cols].iter_mut().enumerate() {
+            let at = (k * PANEL + lane) * 2;
+            let bits = u16::from_le_bytes([panel[at], panel[at + 1]]);
+            *v = if dtype == DType::BF16 { bf16::from_bits(bits).to_f32() } else { f16::from_bits(bits).to_f32() };
         }
     }
     out
@@ -278,10 +308,12 @@ mod tests {
     fn storage_types_round_trip_to_their_meaning() {
         let (rows, cols) = (19, 64);
         let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let cases = [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1]
-            .map(|d| (Layout::Panel16, d))
+        let blocked = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::Q6K];
+        let cases = [DType::BF16, DType::F16]
             .into_iter()
-            .chain([(Layout::Dot16, DType::Q8_0), (Layout::Dot16, DType::Q4_0), (Layout::Dot16, DType::Q4_1)]);
+            .chain(blocked)
+            .map(|d| (Layout::Panel16, d))
+            .chain(blocked.map(|d| (Layout::Dot16, d)));
         for (layout, dtype) in cases {
             let b = pack_bytes(layout, dtype, &[rows, cols], &data);
             assert_eq!(Some(b.len()), packed_bytes(layout, dtype, &[rows, cols]));

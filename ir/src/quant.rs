@@ -7,7 +7,18 @@
 //! - `q8_0`: blocks of 32 values along a row, `x = d · q` with `q: i8` and one scale `d` per
 //!   block, an f16 value (stored widened to f32 in llmc's repacked layout; exact).
 //! - `q4_0`: blocks of 32, `x = d · (q − 8)` with `q` in `0..16`, `d` an f16 value.
-//! - `q4_1`: blocks of 32, `x = q · d + m` with `q` in `0..16`, `d` and `m` f16 values.
+//! - `q4_1`: blocks of 32, `x = q · d + m` with `q` in `0..16`; `d` and `m` are f32 values
+//!   (ggml's Q4_1: f16 values; each 32-value sub-block of a Q4_K super-block: `d · scale` and
+//!   `−dmin · min`, exact products in f32).
+//! - `q5_1`: the same with `q` in `0..32` (ggml's Q5_1, and Q5_K's sub-blocks).
+//! - `q6_k`: blocks of 32 in two halves of 16, `x = d_h · q` with `q` in `−32..32` and one f32
+//!   scale `d_h` per half (ggml's Q6_K: `d · scale`, exact in f32).
+//!
+//! Every blocked type has one canonical block form, `QBlock` (`x = d[k / 16] · q[k] + m`):
+//! packing takes blocks (from a quantizer, or taken as they are from a GGUF tensor), and
+//! `dequantize_block` is the meaning the interpreter and the kernels agree on. The products
+//! `d · q` are exact in f32 for every block a quantizer or a GGUF file makes (at most 24
+//! significant bits), so a kernel's fused `q · d + m` rounds once, as the definition does.
 
 use half::{bf16, f16};
 
@@ -19,12 +30,103 @@ pub const QK: usize = 32;
 /// Whether `dtype` is a weight storage type other than f32 (only weights may have one, and
 /// only where a kernel reads it: see `Op::accepts_storage`).
 pub fn is_storage(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+    matches!(dtype, DType::BF16 | DType::F16) || is_blocked(dtype)
 }
 
 /// Whether `dtype` quantizes in blocks of `QK` along the last dim.
 pub fn is_blocked(dtype: DType) -> bool {
-    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_1 | DType::Q6K)
+}
+
+/// Whether a block of `dtype` has a minimum `m` (else `m = 0`).
+pub fn has_min(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_1 | DType::Q5_1)
+}
+
+/// The range of a block's integers `q` for `dtype`.
+pub fn q_range(dtype: DType) -> std::ops::RangeInclusive<i32> {
+    match dtype {
+        DType::Q8_0 => -128..=127,
+        DType::Q4_0 => -8..=7,
+        DType::Q4_1 => 0..=15,
+        DType::Q5_1 => 0..=31,
+        DType::Q6K => -32..=31,
+        _ => 0..=0,
+    }
+}
+
+/// One block of 32 weights in the canonical form of its storage type: `x[k] = d[k / 16] · q[k]
+/// + m` (`d[0] == d[1]` except for q6_k; `m == 0` except for q4_1 and q5_1; `q` in
+/// `q_range`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QBlock {
+    pub d: [f32; 2],
+    pub m: f32,
+    pub q: [i8; QK],
+}
+
+/// What a block means (see `QBlock`); `out` has `QK` values.
+pub fn dequantize_block(b: &QBlock, out: &mut [f32]) {
+    for (k, (o, &q)) in out.iter_mut().zip(&b.q).enumerate() {
+        let dq = q as f32 * b.d[k / 16];
+        *o = if b.m != 0.0 { dq + b.m } else { dq };
+    }
+}
+
+/// Quantizes one block of 32 values into `dtype`: ggml's reference math for q8_0, q4_0 and
+/// q4_1; for q5_1, the same as q4_1 with 31 steps; for q6_k, q4_0's rule per half of 16 with
+/// 32 steps (`d = max / −32`). (GGUF files bring their q5_1/q6_k blocks with them; these two
+/// quantizers serve `--dtype`-free tests and fallbacks.)
+pub fn quantize_block(dtype: DType, x: &[f32]) -> QBlock {
+    match dtype {
+        DType::Q8_0 | DType::Q4_0 => {
+            let b = if dtype == DType::Q8_0 { quantize_q8_0(x) } else { quantize_q4_0(x) };
+            QBlock { d: [b.d; 2], m: 0.0, q: b.q }
+        }
+        DType::Q4_1 => {
+            let b = quantize_q4_1(x);
+            QBlock { d: [b.d; 2], m: b.m, q: b.q.map(|q| q as i8) }
+        }
+        DType::Q5_1 => {
+            let (mut min, mut max) = (f32::MAX, -f32::MAX);
+            for &v in x {
+                min = min.min(v);
+                max = max.max(v);
+            }
+            let d = (max - min) / 31.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut q = [0i8; QK];
+            for (o, &v) in q.iter_mut().zip(x) {
+                *o = (((v - min) * id + 0.5) as u8).min(31) as i8;
+            }
+            QBlock { d: [f16::from_f32(d).to_f32(); 2], m: f16::from_f32(min).to_f32(), q }
+        }
+        _ => {
+            let mut b = QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] };
+            for h in 0..2 {
+                let half = &x[16 * h..16 * h + 16];
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in half {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -32.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                for (o, &v) in b.q[16 * h..16 * h + 16].iter_mut().zip(half) {
+                    *o = ((v * id + 32.5) as i8).min(63) - 32;
+                }
+                b.d[h] = f16::from_f32(d).to_f32();
+            }
+            b
+        }
+    }
+}
+
+/// The blocks of a row-major matrix of rows of `cols` values (a multiple of `QK`).
+pub fn quantize_blocks(dtype: DType, x: &[f32]) -> Vec<QBlock> {
+    x.chunks(QK).map(|b| quantize_block(dtype, b)).collect()
 }
 
 /// One Q4_1 block: scale `d` and minimum `m` (f16 values, as f32) and 32 integers `q` in
@@ -127,21 +229,11 @@ pub fn round_trip(dtype: DType, x: &[f32], cols: usize) -> Vec<f32> {
     match dtype {
         DType::BF16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
         DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
-        DType::Q4_1 => {
+        d if is_blocked(d) => {
             debug_assert!(cols % QK == 0 && x.len() % cols == 0);
-            let mut out = Vec::with_capacity(x.len());
-            for b in x.chunks(QK) {
-                let blk = quantize_q4_1(b);
-                out.extend(blk.q.iter().map(|&q| q as f32 * blk.d + blk.m));
-            }
-            out
-        }
-        DType::Q8_0 | DType::Q4_0 => {
-            debug_assert!(cols % QK == 0 && x.len() % cols == 0);
-            let mut out = Vec::with_capacity(x.len());
-            for b in x.chunks(QK) {
-                let blk = if dtype == DType::Q8_0 { quantize_q8_0(b) } else { quantize_q4_0(b) };
-                out.extend(blk.q.iter().map(|&q| blk.d * q as f32));
+            let mut out = vec![0f32; x.len()];
+            for (b, o) in x.chunks(QK).zip(out.chunks_mut(QK)) {
+                dequantize_block(&quantize_block(dtype, b), o);
             }
             out
         }
@@ -192,6 +284,25 @@ mod tests {
         assert!(back.iter().zip(&x).all(|(a, v)| (a - v).abs() <= 0.52), "{back:?}");
         // values that are already Q4_1 blocks come back unchanged (a GGUF's Q4_1 tensor)
         assert_eq!(round_trip(DType::Q4_1, &back, 32), back);
+    }
+
+    #[test]
+    fn new_block_types_round_trip_within_half_a_step() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 61) as f32 - 30.0) * 0.07).collect();
+        for (dtype, steps) in [(DType::Q5_1, 31.0), (DType::Q6K, 32.0)] {
+            let blocks = quantize_blocks(dtype, &x);
+            for (b, xs) in blocks.iter().zip(x.chunks(QK)) {
+                assert!(b.q.iter().all(|&q| q_range(dtype).contains(&(q as i32))), "{dtype:?} {b:?}");
+                let mut back = [0f32; QK];
+                dequantize_block(b, &mut back);
+                let span = xs.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                for (a, v) in back.iter().zip(xs) {
+                    assert!((a - v).abs() <= span / steps * 0.51 + 1e-3, "{dtype:?} {a} {v}");
+                }
+            }
+            let once = round_trip(dtype, &x, 32);
+            assert_eq!(round_trip(dtype, &once, 32), once, "{dtype:?} blocks come back unchanged");
+        }
     }
 
     #[test]

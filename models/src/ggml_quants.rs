@@ -4,6 +4,8 @@
 
 use half::{bf16, f16};
 
+use llmc_ir::quant::{self, QBlock, QK};
+
 use crate::gguf::GgmlType;
 
 /// The types `dequantize` reads, for error messages.
@@ -38,77 +40,112 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
             F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             F16 => out.push(h(b, 0)),
             BF16 => out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            Q8_0 => {
-                let d = h(b, 0);
-                out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
-            }
-            Q4_0 | Q4_1 => {
-                let d = h(b, 0);
-                let (m, qs) = if ty == Q4_1 { (h(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
-                out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
-            Q5_0 | Q5_1 => {
-                let d = h(b, 0);
-                let (m, rest) = if ty == Q5_1 { (h(b, 2), &b[4..]) } else { (-16.0 * d, &b[2..]) };
-                let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-                let qs = &rest[4..20];
-                for (j, &q) in qs.iter().enumerate() {
-                    let hi = ((qh >> j) & 1) << 4;
-                    out.push(((q & 0xF) as u32 | hi) as f32 * d + m);
-                }
-                for (j, &q) in qs.iter().enumerate() {
-                    let hi = ((qh >> (j + 16)) & 1) << 4;
-                    out.push(((q >> 4) as u32 | hi) as f32 * d + m);
+            _ => {
+                let mut v = [0f32; QK];
+                for blk in blocks_of(ty, b) {
+                    quant::dequantize_block(&blk, &mut v);
+                    out.extend_from_slice(&v);
                 }
             }
-            Q4K | Q5K => {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let scales = &b[4..16];
-                let (qh, qs) = if ty == Q5K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
-                for c in 0..4 {
-                    // 64 values: 32 low nibbles (sub-block 2c), then 32 high nibbles (2c + 1)
-                    let q = &qs[32 * c..32 * c + 32];
-                    for half in 0..2 {
-                        let (sc, m) = scale_min_k4(2 * c + half, scales);
-                        let (d1, m1) = (d * sc, dmin * m);
-                        for l in 0..32 {
-                            let mut v = if half == 0 { q[l] & 0xF } else { q[l] >> 4 } as u32;
-                            if ty == Q5K && qh[l] & (1 << (2 * c + half)) != 0 {
-                                v += 16;
-                            }
-                            out.push(d1 * v as f32 - m1);
-                        }
-                    }
-                }
-            }
-            Q6K => {
-                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-                let d = h(b, 208);
-                for n in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-                    let mut vals = [0f32; 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q = |lo: u8, shift: u32| ((lo as i32) | ((((qh[l] >> shift) & 3) as i32) << 4)) - 32;
-                        vals[l] = d * sc[is] as i8 as f32 * q(ql[l] & 0xF, 0) as f32;
-                        vals[l + 32] = d * sc[is + 2] as i8 as f32 * q(ql[l + 32] & 0xF, 2) as f32;
-                        vals[l + 64] = d * sc[is + 4] as i8 as f32 * q(ql[l] >> 4, 4) as f32;
-                        vals[l + 96] = d * sc[is + 6] as i8 as f32 * q(ql[l + 32] >> 4, 6) as f32;
-                    }
-                    out.extend_from_slice(&vals);
-                }
-            }
-            _ => unreachable!("`can_read` is checked before dequantizing"),
         }
     }
     out
 }
 
+/// The blocks of `bytes` (whole ggml blocks of the quantized `ty`) in the canonical form of
+/// `storage_type(ty)`, 32 values each, in order: the values llmc stores are the file's own.
+pub fn to_blocks(ty: GgmlType, bytes: &[u8]) -> Vec<QBlock> {
+    let (be, bb) = ty.block();
+    let mut out = Vec::with_capacity(bytes.len() / bb as usize * be as usize / QK);
+    for b in bytes.chunks_exact(bb as usize) {
+        out.extend(blocks_of(ty, b));
+    }
+    out
+}
+
+/// One ggml block of a quantized type as canonical blocks (ggml's `dequantize_row_*` read as
+/// `x = d · q + m`; every product `d · scale` below is exact in f32).
+fn blocks_of(ty: GgmlType, b: &[u8]) -> Vec<QBlock> {
+    use GgmlType::*;
+    let block = |d: f32, m: f32, q: [i8; QK]| QBlock { d: [d; 2], m, q };
+    match ty {
+        Q8_0 => {
+            let mut q = [0i8; QK];
+            for (o, &v) in q.iter_mut().zip(&b[2..34]) {
+                *o = v as i8;
+            }
+            vec![block(h(b, 0), 0.0, q)]
+        }
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 => {
+            // Q4_0, Q5_0: q − 8 / q − 16 with no minimum; Q4_1, Q5_1: q and the minimum
+            let with_min = matches!(ty, Q4_1 | Q5_1);
+            let (m, rest) = if with_min { (h(b, 2), &b[4..]) } else { (0.0, &b[2..]) };
+            let (qh, qs) = if matches!(ty, Q5_0 | Q5_1) {
+                (u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]), &rest[4..20])
+            } else {
+                (0, &rest[..16])
+            };
+            let five = matches!(ty, Q5_0 | Q5_1);
+            let off = if with_min { 0 } else if five { 16 } else { 8 };
+            let mut q = [0i8; QK];
+            for j in 0..16 {
+                let (lo, hi) = ((qs[j] & 0xF) as i32, (qs[j] >> 4) as i32);
+                let (b0, b1) = if five { (((qh >> j) & 1) << 4, ((qh >> (j + 16)) & 1) << 4) } else { (0, 0) };
+                q[j] = (lo + b0 as i32 - off) as i8;
+                q[j + 16] = (hi + b1 as i32 - off) as i8;
+            }
+            vec![block(h(b, 0), m, q)]
+        }
+        Q4K | Q5K => {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let scales = &b[4..16];
+            let (qh, qs) = if ty == Q5K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+            (0..8)
+                .map(|j| {
+                    // 64 values per 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high
+                    let (c, high) = (j / 2, j % 2 == 1);
+                    let (sc, mn) = scale_min_k4(j, scales);
+                    let mut q = [0i8; QK];
+                    for (l, o) in q.iter_mut().enumerate() {
+                        let byte = qs[32 * c + l];
+                        let mut v = if high { byte >> 4 } else { byte & 0xF };
+                        if ty == Q5K && qh[l] & (1 << j) != 0 {
+                            v += 16;
+                        }
+                        *o = v as i8;
+                    }
+                    // ggml: d·sc·q − dmin·min
+                    block(d * sc, -(dmin * mn), q)
+                })
+                .collect()
+        }
+        Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = h(b, 208);
+            (0..8)
+                .map(|blk| {
+                    let mut q = [0i8; QK];
+                    for (i, o) in q.iter_mut().enumerate() {
+                        // element e of the 256: half n (128 each), quarter j (32), lane l
+                        let e = 32 * blk + i;
+                        let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                        let lo = ql[64 * n + l + 32 * (j % 2)];
+                        let lo = if j < 2 { lo & 0xF } else { lo >> 4 };
+                        let hi = (qh[32 * n + l] >> (2 * j)) & 3;
+                        *o = ((lo | (hi << 4)) as i32 - 32) as i8;
+                    }
+                    let scale = |s: usize| d * sc[s] as i8 as f32;
+                    QBlock { d: [scale(2 * blk), scale(2 * blk + 1)], m: 0.0, q }
+                })
+                .collect()
+        }
+        _ => unreachable!("`can_read` is checked before dequantizing"),
+    }
+}
+
 /// The storage type llmc keeps a GGUF tensor in, when compiled without `--dtype`: the file's
-/// own type where llmc has it (f32, f16, bf16, q8_0, q4_0, q4_1: repacked losslessly), and
-/// q8_0 for the other quantized types (re-quantized from their exact values: llmc has no
-/// native kernels for Q5_x and the K-quants yet).
+/// own values, repacked losslessly (`to_blocks`): f32, f16, bf16 as they are; Q8_0 and Q5_0 as
+/// q8_0; Q4_0 as q4_0; Q4_1 and Q4_K as q4_1; Q5_1 and Q5_K as q5_1; Q6_K as q6_k.
 pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
     use llmc_ir::DType;
     match ty {
@@ -116,7 +153,9 @@ pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
         GgmlType::F16 => DType::F16,
         GgmlType::BF16 => DType::BF16,
         GgmlType::Q4_0 => DType::Q4_0,
-        GgmlType::Q4_1 => DType::Q4_1,
+        GgmlType::Q4_1 | GgmlType::Q4K => DType::Q4_1,
+        GgmlType::Q5_1 | GgmlType::Q5K => DType::Q5_1,
+        GgmlType::Q6K => DType::Q6K,
         _ => DType::Q8_0,
     }
 }
@@ -145,6 +184,43 @@ mod tests {
         let mut b = f16::from_f32(0.25).to_le_bytes().to_vec();
         b.extend((0..32).map(|i| (i as i8 - 16) as u8));
         assert_eq!(dequantize(GgmlType::Q8_0, &b)[0], -4.0);
+    }
+
+    /// Random blocks of every quantized type: their integers lie in the range of the storage
+    /// type they are kept in, so packing them is lossless.
+    #[test]
+    fn blocks_fit_their_storage_type() {
+        use GgmlType::*;
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for ty in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K] {
+            let (be, bb) = ty.block();
+            for _ in 0..50 {
+                let mut b: Vec<u8> = (0..bb)
+                    .map(|_| {
+                        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        (s >> 56) as u8
+                    })
+                    .collect();
+                // finite f16 fields (d, dmin / m) where each type keeps them
+                let at: &[usize] = match ty {
+                    Q6K => &[208],
+                    Q8_0 | Q4_0 | Q5_0 => &[0],
+                    _ => &[0, 2],
+                };
+                for &a in at {
+                    let v = f16::from_f32(0.01 * (b[a] as f32 - 128.0));
+                    b[a..a + 2].copy_from_slice(&v.to_le_bytes());
+                }
+                let blocks = to_blocks(ty, &b);
+                assert_eq!(blocks.len() * QK, be as usize);
+                let range = quant::q_range(storage_type(ty));
+                for blk in &blocks {
+                    assert!(blk.q.iter().all(|&q| range.contains(&(q as i32))), "{ty:?} {blk:?}");
+                    assert!(quant::has_min(storage_type(ty)) || blk.m == 0.0, "{ty:?}");
+                    assert!(storage_type(ty) == llmc_ir::DType::Q6K || blk.d[0] == blk.d[1], "{ty:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -169,6 +169,34 @@ impl WeightFiles {
         Ok(self.maps[loc.file][loc.start..loc.end].to_vec())
     }
 
+    /// The blocks of a quantized GGUF matrix as the file stores them (`ggml_quants::to_blocks`),
+    /// rows in Hugging Face order (llama.cpp's Q/K permutation undone): its type and `rows ·
+    /// cols / 32` blocks. `None` for other tensors.
+    pub fn read_blocks(&self, name: &str) -> Option<(crate::gguf::GgmlType, Vec<llmc_ir::quant::QBlock>)> {
+        let loc = self.get(name)?;
+        let g = loc.gguf.as_ref()?;
+        if !llmc_ir::quant::is_blocked(crate::ggml_quants::storage_type(g.ty)) || loc.shape.len() < 2 {
+            return None;
+        }
+        let rows = loc.shape[0];
+        let cols: usize = loc.shape[1..].iter().product();
+        let (be, bb) = g.ty.block();
+        if cols % be as usize != 0 {
+            return None;
+        }
+        let row_bytes = cols / be as usize * bb as usize;
+        let bytes = &self.maps[loc.file][loc.start..loc.end];
+        let order = match g.unpermute_heads {
+            Some(heads) => unpermute_order(rows, heads)?,
+            None => (0..rows).collect(),
+        };
+        let mut out = Vec::with_capacity(rows * cols / llmc_ir::quant::QK);
+        for from in order {
+            out.extend(crate::ggml_quants::to_blocks(g.ty, bytes.get(from * row_bytes..(from + 1) * row_bytes)?));
+        }
+        Some((g.ty, out))
+    }
+
     /// Reads a tensor as f32, widening f16/bf16.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let loc = self
@@ -195,26 +223,32 @@ impl WeightFiles {
     }
 }
 
-/// Undoes llama.cpp's Q/K row permutation of a `[heads · head_dim, cols]` matrix (or a
-/// `[heads · head_dim]` bias): its row `h·hd + 2i + s` is Hugging Face's `h·hd + s·hd/2 + i`.
-fn unpermute(v: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
-    let rows = shape.first().copied().unwrap_or(0);
-    let cols = if shape.len() > 1 { v.len() / rows.max(1) } else { 1 };
+/// llama.cpp's Q/K row permutation of a matrix of `rows` rows: Hugging Face's row `to` is the
+/// file's row `order[to]` (the file's row `h·hd + 2i + s` is Hugging Face's `h·hd + s·hd/2 +
+/// i`). `None` when `rows` does not split into heads of an even size.
+fn unpermute_order(rows: usize, heads: usize) -> Option<Vec<usize>> {
     let hd = rows / heads.max(1);
     if heads == 0 || rows % heads != 0 || hd % 2 != 0 {
-        return v.to_vec();
+        return None;
     }
-    let mut out = vec![0f32; v.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..hd / 2 {
             for s in 0..2 {
-                let from = h * hd + 2 * i + s;
-                let to = h * hd + s * hd / 2 + i;
-                out[to * cols..(to + 1) * cols].copy_from_slice(&v[from * cols..(from + 1) * cols]);
+                order[h * hd + s * hd / 2 + i] = h * hd + 2 * i + s;
             }
         }
     }
-    out
+    Some(order)
+}
+
+/// Undoes llama.cpp's Q/K row permutation of a `[heads · head_dim, cols]` matrix (or a
+/// `[heads · head_dim]` bias), see `unpermute_order`.
+fn unpermute(v: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
+    let rows = shape.first().copied().unwrap_or(0);
+    let cols = if shape.len() > 1 { v.len() / rows.max(1) } else { 1 };
+    let Some(order) = unpermute_order(rows, heads) else { return v.to_vec() };
+    order.iter().flat_map(|&from| &v[from * cols..(from + 1) * cols]).copied().collect()
 }
 
 fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {

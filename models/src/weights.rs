@@ -63,6 +63,16 @@ impl WeightSpec {
         files.read_u8(src)
     }
 
+    /// The tensor's blocks as its GGUF file stores them (`WeightFiles::read_blocks`), for a
+    /// quantized GGUF matrix read without a transform and of the expected shape.
+    pub fn load_blocks(&self, files: &WeightFiles) -> Option<(crate::gguf::GgmlType, Vec<llmc_ir::quant::QBlock>)> {
+        let src = self.candidates.iter().find(|c| files.get(c).is_some())?;
+        if self.transform != Transform::None || files.get(src)?.shape != self.shape {
+            return None;
+        }
+        files.read_blocks(src)
+    }
+
     /// Reads the tensor from the checkpoint, checks its shape and applies the transform.
     pub fn load(&self, files: &WeightFiles) -> Result<Vec<f32>> {
         let (src, loc) = self

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
 use llmc_ir::passes::{self, Pass};
+use llmc_ir::quant::{QBlock, QK};
 use llmc_ir::{DType, Graph, NodeId, Op};
 use llmc_models::{Model, WeightSpec};
 
@@ -325,10 +326,86 @@ fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<
     if dtype == DType::F32 {
         let packed = pack::pack(entry.layout, &entry.shape, &values);
         drop(values);
-        Ok(packed.iter().flat_map(|v| v.to_le_bytes()).collect())
-    } else {
-        Ok(pack::pack_bytes(entry.layout, dtype, &entry.shape, &values))
+        return Ok(packed.iter().flat_map(|v| v.to_le_bytes()).collect());
     }
+    if llmc_ir::quant::is_blocked(dtype) {
+        if let Some(blocks) = gguf_blocks(spec, model, dtype)? {
+            // the file's own blocks, checked to mean exactly the values the graph computes
+            let mut v = [0f32; QK];
+            for (b, want) in blocks.iter().zip(values.chunks(QK)) {
+                llmc_ir::quant::dequantize_block(b, &mut v);
+                if v[..] != *want || !b.d.iter().chain([&b.m]).all(|x| x.is_finite()) {
+                    return Err(CompileError::Materialize(format!(
+                        "weight `{name}`: the GGUF blocks kept as {} do not reproduce its values",
+                        dtype.name()
+                    )));
+                }
+            }
+            return Ok(pack::pack_blocks(entry.layout, dtype, &entry.shape, &blocks));
+        }
+        if !matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
+            // `assign_storage` gives these types only to tensors a GGUF file brings in them
+            return Err(CompileError::Materialize(format!(
+                "weight `{name}`: {} weights can only be taken from a GGUF file's blocks",
+                dtype.name()
+            )));
+        }
+    }
+    Ok(pack::pack_bytes(entry.layout, dtype, &entry.shape, &values))
+}
+
+/// The blocks of a tensor made of quantized GGUF tensors whose storage type is `dtype`, taken
+/// as the file stores them: a checkpoint tensor, or a derived one whose graph only moves rows
+/// (`concat_rows`, `interleave_rows8`, `rope_interleave`). Which source row each row comes
+/// from is found by running the graph on row tags (leaf `i`, row `r` ↦ `i · 2^20 + r`, exact
+/// in f32). `None` when the tensor is not such a tensor.
+fn gguf_blocks(spec: &Source<'_>, model: &Model, dtype: DType) -> Result<Option<Vec<QBlock>>, CompileError> {
+    let leaf_blocks = |name: &str| {
+        let spec = model.specs.iter().find(|s| s.name == name)?;
+        let (ty, blocks) = spec.load_blocks(&model.files)?;
+        (llmc_models::ggml_quants::storage_type(ty) == dtype).then_some(blocks)
+    };
+    let graph = match spec {
+        Source::Checkpoint(s) => return Ok(leaf_blocks(&s.name)),
+        Source::Derived { graph, .. } if moves_rows_only(graph) => graph,
+        Source::Derived { .. } => return Ok(None),
+    };
+    let mut leaves = Vec::new();
+    let mut tags: HashMap<String, Tensor> = HashMap::new();
+    for (i, (name, ty)) in graph.weights().into_iter().enumerate() {
+        let shape = ty.shape.resolve(0);
+        let (rows, cols) = pack::matrix_dims(&shape);
+        let Some(blocks) = leaf_blocks(&name) else { return Ok(None) };
+        if i >= 16 || rows >= 1 << 20 || cols % QK != 0 || blocks.len() != rows * cols / QK {
+            return Ok(None);
+        }
+        let data = (0..rows).flat_map(|r| std::iter::repeat_n(((i << 20) | r) as f32, cols)).collect();
+        tags.insert(name, Tensor { shape, data });
+        leaves.push((blocks, cols / QK));
+    }
+    let (out, shape) = run_derived(graph, &tags)?;
+    let (_, cols) = pack::matrix_dims(&shape);
+    let mut res = Vec::with_capacity(out.len() / QK);
+    for row in out.chunks(cols.max(1)) {
+        let t = row[0];
+        if row.iter().any(|&v| v != t) {
+            return Ok(None);
+        }
+        let (i, r) = ((t as usize) >> 20, (t as usize) & 0xF_FFFF);
+        let Some((blocks, nb)) = leaves.get(i) else { return Ok(None) };
+        match blocks.get(r * nb..(r + 1) * nb) {
+            Some(b) if nb * QK == cols => res.extend_from_slice(b),
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(res))
+}
+
+/// Whether a derived weight's graph only moves whole rows of its weights.
+fn moves_rows_only(sub: &Graph) -> bool {
+    sub.node_ids().into_iter().all(|id| {
+        matches!(sub.node(id).op, Op::Weight { .. } | Op::ConcatRows | Op::InterleaveRows8 | Op::RopeInterleave { .. })
+    })
 }
 
 fn pad_to<W: Write + Seek>(w: &mut W, offset: u64) -> std::io::Result<()> {
@@ -403,12 +480,29 @@ fn assign_storage(g: &mut Graph, model: &Model, derived: &HashMap<String, Graph>
         }
         let want = match storage {
             Storage::Checkpoint => {
-                // the checkpoint tensor itself, or the first one a folded weight is made of
-                let src = derived.get(name).and_then(|sub| sub.weights().first().map(|(n, _)| n.clone()));
-                let src = src.as_deref().unwrap_or(name);
-                let spec = model.specs.iter().find(|s| s.name == src);
-                let cand = spec.and_then(|s| s.candidates.iter().find(|c| model.files.get(c).is_some()));
-                cand.and_then(|c| model.checkpoint_storage(c)).unwrap_or(DType::F32)
+                // the checkpoint tensor's own type; for a derived weight, its tensors' common
+                // type when its graph only moves their rows (the GGUF blocks are kept), else
+                // q8_0 if one of them is quantized, else the first one's float type
+                let of = |src: &str| {
+                    let spec = model.specs.iter().find(|s| s.name == src);
+                    let cand = spec.and_then(|s| s.candidates.iter().find(|c| model.files.get(c).is_some()));
+                    cand.and_then(|c| model.checkpoint_storage(c)).unwrap_or(DType::F32)
+                };
+                match derived.get(name) {
+                    None => of(name),
+                    Some(sub) => {
+                        let types: Vec<DType> = sub.weights().iter().map(|(n, _)| of(n)).collect();
+                        let first = types.first().copied().unwrap_or(DType::F32);
+                        let same = types.iter().all(|&t| t == first);
+                        if same && (moves_rows_only(sub) || matches!(first, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)) {
+                            first
+                        } else if types.iter().any(|&t| llmc_ir::quant::is_blocked(t)) {
+                            DType::Q8_0
+                        } else {
+                            first
+                        }
+                    }
+                }
             }
             Storage::All(DType::Q4_0) if feeds_logits(g, &users, output) => DType::Q8_0,
             Storage::All(d) => d,
@@ -547,11 +641,16 @@ fn evaluate(sub: &Graph, model: &Model) -> Result<Vec<f32>, CompileError> {
         }
         leaves.insert(name, Tensor { shape: ty.shape.resolve(0), data });
     }
+    Ok(run_derived(sub, &leaves)?.0)
+}
+
+/// Runs a derived weight's graph on `leaves`: its values and shape.
+fn run_derived(sub: &Graph, leaves: &HashMap<String, Tensor>) -> Result<(Vec<f32>, Vec<usize>), CompileError> {
     let mut cache = KvCache::new(sub, 1);
-    let mut values = interp::run(sub, StepInput { tokens: &[], positions: &[] }, &leaves, &mut cache)?;
+    let mut values = interp::run(sub, StepInput { tokens: &[], positions: &[] }, leaves, &mut cache)?;
     values
         .remove("w")
-        .map(|t| t.data)
+        .map(|t| (t.data, t.shape))
         .ok_or_else(|| CompileError::Materialize("a derived weight was not computed".into()))
 }
 

@@ -49,18 +49,10 @@ fn flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
-/// The unsigned offset a weight byte (or nibble) of `wt` carries in `Dot16`.
-fn offset(wt: DType) -> i64 {
-    match wt {
-        DType::Q8_0 => 128,
-        DType::Q4_0 => 8,
-        _ => 0,
-    }
-}
-
 /// Bytes per block of a quantized row's metadata: `d` (f32), the correction `−offset · Σq`
-/// (i32) and, for q4_1 only, `d · Σq` (f32, for its minimum: `Σ x·(q·d_w + m) = d_w·Σ x·q +
-/// m·Σ x`).
+/// (i32) and a third word: for q4_1/q5_1, `d · Σq` (f32, for their minimum: `Σ x·(q·d_w + m)
+/// = d_w·Σ x·q + m·Σ x`); for q6_k, whose blocks have a scale per half, the correction splits
+/// in two: `−32 · Σq` over the first 16 values at 4, over the last 16 at 8 (i32).
 const META: usize = 12;
 
 /// Sets up the buffer (and the RMS slot) for a projection over `kd` columns.
@@ -82,7 +74,8 @@ pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>) -> Xq {
 /// Quantizes rows `c0 .. c0 + len` of `x` into the buffer (and their inverse RMS).
 pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
     let kd = c.kd;
-    let off = offset(c.wt);
+    let off = crate::pack::dot_offset(c.wt) as i64;
+    let halves = c.wt == DType::Q6K;
     let zero = k.ic(0);
     k.for_range(zero, len, |k, r| {
         let t = k.add(c0, r);
@@ -122,15 +115,26 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
                 }
                 qi.push(k.b.ins().fcvt_to_sint_sat(I32X4, qf));
             }
-            let mut sum = qi[0];
-            for q in &qi[1..] {
-                sum = k.b.ins().iadd(sum, *q);
-            }
-            let lanes: Vec<Value> = (0..4u8).map(|i| k.b.ins().extractlane(sum, i)).collect();
-            let s01 = k.b.ins().iadd(lanes[0], lanes[1]);
-            let s23 = k.b.ins().iadd(lanes[2], lanes[3]);
-            let s = k.b.ins().iadd(s01, s23);
-            let corr = k.b.ins().imul_imm_s(s, -off);
+            // Σq over lanes of `qs` (i32x4 vectors)
+            let hsum = |k: &mut Kb<'_>, qs: &[Value]| {
+                let mut sum = qs[0];
+                for q in &qs[1..] {
+                    sum = k.b.ins().iadd(sum, *q);
+                }
+                let lanes: Vec<Value> = (0..4u8).map(|i| k.b.ins().extractlane(sum, i)).collect();
+                let s01 = k.b.ins().iadd(lanes[0], lanes[1]);
+                let s23 = k.b.ins().iadd(lanes[2], lanes[3]);
+                k.b.ins().iadd(s01, s23)
+            };
+            let (s, corr, corr_hi) = if halves {
+                let lo = hsum(k, &qi[..4]);
+                let hi = hsum(k, &qi[4..]);
+                let s = k.b.ins().iadd(lo, hi);
+                (s, k.b.ins().imul_imm_s(lo, -off), Some(k.b.ins().imul_imm_s(hi, -off)))
+            } else {
+                let s = hsum(k, &qi);
+                (s, k.b.ins().imul_imm_s(s, -off), None)
+            };
             let h: Vec<Value> = (0..4).map(|i| k.b.ins().snarrow(qi[2 * i], qi[2 * i + 1])).collect();
             let lo = k.b.ins().snarrow(h[0], h[1]);
             let hi = k.b.ins().snarrow(h[2], h[3]);
@@ -140,10 +144,13 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
             let md = k.at(dst, b, META as i64);
             k.st(d, md, kd as i64);
             k.st(corr, md, kd as i64 + 4);
-            if c.wt == DType::Q4_1 {
+            if llmc_ir::quant::has_min(c.wt) {
                 let sf = k.b.ins().fcvt_from_sint(F32, s);
                 let dsum = k.fmul(d, sf);
                 k.st(dsum, md, kd as i64 + 8);
+            }
+            if let Some(ch) = corr_hi {
+                k.st(ch, md, kd as i64 + 8);
             }
         });
         if let Some((inv, eps)) = xq.inv {
@@ -197,10 +204,12 @@ pub fn tile_accs(
     let nv_all = nv * panels;
     // byte offset of vector `j` (over all panels) inside a group / the scales of a block
     let voff = |j: usize| (j / nv) * pb + (v0 + j % nv) * 16;
-    let q4 = c.wt != DType::Q8_0;
+    let q4 = crate::pack::is_nibble(c.wt);
     let groups = if q4 { QK / 8 } else { QK / 4 };
     let head = crate::pack::block_head(c.wt);
-    let block = head + groups * PANEL * 4;
+    let block = crate::pack::block_bytes(c.wt);
+    // q6_k scales each half of a block (4 groups) on its own
+    let subs = if c.wt == DType::Q6K { 2 } else { 1 };
     let rb = xq.row_bytes as i64;
     let zero = k.c(V4, 0.0);
     let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv_all).map(|_| k.var(V4, zero)).collect()).collect();
@@ -215,74 +224,76 @@ pub fn tile_accs(
     k.for_ptr(wv, wend, |k| {
         let bp = k.get(wv);
         let x = k.get(xv);
-        // The sums start at `-offset · Σq_x`: the unsigned weights' offset taken out.
         let m = k.get(mv);
-        let mut iacc: Vec<Vec<Value>> = (0..tokens)
-            .map(|tt| {
-                let corr = k.ld(F32, m, tt as i64 * rb + 4);
-                let corr = k.splat(corr);
-                vec![k.b.ins().bitcast(I32X4, le(), corr); nv_all]
-            })
-            .collect();
         // the nibble mask, made once per block (opt_level none does not hoist constants)
         let nib = q4.then(|| {
             let c15 = k.b.ins().iconst(types::I8, 0x0f);
             k.b.ins().splat(I8X16, c15)
         });
-        for g in 0..groups {
-            // each token's 4 (q4_0: 4 + 4) activation bytes of this group, in every lane
-            // (loaded as an f32 so the load folds into one `vbroadcastss`)
-            let bcast = |k: &mut Kb<'_>, at: i64| {
-                let v = k.ld(F32, x, at);
-                let v = k.splat(v);
-                k.b.ins().bitcast(I8X16, le(), v)
-            };
-            let xs: Vec<(Value, Option<Value>)> = (0..tokens)
+        for sub in 0..subs {
+            // The sums start at `-offset · Σq_x`: the unsigned weights' offset taken out.
+            let mut iacc: Vec<Vec<Value>> = (0..tokens)
                 .map(|tt| {
-                    let at = tt as i64 * rb + g as i64 * 4;
-                    (bcast(k, at), q4.then(|| bcast(k, at + 16)))
+                    let corr = k.ld(F32, m, tt as i64 * rb + 4 + 4 * sub as i64);
+                    let corr = k.splat(corr);
+                    vec![k.b.ins().bitcast(I32X4, le(), corr); nv_all]
                 })
                 .collect();
-            for j in 0..nv_all {
-                let w = k.b.ins().load(I8X16, flags(), bp, (head + g * PANEL * 4 + voff(j)) as i32);
-                let (wl, wh) = if let Some(nib) = nib {
-                    let lo = k.b.ins().band(w, nib);
-                    // shift 16-bit lanes (one `psrlw`; x86 has no byte shift) and mask
-                    let w16 = k.b.ins().bitcast(types::I16X8, le(), w);
-                    let hi = k.b.ins().ushr_imm_u(w16, 4);
-                    let hi = k.b.ins().bitcast(I8X16, le(), hi);
-                    let hi = k.b.ins().band(hi, nib);
-                    (lo, Some(hi))
-                } else {
-                    (w, None)
+            for g in sub * groups / subs..(sub + 1) * groups / subs {
+                // each token's 4 (nibbles: 4 + 4) activation bytes of this group, in every
+                // lane (loaded as an f32 so the load folds into one `vbroadcastss`)
+                let bcast = |k: &mut Kb<'_>, at: i64| {
+                    let v = k.ld(F32, x, at);
+                    let v = k.splat(v);
+                    k.b.ins().bitcast(I8X16, le(), v)
                 };
-                for (tt, row) in iacc.iter_mut().enumerate() {
-                    let (xl, xh) = xs[tt];
-                    row[j] = dot(k, xl, wl, row[j]);
-                    if let (Some(xh), Some(wh)) = (xh, wh) {
-                        row[j] = dot(k, xh, wh, row[j]);
+                let xs: Vec<(Value, Option<Value>)> = (0..tokens)
+                    .map(|tt| {
+                        let at = tt as i64 * rb + g as i64 * 4;
+                        (bcast(k, at), q4.then(|| bcast(k, at + 16)))
+                    })
+                    .collect();
+                for j in 0..nv_all {
+                    let w = k.b.ins().load(I8X16, flags(), bp, (head + g * PANEL * 4 + voff(j)) as i32);
+                    let (wl, wh) = if let Some(nib) = nib {
+                        let lo = k.b.ins().band(w, nib);
+                        // shift 16-bit lanes (one `psrlw`; x86 has no byte shift) and mask
+                        let w16 = k.b.ins().bitcast(types::I16X8, le(), w);
+                        let hi = k.b.ins().ushr_imm_u(w16, 4);
+                        let hi = k.b.ins().bitcast(I8X16, le(), hi);
+                        let hi = k.b.ins().band(hi, nib);
+                        (lo, Some(hi))
+                    } else {
+                        (w, None)
+                    };
+                    for (tt, row) in iacc.iter_mut().enumerate() {
+                        let (xl, xh) = xs[tt];
+                        row[j] = dot(k, xl, wl, row[j]);
+                        if let (Some(xh), Some(wh)) = (xh, wh) {
+                            row[j] = dot(k, xh, wh, row[j]);
+                        }
                     }
                 }
             }
-        }
-        for (tt, row) in iacc.iter().enumerate() {
-            let dx = k.ld(F32, m, tt as i64 * rb);
-            let dx = k.splat(dx);
-            let dsum = (c.wt == DType::Q4_1).then(|| {
-                let v = k.ld(F32, m, tt as i64 * rb + 8);
-                k.splat(v)
-            });
-            for (j, &ia) in row.iter().enumerate() {
-                let sw = k.ld(V4, bp, voff(j) as i64);
-                let s = k.fmul(sw, dx);
-                let f = k.b.ins().fcvt_from_sint(V4, ia);
-                let a = k.get(accs[tt][j]);
-                let mut a = k.fma(f, s, a);
-                if let Some(ds) = dsum {
-                    let mw = k.ld(V4, bp, (PANEL * 4 + voff(j)) as i64);
-                    a = k.fma(mw, ds, a);
+            for (tt, row) in iacc.iter().enumerate() {
+                let dx = k.ld(F32, m, tt as i64 * rb);
+                let dx = k.splat(dx);
+                let dsum = llmc_ir::quant::has_min(c.wt).then(|| {
+                    let v = k.ld(F32, m, tt as i64 * rb + 8);
+                    k.splat(v)
+                });
+                for (j, &ia) in row.iter().enumerate() {
+                    let sw = k.ld(V4, bp, (sub * PANEL * 4 + voff(j)) as i64);
+                    let s = k.fmul(sw, dx);
+                    let f = k.b.ins().fcvt_from_sint(V4, ia);
+                    let a = k.get(accs[tt][j]);
+                    let mut a = k.fma(f, s, a);
+                    if let Some(ds) = dsum {
+                        let mw = k.ld(V4, bp, (PANEL * 4 + voff(j)) as i64);
+                        a = k.fma(mw, ds, a);
+                    }
+                    k.set(accs[tt][j], a);
                 }
-                k.set(accs[tt][j], a);
             }
         }
         let bp = k.addi(bp, block as i64);
@@ -315,14 +326,12 @@ pub fn chunks(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, walk: &mut dyn FnMut(&mut Kb<'_>
 /// Element `j` (a column Value) of row `lane` of the `Dot16` panel at `panel` as f32 (the
 /// embedding gather of a table the output projection also reads).
 pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
-    let q4 = wt != DType::Q8_0;
+    let q4 = crate::pack::is_nibble(wt);
     let head = crate::pack::block_head(wt);
-    let block = head + if q4 { QK / 2 * PANEL } else { QK * PANEL };
     let b = k.udivi(j, QK as i64);
     let kk = k.uremi(j, QK as i64);
-    let bp = k.at(panel, b, block as i64);
-    let sa = k.at(bp, lane, 4);
-    // (g · 64 + lane · 4 + kk % 4), g = kk / 4 (q8_0) or (kk % 16) / 4 (q4_0)
+    let bp = k.at(panel, b, crate::pack::block_bytes(wt) as i64);
+    // (g · 64 + lane · 4 + kk % 4), g = kk / 4 (bytes) or (kk % 16) / 4 (nibbles)
     let c = k.uremi(kk, 4);
     let within = if q4 { k.uremi(kk, 16) } else { kk };
     let g = k.udivi(within, 4);
@@ -332,11 +341,12 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
     let o = k.add(o, c);
     let qa = k.add(bp, o);
     let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
-    let q = if q4 {
+    let u = if q4 {
         let high = k.udivi(kk, 16);
         super::storage::nibble(k, byte, high)
     } else {
-        k.b.ins().iadd_imm_s(byte, -128)
+        byte
     };
-    super::storage::block_value(k, wt, q, sa)
+    let q = k.b.ins().iadd_imm_s(u, -(crate::pack::dot_offset(wt) as i64));
+    super::storage::block_value(k, wt, q, bp, lane, kk)
 }

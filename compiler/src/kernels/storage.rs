@@ -183,104 +183,110 @@ pub fn tile_accs(
                 fma_all(k, &ws, 0);
             }
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-            let q4 = c.wt != DType::Q8_0;
-            let head = crate::pack::block_head(c.wt);
-            let block = head + if q4 { QK / 2 * PANEL } else { QK * PANEL };
+        wt if llmc_ir::quant::is_blocked(wt) => {
+            let q4 = crate::pack::is_nibble(wt);
+            let has_min = llmc_ir::quant::has_min(wt);
+            let head = crate::pack::block_head(wt);
+            let block = crate::pack::block_bytes(wt);
+            // q6_k scales each half of a block on its own
+            let subs = if wt == DType::Q6K { 2 } else { 1 };
+            let sub_bytes = (block - head) / subs;
             let wend = k.addi(wp, (c.kd / QK * block) as i64);
             // Small (decode) tiles sum q·x per block and scale once at its end; larger tiles
-            // (and q4_1, whose minimum is added to each weight) scale each widened weight
-            // vector (one extra accumulator set would spill).
-            let factor = tokens * nv <= 4 && c.wt != DType::Q4_1;
+            // (and types with a minimum, which is added to each weight) scale each widened
+            // weight vector (one extra accumulator set would spill).
+            let factor = tokens * nv <= 4 && !has_min;
             k.for_ptr(wv, wend, |k| {
                 let bp = k.get(wv);
-                let scales: Vec<Value> = (0..nv).map(|j| k.ld(V4, bp, ((v0 + j) * 16) as i64)).collect();
-                let mins: Vec<Value> = if c.wt == DType::Q4_1 {
+                let mins: Vec<Value> = if has_min {
                     (0..nv).map(|j| k.ld(V4, bp, (PANEL * 4 + (v0 + j) * 16) as i64)).collect()
                 } else {
                     Vec::new()
                 };
-                let bacc: Vec<Vec<Variable>> = if factor {
-                    (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()
-                } else {
-                    Vec::new()
-                };
-                let qstart = k.addi(bp, head as i64);
-                let qend = k.addi(bp, block as i64);
-                let qv = k.var(I64, qstart);
-                // two columns per iteration: one q4_0 byte pair, or two q8_0 columns
-                k.for_ptr(qv, qend, |k| {
-                    let q = k.get(qv);
-                    // the 16 rows of each column as i16x8 halves
-                    let cols: Vec<(Value, Value)> = if q4 {
-                        let raw = k.b.ins().load(I8X16, flags(), q, 0);
-                        let lo = k.b.ins().band(raw, cs.nib);
-                        let hi = k.b.ins().ushr_imm_u(raw, 4);
-                        let hi = k.b.ins().band(hi, cs.nib);
-                        [lo, hi]
-                            .into_iter()
-                            .map(|v| {
-                                let v = if c.wt == DType::Q4_0 { k.b.ins().isub(v, cs.eight) } else { v };
-                                (k.b.ins().swiden_low(v), k.b.ins().swiden_high(v))
-                            })
-                            .collect()
+                for sub in 0..subs {
+                    let scales: Vec<Value> =
+                        (0..nv).map(|j| k.ld(V4, bp, (sub * PANEL * 4 + (v0 + j) * 16) as i64)).collect();
+                    let bacc: Vec<Vec<Variable>> = if factor {
+                        (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()
                     } else {
-                        (0..2)
-                            .map(|col| {
-                                let at = (col * PANEL) as i32;
-                                let lo = (v0 < 2).then(|| k.b.ins().sload8x8(flags(), q, at));
-                                let hi = (v0 + nv > 2).then(|| k.b.ins().sload8x8(flags(), q, at + 8));
-                                let (lo, hi) = match (lo, hi) {
-                                    (Some(l), Some(h)) => (l, h),
-                                    (Some(l), None) => (l, l),
-                                    (None, Some(h)) => (h, h),
-                                    (None, None) => unreachable!("a tile has at least one vector"),
-                                };
-                                (lo, hi)
-                            })
-                            .collect()
+                        Vec::new()
                     };
-                    for (ci, &(lo, hi)) in cols.iter().enumerate() {
-                        let ws: Vec<Value> = (0..nv)
-                            .map(|j| {
-                                let f = i8_rows(k, lo, hi, v0 + j);
-                                if factor {
-                                    f
-                                } else if c.wt == DType::Q4_1 {
-                                    k.fma(f, scales[j], mins[j])
-                                } else {
-                                    k.fmul(f, scales[j])
-                                }
-                            })
-                            .collect();
-                        if factor {
-                            let x = k.get(xv);
-                            for (tt, row) in bacc.iter().enumerate() {
-                                let xs = k.ld(F32, x, (tt * c.kd * 4) as i64 + (ci * 4) as i64);
-                                let xb = k.splat(xs);
-                                for (j, a) in row.iter().enumerate() {
-                                    let v = k.get(*a);
-                                    let v = k.fma(ws[j], xb, v);
-                                    k.set(*a, v);
-                                }
-                            }
+                    let qstart = k.addi(bp, (head + sub * sub_bytes) as i64);
+                    let qend = k.addi(bp, (head + (sub + 1) * sub_bytes) as i64);
+                    let qv = k.var(I64, qstart);
+                    // two columns per iteration: one nibble byte pair, or two byte columns
+                    k.for_ptr(qv, qend, |k| {
+                        let q = k.get(qv);
+                        // the 16 rows of each column as i16x8 halves
+                        let cols: Vec<(Value, Value)> = if q4 {
+                            let raw = k.b.ins().load(I8X16, flags(), q, 0);
+                            let lo = k.b.ins().band(raw, cs.nib);
+                            let hi = k.b.ins().ushr_imm_u(raw, 4);
+                            let hi = k.b.ins().band(hi, cs.nib);
+                            [lo, hi]
+                                .into_iter()
+                                .map(|v| {
+                                    let v = if wt == DType::Q4_0 { k.b.ins().isub(v, cs.eight) } else { v };
+                                    (k.b.ins().swiden_low(v), k.b.ins().swiden_high(v))
+                                })
+                                .collect()
                         } else {
-                            fma_all(k, &ws, (ci * 4) as i64);
+                            (0..2)
+                                .map(|col| {
+                                    let at = (col * PANEL) as i32;
+                                    let lo = (v0 < 2).then(|| k.b.ins().sload8x8(flags(), q, at));
+                                    let hi = (v0 + nv > 2).then(|| k.b.ins().sload8x8(flags(), q, at + 8));
+                                    match (lo, hi) {
+                                        (Some(l), Some(h)) => (l, h),
+                                        (Some(l), None) => (l, l),
+                                        (None, Some(h)) => (h, h),
+                                        (None, None) => unreachable!("a tile has at least one vector"),
+                                    }
+                                })
+                                .collect()
+                        };
+                        for (ci, &(lo, hi)) in cols.iter().enumerate() {
+                            let ws: Vec<Value> = (0..nv)
+                                .map(|j| {
+                                    let f = i8_rows(k, lo, hi, v0 + j);
+                                    if factor {
+                                        f
+                                    } else if has_min {
+                                        k.fma(f, scales[j], mins[j])
+                                    } else {
+                                        k.fmul(f, scales[j])
+                                    }
+                                })
+                                .collect();
+                            if factor {
+                                let x = k.get(xv);
+                                for (tt, row) in bacc.iter().enumerate() {
+                                    let xs = k.ld(F32, x, (tt * c.kd * 4) as i64 + (ci * 4) as i64);
+                                    let xb = k.splat(xs);
+                                    for (j, a) in row.iter().enumerate() {
+                                        let v = k.get(*a);
+                                        let v = k.fma(ws[j], xb, v);
+                                        k.set(*a, v);
+                                    }
+                                }
+                            } else {
+                                fma_all(k, &ws, (ci * 4) as i64);
+                            }
                         }
-                    }
-                    let q = k.addi(q, (if q4 { PANEL } else { 2 * PANEL }) as i64);
-                    k.set(qv, q);
-                    let x = k.get(xv);
-                    let x = k.addi(x, 8);
-                    k.set(xv, x);
-                });
-                if factor {
-                    for (tt, row) in bacc.iter().enumerate() {
-                        for (j, b) in row.iter().enumerate() {
-                            let bv = k.get(*b);
-                            let a = k.get(accs[tt][j]);
-                            let a = k.fma(bv, scales[j], a);
-                            k.set(accs[tt][j], a);
+                        let q = k.addi(q, (if q4 { PANEL } else { 2 * PANEL }) as i64);
+                        k.set(qv, q);
+                        let x = k.get(xv);
+                        let x = k.addi(x, 8);
+                        k.set(xv, x);
+                    });
+                    if factor {
+                        for (tt, row) in bacc.iter().enumerate() {
+                            for (j, b) in row.iter().enumerate() {
+                                let bv = k.get(*b);
+                                let a = k.get(accs[tt][j]);
+                                let a = k.fma(bv, scales[j], a);
+                                k.set(accs[tt][j], a);
+                            }
                         }
                     }
                 }
@@ -302,15 +308,21 @@ pub fn nibble(k: &mut Kb<'_>, byte: Value, high: Value) -> Value {
     k.b.ins().band_imm_u(nib, 0x0f)
 }
 
-/// The value a stored integer means in a block of `wt` whose row header starts at `sa` (the
-/// row's scale, and for q4_1 its minimum 16 floats later): `q` is q8_0's signed value or a
-/// nibble.
-pub fn block_value(k: &mut Kb<'_>, wt: DType, q: Value, sa: Value) -> Value {
+/// The value a stored integer `q` (its signed value) means at column `kk` (an i64 in 0..32) of
+/// row `lane` of the block at `bp` of `wt` (the row's scale at `bp + 4·lane`, its minimum or
+/// second-half scale 64 bytes further).
+pub fn block_value(k: &mut Kb<'_>, wt: DType, q: Value, bp: Value, lane: Value, kk: Value) -> Value {
+    let sa = k.at(bp, lane, 4);
+    let sa = if wt == DType::Q6K {
+        let half = k.udivi(kk, 16);
+        k.at(sa, half, (PANEL * 4) as i64)
+    } else {
+        sa
+    };
     let d = k.ld(F32, sa, 0);
-    let q = if wt == DType::Q4_0 { k.b.ins().iadd_imm_s(q, -8) } else { q };
     let f = k.b.ins().fcvt_from_sint(F32, q);
     let fd = k.fmul(f, d);
-    if wt == DType::Q4_1 {
+    if llmc_ir::quant::has_min(wt) {
         let m = k.ld(F32, sa, (PANEL * 4) as i64);
         k.fadd(fd, m)
     } else {
@@ -344,26 +356,25 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
                 k.b.ins().bitcast(F32, le, r)
             }
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-            let q4 = wt != DType::Q8_0;
+        wt if llmc_ir::quant::is_blocked(wt) => {
+            let q4 = crate::pack::is_nibble(wt);
             let head = crate::pack::block_head(wt);
-            let block = head + if q4 { QK / 2 * PANEL } else { QK * PANEL };
             let b = k.udivi(j, QK as i64);
             let kk = k.uremi(j, QK as i64);
-            let bp = k.at(panel, b, block as i64);
-            let sa = k.at(bp, lane, 4);
+            let bp = k.at(panel, b, crate::pack::block_bytes(wt) as i64);
             let qbase = k.add(bp, lane);
             let q = if q4 {
                 let pair = k.b.ins().ushr_imm_u(kk, 1);
                 let qa = k.at(qbase, pair, PANEL as i64);
                 let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
                 let odd = k.b.ins().band_imm_u(kk, 1);
-                nibble(k, byte, odd)
+                let n = nibble(k, byte, odd);
+                k.b.ins().iadd_imm_s(n, -(crate::pack::dot_offset(wt) as i64))
             } else {
                 let qa = k.at(qbase, kk, PANEL as i64);
                 k.b.ins().sload8(types::I32, flags(), qa, head as i32)
             };
-            block_value(k, wt, q, sa)
+            block_value(k, wt, q, bp, lane, kk)
         }
         _ => {
             let jl = k.muli(j, PANEL as i64);
