@@ -173,6 +173,19 @@ pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -
 /// Packs the blocks of a blocked matrix (`rows · cols / 32` blocks, row-major, each in
 /// `dtype`'s canonical form) into `layout` (`Panel16` or `Dot16`).
 pub fn pack_blocks(layout: Layout, dtype: DType, shape: &[usize], blocks: &[QBlock]) -> Vec<u8> {
+    let nb = matrix_dims(shape).1 / QK;
+    pack_block_rows(layout, dtype, shape, &|r, out| out.copy_from_slice(&blocks[r * nb..(r + 1) * nb]))
+}
+
+/// `pack_blocks` with the blocks of row `r` written by `row(r, out)` (`cols / 32` of them),
+/// panels packed in parallel: a large matrix never exists as blocks all at once.
+pub fn pack_block_rows(
+    layout: Layout,
+    dtype: DType,
+    shape: &[usize],
+    row: &(dyn Fn(usize, &mut [QBlock]) + Sync),
+) -> Vec<u8> {
+    use rayon::prelude::*;
     let dot = layout == Layout::Dot16;
     let (rows, cols) = matrix_dims(shape);
     let nb = cols / QK;
@@ -181,31 +194,33 @@ pub fn pack_blocks(layout: Layout, dtype: DType, shape: &[usize], blocks: &[QBlo
     let head = block_head(dtype);
     let off = dot_offset(dtype);
     let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
-    for r in 0..rows {
-        let (p, lane) = (r / PANEL, r % PANEL);
-        let panel = &mut out[p * pb..(p + 1) * pb];
-        for (b, blk) in blocks[r * nb..(r + 1) * nb].iter().enumerate() {
-            let block = &mut panel[b * bb..(b + 1) * bb];
-            block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d[0].to_le_bytes());
-            if quant::has_min(dtype) {
-                block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
-            } else if dtype == DType::Q6K {
-                block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.d[1].to_le_bytes());
-            }
-            let qs = &mut block[head..];
-            for (k, &q) in blk.q.iter().enumerate() {
-                let u = (q as i32 + off) as u8;
-                if dot {
-                    let (at, high) = dot_at(dtype, lane, k);
-                    qs[at] |= if high { u << 4 } else { u };
-                } else if is_nibble(dtype) {
-                    qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { u } else { u << 4 };
-                } else {
-                    qs[k * PANEL + lane] = q as u8;
+    out.par_chunks_mut(pb.max(1)).enumerate().for_each(|(p, panel)| {
+        let mut blocks = vec![QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; nb];
+        for lane in 0..PANEL.min(rows - p * PANEL) {
+            row(p * PANEL + lane, &mut blocks);
+            for (b, blk) in blocks.iter().enumerate() {
+                let block = &mut panel[b * bb..(b + 1) * bb];
+                block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d[0].to_le_bytes());
+                if quant::has_min(dtype) {
+                    block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
+                } else if dtype == DType::Q6K {
+                    block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.d[1].to_le_bytes());
+                }
+                let qs = &mut block[head..];
+                for (k, &q) in blk.q.iter().enumerate() {
+                    let u = (q as i32 + off) as u8;
+                    if dot {
+                        let (at, high) = dot_at(dtype, lane, k);
+                        qs[at] |= if high { u << 4 } else { u };
+                    } else if is_nibble(dtype) {
+                        qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { u } else { u << 4 };
+                    } else {
+                        qs[k * PANEL + lane] = q as u8;
+                    }
                 }
             }
         }
-    }
+    });
     out
 }
 

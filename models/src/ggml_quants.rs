@@ -41,9 +41,12 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
             F16 => out.push(h(b, 0)),
             BF16 => out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             _ => {
+                let mut blocks = [QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; 8];
+                let blocks = &mut blocks[..be / QK];
+                blocks_of(ty, b, blocks);
                 let mut v = [0f32; QK];
-                for blk in blocks_of(ty, b) {
-                    quant::dequantize_block(&blk, &mut v);
+                for blk in blocks.iter() {
+                    quant::dequantize_block(blk, &mut v);
                     out.extend_from_slice(&v);
                 }
             }
@@ -56,16 +59,24 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
 /// `storage_type(ty)`, 32 values each, in order: the values llmc stores are the file's own.
 pub fn to_blocks(ty: GgmlType, bytes: &[u8]) -> Vec<QBlock> {
     let (be, bb) = ty.block();
-    let mut out = Vec::with_capacity(bytes.len() / bb as usize * be as usize / QK);
-    for b in bytes.chunks_exact(bb as usize) {
-        out.extend(blocks_of(ty, b));
-    }
+    let mut out = vec![QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; bytes.len() / bb as usize * be as usize / QK];
+    to_blocks_into(ty, bytes, &mut out);
     out
+}
+
+/// `to_blocks` into `out` (as many blocks as `bytes` holds).
+pub fn to_blocks_into(ty: GgmlType, bytes: &[u8], out: &mut [QBlock]) {
+    let (be, bb) = ty.block();
+    let per = be as usize / QK;
+    for (b, o) in bytes.chunks_exact(bb as usize).zip(out.chunks_mut(per)) {
+        blocks_of(ty, b, o);
+    }
 }
 
 /// One ggml block of a quantized type as canonical blocks (ggml's `dequantize_row_*` read as
 /// `x = d · q + m`; every product `d · scale` below is exact in f32).
-fn blocks_of(ty: GgmlType, b: &[u8]) -> Vec<QBlock> {
+/// `out` has room for the block's `elements / 32` blocks.
+fn blocks_of(ty: GgmlType, b: &[u8], out: &mut [QBlock]) {
     use GgmlType::*;
     let block = |d: f32, m: f32, q: [i8; QK]| QBlock { d: [d; 2], m, q };
     match ty {
@@ -74,7 +85,7 @@ fn blocks_of(ty: GgmlType, b: &[u8]) -> Vec<QBlock> {
             for (o, &v) in q.iter_mut().zip(&b[2..34]) {
                 *o = v as i8;
             }
-            vec![block(h(b, 0), 0.0, q)]
+            out[0] = block(h(b, 0), 0.0, q);
         }
         Q4_0 | Q4_1 | Q5_0 | Q5_1 => {
             // Q4_0, Q5_0: q − 8 / q − 16 with no minimum; Q4_1, Q5_1: q and the minimum
@@ -86,7 +97,13 @@ fn blocks_of(ty: GgmlType, b: &[u8]) -> Vec<QBlock> {
                 (0, &rest[..16])
             };
             let five = matches!(ty, Q5_0 | Q5_1);
-            let off = if with_min { 0 } else if five { 16 } else { 8 };
+            let off = if with_min {
+                0
+            } else if five {
+                16
+            } else {
+                8
+            };
             let mut q = [0i8; QK];
             for j in 0..16 {
                 let (lo, hi) = ((qs[j] & 0xF) as i32, (qs[j] >> 4) as i32);
@@ -94,50 +111,46 @@ fn blocks_of(ty: GgmlType, b: &[u8]) -> Vec<QBlock> {
                 q[j] = (lo + b0 as i32 - off) as i8;
                 q[j + 16] = (hi + b1 as i32 - off) as i8;
             }
-            vec![block(h(b, 0), m, q)]
+            out[0] = block(h(b, 0), m, q);
         }
         Q4K | Q5K => {
             let (d, dmin) = (h(b, 0), h(b, 2));
             let scales = &b[4..16];
             let (qh, qs) = if ty == Q5K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
-            (0..8)
-                .map(|j| {
-                    // 64 values per 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high
-                    let (c, high) = (j / 2, j % 2 == 1);
-                    let (sc, mn) = scale_min_k4(j, scales);
-                    let mut q = [0i8; QK];
-                    for (l, o) in q.iter_mut().enumerate() {
-                        let byte = qs[32 * c + l];
-                        let mut v = if high { byte >> 4 } else { byte & 0xF };
-                        if ty == Q5K && qh[l] & (1 << j) != 0 {
-                            v += 16;
-                        }
-                        *o = v as i8;
+            for (j, o) in out.iter_mut().enumerate().take(8) {
+                // 64 values per 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high
+                let (c, high) = (j / 2, j % 2 == 1);
+                let (sc, mn) = scale_min_k4(j, scales);
+                let mut q = [0i8; QK];
+                for (l, o) in q.iter_mut().enumerate() {
+                    let byte = qs[32 * c + l];
+                    let mut v = if high { byte >> 4 } else { byte & 0xF };
+                    if ty == Q5K && qh[l] & (1 << j) != 0 {
+                        v += 16;
                     }
-                    // ggml: d·sc·q − dmin·min
-                    block(d * sc, -(dmin * mn), q)
-                })
-                .collect()
+                    *o = v as i8;
+                }
+                // ggml: d·sc·q − dmin·min
+                *o = block(d * sc, -(dmin * mn), q);
+            }
         }
         Q6K => {
             let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
             let d = h(b, 208);
-            (0..8)
-                .map(|blk| {
-                    let mut q = [0i8; QK];
-                    for (i, o) in q.iter_mut().enumerate() {
-                        // element e of the 256: half n (128 each), quarter j (32), lane l
-                        let e = 32 * blk + i;
-                        let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
-                        let lo = ql[64 * n + l + 32 * (j % 2)];
-                        let lo = if j < 2 { lo & 0xF } else { lo >> 4 };
-                        let hi = (qh[32 * n + l] >> (2 * j)) & 3;
-                        *o = ((lo | (hi << 4)) as i32 - 32) as i8;
-                    }
-                    let scale = |s: usize| d * sc[s] as i8 as f32;
-                    QBlock { d: [scale(2 * blk), scale(2 * blk + 1)], m: 0.0, q }
-                })
-                .collect()
+            for (blk, o) in out.iter_mut().enumerate().take(8) {
+                let mut q = [0i8; QK];
+                for (i, o) in q.iter_mut().enumerate() {
+                    // element e of the 256: half n (128 each), quarter j (32), lane l
+                    let e = 32 * blk + i;
+                    let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                    let lo = ql[64 * n + l + 32 * (j % 2)];
+                    let lo = if j < 2 { lo & 0xF } else { lo >> 4 };
+                    let hi = (qh[32 * n + l] >> (2 * j)) & 3;
+                    *o = ((lo | (hi << 4)) as i32 - 32) as i8;
+                }
+                let scale = |s: usize| d * sc[s] as i8 as f32;
+                *o = QBlock { d: [scale(2 * blk), scale(2 * blk + 1)], m: 0.0, q };
+            }
         }
         _ => unreachable!("`can_read` is checked before dequantizing"),
     }

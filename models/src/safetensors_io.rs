@@ -23,6 +23,29 @@ pub struct TensorLoc {
     pub gguf: Option<GgufTensor>,
 }
 
+/// The rows of a quantized GGUF matrix (`WeightFiles::gguf_rows`).
+pub struct GgufRows<'a> {
+    pub ty: crate::gguf::GgmlType,
+    bytes: &'a [u8],
+    row_bytes: usize,
+    /// Hugging Face row `r` is the file's row `order[r]` (`None`: the same row).
+    order: Option<Vec<usize>>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl GgufRows<'_> {
+    /// Writes row `r`'s blocks (`ggml_quants::to_blocks`, `cols / 32` of them) into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [llmc_ir::quant::QBlock]) {
+        let from = self.order.as_ref().map_or(r, |o| o[r]);
+        crate::ggml_quants::to_blocks_into(
+            self.ty,
+            &self.bytes[from * self.row_bytes..(from + 1) * self.row_bytes],
+            out,
+        );
+    }
+}
+
 /// Where a Hugging Face tensor name lives in a GGUF file.
 #[derive(Clone, Debug)]
 pub struct GgufTensor {
@@ -169,10 +192,9 @@ impl WeightFiles {
         Ok(self.maps[loc.file][loc.start..loc.end].to_vec())
     }
 
-    /// The blocks of a quantized GGUF matrix as the file stores them (`ggml_quants::to_blocks`),
-    /// rows in Hugging Face order (llama.cpp's Q/K permutation undone): its type and `rows ·
-    /// cols / 32` blocks. `None` for other tensors.
-    pub fn read_blocks(&self, name: &str) -> Option<(crate::gguf::GgmlType, Vec<llmc_ir::quant::QBlock>)> {
+    /// The rows of a quantized GGUF matrix as the file stores them, in Hugging Face order
+    /// (llama.cpp's Q/K permutation undone). `None` for other tensors.
+    pub fn gguf_rows(&self, name: &str) -> Option<GgufRows<'_>> {
         let loc = self.get(name)?;
         let g = loc.gguf.as_ref()?;
         if !llmc_ir::quant::is_blocked(crate::ggml_quants::storage_type(g.ty)) || loc.shape.len() < 2 {
@@ -185,16 +207,15 @@ impl WeightFiles {
             return None;
         }
         let row_bytes = cols / be as usize * bb as usize;
-        let bytes = &self.maps[loc.file][loc.start..loc.end];
-        let order = match g.unpermute_heads {
-            Some(heads) => unpermute_order(rows, heads)?,
-            None => (0..rows).collect(),
-        };
-        let mut out = Vec::with_capacity(rows * cols / llmc_ir::quant::QK);
-        for from in order {
-            out.extend(crate::ggml_quants::to_blocks(g.ty, bytes.get(from * row_bytes..(from + 1) * row_bytes)?));
+        let bytes = self.maps[loc.file].get(loc.start..loc.end)?;
+        if bytes.len() != rows * row_bytes {
+            return None;
         }
-        Some((g.ty, out))
+        let order = match g.unpermute_heads {
+            Some(heads) => Some(unpermute_order(rows, heads)?),
+            None => None,
+        };
+        Some(GgufRows { ty: g.ty, bytes, row_bytes, order, rows, cols })
     }
 
     /// Reads a tensor as f32, widening f16/bf16.

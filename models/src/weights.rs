@@ -63,14 +63,14 @@ impl WeightSpec {
         files.read_u8(src)
     }
 
-    /// The tensor's blocks as its GGUF file stores them (`WeightFiles::read_blocks`), for a
+    /// The tensor's rows as its GGUF file stores them (`WeightFiles::gguf_rows`), for a
     /// quantized GGUF matrix read without a transform and of the expected shape.
-    pub fn load_blocks(&self, files: &WeightFiles) -> Option<(crate::gguf::GgmlType, Vec<llmc_ir::quant::QBlock>)> {
+    pub fn gguf_rows<'a>(&self, files: &'a WeightFiles) -> Option<crate::safetensors_io::GgufRows<'a>> {
         let src = self.candidates.iter().find(|c| files.get(c).is_some())?;
         if self.transform != Transform::None || files.get(src)?.shape != self.shape {
             return None;
         }
-        files.read_blocks(src)
+        files.gguf_rows(src)
     }
 
     /// Reads the tensor from the checkpoint, checks its shape and applies the transform.

@@ -7,8 +7,11 @@ use std::collections::HashMap;
 
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
 use llmc_ir::passes::{self, Pass};
-use llmc_ir::quant::{QBlock, QK};
+use llmc_ir::quant::QBlock;
 use llmc_ir::{DType, Graph, NodeId, Op};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use llmc_models::safetensors_io::GgufRows;
 use llmc_models::{Model, WeightSpec};
 
 use crate::error::CompileError;
@@ -311,6 +314,28 @@ fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<
             Source::Derived { .. } => Vec::new(),
         });
     }
+    let dtype = DType::parse(&entry.dtype).unwrap_or(DType::F32);
+    if llmc_ir::quant::is_blocked(dtype) {
+        // A GGUF tensor's own blocks, or a derived tensor whose graph only moves their rows.
+        // Their values are what the graph would compute from `read_f32` (both come from
+        // `ggml_quants::to_blocks`); finite scales keep every value finite.
+        if let Some(rows) = gguf_blocks(spec, model, dtype)? {
+            let bad = AtomicBool::new(false);
+            let packed = pack::pack_block_rows(entry.layout, dtype, &entry.shape, &|r, out| {
+                rows.row_into(r, out);
+                if !out.iter().all(|b| b.d.iter().chain([&b.m]).all(|x| x.is_finite())) {
+                    bad.store(true, Ordering::Relaxed);
+                }
+            });
+            if bad.into_inner() {
+                return Err(CompileError::Materialize(format!(
+                    "weight `{}` has a block with a non-finite scale: the checkpoint is corrupt",
+                    spec.name()
+                )));
+            }
+            return Ok(packed);
+        }
+    }
     let (name, values) = match spec {
         Source::Checkpoint(s) => (&s.name, s.load(&model.files)?),
         Source::Derived { name, graph, .. } => (name, evaluate(graph, model)?),
@@ -319,7 +344,6 @@ fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<
     if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(CompileError::NonFinite { tensor: name.clone(), index, value });
     }
-    let dtype = DType::parse(&entry.dtype).unwrap_or(DType::F32);
     if dtype == DType::F16 && values.iter().any(|v| v.abs() > 65504.0) {
         return Err(CompileError::Materialize(format!("weight `{name}` has values beyond the f16 range")));
     }
@@ -328,77 +352,84 @@ fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<
         drop(values);
         return Ok(packed.iter().flat_map(|v| v.to_le_bytes()).collect());
     }
-    if llmc_ir::quant::is_blocked(dtype) {
-        if let Some(blocks) = gguf_blocks(spec, model, dtype)? {
-            // the file's own blocks, checked to mean exactly the values the graph computes
-            let mut v = [0f32; QK];
-            for (b, want) in blocks.iter().zip(values.chunks(QK)) {
-                llmc_ir::quant::dequantize_block(b, &mut v);
-                if v[..] != *want || !b.d.iter().chain([&b.m]).all(|x| x.is_finite()) {
-                    return Err(CompileError::Materialize(format!(
-                        "weight `{name}`: the GGUF blocks kept as {} do not reproduce its values",
-                        dtype.name()
-                    )));
-                }
-            }
-            return Ok(pack::pack_blocks(entry.layout, dtype, &entry.shape, &blocks));
-        }
-        if !matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
-            // `assign_storage` gives these types only to tensors a GGUF file brings in them
-            return Err(CompileError::Materialize(format!(
-                "weight `{name}`: {} weights can only be taken from a GGUF file's blocks",
-                dtype.name()
-            )));
-        }
+    if matches!(dtype, DType::Q5_1 | DType::Q6K) {
+        // `assign_storage` gives these types only to tensors a GGUF file brings in them
+        return Err(CompileError::Materialize(format!(
+            "weight `{name}`: {} weights can only be taken from a GGUF file's blocks",
+            dtype.name()
+        )));
     }
     Ok(pack::pack_bytes(entry.layout, dtype, &entry.shape, &values))
 }
 
-/// The blocks of a tensor made of quantized GGUF tensors whose storage type is `dtype`, taken
-/// as the file stores them: a checkpoint tensor, or a derived one whose graph only moves rows
+/// The rows of a tensor made of quantized GGUF tensors whose storage type is `dtype`, as the
+/// file stores them: a checkpoint tensor, or a derived one whose graph only moves rows
 /// (`concat_rows`, `interleave_rows8`, `rope_interleave`). Which source row each row comes
 /// from is found by running the graph on row tags (leaf `i`, row `r` ↦ `i · 2^20 + r`, exact
-/// in f32). `None` when the tensor is not such a tensor.
-fn gguf_blocks(spec: &Source<'_>, model: &Model, dtype: DType) -> Result<Option<Vec<QBlock>>, CompileError> {
-    let leaf_blocks = |name: &str| {
+/// in f32), one column wide. `None` when the tensor is not such a tensor.
+fn gguf_blocks<'a>(spec: &Source<'_>, model: &'a Model, dtype: DType) -> Result<Option<BlockRows<'a>>, CompileError> {
+    let leaf_rows = |name: &str| {
         let spec = model.specs.iter().find(|s| s.name == name)?;
-        let (ty, blocks) = spec.load_blocks(&model.files)?;
-        (llmc_models::ggml_quants::storage_type(ty) == dtype).then_some(blocks)
+        let rows = spec.gguf_rows(&model.files)?;
+        (llmc_models::ggml_quants::storage_type(rows.ty) == dtype).then_some(rows)
     };
     let graph = match spec {
-        Source::Checkpoint(s) => return Ok(leaf_blocks(&s.name)),
+        Source::Checkpoint(s) => return Ok(leaf_rows(&s.name).map(BlockRows::Direct)),
         Source::Derived { graph, .. } if moves_rows_only(graph) => graph,
         Source::Derived { .. } => return Ok(None),
     };
+    // Row moves do not look at columns: the tags run through the graph narrowed to one column.
+    let mut narrow = graph.clone();
+    for id in narrow.node_ids() {
+        if let Some(last) = narrow.node_mut(id).ty.shape.0.last_mut() {
+            *last = llmc_ir::Dim::C(1);
+        }
+    }
     let mut leaves = Vec::new();
     let mut tags: HashMap<String, Tensor> = HashMap::new();
     for (i, (name, ty)) in graph.weights().into_iter().enumerate() {
-        let shape = ty.shape.resolve(0);
-        let (rows, cols) = pack::matrix_dims(&shape);
-        let Some(blocks) = leaf_blocks(&name) else { return Ok(None) };
-        if i >= 16 || rows >= 1 << 20 || cols % QK != 0 || blocks.len() != rows * cols / QK {
+        let (rows, cols) = pack::matrix_dims(&ty.shape.resolve(0));
+        let Some(src) = leaf_rows(&name) else { return Ok(None) };
+        if i >= 16 || rows >= 1 << 20 || src.rows != rows || src.cols != cols {
             return Ok(None);
         }
-        let data = (0..rows).flat_map(|r| std::iter::repeat_n(((i << 20) | r) as f32, cols)).collect();
-        tags.insert(name, Tensor { shape, data });
-        leaves.push((blocks, cols / QK));
+        let data = (0..rows).map(|r| ((i << 20) | r) as f32).collect();
+        tags.insert(name, Tensor { shape: vec![rows, 1], data });
+        leaves.push(src);
     }
-    let (out, shape) = run_derived(graph, &tags)?;
-    let (_, cols) = pack::matrix_dims(&shape);
-    let mut res = Vec::with_capacity(out.len() / QK);
-    for row in out.chunks(cols.max(1)) {
-        let t = row[0];
-        if row.iter().any(|&v| v != t) {
-            return Ok(None);
-        }
+    let cols = match spec {
+        Source::Derived { shape, .. } => pack::matrix_dims(shape).1,
+        Source::Checkpoint(_) => 0,
+    };
+    let (out, _) = run_derived(&narrow, &tags)?;
+    let mut from = Vec::with_capacity(out.len());
+    for &t in &out {
         let (i, r) = ((t as usize) >> 20, (t as usize) & 0xF_FFFF);
-        let Some((blocks, nb)) = leaves.get(i) else { return Ok(None) };
-        match blocks.get(r * nb..(r + 1) * nb) {
-            Some(b) if nb * QK == cols => res.extend_from_slice(b),
+        match leaves.get(i) {
+            Some(l) if t == ((i << 20) | r) as f32 && l.cols == cols && r < l.rows => from.push((i, r)),
             _ => return Ok(None),
         }
     }
-    Ok(Some(res))
+    Ok(Some(BlockRows::Gathered { leaves, from }))
+}
+
+/// Where the blocks of each row of a tensor kept as its GGUF blocks come from.
+enum BlockRows<'a> {
+    Direct(GgufRows<'a>),
+    /// Row `r` is row `from[r].1` of `leaves[from[r].0]`.
+    Gathered {
+        leaves: Vec<GgufRows<'a>>,
+        from: Vec<(usize, usize)>,
+    },
+}
+
+impl BlockRows<'_> {
+    fn row_into(&self, r: usize, out: &mut [QBlock]) {
+        match self {
+            BlockRows::Direct(rows) => rows.row_into(r, out),
+            BlockRows::Gathered { leaves, from } => leaves[from[r].0].row_into(from[r].1, out),
+        }
+    }
 }
 
 /// Whether a derived weight's graph only moves whole rows of its weights.
