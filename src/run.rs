@@ -16,7 +16,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(b) => Backend::parse(b)?,
         None => Backend::fastest(),
     };
-    let engine = Engine::open(&crate::gguf_cache::artifact_for(&a.artifact)?, crate::clamp_threads(a.threads))?;
+    // the tokenizer loads while the kernels compile
+    let (engine, text) = Engine::open_with(
+        &crate::gguf_cache::artifact_for(&a.artifact)?,
+        crate::clamp_threads(a.threads),
+        Text::from_artifact,
+    )?;
     let ctx = context_size(&a, &engine);
     // A one-shot run sizes its state (the KV cache above all) from what it needs.
     let one_shot = |prompt_len: usize| ctx.min(prompt_len.saturating_add(a.n_predict).max(1));
@@ -31,13 +36,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     });
     if !a.ids.is_empty() {
         let mut session = Session::new(&engine, backend, Some(one_shot(a.ids.len())))?;
-        return run_ids(&a, &engine, &mut session, &mut sampler);
+        return run_ids(&a, &engine, text.ok(), &mut session, &mut sampler);
     }
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None if std::io::stdin().is_terminal() && !a.json => {
             let mut session = Session::new(&engine, backend, Some(ctx))?;
-            return chat_loop(&a, &engine, &mut session, &mut sampler);
+            return chat_loop(&a, &engine, &text?, &mut session, &mut sampler);
         }
         None => {
             let mut bytes = Vec::new();
@@ -53,7 +58,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let text = Text::from_artifact(&engine.art)?;
+    let text = text?;
     let ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -102,7 +107,13 @@ fn context_size(a: &RunArgs, engine: &Engine) -> usize {
 }
 
 /// `--ids`: token ids in, exactly -n tokens out (no EOS stop, like the reference fixtures).
-fn run_ids(a: &RunArgs, engine: &Engine, session: &mut Session<'_>, sampler: &mut Sampler) -> Result<()> {
+fn run_ids(
+    a: &RunArgs,
+    engine: &Engine,
+    text: Option<Text>,
+    session: &mut Session<'_>,
+    sampler: &mut Sampler,
+) -> Result<()> {
     let vocab = engine.art.header.vocab_size;
     let prompt: Vec<i32> = a
         .ids
@@ -130,7 +141,7 @@ fn run_ids(a: &RunArgs, engine: &Engine, session: &mut Session<'_>, sampler: &mu
     }
     if json_mode {
         // Decode the ids as text too when the artifact has a tokenizer.
-        let text = Text::from_artifact(&engine.art).ok().and_then(|t| t.decode(&g.generated).ok());
+        let text = text.and_then(|t| t.decode(&g.generated).ok());
         print_json(a, engine, &prompt, &g, text.as_deref())?;
     } else {
         outln!()?;
@@ -248,8 +259,7 @@ fn print_timings(prompt_tokens: usize, g: &Generation) {
 
 /// Interactive chat: the history stays in the context; the cached prefix the new prompt shares
 /// with what the model already saw is reused. `/exit` (or end of input) quits.
-fn chat_loop(a: &RunArgs, engine: &Engine, session: &mut Session<'_>, sampler: &mut Sampler) -> Result<()> {
-    let text = Text::from_artifact(&engine.art)?;
+fn chat_loop(a: &RunArgs, engine: &Engine, text: &Text, session: &mut Session<'_>, sampler: &mut Sampler) -> Result<()> {
     chat_prompt(engine, &[])?; // fail early without a template
     let stop_ids = if a.ignore_eos { Vec::new() } else { eos_ids(engine, &text) };
     let mut messages = Vec::new();

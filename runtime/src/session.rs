@@ -55,18 +55,33 @@ impl Engine {
     /// Maps the artifact, checks it against the file and the host, and JITs its kernels.
     /// `threads` = 0 uses every core.
     pub fn open(path: &Path, threads: usize) -> Result<Engine, RuntimeError> {
+        Ok(Engine::open_with(path, threads, |_| ())?.0)
+    }
+
+    /// `open`, running `side` on the checked artifact in a second thread while the kernels
+    /// compile (the CLI loads the tokenizer there: both take tens to hundreds of ms).
+    pub fn open_with<T: Send>(
+        path: &Path,
+        threads: usize,
+        side: impl FnOnce(&Artifact) -> T + Send,
+    ) -> Result<(Engine, T), RuntimeError> {
         let t0 = Instant::now();
         let art = Artifact::open(path)?;
         let load_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let kernels = llmc_compiler::jit::compile(&art.header.program.kernels)
-            .map_err(|e| RuntimeError::BadArtifact { path: path.to_path_buf(), msg: e.to_string() })?;
-        let jit_s = t1.elapsed().as_secs_f64();
+        let (kernels, jit_s, extra) = std::thread::scope(|s| {
+            let side = s.spawn(|| side(&art));
+            let kernels = llmc_compiler::jit::compile(&art.header.program.kernels);
+            let jit_s = t1.elapsed().as_secs_f64();
+            (kernels, jit_s, side.join())
+        });
+        let kernels = kernels.map_err(|e| RuntimeError::BadArtifact { path: path.to_path_buf(), msg: e.to_string() })?;
+        let extra = extra.unwrap_or_else(|p| std::panic::resume_unwind(p));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .map_err(|e| RuntimeError::Usage(format!("thread pool: {e}")))?;
-        Ok(Engine { art, kernels, pool, load_s, jit_s, all_rows: OnceLock::new() })
+        Ok((Engine { art, kernels, pool, load_s, jit_s, all_rows: OnceLock::new() }, extra))
     }
 
     /// The all-rows variant of the artifact's step (`logits` for every token), derived from
