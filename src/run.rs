@@ -259,7 +259,13 @@ fn print_timings(prompt_tokens: usize, g: &Generation) {
 
 /// Interactive chat: the history stays in the context; the cached prefix the new prompt shares
 /// with what the model already saw is reused. `/exit` (or end of input) quits.
-fn chat_loop(a: &RunArgs, engine: &Engine, text: &Text, session: &mut Session<'_>, sampler: &mut Sampler) -> Result<()> {
+fn chat_loop(
+    a: &RunArgs,
+    engine: &Engine,
+    text: &Text,
+    session: &mut Session<'_>,
+    sampler: &mut Sampler,
+) -> Result<()> {
     chat_prompt(engine, &[])?; // fail early without a template
     let stop_ids = if a.ignore_eos { Vec::new() } else { eos_ids(engine, &text) };
     let mut messages = Vec::new();

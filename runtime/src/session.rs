@@ -75,7 +75,8 @@ impl Engine {
             let jit_s = t1.elapsed().as_secs_f64();
             (kernels, jit_s, side.join())
         });
-        let kernels = kernels.map_err(|e| RuntimeError::BadArtifact { path: path.to_path_buf(), msg: e.to_string() })?;
+        let kernels =
+            kernels.map_err(|e| RuntimeError::BadArtifact { path: path.to_path_buf(), msg: e.to_string() })?;
         let extra = extra.unwrap_or_else(|p| std::panic::resume_unwind(p));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
