@@ -2,7 +2,8 @@
 //! builders already read, its tensors are found under the Hugging Face names (with llama.cpp's
 //! Q/K row permutation undone), and its `tokenizer.ggml.*` metadata becomes a `tokenizer.json`.
 //!
-//! Supported architectures: `llama` (Llama 2/3, SmolLM2, Mistral) and `qwen2`. Anything this
+//! Supported architectures: `llama` (Llama 2/3, SmolLM2, Mistral, and Mixtral: `llama` with
+//! `expert_count`, experts stacked in `ffn_*_exps`) and `qwen2`. Anything this
 //! module cannot map exactly (another architecture, RoPE scaling, a tokenizer model or
 //! pre-tokenizer it does not know, a tensor type without a reader) is an error naming it.
 
@@ -91,8 +92,9 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
     if g.tensor("rope_freqs.weight").is_some() {
         return Err(err(path, "tensor `rope_freqs.weight` (Llama 3 RoPE scaling) is not supported from GGUF"));
     }
-    if int("expert_count")?.is_some_and(|e| e > 0) {
-        return Err(err(path, format!("`{arch}.expert_count`: mixture-of-experts GGUFs are not supported yet")));
+    let experts = int("expert_count")?.filter(|&e| e > 0);
+    if experts.is_some() && arch != "llama" {
+        return Err(err(path, format!("`{arch}.expert_count`: mixture-of-experts {arch} GGUFs are not supported")));
     }
     let vocab = match int("vocab_size")? {
         Some(v) => v,
@@ -100,7 +102,19 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
     };
     let tie = g.tensor("output.weight").is_none();
     let mut c = Map::new();
-    c.insert("model_type".into(), json!(arch));
+    // a `llama` file with experts is Mixtral's layout (router `ffn_gate_inp`, stacked experts)
+    // and one with a sliding window is Mistral's (llama's builder has no window)
+    let window = int("attention.sliding_window")?;
+    let model_type = match (experts, window) {
+        (Some(_), _) => "mixtral",
+        (None, Some(_)) if arch == "llama" => "mistral",
+        _ => arch.as_str(),
+    };
+    c.insert("model_type".into(), json!(model_type));
+    if let Some(e) = experts {
+        c.insert("num_local_experts".into(), json!(e));
+        c.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
+    }
     c.insert("hidden_size".into(), json!(d));
     c.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
     c.insert("num_hidden_layers".into(), json!(need("block_count")?));
@@ -116,7 +130,7 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
     if let Some(n) = int("context_length")? {
         c.insert("max_position_embeddings".into(), json!(n));
     }
-    if let Some(w) = int("attention.sliding_window")? {
+    if let Some(w) = window {
         c.insert("sliding_window".into(), json!(w));
     }
     if arch == "llama" && g.tensor("blk.0.attn_q.bias").is_some() {
@@ -125,19 +139,44 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
     Ok((arch, Json::Object(c)))
 }
 
-/// The GGUF name of a Hugging Face tensor name of the llama/qwen2 builders, and whether its
-/// rows carry llama.cpp's Q/K permutation (`Some(heads)`).
-fn gguf_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
+/// Where a Hugging Face tensor of the llama/qwen2/mixtral builders is in a GGUF file.
+struct GgufPlace {
+    name: String,
+    /// llama.cpp's Q/K row permutation over this many heads.
+    perm: Option<usize>,
+    /// Mixtral's expert `e` of a stacked `ffn_*_exps` tensor (`[experts, rows, cols]`).
+    expert: Option<usize>,
+}
+
+/// The GGUF place of a Hugging Face tensor name.
+fn gguf_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Option<GgufPlace> {
+    let place = |name: String, perm, expert| Some(GgufPlace { name, perm, expert });
     match hf {
-        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
-        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
-        "lm_head.weight" => return Some(("output.weight".into(), None)),
+        "model.embed_tokens.weight" => return place("token_embd.weight".into(), None, None),
+        "model.norm.weight" => return place("output_norm.weight".into(), None, None),
+        "lm_head.weight" => return place("output.weight".into(), None, None),
         _ => {}
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
+    if let Some(moe) = part.strip_prefix("block_sparse_moe.") {
+        // Mixtral: the router, and experts stacked per projection (gate = w1, up = w3,
+        // down = w2)
+        if moe == "gate" {
+            return place(format!("blk.{layer}.ffn_gate_inp.{kind}"), None, None);
+        }
+        let (e, w) = moe.strip_prefix("experts.")?.split_once('.')?;
+        let e: usize = e.parse().ok()?;
+        let name = match w {
+            "w1" => "ffn_gate_exps",
+            "w3" => "ffn_up_exps",
+            "w2" => "ffn_down_exps",
+            _ => return None,
+        };
+        return place(format!("blk.{layer}.{name}.{kind}"), None, Some(e));
+    }
     let (name, perm) = match part {
         "input_layernorm" => ("attn_norm", None),
         "post_attention_layernorm" => ("ffn_norm", None),
@@ -153,7 +192,7 @@ fn gguf_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Option<(Str
     // llama.cpp's converter permutes the Q and K rows of `llama` models only (for its
     // interleaved RoPE); qwen2 files keep Hugging Face's order.
     let perm = if arch == "llama" { perm } else { None };
-    Some((format!("blk.{layer}.{name}.{kind}"), perm))
+    place(format!("blk.{layer}.{name}.{kind}"), perm, None)
 }
 
 /// Opens a GGUF file as a model.
@@ -169,7 +208,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let mut tensors = std::collections::HashMap::new();
     for spec in &specs {
         for cand in &spec.candidates {
-            let Some((gname, perm)) = gguf_name(&arch, cand, heads, kv) else { continue };
+            let Some(GgufPlace { name: gname, perm, expert }) = gguf_name(&arch, cand, heads, kv) else { continue };
             let Some(t) = file.header.tensor(&gname) else { continue };
             let ty = t
                 .ty
@@ -184,12 +223,35 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
                     ),
                 ));
             }
+            let (shape, start, end) = match expert {
+                None => (t.shape.clone(), t.start, t.end),
+                Some(e) => {
+                    // expert `e`'s matrix: a contiguous range of the stacked tensor
+                    let (n, inner) = match t.shape.as_slice() {
+                        [n, rows, cols] => (*n, vec![*rows, *cols]),
+                        _ => return Err(err(path, format!("tensor `{gname}` must have 3 dims (experts, rows, cols)"))),
+                    };
+                    let (be, bb) = ty.block();
+                    let elems = inner[0].checked_mul(inner[1]).filter(|x| x % be as usize == 0);
+                    let bytes = elems.and_then(|x| (x / be as usize).checked_mul(bb as usize));
+                    let Some(bytes) = bytes.filter(|b| b.checked_mul(n) == Some(t.end - t.start)) else {
+                        return Err(err(
+                            path,
+                            format!("tensor `{gname}`: its experts are not whole {} rows", ty.name()),
+                        ));
+                    };
+                    if e >= n {
+                        return Err(err(path, format!("tensor `{gname}` has {n} experts, the metadata more")));
+                    }
+                    (inner, t.start + e * bytes, t.start + (e + 1) * bytes)
+                }
+            };
             let loc = TensorLoc {
                 file: 0,
                 dtype: safetensors::Dtype::F32,
-                shape: t.shape.clone(),
-                start: t.start,
-                end: t.end,
+                shape,
+                start,
+                end,
                 gguf: Some(GgufTensor { name: gname, ty, unpermute_heads: perm }),
             };
             tensors.insert(cand.clone(), loc);
@@ -364,6 +426,11 @@ mod tests {
         assert_eq!((c["hidden_size"].as_u64(), c["num_key_value_heads"].as_u64()), (Some(64), Some(2)));
         assert_eq!(c["rope_theta"].as_f64(), Some(5e5));
         assert_eq!(c["tie_word_embeddings"], true);
+        // experts: Mixtral's layout
+        let moe = [("llama.expert_count", 4, u32v(8)), ("llama.expert_used_count", 4, u32v(2))];
+        let (_, c) = hf_config(Path::new("t.gguf"), &header(&moe)).unwrap();
+        assert_eq!((c["model_type"].as_str(), c["num_local_experts"].as_u64()), (Some("mixtral"), Some(8)));
+        assert_eq!(c["num_experts_per_tok"].as_u64(), Some(2));
     }
 
     #[test]
@@ -373,7 +440,7 @@ mod tests {
         assert!(e(&[("llama.attention.key_length", 4, u32v(32))]).contains("llama.attention.key_length"));
         assert!(e(&[("llama.rope.dimension_count", 4, u32v(8))]).contains("partial RoPE"));
         assert!(e(&[("llama.rope.scaling.type", 8, str_val("yarn"))]).contains("RoPE scaling"));
-        assert!(e(&[("llama.expert_count", 4, u32v(8))]).contains("mixture-of-experts"));
+        assert!(e(&[("llama.expert_count", 4, u32v(8))]).contains("llama.expert_used_count` is missing"));
         let g = Gguf::parse(Path::new("t.gguf"), &build(&[("general.architecture", 8, str_val("phi3"))], &[])).unwrap();
         assert!(hf_config(Path::new("t.gguf"), &g).unwrap_err().to_string().contains("`phi3` is not supported"));
     }

@@ -364,7 +364,7 @@ fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<
 
 /// The rows of a tensor made of quantized GGUF tensors whose storage type is `dtype`, as the
 /// file stores them: a checkpoint tensor, or a derived one whose graph only moves rows
-/// (`concat_rows`, `interleave_rows8`, `rope_interleave`). Which source row each row comes
+/// (`concat_rows`, `interleave_rows8`, `rope_interleave`, `stack`). Which source row each row comes
 /// from is found by running the graph on row tags (leaf `i`, row `r` ↦ `i · 2^20 + r`, exact
 /// in f32), one column wide. `None` when the tensor is not such a tensor.
 fn gguf_blocks<'a>(spec: &Source<'_>, model: &'a Model, dtype: DType) -> Result<Option<BlockRows<'a>>, CompileError> {
@@ -435,7 +435,10 @@ impl BlockRows<'_> {
 /// Whether a derived weight's graph only moves whole rows of its weights.
 fn moves_rows_only(sub: &Graph) -> bool {
     sub.node_ids().into_iter().all(|id| {
-        matches!(sub.node(id).op, Op::Weight { .. } | Op::ConcatRows | Op::InterleaveRows8 | Op::RopeInterleave { .. })
+        matches!(
+            sub.node(id).op,
+            Op::Weight { .. } | Op::ConcatRows | Op::InterleaveRows8 | Op::RopeInterleave { .. } | Op::Stack
+        )
     })
 }
 
