@@ -1,7 +1,9 @@
 //! GGUF files of every family llmc imports from GGUF, made from the Hugging Face fixtures the
 //! way llama.cpp's converter writes them (its tensor names, its Q/K row permutation for
-//! `llama`, Mixtral's experts stacked into `ffn_*_exps`), compiled straight from the `.gguf`
-//! and checked against transformers' logits and greedy ids like tests/parity.rs.
+//! `llama`, Mixtral's experts stacked into `ffn_*_exps`, GPT-2's Conv1D weights transposed,
+//! Falcon's fused QKV regrouped), compiled straight from the `.gguf` and checked against
+//! transformers' logits and greedy ids like tests/parity.rs. (The fixtures have no tokenizer:
+//! the GGUFs carry none, and the runs take token ids.)
 
 mod common;
 
@@ -208,6 +210,107 @@ fn llama_like_gguf(name: &str, quantize: bool) -> Vec<u8> {
     gguf(&meta, &t, quantize)
 }
 
+/// A GPT-2 or Falcon fixture as llama.cpp's converter writes it: GPT-2's Conv1D weights
+/// transposed to `[out, in]`, Falcon's fused QKV rows regrouped from Hugging Face's
+/// `[kv group][q heads of the group.., k, v]` to `[q heads | k heads | v heads]`.
+fn gpt2_falcon_gguf(name: &str) -> Vec<u8> {
+    let dir = fixture(name);
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut w = read_safetensors(&dir.join("model.safetensors"));
+    let u = |k: &str| c[k].as_u64().unwrap();
+    let falcon = name == "falcon";
+    let (d, heads, layers) = if falcon {
+        (u("hidden_size"), u("num_attention_heads"), u("num_hidden_layers"))
+    } else {
+        (u("n_embd"), u("n_head"), u("n_layer"))
+    };
+    // Falcon-7B's layout: one kv head with `multi_query`, else one per head
+    let kv = if falcon && c["multi_query"].as_bool() == Some(true) { 1 } else { heads };
+    let arch = if falcon { "falcon" } else { "gpt2" };
+    let key = |k: &str| format!("{arch}.{k}");
+    let meta = vec![
+        ("general.architecture".to_string(), Meta::Str(arch)),
+        (key("context_length"), Meta::U32(if falcon { u("max_position_embeddings") } else { u("n_positions") })),
+        (key("embedding_length"), Meta::U32(d)),
+        (key("feed_forward_length"), Meta::U32(4 * d)),
+        (key("block_count"), Meta::U32(layers)),
+        (key("attention.head_count"), Meta::U32(heads)),
+        (key("attention.head_count_kv"), Meta::U32(kv)),
+        (key("attention.layer_norm_epsilon"), Meta::F32(c["layer_norm_epsilon"].as_f64().unwrap() as f32)),
+        (key("vocab_size"), Meta::U32(u("vocab_size"))),
+    ];
+    let mut t = Vec::new();
+    type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+    let take = |t: &mut Vec<(String, Vec<usize>, Vec<f32>)>, w: &mut Tensors, hf: &str, gg: String| {
+        let (shape, v) = w.remove(&format!("transformer.{hf}")).unwrap_or_else(|| panic!("{name}: no {hf}"));
+        let (shape, v) = if !falcon && shape.len() == 2 && !hf.starts_with('w') {
+            // Conv1D `[in, out]` → `[out, in]`
+            let (r, cc) = (shape[0], shape[1]);
+            let mut o = vec![0f32; v.len()];
+            for i in 0..r {
+                for j in 0..cc {
+                    o[j * r + i] = v[i * cc + j];
+                }
+            }
+            (vec![cc, r], o)
+        } else if falcon && hf.ends_with("query_key_value.weight") {
+            let (hd, r) = ((d / heads) as usize, (heads / kv) as usize);
+            let block = |b: usize| &v[b * hd * shape[1]..(b + 1) * hd * shape[1]];
+            let mut o = Vec::new();
+            for g in 0..kv as usize {
+                for j in 0..r {
+                    o.extend_from_slice(block(g * (r + 2) + j));
+                }
+            }
+            for x in [r, r + 1] {
+                for g in 0..kv as usize {
+                    o.extend_from_slice(block(g * (r + 2) + x));
+                }
+            }
+            (shape, o)
+        } else {
+            (shape, v)
+        };
+        t.push((gg, shape, v));
+    };
+    take(&mut t, &mut w, if falcon { "word_embeddings.weight" } else { "wte.weight" }, "token_embd.weight".into());
+    if !falcon {
+        take(&mut t, &mut w, "wpe.weight", "position_embd.weight".into());
+    }
+    let parts: &[(&str, &str)] = if falcon {
+        &[
+            ("input_layernorm", "attn_norm"),
+            ("self_attention.query_key_value", "attn_qkv"),
+            ("self_attention.dense", "attn_output"),
+            ("mlp.dense_h_to_4h", "ffn_up"),
+            ("mlp.dense_4h_to_h", "ffn_down"),
+        ]
+    } else {
+        &[
+            ("ln_1", "attn_norm"),
+            ("attn.c_attn", "attn_qkv"),
+            ("attn.c_proj", "attn_output"),
+            ("ln_2", "ffn_norm"),
+            ("mlp.c_fc", "ffn_up"),
+            ("mlp.c_proj", "ffn_down"),
+        ]
+    };
+    for l in 0..layers {
+        for (hf, gg) in parts {
+            for kind in ["weight", "bias"] {
+                let full = format!("h.{l}.{hf}.{kind}");
+                if w.contains_key(&format!("transformer.{full}")) {
+                    take(&mut t, &mut w, &full, format!("blk.{l}.{gg}.{kind}"));
+                }
+            }
+        }
+    }
+    take(&mut t, &mut w, "ln_f.weight", "output_norm.weight".into());
+    take(&mut t, &mut w, "ln_f.bias", "output_norm.bias".into());
+    assert!(w.is_empty(), "{name}: tensors left unconverted: {:?}", w.keys().collect::<Vec<_>>());
+    gguf(&meta, &t, false)
+}
+
 /// The max |a − b| and max |b|.
 fn max_err(a: &[f64], b: &[f64]) -> (f64, f64) {
     assert_eq!(a.len(), b.len());
@@ -232,7 +335,8 @@ fn run_gguf(name: &str, bytes: &[u8], extra: &[&str]) -> (Vec<f64>, Vec<i64>) {
 }
 
 fn check_f32(name: &str) {
-    let (logits, ids) = run_gguf(name, &llama_like_gguf(name, false), &[]);
+    let bytes = if matches!(name, "gpt2" | "falcon") { gpt2_falcon_gguf(name) } else { llama_like_gguf(name, false) };
+    let (logits, ids) = run_gguf(name, &bytes, &[]);
     let (err, max_abs) = max_err(&logits, &floats(&expected(name)["logits_last"]));
     assert!(err <= 1e-4 * max_abs.max(1.0), "{name}: max |logits - expected| = {err}");
     assert_eq!(ids, ints(&expected(name)["greedy_ids"]), "{name}: greedy ids");
@@ -251,6 +355,16 @@ fn mistral_gguf_equals_transformers() {
 #[test]
 fn qwen2_gguf_equals_transformers() {
     check_f32("qwen2");
+}
+
+#[test]
+fn gpt2_gguf_equals_transformers() {
+    check_f32("gpt2");
+}
+
+#[test]
+fn falcon_gguf_equals_transformers() {
+    check_f32("falcon");
 }
 
 #[test]

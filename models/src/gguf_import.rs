@@ -3,7 +3,8 @@
 //! Q/K row permutation undone), and its `tokenizer.ggml.*` metadata becomes a `tokenizer.json`.
 //!
 //! Supported architectures: `llama` (Llama 2/3, SmolLM2, Mistral, and Mixtral: `llama` with
-//! `expert_count`, experts stacked in `ffn_*_exps`) and `qwen2`. Anything this
+//! `expert_count`, experts stacked in `ffn_*_exps`), `qwen2`, `gpt2` and `falcon` (both
+//! layouts: one norm per block, or `attn_norm_2` for Falcon-40B's two). Anything this
 //! module cannot map exactly (another architecture, RoPE scaling, a tokenizer model or
 //! pre-tokenizer it does not know, a tensor type without a reader) is an error naming it.
 
@@ -18,7 +19,7 @@ use crate::text::TextAssets;
 use crate::{check_spec, Model, ModelConfig};
 
 /// Architectures `llmc` reads from GGUF metadata.
-pub const GGUF_ARCHS: &str = "llama, qwen2";
+pub const GGUF_ARCHS: &str = "llama, qwen2, gpt2, falcon";
 
 fn err(path: &Path, msg: impl Into<String>) -> ModelError {
     ModelError::Gguf { path: path.to_path_buf(), msg: msg.into() }
@@ -31,7 +32,7 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
         .and_then(Value::as_str)
         .ok_or_else(|| err(path, "metadata `general.architecture` is missing"))?
         .to_string();
-    if !matches!(arch.as_str(), "llama" | "qwen2") {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "gpt2" | "falcon") {
         return Err(err(path, format!("architecture `{arch}` is not supported from GGUF (supported: {GGUF_ARCHS})")));
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -101,6 +102,46 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
         None => g.get("tokenizer.ggml.tokens").and_then(Value::as_array).map_or(0, |a| a.len() as u64),
     };
     let tie = g.tensor("output.weight").is_none();
+    let layers = need("block_count")?;
+    let ff = need("feed_forward_length")?;
+    let ctx = int("context_length")?;
+    match arch.as_str() {
+        "gpt2" => {
+            if kv != heads {
+                return Err(err(path, format!("`gpt2.attention.head_count_kv` {kv} differs from head_count {heads}")));
+            }
+            let eps = float("attention.layer_norm_epsilon")?.unwrap_or(1e-5);
+            let c = json!({
+                "model_type": "gpt2", "n_embd": d, "n_head": heads, "n_layer": layers,
+                "n_positions": need("context_length")?, "n_inner": if ff == 4 * d { Json::Null } else { json!(ff) },
+                "layer_norm_epsilon": eps, "vocab_size": vocab, "tie_word_embeddings": tie,
+                "activation_function": "gelu_new",
+            });
+            return Ok((arch, c));
+        }
+        "falcon" => {
+            // Falcon-40B's layout has a second norm per block (`attn_norm_2` = ln_attn,
+            // `attn_norm` = ln_mlp); Falcon-7B's one norm feeds both parallel branches
+            let two_norms = g.tensor("blk.0.attn_norm_2.weight").is_some();
+            if !two_norms && kv != 1 && kv != heads {
+                return Err(err(
+                    path,
+                    format!("falcon with one norm per block and {kv} kv heads of {heads}: no such Falcon layout"),
+                ));
+            }
+            let c = json!({
+                "model_type": "falcon", "hidden_size": d, "num_attention_heads": heads,
+                "num_hidden_layers": layers, "num_kv_heads": kv, "vocab_size": vocab,
+                "new_decoder_architecture": two_norms, "multi_query": !two_norms && kv == 1,
+                "parallel_attn": true, "bias": g.tensor("blk.0.attn_qkv.bias").is_some(), "alibi": false,
+                "ffn_hidden_size": ff, "layer_norm_epsilon": float("attention.layer_norm_epsilon")?.unwrap_or(1e-5),
+                "tie_word_embeddings": tie, "max_position_embeddings": ctx.unwrap_or(2048),
+                "rope_theta": float("rope.freq_base")?.unwrap_or(10000.0),
+            });
+            return Ok((arch, c));
+        }
+        _ => {}
+    }
     let mut c = Map::new();
     // a `llama` file with experts is Mixtral's layout (router `ffn_gate_inp`, stacked experts)
     // and one with a sliding window is Mistral's (llama's builder has no window)
@@ -116,8 +157,8 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
         c.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
     }
     c.insert("hidden_size".into(), json!(d));
-    c.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
-    c.insert("num_hidden_layers".into(), json!(need("block_count")?));
+    c.insert("intermediate_size".into(), json!(ff));
+    c.insert("num_hidden_layers".into(), json!(layers));
     c.insert("num_attention_heads".into(), json!(heads));
     c.insert("num_key_value_heads".into(), json!(kv));
     c.insert("vocab_size".into(), json!(vocab));
@@ -127,7 +168,7 @@ fn hf_config(path: &Path, g: &Gguf) -> Result<(String, Json)> {
         c.insert("rms_norm_eps".into(), json!(e));
     }
     c.insert("rope_theta".into(), json!(float("rope.freq_base")?.unwrap_or(10000.0)));
-    if let Some(n) = int("context_length")? {
+    if let Some(n) = ctx {
         c.insert("max_position_embeddings".into(), json!(n));
     }
     if let Some(w) = window {
@@ -151,6 +192,9 @@ struct GgufPlace {
 /// The GGUF place of a Hugging Face tensor name.
 fn gguf_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Option<GgufPlace> {
     let place = |name: String, perm, expert| Some(GgufPlace { name, perm, expert });
+    if matches!(arch, "gpt2" | "falcon") {
+        return place(gpt2_falcon_name(hf)?, None, None);
+    }
     match hf {
         "model.embed_tokens.weight" => return place("token_embd.weight".into(), None, None),
         "model.norm.weight" => return place("output_norm.weight".into(), None, None),
@@ -195,12 +239,51 @@ fn gguf_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Option<Gguf
     place(format!("blk.{layer}.{name}.{kind}"), perm, None)
 }
 
+/// The GGUF name of a GPT-2 or Falcon tensor (llama.cpp's `tensor_mapping.py`).
+fn gpt2_falcon_name(hf: &str) -> Option<String> {
+    let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
+    let top = match hf {
+        "wte.weight" | "word_embeddings.weight" => Some("token_embd.weight"),
+        "wpe.weight" => Some("position_embd.weight"),
+        "ln_f.weight" => Some("output_norm.weight"),
+        "ln_f.bias" => Some("output_norm.bias"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.into());
+    }
+    let rest = hf.strip_prefix("h.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let name = match part {
+        "ln_1" | "input_layernorm" | "ln_mlp" => "attn_norm",
+        "ln_attn" => "attn_norm_2",
+        "ln_2" => "ffn_norm",
+        "attn.c_attn" | "self_attention.query_key_value" => "attn_qkv",
+        "attn.c_proj" | "self_attention.dense" => "attn_output",
+        "mlp.c_fc" | "mlp.dense_h_to_4h" => "ffn_up",
+        "mlp.c_proj" | "mlp.dense_4h_to_h" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{name}.{kind}"))
+}
+
 /// Opens a GGUF file as a model.
 pub fn load_gguf(path: &Path) -> Result<Model> {
     let file = GgufFile::open(path)?;
     let (arch, raw_config) = hf_config(path, &file.header)?;
     let config = ModelConfig::from_json(path, &raw_config)?;
-    let (graph, specs) = config.build()?;
+    let (graph, mut specs) = config.build()?;
+    if matches!(arch.as_str(), "gpt2" | "falcon") {
+        // llama.cpp's converter stores GPT-2's Conv1D weights transposed (`[out, in]`, as the
+        // IR reads them) and Falcon's fused QKV rows as `[q heads | k heads | v heads]` (the
+        // IR's order): the Hugging Face transforms are already applied
+        for spec in &mut specs {
+            spec.transform = crate::weights::Transform::None;
+        }
+    }
     let (heads, kv) = (
         raw_config["num_attention_heads"].as_u64().unwrap_or(1) as usize,
         raw_config["num_key_value_heads"].as_u64().unwrap_or(1) as usize,
@@ -431,6 +514,18 @@ mod tests {
         let (_, c) = hf_config(Path::new("t.gguf"), &header(&moe)).unwrap();
         assert_eq!((c["model_type"].as_str(), c["num_local_experts"].as_u64()), (Some("mixtral"), Some(8)));
         assert_eq!(c["num_experts_per_tok"].as_u64(), Some(2));
+    }
+
+    #[test]
+    fn gpt2_and_falcon_tensor_names() {
+        let n = |hf: &str| gpt2_falcon_name(hf);
+        assert_eq!(n("transformer.h.3.attn.c_attn.weight").as_deref(), Some("blk.3.attn_qkv.weight"));
+        assert_eq!(n("h.0.mlp.c_proj.bias").as_deref(), Some("blk.0.ffn_down.bias"));
+        // Falcon-40B: ln_mlp is llama.cpp's attn_norm, ln_attn its attn_norm_2
+        assert_eq!(n("transformer.h.1.ln_mlp.weight").as_deref(), Some("blk.1.attn_norm.weight"));
+        assert_eq!(n("transformer.h.1.ln_attn.bias").as_deref(), Some("blk.1.attn_norm_2.bias"));
+        assert_eq!(n("transformer.word_embeddings.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(n("transformer.h.1.unknown.weight"), None);
     }
 
     #[test]
