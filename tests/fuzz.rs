@@ -2054,8 +2054,55 @@ fn gguf_bases() -> Vec<GgufBuilder> {
         ],
         32,
     );
+    // Blocks of the other quantized types (ggml ids: Q5_0 6, Q5_1 7, Q4_K 12, Q5_K 13,
+    // Q6_K 14), `n` ggml blocks of `bytes` each, their f16 scale fields at `scales` finite.
+    let kq = |n: usize, bytes: usize, scales: &'static [usize]| {
+        (0..n)
+            .flat_map(|b| {
+                let mut v: Vec<u8> = (0..bytes).map(|i| (i * 37 + b * 11) as u8).collect();
+                for &at in scales {
+                    v[at..at + 2].copy_from_slice(&half::f16::from_f32(0.002 * (b % 3 + 1) as f32).to_le_bytes());
+                }
+                v
+            })
+            .collect::<Vec<u8>>()
+    };
+    // A llama model of hidden size 256 (K-quant rows) with a SentencePiece tokenizer.
+    let spm = GgufBuilder::file(
+        &[
+            ("general.architecture", s("llama")),
+            ("llama.embedding_length", u32v(256)),
+            ("llama.feed_forward_length", u32v(256)),
+            ("llama.block_count", u32v(1)),
+            ("llama.attention.head_count", u32v(2)),
+            ("llama.attention.head_count_kv", u32v(1)),
+            ("llama.context_length", u32v(64)),
+            ("llama.attention.layer_norm_rms_epsilon", f32v(1e-5)),
+            ("tokenizer.ggml.model", s("llama")),
+            ("tokenizer.ggml.tokens", strs(&["<unk>", "<s>", "</s>", "▁", "a", "▁a", "<0x61>", "b"])),
+            ("tokenizer.ggml.token_type", i32s(&[2, 3, 3, 1, 1, 1, 6, 1])),
+            ("tokenizer.ggml.bos_token_id", u32v(1)),
+            ("tokenizer.ggml.eos_token_id", u32v(2)),
+            ("tokenizer.ggml.unknown_token_id", u32v(0)),
+        ],
+        &[
+            ("token_embd.weight", vec![256, 8], 0, f32s(2048)),
+            ("output_norm.weight", vec![256], 0, f32s(256)),
+            ("blk.0.attn_norm.weight", vec![256], 0, f32s(256)),
+            ("blk.0.ffn_norm.weight", vec![256], 0, f32s(256)),
+            ("blk.0.attn_q.weight", vec![256, 256], 12, kq(256, 144, &[0, 2])),
+            ("blk.0.attn_k.weight", vec![256, 128], 14, kq(128, 210, &[208])),
+            ("blk.0.attn_v.weight", vec![256, 128], 13, kq(128, 176, &[0, 2])),
+            ("blk.0.attn_output.weight", vec![256, 256], 6, kq(2048, 22, &[0])),
+            ("blk.0.ffn_gate.weight", vec![256, 256], 7, kq(2048, 24, &[0, 2])),
+            ("blk.0.ffn_up.weight", vec![256, 256], 12, kq(256, 144, &[0, 2])),
+            ("blk.0.ffn_down.weight", vec![256, 256], 14, kq(256, 210, &[208])),
+        ],
+        32,
+    );
     vec![
         model,
+        spm,
         GgufBuilder::file(
             &[
                 ("general.architecture", s("llama")),
@@ -2088,6 +2135,31 @@ enum GgufCase {
         nums: Vec<(u16, u16)>,
         bytes: Vec<ByteMut>,
     },
+}
+
+/// The two model bases load and compile unmutated (so the fuzzer starts from files that reach
+/// every stage: the gpt2 and SentencePiece tokenizers, every tensor type).
+#[test]
+fn gguf_bases_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, g) in gguf_bases().iter().take(2).enumerate() {
+        let file = dir.path().join(format!("base{i}.gguf"));
+        std::fs::write(&file, &g.b).unwrap();
+        let model = llmc_models::load(&file, None).unwrap_or_else(|e| panic!("base {i}: {e}"));
+        let tok = model.text.tokenizer_json.as_ref().expect("a tokenizer");
+        Text::from_bytes(tok).unwrap_or_else(|e| panic!("base {i}: {e}"));
+        let out = dir.path().join(format!("base{i}.llmc"));
+        let pipeline = llmc_ir::passes::standard_pipeline();
+        llmc_writer::compile(
+            &model,
+            &out,
+            &pipeline,
+            llmc_writer::Storage::Checkpoint,
+            llmc_writer::Activations::Q8,
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("base {i}: {e}"));
+    }
 }
 
 #[test]

@@ -39,6 +39,10 @@ enum Meta {
     U32(u64),
     F32(f32),
     Str(&'static str),
+    Bool(bool),
+    Strs(Vec<String>),
+    F32s(Vec<f32>),
+    I32s(Vec<i32>),
 }
 
 /// ggml's Q8_0 blocks of `v` (`d = max|x| / 127` as f16, `q = round(x / d)`).
@@ -80,6 +84,34 @@ fn gguf(meta: &[(String, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)], qua
             Meta::Str(s) => {
                 num(&mut b, 8, 4);
                 string(&mut b, s);
+            }
+            Meta::Bool(x) => {
+                num(&mut b, 7, 4);
+                b.push(*x as u8);
+            }
+            Meta::Strs(v) => {
+                num(&mut b, 9, 4);
+                num(&mut b, 8, 4);
+                num(&mut b, v.len() as u64, 8);
+                for x in v {
+                    string(&mut b, x);
+                }
+            }
+            Meta::F32s(v) => {
+                num(&mut b, 9, 4);
+                num(&mut b, 6, 4);
+                num(&mut b, v.len() as u64, 8);
+                for x in v {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            Meta::I32s(v) => {
+                num(&mut b, 9, 4);
+                num(&mut b, 5, 4);
+                num(&mut b, v.len() as u64, 8);
+                for x in v {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
             }
         }
     }
@@ -399,4 +431,79 @@ fn mixtral_q8_0_gguf_keeps_its_blocks() {
     let (q_err, _) = max_err(&own, &floats(&exp["logits_last"]));
     eprintln!("mixtral q8_0: GGUF vs llmc --dtype q8_0 {err:.2e}; q8_0 vs transformers {q_err:.3} (max {max_abs:.3})");
     assert!(err <= 1e-5 * max_abs.max(1.0), "GGUF vs llmc's own q8_0: {err}");
+}
+
+/// A SentencePiece tokenizer (`tokenizer.ggml.model = llama`: pieces, scores, token types, no
+/// merges) gives transformers' ids: tests/data/spm-llama-600.json holds a 600-piece BPE
+/// SentencePiece model trained as Llama's is configured and the ids transformers'
+/// LlamaTokenizer gives for some texts (scripts/make-spm-reference made it). The model around
+/// it is a random tiny llama of that vocabulary.
+#[test]
+fn sentencepiece_gguf_tokenizes_like_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spm-llama-600.json");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tokens: Vec<String> = r["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let vocab = tokens.len();
+    let (d, ff) = (64usize, 128usize);
+    let meta = vec![
+        ("general.architecture".to_string(), Meta::Str("llama")),
+        ("llama.context_length".into(), Meta::U32(256)),
+        ("llama.embedding_length".into(), Meta::U32(d as u64)),
+        ("llama.feed_forward_length".into(), Meta::U32(ff as u64)),
+        ("llama.block_count".into(), Meta::U32(1)),
+        ("llama.attention.head_count".into(), Meta::U32(4)),
+        ("llama.attention.head_count_kv".into(), Meta::U32(2)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), Meta::F32(1e-5)),
+        ("tokenizer.ggml.model".into(), Meta::Str("llama")),
+        ("tokenizer.ggml.tokens".into(), Meta::Strs(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Meta::F32s(r["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Meta::I32s(r["token_type"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Meta::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Meta::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Meta::Bool(true)),
+    ];
+    let mut seed = 1u64;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect()
+    };
+    let mut t = vec![("token_embd.weight".to_string(), vec![vocab, d], rand(vocab * d))];
+    for (name, shape) in [
+        ("attn_norm", vec![d]),
+        ("attn_q", vec![d, d]),
+        ("attn_k", vec![d / 2, d]),
+        ("attn_v", vec![d / 2, d]),
+        ("attn_output", vec![d, d]),
+        ("ffn_norm", vec![d]),
+        ("ffn_gate", vec![ff, d]),
+        ("ffn_up", vec![ff, d]),
+        ("ffn_down", vec![d, ff]),
+    ] {
+        let n = shape.iter().product();
+        t.push((format!("blk.0.{name}.weight"), shape, rand(n)));
+    }
+    t.push(("output_norm.weight".into(), vec![d], vec![1.0; d]));
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("spm.gguf");
+    std::fs::write(&g, gguf(&meta, &t, false)).unwrap();
+    let art = dir.path().join("spm.llmc");
+    let o = common::llmc(&["compile", g.to_str().unwrap(), "-o", art.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for (text, want) in r["ids"].as_object().unwrap() {
+        let o = common::llmc(&["run", art.to_str().unwrap(), "-p", text, "-n", "1", "--temp", "0", "--json"]);
+        assert!(o.status.success(), "{text:?}: {}", common::stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(ints(&v["prompt_ids"]), ints(want), "{text:?}");
+    }
 }

@@ -386,9 +386,15 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
     let Some(model) = g.get("tokenizer.ggml.model").and_then(Value::as_str) else {
         return Ok(t); // no tokenizer: token ids only
     };
-    if model != "gpt2" {
-        return Err(err(path, format!("tokenizer.ggml.model `{model}` is not supported (gpt2 byte-level BPE is)")));
+    if model != "gpt2" && model != "llama" {
+        return Err(err(
+            path,
+            format!(
+                "tokenizer.ggml.model `{model}` is not supported (gpt2 byte-level BPE and llama SentencePiece are)"
+            ),
+        ));
     }
+    let spm = model == "llama";
     let strs = |k: &str| -> Result<Vec<String>> {
         let a = g.get(k).and_then(Value::as_array).ok_or_else(|| err(path, format!("metadata `{k}` is missing")))?;
         a.iter()
@@ -398,7 +404,8 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
             .collect()
     };
     let tokens = strs("tokenizer.ggml.tokens")?;
-    let merges = strs("tokenizer.ggml.merges")?;
+    // SentencePiece files carry no merges: they are derived from the pieces (`spm_merges`)
+    let merges = if spm { Vec::new() } else { strs("tokenizer.ggml.merges")? };
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
         Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_u64().map_or(-1, |x| x as i64)).collect(),
         Some(a) => {
@@ -410,7 +417,15 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
         None => vec![1; tokens.len()],
     };
     let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("gpt-2");
-    let (normalizer, pre_tok) = pre_tokenizer(path, pre)?;
+    // SentencePiece: llama.cpp's space prefix (`add_space_prefix`, default on) is transformers'
+    // Metaspace with `prepend_scheme: first`
+    let space_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    let (normalizer, pre_tok) = if spm {
+        let scheme = if space_prefix { "first" } else { "never" };
+        (Json::Null, json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": scheme, "split": false}))
+    } else {
+        pre_tokenizer(path, pre)?
+    };
     let id = |k: &str| -> Result<Option<i64>> {
         match g.get(k) {
             None => Ok(None),
@@ -426,46 +441,94 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
             return Err(err(path, format!("token `{tok}` appears twice in tokenizer.ggml.tokens")));
         }
     }
-    let merges: Vec<Json> = merges
-        .iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok(json!([a, b])),
-            None => Err(err(path, format!("merge `{m}` has no space"))),
-        })
-        .collect::<Result<_>>()?;
-    // control and user-defined tokens (types 3, 4) are matched whole, as added tokens
+    let merges: Vec<Json> = if spm {
+        spm_merges(&tokens).into_iter().map(|(a, b)| json!([a, b])).collect()
+    } else {
+        merges
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(json!([a, b])),
+                None => Err(err(path, format!("merge `{m}` has no space"))),
+            })
+            .collect::<Result<_>>()?
+    };
+    // control and user-defined tokens (types 3, 4; SentencePiece's unknown piece, 2, too) are
+    // matched whole, as added tokens
     let added: Vec<Json> = tokens
         .iter()
         .zip(&types)
         .enumerate()
-        .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
+        .filter(|(_, (_, &ty))| ty == 3 || ty == 4 || spm && ty == 2)
         .map(|(i, (tok, &ty))| {
             json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": ty == 3})
+                   "normalized": false, "special": ty != 4})
         })
         .collect();
     let bos = id("tokenizer.ggml.bos_token_id")?;
     let eos = id("tokenizer.ggml.eos_token_id")?;
     let eot = id("tokenizer.ggml.eot_token_id")?;
-    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-    let post = match (add_bos, bos) {
-        (true, Some(b)) => {
-            let s = &tokens[b as usize];
-            json!({"type": "TemplateProcessing",
-                   "single": [{"SpecialToken": {"id": s, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                   "pair": [{"SpecialToken": {"id": s, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                            {"SpecialToken": {"id": s, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                   "special_tokens": {s.as_str(): {"id": s, "ids": [b], "tokens": [s]}}})
+    // llama.cpp adds BOS by default for SentencePiece vocabularies, not for BPE ones
+    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(spm);
+    let add_eos = g.get("tokenizer.ggml.add_eos_token").and_then(Value::as_bool).unwrap_or(false);
+    let specials: Vec<i64> =
+        [(add_bos, bos), (add_eos, eos)].into_iter().filter_map(|(on, t)| t.filter(|_| on)).collect();
+    let post = if specials.is_empty() {
+        if spm {
+            json!({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {}})
+        } else {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
         }
-        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+    } else {
+        // `[BOS] $A [EOS]` with whichever of the two the file asks for
+        let piece = |t: i64| tokens[t as usize].clone();
+        let seq = |id: &str, ty: u32| -> Vec<Json> {
+            let mut v = Vec::new();
+            if let (true, Some(b)) = (add_bos, bos) {
+                v.push(json!({"SpecialToken": {"id": piece(b), "type_id": ty}}));
+            }
+            v.push(json!({"Sequence": {"id": id, "type_id": ty}}));
+            if let (true, Some(e)) = (add_eos, eos) {
+                v.push(json!({"SpecialToken": {"id": piece(e), "type_id": ty}}));
+            }
+            v
+        };
+        let mut pair = seq("A", 0);
+        pair.extend(seq("B", 1));
+        let special: Map<String, Json> =
+            specials.iter().map(|&t| (piece(t), json!({"id": piece(t), "ids": [t], "tokens": [piece(t)]}))).collect();
+        json!({"type": "TemplateProcessing", "single": seq("A", 0), "pair": pair, "special_tokens": special})
+    };
+    let (decoder, model) = if spm {
+        // pieces back to text: ▁ → space, <0xNN> pieces → bytes, the space prefix stripped
+        let mut steps = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if space_prefix {
+            steps.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let unk = id("tokenizer.ggml.unknown_token_id")?.map(|u| tokens[u as usize].clone());
+        (
+            json!({"type": "Sequence", "decoders": steps}),
+            json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                   "vocab": vocab, "merges": merges}),
+        )
+    } else {
+        (
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                   "ignore_merges": pre.starts_with("llama"), "vocab": vocab, "merges": merges}),
+        )
     };
     let tok = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": normalizer, "pre_tokenizer": pre_tok, "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre.starts_with("llama"),
-                  "vocab": vocab, "merges": merges}
+        "decoder": decoder, "model": model,
     });
     t.tokenizer_json = Some(serde_json::to_vec(&tok).map_err(|e| err(path, e.to_string()))?);
     t.bos_token_id = bos;
@@ -475,6 +538,28 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
     t.eos_token_ids.dedup();
     t.pad_token_id = id("tokenizer.ggml.padding_token_id")?;
     Ok(t)
+}
+
+/// The BPE merges transformers derives from a SentencePiece vocabulary (`generate_merges` in
+/// its tokenization_utils_base): for each piece in id order, every split into two pieces of the
+/// vocabulary (ordered by their ids), then all of them ordered by the merged piece's id and the
+/// two halves' lengths in characters (a stable sort).
+fn spm_merges(tokens: &[String]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (id, len l, len r, id l, id r)
+    for (id, piece) in tokens.iter().enumerate() {
+        let mut local = Vec::new();
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r)) {
+                local.push((id, l.chars().count(), r.chars().count(), a, b));
+            }
+        }
+        local.sort_by_key(|m| (m.3, m.4));
+        merges.extend(local);
+    }
+    merges.sort_by_key(|m| (m.0, m.1, m.2));
+    merges.into_iter().map(|m| (tokens[m.3].clone(), tokens[m.4].clone())).collect()
 }
 
 #[cfg(test)]
