@@ -32,6 +32,9 @@ pub fn inspect(path: &Path, as_json: bool, verify: bool) -> Result<()> {
         *m.entry(format!("{}/{:?}", t.dtype, t.layout)).or_default() += 1;
         m
     });
+    // the level kernels are compiled for on this host at load (all of them 128-bit Cranelift
+    // code; the level picks VNNI/FMA/VEX-EVEX instructions)
+    let isa = llmc_compiler::jit::selected_level().map(|l| l.name()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let v = json!({
         "path": path.display().to_string(),
         "architecture": h.model_type,
@@ -44,6 +47,7 @@ pub fn inspect(path: &Path, as_json: bool, verify: bool) -> Result<()> {
         "context": h.max_positions,
         "vocab_size": h.vocab_size,
         "target": {"arch": h.target.arch, "features": h.target.features},
+        "isa": isa,
         "tokenizer": vocab.map(|v| json!({"vocab_size": v})),
         "chat_template": h.text.chat_template.is_some(),
         "bos_token_id": h.text.bos_token_id,
@@ -75,6 +79,7 @@ pub fn inspect(path: &Path, as_json: bool, verify: bool) -> Result<()> {
     outln!("  storage        {}", layouts.iter().map(|(k, n)| format!("{n} × {k}")).collect::<Vec<_>>().join(", "))?;
     outln!("  context        {} tokens", h.max_positions)?;
     outln!("  target         {} [{}]", h.target.arch, h.target.features.join(" "))?;
+    outln!("  isa            {isa} (the level this host compiles the kernels for; LLMC_ISA=avx2|sse lowers it)")?;
     match vocab {
         Some(v) => {
             outln!("  tokenizer      {v} tokens; bos {:?}, eos {:?}", h.text.bos_token_id, h.text.eos_token_ids)?

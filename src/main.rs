@@ -364,7 +364,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 outln!("{}", serde_json::to_string(&r)?)?;
             } else {
-                outln!("{}: {} threads", artifact.display(), r.threads)?;
+                outln!("{}: {} threads, ISA level {}", artifact.display(), r.threads, r.isa)?;
                 outln!(
                     "  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s",
                     r.prefill_tokens,

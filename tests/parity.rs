@@ -123,3 +123,46 @@ fn all_families_without_passes() {
         assert!(err <= 1e-4 * max_abs.max(1.0), "{name} --no-opt: {err}");
     }
 }
+
+/// The whole binary at every lower ISA level (`LLMC_ISA`): the same logits and greedy ids as
+/// transformers on a dense and a MoE fixture; a level the host lacks, or a bad name, is one
+/// error line.
+#[test]
+fn every_isa_level_matches_transformers() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["llama", "mixtral"] {
+        let art = dir.path().join(format!("{name}.llmc"));
+        common::compile(&common::fixture(name), &art);
+        let exp = common::expected(name);
+        let prompt = common::ints(&exp["prompt_ids"]);
+        let ids = prompt.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        for level in ["avx2", "sse"] {
+            let o = Command::new(common::llmc_bin())
+                .args(["run", art.to_str().unwrap(), "--ids", &ids, "-n", "24", "--temp", "0", "--json", "--logits"])
+                .env("LLMC_ISA", level)
+                .output()
+                .unwrap();
+            let err = common::stderr(&o);
+            if err.contains("best level is") {
+                eprintln!("{name}: this CPU has no {level} level: {err}");
+                continue;
+            }
+            assert!(o.status.success(), "{name} at {level}: {err}");
+            let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let (got, want) = (common::floats(&out["logits_last"]), common::floats(&exp["logits_last"]));
+            let max_abs = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let e = got.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(e <= 1e-4 * max_abs.max(1.0), "{name} at {level}: max |logits - expected| = {e}");
+            assert_eq!(common::ints(&out["generated_ids"]), common::ints(&exp["greedy_ids"]), "{name} at {level}");
+        }
+    }
+    let o = Command::new(common::llmc_bin())
+        .args(["bench", dir.path().join("llama.llmc").to_str().unwrap(), "-p", "2", "-n", "1"])
+        .env("LLMC_ISA", "avx9000")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = common::stderr(&o);
+    assert!(err.contains("LLMC_ISA") && err.trim().lines().count() == 1, "{err}");
+}

@@ -42,13 +42,109 @@ fn opt_level() -> String {
     std::env::var("LLMC_CRANELIFT_OPT_LEVEL").unwrap_or_else(|_| "none".to_string())
 }
 
-/// The Cranelift ISA for this host, with the kernels' opt level and the CPU's features.
-pub fn host_isa() -> Result<OwnedTargetIsa, JitError> {
+/// The instruction-set level the kernels are compiled for. Every level runs the same
+/// generators (128-bit vectors: Cranelift's x64 backend has no wider ones); the level picks the
+/// instructions Cranelift may use: AVX-512VL/VNNI (`vpdpbusd` for the int8 dot products, EVEX
+/// encodings), AVX2 + FMA (VEX; no VNNI, as on Haswell to Zen 3), or SSE4.2 (no FMA: the
+/// kernels multiply and add in two roundings). `LLMC_ISA=avx2|sse` forces a lower level than
+/// the host's, so every path is tested on one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IsaLevel {
+    Sse,
+    Avx2,
+    Avx512,
+}
+
+/// Cranelift x64 flags each level turns off (those above it).
+const AVX512_FLAGS: &[&str] =
+    &["has_avx512f", "has_avx512vl", "has_avx512dq", "has_avx512bitalg", "has_avx512vbmi", "has_avx512vnni"];
+const AVX_FLAGS: &[&str] = &["has_avx", "has_avx2", "has_fma", "has_avx_vnni"];
+
+impl IsaLevel {
+    pub const ALL: [IsaLevel; 3] = [IsaLevel::Sse, IsaLevel::Avx2, IsaLevel::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IsaLevel::Sse => "sse",
+            IsaLevel::Avx2 => "avx2",
+            IsaLevel::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<IsaLevel> {
+        IsaLevel::ALL.into_iter().find(|l| l.name() == s)
+    }
+
+    /// Whether the kernels may use fused multiply-add.
+    pub fn has_fma(self) -> bool {
+        self >= IsaLevel::Avx2 || !cfg!(target_arch = "x86_64")
+    }
+}
+
+/// The best level this CPU has (on other architectures: `Avx512`, meaning "all the host has").
+pub fn host_level() -> Result<IsaLevel, JitError> {
+    if !cfg!(target_arch = "x86_64") {
+        return Ok(IsaLevel::Avx512);
+    }
+    let f = isa_features(&*cpu_isa()?);
+    let has = |x: &str| f.iter().any(|g| g == x);
+    Ok(if has("has_avx512f") && has("has_avx512vl") && has("has_avx512dq") {
+        IsaLevel::Avx512
+    } else if has("has_avx2") && has("has_fma") {
+        IsaLevel::Avx2
+    } else {
+        IsaLevel::Sse
+    })
+}
+
+/// The level kernels are compiled for: the host's, or `LLMC_ISA` (`avx512`, `avx2`, `sse`)
+/// when it names one the host has.
+pub fn selected_level() -> Result<IsaLevel, JitError> {
+    let host = host_level()?;
+    match std::env::var("LLMC_ISA") {
+        Err(_) => Ok(host),
+        Ok(v) => match IsaLevel::parse(&v) {
+            Some(l) if l <= host => Ok(l),
+            Some(l) => {
+                Err(JitError::Isa(format!("LLMC_ISA={} but this CPU's best level is {}", l.name(), host.name())))
+            }
+            None => Err(JitError::Isa(format!("LLMC_ISA={v:?}: expected avx512, avx2 or sse"))),
+        },
+    }
+}
+
+fn isa_builder(level: Option<IsaLevel>) -> Result<OwnedTargetIsa, JitError> {
     let mut flags = settings::builder();
     flags.set("opt_level", &opt_level()).map_err(|e| JitError::Isa(e.to_string()))?;
     flags.set("is_pic", "false").map_err(|e| JitError::Isa(e.to_string()))?;
-    let isa = cranelift_native::builder().map_err(|e| JitError::Isa(e.to_string()))?;
+    let mut isa = cranelift_native::builder().map_err(|e| JitError::Isa(e.to_string()))?;
+    if cfg!(target_arch = "x86_64") {
+        let off: Vec<&str> = match level {
+            None | Some(IsaLevel::Avx512) => Vec::new(),
+            Some(IsaLevel::Avx2) => [AVX512_FLAGS, &["has_avx_vnni"]].concat(),
+            Some(IsaLevel::Sse) => [AVX512_FLAGS, AVX_FLAGS].concat(),
+        };
+        for f in off {
+            isa.set(f, "false").map_err(|e| JitError::Isa(format!("{f}: {e}")))?;
+        }
+    }
     isa.finish(settings::Flags::new(flags)).map_err(|e| JitError::Isa(e.to_string()))
+}
+
+/// The Cranelift ISA with every feature of this CPU (what an artifact records and is checked
+/// against).
+pub fn cpu_isa() -> Result<OwnedTargetIsa, JitError> {
+    isa_builder(None)
+}
+
+/// The Cranelift ISA the kernels are compiled for: the CPU's at the selected level.
+pub fn host_isa() -> Result<OwnedTargetIsa, JitError> {
+    isa_builder(Some(selected_level()?))
+}
+
+/// The Cranelift ISA of one level (which must not exceed the host's).
+pub fn level_isa(level: IsaLevel) -> Result<OwnedTargetIsa, JitError> {
+    isa_builder(Some(level))
 }
 
 /// The ISA feature flags enabled on this host (`has_avx2`, `has_fma`, ...).
@@ -61,6 +157,8 @@ pub struct Kernels {
     module: Option<JITModule>,
     pub fns: Vec<KernelFn>,
     pub features: Vec<String>,
+    /// The level the kernels were compiled for.
+    pub level: IsaLevel,
     /// The specs the kernels were compiled from, in order (`fns[i]` implements `specs[i]`).
     specs: Vec<KernelSpec>,
 }
@@ -97,9 +195,14 @@ pub fn signature(isa: &dyn TargetIsa) -> Signature {
     sig
 }
 
-/// JIT-compiles every spec for the host.
+/// JIT-compiles every spec for the host (at the selected level).
 pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
-    let isa = host_isa()?;
+    compile_for(specs, selected_level()?)
+}
+
+/// JIT-compiles every spec at `level` (at most the host's).
+pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, JitError> {
+    let isa = level_isa(level)?;
     let features = isa_features(&*isa);
     let isa: Arc<dyn TargetIsa> = isa;
     let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
@@ -115,7 +218,7 @@ pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
         ctx.func.name = UserFuncName::user(0, i as u32);
         {
             let b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-            kernels::build(spec, b, isa.frontend_config());
+            kernels::build(spec, b, isa.frontend_config(), level.has_fma());
         }
         module.define_function(id, &mut ctx).map_err(|e| cg(format!("{e:?}")))?;
         let relocs = ctx.compiled_code().map(|c| c.buffer.relocs().len()).unwrap_or(0);
@@ -134,17 +237,18 @@ pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
             unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
         })
         .collect();
-    Ok(Kernels { module: Some(module), fns, features, specs: specs.to_vec() })
+    Ok(Kernels { module: Some(module), fns, features, level, specs: specs.to_vec() })
 }
 
 /// Compiles one spec and returns the machine code listing (VCode) Cranelift produced.
 pub fn vcode_text(spec: &KernelSpec) -> Result<String, JitError> {
-    let isa = host_isa()?;
+    let level = selected_level()?;
+    let isa = level_isa(level)?;
     let mut ctx = Context::new();
     ctx.func.signature = signature(&*isa);
     ctx.set_disasm(true);
     let mut fctx = FunctionBuilderContext::new();
-    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config());
+    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config(), level.has_fma());
     let code = ctx
         .compile(&*isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
@@ -153,11 +257,12 @@ pub fn vcode_text(spec: &KernelSpec) -> Result<String, JitError> {
 
 /// Compiles one spec and returns its CLIF text after optimization (for inspection and tests).
 pub fn clif_text(spec: &KernelSpec) -> Result<String, JitError> {
-    let isa = host_isa()?;
+    let level = selected_level()?;
+    let isa = level_isa(level)?;
     let mut ctx = Context::new();
     ctx.func.signature = signature(&*isa);
     let mut fctx = FunctionBuilderContext::new();
-    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config());
+    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config(), level.has_fma());
     ctx.optimize(&*isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
     Ok(ctx.func.display().to_string())

@@ -297,7 +297,7 @@ fn check_target(path: &Path, header: &Header) -> Result<(), RuntimeError> {
     if header.target.arch != std::env::consts::ARCH {
         return Err(bad(format!("compiled for {}, this CPU is {}", header.target.arch, std::env::consts::ARCH)));
     }
-    let isa = llmc_compiler::jit::host_isa().map_err(|e| bad(e.to_string()))?;
+    let isa = llmc_compiler::jit::cpu_isa().map_err(|e| bad(e.to_string()))?;
     let host = llmc_compiler::jit::isa_features(&*isa);
     let missing: Vec<&str> = header.target.features.iter().filter(|f| !host.contains(f)).map(String::as_str).collect();
     if !missing.is_empty() {

@@ -24,6 +24,9 @@ pub struct BenchReport {
     pub bandwidth_gb_s: f64,
     pub roofline_fraction: f64,
     pub threads: usize,
+    /// The instruction-set level the kernels were compiled for (`avx512`, `avx2`, `sse`;
+    /// `LLMC_ISA` lowers it).
+    pub isa: String,
     pub kernel_calls_per_token: usize,
     pub kernels: usize,
     pub arena_bytes: u64,
@@ -79,40 +82,74 @@ pub fn flops_per_token(engine: &Engine) -> u64 {
         .sum()
 }
 
-/// Sums a slice as fast as this CPU reads memory: 256-bit loads where the CPU has AVX2.
+/// Sums a slice as fast as this CPU reads memory: the widest loads the CPU has (512-bit with
+/// AVX-512, 256-bit with AVX2), over `STREAMS` interleaved streams (the four quarters of the
+/// slice read side by side, as decode reads several weight panels at once: one stream per core
+/// leaves the hardware prefetchers idle and reads slower than decode does).
 fn stream_sum(c: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked just above).
+            return unsafe { stream_sum_avx512(c) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked just above).
             return unsafe { stream_sum_avx2(c) };
         }
     }
-    let mut acc = [0u64; 8];
-    for w in c.chunks_exact(8) {
-        for i in 0..8 {
-            acc[i] = acc[i].wrapping_add(w[i]);
+    let q = c.len() / STREAMS;
+    let mut acc = [0u64; STREAMS];
+    for i in 0..q {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = a.wrapping_add(c[j * q + i]);
         }
     }
     acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
-/// The AVX2 body of `stream_sum`.
+/// Interleaved read streams per thread of the bandwidth probe.
+const STREAMS: usize = 4;
+
+/// The AVX-512 body of `stream_sum`: each quarter of `c` in 512-bit words, four at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512F; every load stays inside `c` (whole 8-word vectors of each
+/// quarter only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_sum_avx512(c: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    let q = c.len() / STREAMS / 8; // 512-bit words per quarter
+    let mut acc = [_mm512_setzero_si512(); STREAMS];
+    let base = c.as_ptr();
+    for i in 0..q {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: word i of quarter j: (j·q + i)·8 + 8 <= STREAMS·q·8 <= c.len() u64s.
+            let v = unsafe { _mm512_loadu_si512(base.add((j * q + i) * 8) as *const _) };
+            *a = _mm512_add_epi64(*a, v);
+        }
+    }
+    let s = _mm512_add_epi64(_mm512_add_epi64(acc[0], acc[1]), _mm512_add_epi64(acc[2], acc[3]));
+    _mm512_reduce_add_epi64(s) as u64
+}
+
+/// The AVX2 body of `stream_sum`: each quarter of `c` in 256-bit words.
 ///
 /// # Safety
 /// The CPU must support AVX2 (`is_x86_feature_detected!("avx2")`); every load stays inside
-/// `c` (whole 16-word blocks only).
+/// `c` (whole 4-word vectors of each quarter only).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn stream_sum_avx2(c: &[u64]) -> u64 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_si256(); 4];
-    let blocks = c.len() / 16;
+    let q = c.len() / STREAMS / 4; // 256-bit words per quarter
+    let mut acc = [_mm256_setzero_si256(); STREAMS];
     let p = c.as_ptr() as *const __m256i;
-    for i in 0..blocks {
+    for i in 0..q {
         for (j, a) in acc.iter_mut().enumerate() {
-            // SAFETY: i*4 + j < blocks*4 = 256-bit words inside `c` (unaligned load).
-            *a = _mm256_add_epi64(*a, unsafe { _mm256_loadu_si256(p.add(i * 4 + j)) });
+            // SAFETY: word j·q + i < STREAMS·q 256-bit words inside `c` (unaligned load).
+            *a = _mm256_add_epi64(*a, unsafe { _mm256_loadu_si256(p.add(j * q + i)) });
         }
     }
     let s = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
@@ -122,21 +159,23 @@ unsafe fn stream_sum_avx2(c: &[u64]) -> u64 {
     out.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
-/// Read bandwidth in GB/s: best of several passes of a read stream over a 512 MiB buffer,
-/// split over the pool's threads.
+/// Read bandwidth in GB/s: best of 8 passes over a 512 MiB buffer, split over the pool's
+/// threads, each reading its part as `STREAMS` streams with the widest loads it has.
 pub fn measure_bandwidth(pool: &rayon::ThreadPool) -> f64 {
     let words = 64 << 20; // u64s = 512 MiB
     let buf: Vec<u64> = (0..words as u64).collect();
-    let threads = pool.current_num_threads();
+    let threads = pool.current_num_threads().max(1);
+    // each thread's part: whole 512-bit words of each stream, so every counted byte is read
+    let per = words / threads / (STREAMS * 8) * (STREAMS * 8);
+    let used = &buf[..per * threads];
     let mut best = f64::MAX;
-    for _ in 0..6 {
+    for _ in 0..8 {
         let t = Instant::now();
-        let s: u64 =
-            pool.install(|| buf.par_chunks(words / threads).map(stream_sum).reduce(|| 0, |a, b| a.wrapping_add(b)));
+        let s: u64 = pool.install(|| used.par_chunks(per).map(stream_sum).reduce(|| 0, |a, b| a.wrapping_add(b)));
         std::hint::black_box(s);
         best = best.min(t.elapsed().as_secs_f64());
     }
-    (words * 8) as f64 / best / 1e9
+    (used.len() * 8) as f64 / best / 1e9
 }
 
 /// Runs the benchmark: a `prefill`-token prompt, then `decode` greedy tokens, on the JIT.
@@ -186,6 +225,7 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         bandwidth_gb_s: bw,
         roofline_fraction: decode_tok_s * bytes as f64 / (bw * 1e9),
         threads: engine.threads(),
+        isa: engine.kernels.level.name().to_string(),
         kernel_calls_per_token: prog.calls.len(),
         kernels: prog.kernels.len(),
         arena_bytes: (prog.arena_width * crate::session::DEFAULT_CHUNK * 4) as u64,

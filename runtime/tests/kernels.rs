@@ -89,11 +89,22 @@ impl Case {
     }
     /// Runs the steps on both backends; returns the max abs difference relative to
     /// max(1, max |reference|).
+    /// Runs `steps` through the interpreter and through the JIT at every ISA level this host
+    /// has (`jit::IsaLevel`: the kernels are generated for each), returning the worst error
+    /// relative to the largest |expected| of its step.
     fn compare(mut self, out: NodeId, steps: &[(Vec<i32>, Vec<i32>)], ctx: usize, n_cap: usize) -> f64 {
         self.g.output("logits", out);
         self.g.verify().unwrap();
         let prog = lower::lower(&self.g).unwrap();
-        let kernels = jit::compile(&prog.kernels).unwrap();
+        let mut cache = KvCache::new(&self.g, ctx);
+        let wants: Vec<Vec<f32>> = steps
+            .iter()
+            .map(|(tokens, positions)| {
+                let w = interp::Weights { f32: &self.weights, u8: &self.bytes };
+                let mut v = interp::run(&self.g, StepInput { tokens, positions }, &w, &mut cache).unwrap();
+                v.remove("logits").unwrap().data
+            })
+            .collect();
         let packed: HashMap<String, Vec<f32>> =
             self.weights.iter().map(|(n, t)| (n.clone(), pack::pack(prog.layout_of(n), &t.shape, &t.data))).collect();
         let bytes = &self.bytes;
@@ -109,26 +120,31 @@ impl Case {
                 .map(|b| b.as_ptr())
                 .or_else(|| packed.get(n).map(|v| v.as_ptr() as *const u8))
         };
-        // SAFETY: `packed`/`bytes` hold every weight in the program's layout and outlive `st`.
         let rows = Limits::of(&self.g).unwrap().token_rows;
-        let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, ctx, n_cap, rows) }.unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let mut cache = KvCache::new(&self.g, ctx);
         let mut worst = 0f64;
-        for (tokens, positions) in steps {
-            let w = interp::Weights { f32: &self.weights, u8: &self.bytes };
-            let want = interp::run(&self.g, StepInput { tokens, positions }, &w, &mut cache).unwrap();
-            let want = &want["logits"].data;
-            let got = st.step(&pool, tokens, positions).unwrap();
-            assert_eq!(got.len(), want.len());
-            let scale = want.iter().fold(1f64, |m, x| m.max(x.abs() as f64));
-            for (a, b) in got.iter().zip(want) {
-                assert!(a.is_finite(), "non-finite output");
-                worst = worst.max((*a as f64 - *b as f64).abs() / scale);
+        for level in levels() {
+            let kernels = jit::compile_for(&prog.kernels, level).unwrap();
+            // SAFETY: `packed`/`bytes` hold every weight in the program's layout and outlive `st`.
+            let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, ctx, n_cap, rows) }.unwrap();
+            for ((tokens, positions), want) in steps.iter().zip(&wants) {
+                let got = st.step(&pool, tokens, positions).unwrap();
+                assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(1f64, |m, x| m.max(x.abs() as f64));
+                for (a, b) in got.iter().zip(want) {
+                    assert!(a.is_finite(), "non-finite output at ISA level {level:?}");
+                    worst = worst.max((*a as f64 - *b as f64).abs() / scale);
+                }
             }
         }
         worst
     }
+}
+
+/// The ISA levels this host can run (every kernel test runs at each).
+fn levels() -> Vec<jit::IsaLevel> {
+    let host = jit::host_level().unwrap();
+    jit::IsaLevel::ALL.into_iter().filter(|&l| l <= host).collect()
 }
 
 fn prefill(n: usize) -> Vec<(Vec<i32>, Vec<i32>)> {
@@ -344,19 +360,21 @@ fn activation_error_bounds() {
         let y = c.g.add(op, &[x]).unwrap();
         c.g.output("logits", y);
         let prog = lower::lower(&c.g).unwrap();
-        let kernels = jit::compile(&prog.kernels).unwrap();
-        let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_ptr() as *const u8);
-        // SAFETY: `c.weights` holds every (row-major) weight and outlives `st`.
-        let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, 4, 1, 1) }.unwrap();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let got = st.step(&pool, &[0], &[0]).unwrap();
-        let mut worst = 0f64;
-        for (g, &x) in got.iter().zip(&xs) {
-            let r = f(x as f64);
-            worst = worst.max((*g as f64 - r).abs() / r.abs().max(1.0));
+        for level in levels() {
+            let kernels = jit::compile_for(&prog.kernels, level).unwrap();
+            let lookup = |nm: &str| c.weights.get(nm).map(|t| t.data.as_ptr() as *const u8);
+            // SAFETY: `c.weights` holds every (row-major) weight and outlives `st`.
+            let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, 4, 1, 1) }.unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let got = st.step(&pool, &[0], &[0]).unwrap();
+            let mut worst = 0f64;
+            for (g, &x) in got.iter().zip(&xs) {
+                let r = f(x as f64);
+                worst = worst.max((*g as f64 - r).abs() / r.abs().max(1.0));
+            }
+            eprintln!("{name} ({level:?}): max error {worst:.2e} (relative, or absolute where |y| < 1)");
+            assert!(worst < 1e-6, "{name} ({level:?}): {worst}");
         }
-        eprintln!("{name}: max error {worst:.2e} (relative, or absolute where |y| < 1)");
-        assert!(worst < 1e-6, "{name}: {worst}");
     }
 }
 

@@ -40,7 +40,7 @@ pub struct CompileReport {
 /// The target description of this host: its architecture and the ISA features Cranelift
 /// detects (the kernels are specialized for them at load).
 pub fn host_target() -> Result<Target, CompileError> {
-    let isa = llmc_compiler::jit::host_isa().map_err(|e| CompileError::Jit(e.to_string()))?;
+    let isa = llmc_compiler::jit::cpu_isa().map_err(|e| CompileError::Jit(e.to_string()))?;
     Ok(Target { arch: std::env::consts::ARCH.to_string(), features: llmc_compiler::jit::isa_features(&*isa) })
 }
 

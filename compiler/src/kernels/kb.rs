@@ -57,10 +57,13 @@ pub struct Kb<'a> {
     pub cap: Value,
     cfg: TargetFrontendConfig,
     pool: cranelift_codegen::ir::StackSlot,
+    /// Whether the target has FMA (else `fma` is a multiply and an add: Cranelift would make
+    /// an FMA without hardware support a call, and kernels call nothing).
+    has_fma: bool,
 }
 
 impl<'a> Kb<'a> {
-    pub fn new(mut b: FunctionBuilder<'a>, cfg: TargetFrontendConfig) -> Kb<'a> {
+    pub fn new(mut b: FunctionBuilder<'a>, cfg: TargetFrontendConfig, has_fma: bool) -> Kb<'a> {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -78,7 +81,7 @@ impl<'a> Kb<'a> {
             let c = b.ins().splat(types::I32X4, c);
             b.ins().stack_store(I64, c, pool, (16 * (POOL_F32.len() + i)) as i32);
         }
-        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg, pool }
+        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg, pool, has_fma }
     }
 
     pub fn finish(mut self) {
@@ -186,9 +189,14 @@ impl<'a> Kb<'a> {
     pub fn fdiv(&mut self, a: Value, b: Value) -> Value {
         self.b.ins().fdiv(a, b)
     }
-    /// `a * b + c`
+    /// `a * b + c` (fused where the target has FMA)
     pub fn fma(&mut self, a: Value, b: Value, c: Value) -> Value {
-        self.b.ins().fma(a, b, c)
+        if self.has_fma {
+            self.b.ins().fma(a, b, c)
+        } else {
+            let p = self.b.ins().fmul(a, b);
+            self.b.ins().fadd(p, c)
+        }
     }
     pub fn fmax(&mut self, a: Value, b: Value) -> Value {
         self.b.ins().fmax(a, b)
@@ -351,14 +359,14 @@ impl<'a> Kb<'a> {
         // ln 2 split in two (Cephes): k·ln2 = k·0.693359375 - k·2.12194440e-4, exact first product.
         let ln2_hi = self.c(ty, -0.693_359_4);
         let ln2_lo = self.c(ty, 2.121_944_4e-4);
-        let r = self.b.ins().fma(k, ln2_hi, x);
-        let r = self.b.ins().fma(k, ln2_lo, r);
+        let r = self.fma(k, ln2_hi, x);
+        let r = self.fma(k, ln2_lo, r);
         // Horner: 1 + r(1 + r/2(1 + r/3(...)))  written with the Taylor coefficients.
         let coeffs = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
         let mut p = self.c(ty, coeffs[0]);
         for &c in &coeffs[1..] {
             let cv = self.c(ty, c);
-            p = self.b.ins().fma(p, r, cv);
+            p = self.fma(p, r, cv);
         }
         let ity = Self::ity(ty);
         let ki = self.b.ins().fcvt_to_sint_sat(ity, k);
@@ -394,13 +402,13 @@ impl<'a> Kb<'a> {
         let mut p = self.f(1.0 / 13.0);
         for c in [1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
             let cv = self.f(c);
-            p = self.b.ins().fma(p, s2, cv);
+            p = self.fma(p, s2, cv);
         }
         let two_s = self.b.ins().fadd(s, s);
         let lm = self.b.ins().fmul(p, two_s);
         let ef = self.b.ins().fcvt_from_sint(F32, e);
         let ln2 = self.f(std::f32::consts::LN_2);
-        self.b.ins().fma(ef, ln2, lm)
+        self.fma(ef, ln2, lm)
     }
 
     /// `softplus(v) = ln(1 + e^v)`, as torch: `v` itself above 20; `e^v` below -15.
@@ -433,13 +441,13 @@ impl<'a> Kb<'a> {
         let a = self.b.ins().fabs(x);
         let one = self.c(ty, 1.0);
         let p = self.c(ty, 0.327_591_1);
-        let d = self.b.ins().fma(p, a, one);
+        let d = self.fma(p, a, one);
         let t = self.b.ins().fdiv(one, d);
         let coeffs = [1.061_405_4, -1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6];
         let mut poly = self.c(ty, coeffs[0]);
         for &c in &coeffs[1..] {
             let cv = self.c(ty, c);
-            poly = self.b.ins().fma(poly, t, cv);
+            poly = self.fma(poly, t, cv);
         }
         poly = self.b.ins().fmul(poly, t);
         let a2 = self.b.ins().fmul(a, a);

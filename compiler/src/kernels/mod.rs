@@ -19,9 +19,10 @@ use cranelift_frontend::FunctionBuilder;
 use crate::program::KernelSpec;
 use kb::Kb;
 
-/// Emits the body of the kernel for `spec` into `b`.
-pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig) {
-    let mut k = Kb::new(b, cfg);
+/// Emits the body of the kernel for `spec` into `b` (`fma`: whether the target has fused
+/// multiply-add; without it, `Kb::fma` multiplies and adds).
+pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig, fma: bool) {
+    let mut k = Kb::new(b, cfg, fma);
     match spec {
         KernelSpec::Embedding { d, layout, w } => elementwise::embedding(&mut k, *d, *layout, *w),
         KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w, xq } => {
