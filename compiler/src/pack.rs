@@ -170,6 +170,34 @@ pub fn pack_bytes(layout: Layout, dtype: DType, shape: &[usize], data: &[f32]) -
     out
 }
 
+/// Where things are in a packed blocked matrix.
+struct BlockGeometry {
+    dot: bool,
+    rows: usize,
+    /// blocks per row, bytes per panel, bytes per block, bytes of a block's head
+    nb: usize,
+    pb: usize,
+    bb: usize,
+    head: usize,
+    /// `dot_offset`
+    off: i32,
+}
+
+impl BlockGeometry {
+    fn of(layout: Layout, dtype: DType, shape: &[usize]) -> BlockGeometry {
+        let (rows, cols) = matrix_dims(shape);
+        BlockGeometry {
+            dot: layout == Layout::Dot16,
+            rows,
+            nb: cols / QK,
+            pb: panel_bytes(dtype, cols),
+            bb: block_bytes(dtype),
+            head: block_head(dtype),
+            off: dot_offset(dtype),
+        }
+    }
+}
+
 /// Packs the blocks of a blocked matrix (`rows · cols / 32` blocks, row-major, each in
 /// `dtype`'s canonical form) into `layout` (`Panel16` or `Dot16`).
 pub fn pack_blocks(layout: Layout, dtype: DType, shape: &[usize], blocks: &[QBlock]) -> Vec<u8> {
@@ -186,13 +214,7 @@ pub fn pack_block_rows(
     row: &(dyn Fn(usize, &mut [QBlock]) + Sync),
 ) -> Vec<u8> {
     use rayon::prelude::*;
-    let dot = layout == Layout::Dot16;
-    let (rows, cols) = matrix_dims(shape);
-    let nb = cols / QK;
-    let pb = panel_bytes(dtype, cols);
-    let bb = block_bytes(dtype);
-    let head = block_head(dtype);
-    let off = dot_offset(dtype);
+    let BlockGeometry { dot, rows, nb, pb, bb, head, off } = BlockGeometry::of(layout, dtype, shape);
     let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
     out.par_chunks_mut(pb.max(1)).enumerate().for_each(|(p, panel)| {
         let mut blocks = vec![QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; nb];
@@ -226,13 +248,7 @@ pub fn pack_block_rows(
 
 /// The blocks a packed blocked matrix holds (the inverse of `pack_blocks`).
 pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]) -> Vec<QBlock> {
-    let dot = layout == Layout::Dot16;
-    let (rows, cols) = matrix_dims(shape);
-    let nb = cols / QK;
-    let pb = panel_bytes(dtype, cols);
-    let bb = block_bytes(dtype);
-    let head = block_head(dtype);
-    let off = dot_offset(dtype);
+    let BlockGeometry { dot, rows, nb, pb, bb, head, off } = BlockGeometry::of(layout, dtype, shape);
     let f = |b: &[u8], at: usize| f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let mut out = Vec::with_capacity(rows * nb);
     for r in 0..rows {

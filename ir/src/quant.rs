@@ -88,18 +88,8 @@ pub fn quantize_block(dtype: DType, x: &[f32]) -> QBlock {
             QBlock { d: [b.d; 2], m: b.m, q: b.q.map(|q| q as i8) }
         }
         DType::Q5_1 => {
-            let (mut min, mut max) = (f32::MAX, -f32::MAX);
-            for &v in x {
-                min = min.min(v);
-                max = max.max(v);
-            }
-            let d = (max - min) / 31.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut q = [0i8; QK];
-            for (o, &v) in q.iter_mut().zip(x) {
-                *o = (((v - min) * id + 0.5) as u8).min(31) as i8;
-            }
-            QBlock { d: [f16::from_f32(d).to_f32(); 2], m: f16::from_f32(min).to_f32(), q }
+            let (d, m, q) = quantize_with_min(x, 31);
+            QBlock { d: [d; 2], m, q: q.map(|q| q as i8) }
         }
         _ => {
             let mut b = QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] };
@@ -141,18 +131,25 @@ pub struct Block41 {
 /// ggml's `quantize_row_q4_1_ref` for one block: `d = (max − min) / 15`, `m = min` (both
 /// stored as f16), `q = min(15, trunc((x − min) / d + 0.5))` with the unrounded `d`.
 pub fn quantize_q4_1(x: &[f32]) -> Block41 {
+    let (d, m, q) = quantize_with_min(x, 15);
+    Block41 { d, m, q }
+}
+
+/// A block with a minimum and `top + 1` levels, ggml's Q4_1 rule: `d = (max − min) / top`,
+/// `m = min` (f16 values), `q = min(top, trunc((x − min) / d + 0.5))` with the unrounded `d`.
+fn quantize_with_min(x: &[f32], top: u8) -> (f32, f32, [u8; QK]) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
         min = min.min(v);
         max = max.max(v);
     }
-    let d = (max - min) / 15.0;
+    let d = (max - min) / top as f32;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0u8; QK];
     for (o, &v) in q.iter_mut().zip(x) {
-        *o = (((v - min) * id + 0.5) as u8).min(15);
+        *o = (((v - min) * id + 0.5) as u8).min(top);
     }
-    Block41 { d: f16::from_f32(d).to_f32(), m: f16::from_f32(min).to_f32(), q }
+    (f16::from_f32(d).to_f32(), f16::from_f32(min).to_f32(), q)
 }
 
 /// One block quantized: its scale (an f16 value, as f32) and its 32 integers (Q4_0: `q − 8`,

@@ -24,15 +24,14 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Result
 }
 
 /// A BPE tokenizer.json built the way `tokenizers` deserializes it (the same component types,
-/// `TokenizerBuilder`, then the added tokens), except that the model is read by `BPE`'s own
-/// typed deserializer: `tokenizers` reads every model through two untyped copies
-/// (`serde_json::Value`), which for a 150k-token vocabulary took ~400 of the ~450 ms
-/// `llmc run` spent loading Qwen2.5's tokenizer. `None` (then the caller takes
-/// `Tokenizer::from_bytes`) for anything else: other models, or any error, which the full
-/// path then reports.
+/// `TokenizerBuilder`, then the added tokens), except that the model is read by typed
+/// visitors (`bpe_typed`): `tokenizers` reads every model through two untyped copies
+/// (`serde_json::Value`) and its merges through a third, which for a 150k-token vocabulary took
+/// most of the ~450 ms `llmc run` spent loading Qwen2.5's tokenizer. `None` (then the caller
+/// takes `Tokenizer::from_bytes`) for anything else: other models, or any error, which the
+/// full path then reports.
 fn load_bpe_fast(bytes: &[u8]) -> Option<Tokenizer> {
     use serde_json::value::RawValue;
-    use tokenizers::models::bpe::BPE;
     use tokenizers::{
         AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PaddingParams, PostProcessorWrapper,
         PreTokenizerWrapper, TokenizerBuilder, TruncationParams,
@@ -67,7 +66,7 @@ fn load_bpe_fast(bytes: &[u8]) -> Option<Tokenizer> {
     if doc.version != "1.0" || kind.ty != Some("BPE") {
         return None;
     }
-    let bpe: BPE = serde_json::from_str(doc.model.get()).ok()?;
+    let bpe = bpe_typed(doc.model.get())?;
     let mut tok = TokenizerBuilder::new()
         .with_model(ModelWrapper::BPE(bpe))
         .with_normalizer(doc.normalizer)
@@ -86,6 +85,86 @@ fn load_bpe_fast(bytes: &[u8]) -> Option<Tokenizer> {
         return None;
     }
     Some(Tokenizer::from(tok))
+}
+
+/// A BPE model section read with typed visitors only: `BPE`'s own deserializer reads the
+/// merges through an untagged enum (`[["a", "b"], ...]` or `["a b", ...]`), which buffers all
+/// of them as untyped values first. The same fields, the same builder calls, the same merge
+/// formats (a string must split on its one space into two pieces); `None` where the library
+/// would have to decide.
+fn bpe_typed(json: &str) -> Option<tokenizers::models::bpe::BPE> {
+    use serde::de::{Error as _, SeqAccess, Visitor};
+    /// One merge, in either format.
+    struct Merge(String, String);
+    impl<'de> serde::Deserialize<'de> for Merge {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Merge, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Merge;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a merge: \"a b\" or [\"a\", \"b\"]")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Merge, E> {
+                    let mut parts = v.split(' ');
+                    match (parts.next(), parts.next(), parts.next()) {
+                        (Some(a), Some(b), None) => Ok(Merge(a.to_string(), b.to_string())),
+                        _ => Err(E::custom("a merge must be two pieces")),
+                    }
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Merge, A::Error> {
+                    let a: String = seq.next_element()?.ok_or_else(|| A::Error::custom("empty merge"))?;
+                    let b: String = seq.next_element()?.ok_or_else(|| A::Error::custom("short merge"))?;
+                    match seq.next_element::<serde::de::IgnoredAny>()? {
+                        None => Ok(Merge(a, b)),
+                        Some(_) => Err(A::Error::custom("long merge")),
+                    }
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        #[serde(rename = "type")]
+        ty: Option<String>,
+        dropout: Option<f32>,
+        unk_token: Option<String>,
+        continuing_subword_prefix: Option<String>,
+        end_of_word_suffix: Option<String>,
+        fuse_unk: Option<bool>,
+        byte_fallback: Option<bool>,
+        ignore_merges: Option<bool>,
+        vocab: ahash::AHashMap<String, u32>,
+        merges: Vec<Merge>,
+    }
+    let m: Model = serde_json::from_str(json).ok()?;
+    if m.ty.as_deref().is_some_and(|t| t != "BPE") {
+        return None;
+    }
+    let mut b = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(m.vocab, m.merges.into_iter().map(|Merge(a, b)| (a, b)).collect());
+    if let Some(x) = m.dropout {
+        b = b.dropout(x);
+    }
+    if let Some(x) = m.unk_token {
+        b = b.unk_token(x);
+    }
+    if let Some(x) = m.continuing_subword_prefix {
+        b = b.continuing_subword_prefix(x);
+    }
+    if let Some(x) = m.end_of_word_suffix {
+        b = b.end_of_word_suffix(x);
+    }
+    if let Some(x) = m.fuse_unk {
+        b = b.fuse_unk(x);
+    }
+    if let Some(x) = m.byte_fallback {
+        b = b.byte_fallback(x);
+    }
+    if let Some(x) = m.ignore_merges {
+        b = b.ignore_merges(x);
+    }
+    b.build().ok()
 }
 
 /// The tokenizer bundled in an artifact.
@@ -539,6 +618,10 @@ mod tests {
         // an added token whose id the file gives differently is left to the library
         let wrong = r#"{"id":9,"content":"<|end|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}"#;
         assert!(load_bpe_fast(bpe_json(r#"["a b"]"#, wrong).as_bytes()).is_none());
+        // a merge that is not two pieces: the library reports it
+        let bad = bpe_json(r#"["a b c"]"#, "");
+        assert!(load_bpe_fast(bad.as_bytes()).is_none());
+        assert!(Tokenizer::from_bytes(bad.as_bytes()).is_err());
         // not BPE, or not a tokenizer at all: the library decides
         assert!(load_bpe_fast(br#"{"version":"1.0","model":{"type":"Unigram","vocab":[]}}"#).is_none());
         assert!(load_bpe_fast(b"[1, 2]").is_none());
