@@ -540,14 +540,21 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
     Ok(t)
 }
 
+/// Pieces longer than this (in bytes) get no merges derived: each split costs a hash of the
+/// piece, so a hostile file of long pieces would cost time quadratic in their length.
+/// SentencePiece's pieces are at most 16 characters unless trained otherwise (control and
+/// user-defined pieces, matched whole as added tokens, can be longer).
+const MAX_MERGED_PIECE: usize = 256;
+
 /// The BPE merges transformers derives from a SentencePiece vocabulary (`generate_merges` in
 /// its tokenization_utils_base): for each piece in id order, every split into two pieces of the
 /// vocabulary (ordered by their ids), then all of them ordered by the merged piece's id and the
-/// two halves' lengths in characters (a stable sort).
+/// two halves' lengths in characters (a stable sort). Pieces over `MAX_MERGED_PIECE` bytes are
+/// skipped.
 fn spm_merges(tokens: &[String]) -> Vec<(String, String)> {
     let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (id, len l, len r, id l, id r)
-    for (id, piece) in tokens.iter().enumerate() {
+    for (id, piece) in tokens.iter().enumerate().filter(|(_, p)| p.len() <= MAX_MERGED_PIECE) {
         let mut local = Vec::new();
         for (at, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(at);
@@ -599,6 +606,18 @@ mod tests {
         let (_, c) = hf_config(Path::new("t.gguf"), &header(&moe)).unwrap();
         assert_eq!((c["model_type"].as_str(), c["num_local_experts"].as_u64()), (Some("mixtral"), Some(8)));
         assert_eq!(c["num_experts_per_tok"].as_u64(), Some(2));
+    }
+
+    #[test]
+    fn sentencepiece_merges_follow_transformers_order() {
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // "ab" (id 3) splits once; "abc" (id 4) as "ab"+"c" and "a"+"bc" (id of "a" first);
+        // a piece too long for merges gets none
+        let long = "a".repeat(MAX_MERGED_PIECE + 1);
+        let tokens = t(&["a", "b", "c", "ab", "abc", "bc", &long]);
+        let m = spm_merges(&tokens);
+        let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(pairs, [("a", "b"), ("a", "bc"), ("ab", "c"), ("b", "c")]);
     }
 
     #[test]
