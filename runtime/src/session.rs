@@ -70,14 +70,18 @@ impl Engine {
         let load_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let (kernels, jit_s, extra) = std::thread::scope(|s| {
-            let side = s.spawn(|| side(&art));
+            // the main thread's stack size (8 MiB), not a spawned thread's 2 MiB: the side
+            // work may be a deserializer of model files
+            let side = std::thread::Builder::new().stack_size(8 << 20).spawn_scoped(s, || side(&art));
             let kernels = llmc_compiler::jit::compile(&art.header.program.kernels);
             let jit_s = t1.elapsed().as_secs_f64();
-            (kernels, jit_s, side.join())
+            (kernels, jit_s, side.map(|h| h.join()))
         });
         let kernels =
             kernels.map_err(|e| RuntimeError::BadArtifact { path: path.to_path_buf(), msg: e.to_string() })?;
-        let extra = extra.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let extra = extra
+            .map_err(|e| RuntimeError::Usage(format!("starting a thread: {e}")))?
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()

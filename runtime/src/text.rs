@@ -240,6 +240,35 @@ impl Text {
     }
 }
 
+/// The deepest nesting of arrays and objects accepted in a tokenizer.json.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// The deepest nesting of `[`/`{` in a JSON text (outside strings), without parsing it.
+fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// The longest Unigram piece accepted, in bytes. `tokenizers` keeps a Unigram vocabulary in a
 /// character trie that it drops recursively, one stack frame per character: a 76k-character
 /// piece (found by tests/fuzz.rs) overflowed a 2 MB thread stack when the tokenizer was
@@ -388,18 +417,29 @@ mod lenient {
 }
 
 fn check_tokenizer_json(bytes: &[u8]) -> Result<(), RuntimeError> {
+    // Deep nesting is refused before any deserializer sees it (a guard, not a found crash):
+    // serde_json stops at 128 levels, but the untagged enums of `tokenizers` rebuild nested
+    // values recursively, frame by frame. Real tokenizer.json files nest fewer than 10 levels.
+    let depth = json_depth(bytes);
+    if depth > MAX_JSON_DEPTH {
+        return Err(text_err(format!(
+            "tokenizer.json nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed"
+        )));
+    }
     // Not JSON is refused here, before `tokenizers` sees it: its deserializer builds the model
     // while it reads, so a document that breaks after a long Unigram piece (found by
     // tests/fuzz.rs: a 190,919-byte piece, then a missing final `}`) dropped the half-built
-    // trie recursively and overflowed the stack. `tokenizers` reads with serde_json too, so
-    // nothing it accepts is refused here.
+    // trie recursively and overflowed the stack. JSON the checks below cannot read is refused
+    // too, never waved through: a duplicated `post_processor` key (found by tests/fuzz.rs) made
+    // this parse fail while `tokenizers` took the file, 116 kB Unigram piece and all, and
+    // overflowed the stack dropping it. (`tokenizers` reads with serde_json too; what it
+    // accepts and this refuses is a duplicated key or a misshapen `added_tokens`.)
     let doc = match serde_json::from_slice::<TokDoc>(bytes) {
         Ok(d) => d,
         Err(e) => {
-            // not JSON: refused; JSON of another shape: `tokenizers` says why
             serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
                 .map_err(|_| text_err(format!("tokenizer.json is not valid JSON: {e}")))?;
-            return Ok(());
+            return Err(text_err(format!("tokenizer.json: {e}")));
         }
     };
     // Added tokens become one matcher (Aho-Corasick) built at load: 652 added tokens of 197k

@@ -141,6 +141,29 @@ fn huge_unigram_piece_in_broken_json_is_refused() {
     assert!(e.is_some_and(|e| e.contains("not valid JSON")));
 }
 
+/// Found by `tests/fuzz.rs` (fuzz_tokenizer): a duplicated key made the piece-length check's
+/// own parse fail, and the check waved the file through; `tokenizers` took it (the last key
+/// wins) with its 116 kB Unigram piece and overflowed the stack dropping it. A tokenizer.json
+/// the checks cannot read is now refused.
+#[test]
+fn duplicated_keys_do_not_bypass_the_checks() {
+    let doc = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false,
+                  "vocab": [["<unk>", 0.0], ["a".repeat(116_552), -1.0], ["b", -2.0]]}
+    })
+    .to_string();
+    let dup = format!("{{\"post_processor\":null,{}", &doc[1..]);
+    let e = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || Text::from_bytes(dup.as_bytes()).err().map(|e| e.to_string()))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(e.as_deref().is_some_and(|e| e.contains("duplicate field `post_processor`")), "{e:?}");
+}
+
 /// Found by `tests/fuzz.rs` (fuzz_chat_template): a long operator chain in a template
 /// overflowed the stack inside minijinja (`{{ 1 ~ 'a' ~ 'a' ... }}`, 8000 links, on a 2 MB
 /// thread), aborting the process. Rendering now has its own large stack and templates a size
@@ -196,4 +219,26 @@ fn huge_post_processor_templates_are_refused() {
     assert_eq!(t.encode("b", true).unwrap(), vec![1]);
     let e = Text::from_bytes(tok(1007).as_bytes()).err().map(|e| e.to_string());
     assert!(e.as_deref().is_some_and(|e| e.contains("template of 1007 items")), "{e:?}");
+}
+
+/// Arrays nested 120 deep in a tokenizer.json (serde_json itself allows 128) are refused by
+/// name, before the untagged enums of `tokenizers` rebuild them recursively.
+#[test]
+fn deeply_nested_tokenizer_json_is_refused() {
+    let deep = format!("{}1{}", "[".repeat(120), "]".repeat(120));
+    let json = format!(
+        r#"{{"version":"1.0","added_tokens":[],"normalizer":{{"type":"Sequence","normalizers":[{deep}]}},
+        "pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{{"type":"BPE","vocab":{{"a":0}},"merges":[]}}}}"#
+    );
+    let e = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || Text::from_bytes(json.as_bytes()).err().map(|e| e.to_string()))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(e.as_deref().is_some_and(|m| m.contains("nests 123 levels")), "{e:?}");
+    // strings with brackets and escaped quotes do not count
+    let ok = r#"{"version":"1.0","added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,
+        "decoder":null,"model":{"type":"BPE","vocab":{"[[[\"{{":0,"a":1},"merges":[]}}"#;
+    assert!(Text::from_bytes(ok.as_bytes()).is_ok());
 }
