@@ -230,19 +230,24 @@ fn qwen25_gguf_equals_transformers() {
 #[test]
 #[ignore = "fetches a 98 MB GGUF and scores 3,570 tokens; scripts/test runs it in release mode"]
 fn smollm2_gguf_perplexity() {
+    let p = gpl3_perplexity(&gguf());
+    assert!((p - 18.19).abs() < 0.1, "ppl {p}");
+    assert!((p / 18.13 - 1.0).abs() < 0.01, "ppl {p} vs the f32 model's 18.13");
+}
+
+/// `llmc perplexity MODEL -f GPL-3 -c 512 --json` (the GGUF compiled into a fresh cache): the
+/// estimate over its 14 chunks.
+fn gpl3_perplexity(model: &Path) -> f64 {
     let cache = tempfile::tempdir().unwrap();
-    let text = "/usr/share/common-licenses/GPL-3";
     let o = Command::new(common::llmc_bin())
-        .args(["perplexity", gguf().to_str().unwrap(), "-f", text, "-c", "512", "--json"])
+        .args(["perplexity", model.to_str().unwrap(), "-f", "/usr/share/common-licenses/GPL-3", "-c", "512", "--json"])
         .env("XDG_CACHE_HOME", cache.path())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let p = v["ppl"].as_f64().unwrap();
     assert_eq!(v["chunks"], 14);
-    assert!((p - 18.19).abs() < 0.1, "ppl {p}");
-    assert!((p / 18.13 - 1.0).abs() < 0.01, "ppl {p} vs the f32 model's 18.13");
+    v["ppl"].as_f64().unwrap()
 }
 
 /// `llmc perplexity` on Qwen2.5-Coder-0.5B's Q4_K_M GGUF (GPL-3, `-c 512`, default int8
@@ -251,15 +256,6 @@ fn smollm2_gguf_perplexity() {
 #[test]
 #[ignore = "scores 3,570 tokens with a 0.5B model; scripts/test runs it in release mode"]
 fn qwen25_gguf_perplexity_is_llama_cpps() {
-    let cache = tempfile::tempdir().unwrap();
-    let o = Command::new(common::llmc_bin())
-        .args(["perplexity", qwen().to_str().unwrap(), "-f", "/usr/share/common-licenses/GPL-3", "-c", "512", "--json"])
-        .env("XDG_CACHE_HOME", cache.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let p = v["ppl"].as_f64().unwrap();
-    assert_eq!(v["chunks"], 14);
+    let p = gpl3_perplexity(&qwen());
     assert!((p / 5.3184 - 1.0).abs() < 0.01, "ppl {p} vs llama-perplexity's 5.3184");
 }
