@@ -21,7 +21,9 @@ use serde_json::Value;
 use crate::program::{Layout, Program};
 
 pub const MAGIC: &[u8; 8] = b"LLMCART\0";
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: the q5_1 and q6_k storage types (GGUF K-quants kept as they are), f32 block scales
+/// of Q4_K in q4_1; a bump also retires GGUF artifacts cached by older builds.
+pub const FORMAT_VERSION: u32 = 6;
 /// Bytes before the JSON header.
 pub const PREAMBLE: usize = 24;
 /// The largest JSON header a loader reads (the header lists tensors and kernel calls: a few
