@@ -1,6 +1,6 @@
 //! `llmc run model.gguf`: a GGUF file is compiled on first use into the cache
 //! (`$XDG_CACHE_HOME/llmc`, else `~/.cache/llmc`), keyed by the file's path, size and
-//! modification time, and the artifact there is run. The writer renames a complete artifact
+//! modification time (and llmc's artifact format and version), and the artifact there is run. The writer renames a complete artifact
 //! into place, so an interrupted compile never leaves a half-written cache entry.
 
 use std::path::{Path, PathBuf};
@@ -29,8 +29,18 @@ pub fn artifact_for(path: &Path) -> Result<PathBuf> {
     let abs = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
     let mtime =
         meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    // the llmc version too: a newer llmc may compile the same file differently within one
+    // artifact format
     let key = fnv1a(
-        format!("{}\0{}\0{}\0{}", abs.display(), meta.len(), mtime, llmc_compiler::artifact::FORMAT_VERSION).as_bytes(),
+        format!(
+            "{}\0{}\0{}\0{}\0{}",
+            abs.display(),
+            meta.len(),
+            mtime,
+            llmc_compiler::artifact::FORMAT_VERSION,
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_bytes(),
     );
     let dir = cache_dir().context("no cache folder: set XDG_CACHE_HOME or HOME")?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
