@@ -56,14 +56,8 @@ fn load_bpe_fast(bytes: &[u8]) -> Option<Tokenizer> {
         #[serde(borrow)]
         model: &'a RawValue,
     }
-    #[derive(serde::Deserialize)]
-    struct ModelType<'a> {
-        #[serde(rename = "type", borrow)]
-        ty: Option<&'a str>,
-    }
     let doc: Doc<'_> = serde_json::from_slice(bytes).ok()?;
-    let kind: ModelType<'_> = serde_json::from_str(doc.model.get()).ok()?;
-    if doc.version != "1.0" || kind.ty != Some("BPE") {
+    if doc.version != "1.0" {
         return None;
     }
     let bpe = bpe_typed(doc.model.get())?;
@@ -138,7 +132,8 @@ fn bpe_typed(json: &str) -> Option<tokenizers::models::bpe::BPE> {
         merges: Vec<Merge>,
     }
     let m: Model = serde_json::from_str(json).ok()?;
-    if m.ty.as_deref().is_some_and(|t| t != "BPE") {
+    // only a model that says it is BPE (the library tries untagged models in an order of its own)
+    if m.ty.as_deref() != Some("BPE") {
         return None;
     }
     let mut b = tokenizers::models::bpe::BPE::builder()
