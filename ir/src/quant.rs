@@ -95,14 +95,7 @@ pub fn quantize_block(dtype: DType, x: &[f32]) -> QBlock {
             let mut b = QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] };
             for h in 0..2 {
                 let half = &x[16 * h..16 * h + 16];
-                let (mut amax, mut max) = (0f32, 0f32);
-                for &v in half {
-                    if amax < v.abs() {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                let d = max / -32.0;
+                let d = signed_absmax(half) / -32.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 for (o, &v) in b.q[16 * h..16 * h + 16].iter_mut().zip(half) {
                     *o = ((v * id + 32.5) as i8).min(63) - 32;
@@ -173,9 +166,8 @@ pub fn quantize_q8_0(x: &[f32]) -> Block {
     Block { d: f16::from_f32(d).to_f32(), q }
 }
 
-/// ggml's `quantize_row_q4_0_ref` for one block: `d = max / −8` where `max` is the value of
-/// largest magnitude (first one on ties), `q = min(15, trunc(x/d + 8.5))`; returns `q − 8`.
-pub fn quantize_q4_0(x: &[f32]) -> Block {
+/// The value of largest magnitude, with its sign (the first one on ties; 0 for none).
+fn signed_absmax(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if amax < v.abs() {
@@ -183,7 +175,13 @@ pub fn quantize_q4_0(x: &[f32]) -> Block {
             max = v;
         }
     }
-    let d = max / -8.0;
+    max
+}
+
+/// ggml's `quantize_row_q4_0_ref` for one block: `d = max / −8` where `max` is the value of
+/// largest magnitude (first one on ties), `q = min(15, trunc(x/d + 8.5))`; returns `q − 8`.
+pub fn quantize_q4_0(x: &[f32]) -> Block {
+    let d = signed_absmax(x) / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; QK];
     for (o, &v) in q.iter_mut().zip(x) {

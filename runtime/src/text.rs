@@ -313,9 +313,14 @@ mod lenient {
     use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use std::fmt;
 
-    /// A visitor that maps any JSON value to `0` except where a method is overridden.
+    /// A visitor that maps any JSON value to `0` (objects walked and ignored) except where a
+    /// method is overridden.
     macro_rules! any_zero {
         ($t:ident) => {
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<$t, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok($t(0))
+            }
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any value")
             }
@@ -353,10 +358,6 @@ mod lenient {
                     while a.next_element::<IgnoredAny>()?.is_some() {}
                     Ok(StrLen(0))
                 }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<StrLen, A::Error> {
-                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(StrLen(0))
-                }
             }
             d.deserialize_any(V)
         }
@@ -375,10 +376,6 @@ mod lenient {
                     let first = a.next_element::<StrLen>()?.map_or(0, |l| l.0);
                     while a.next_element::<IgnoredAny>()?.is_some() {}
                     Ok(FirstStrLen(first))
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<FirstStrLen, A::Error> {
-                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(FirstStrLen(0))
                 }
             }
             d.deserialize_any(V)
@@ -400,10 +397,6 @@ mod lenient {
                         m = m.max(l);
                     }
                     Ok(LongestPiece(m))
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<LongestPiece, A::Error> {
-                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(LongestPiece(0))
                 }
             }
             d.deserialize_any(V)
