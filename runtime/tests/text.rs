@@ -99,26 +99,36 @@ fn library_panics_on_bad_input_are_errors() {
     assert!(render_chat("{{ messages[0].content[::-1] }}", &msgs, None, None).is_err());
 }
 
+/// A Unigram tokenizer.json with these `[piece, score]` items.
+fn unigram_json(vocab: serde_json::Value) -> String {
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false, "vocab": vocab}
+    })
+    .to_string()
+}
+
+/// Loads a tokenizer.json on a thread with a 2 MiB stack (a test thread's size): the load
+/// error, if any (a stack overflow aborts the test process).
+fn load_error_on_small_stack(json: String) -> Option<String> {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || Text::from_bytes(json.as_bytes()).err().map(|e| e.to_string()))
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
 /// Found by `tests/fuzz.rs` (fuzz_tokenizer): a Unigram tokenizer.json whose first piece was
 /// replaced by 76181 `a`s loaded, but dropping it overflowed the stack (recursive trie drop
 /// in `tokenizers`) and aborted the process. Such a piece is refused at load.
 #[test]
 fn huge_unigram_piece_is_refused() {
-    let tok = |piece: &str| {
-        serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-            "pre_tokenizer": null, "post_processor": null, "decoder": null,
-            "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false,
-                      "vocab": [[piece, 0.0], ["a", -1.0], ["b", -2.0]]}
-        })
-        .to_string()
-    };
+    let tok = |piece: &str| unigram_json(serde_json::json!([[piece, 0.0], ["a", -1.0], ["b", -2.0]]));
     let t = Text::from_bytes(tok("<unk>").as_bytes()).unwrap();
     assert_eq!(t.encode("ab", false).unwrap(), vec![1, 2]);
-    let huge = "a".repeat(76181);
-    let e = std::thread::spawn(move || Text::from_bytes(tok(&huge).as_bytes()).err().map(|e| e.to_string()))
-        .join()
-        .unwrap();
+    let e = load_error_on_small_stack(tok(&"a".repeat(76181)));
     assert!(e.is_some_and(|e| e.contains("Unigram piece of 76181 bytes")));
 }
 
@@ -128,16 +138,9 @@ fn huge_unigram_piece_is_refused() {
 /// ran. A document that is not JSON is refused before `tokenizers` sees it.
 #[test]
 fn huge_unigram_piece_in_broken_json_is_refused() {
-    let doc = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": null, "post_processor": null, "decoder": null,
-        "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false,
-                  "vocab": [["<unk>", 0.0], ["a".repeat(190_919), -1.0], ["b", -2.0]]}
-    })
-    .to_string();
+    let doc = unigram_json(serde_json::json!([["<unk>", 0.0], ["a".repeat(190_919), -1.0], ["b", -2.0]]));
     let broken = doc[..doc.len() - 1].to_string();
-    let e =
-        std::thread::spawn(move || Text::from_bytes(broken.as_bytes()).err().map(|e| e.to_string())).join().unwrap();
+    let e = load_error_on_small_stack(broken);
     assert!(e.is_some_and(|e| e.contains("not valid JSON")));
 }
 
@@ -147,20 +150,9 @@ fn huge_unigram_piece_in_broken_json_is_refused() {
 /// the checks cannot read is now refused.
 #[test]
 fn duplicated_keys_do_not_bypass_the_checks() {
-    let doc = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": null, "post_processor": null, "decoder": null,
-        "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": false,
-                  "vocab": [["<unk>", 0.0], ["a".repeat(116_552), -1.0], ["b", -2.0]]}
-    })
-    .to_string();
+    let doc = unigram_json(serde_json::json!([["<unk>", 0.0], ["a".repeat(116_552), -1.0], ["b", -2.0]]));
     let dup = format!("{{\"post_processor\":null,{}", &doc[1..]);
-    let e = std::thread::Builder::new()
-        .stack_size(2 << 20)
-        .spawn(move || Text::from_bytes(dup.as_bytes()).err().map(|e| e.to_string()))
-        .unwrap()
-        .join()
-        .unwrap();
+    let e = load_error_on_small_stack(dup);
     assert!(e.as_deref().is_some_and(|e| e.contains("duplicate field `post_processor`")), "{e:?}");
 }
 
@@ -230,12 +222,7 @@ fn deeply_nested_tokenizer_json_is_refused() {
         r#"{{"version":"1.0","added_tokens":[],"normalizer":{{"type":"Sequence","normalizers":[{deep}]}},
         "pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{{"type":"BPE","vocab":{{"a":0}},"merges":[]}}}}"#
     );
-    let e = std::thread::Builder::new()
-        .stack_size(2 << 20)
-        .spawn(move || Text::from_bytes(json.as_bytes()).err().map(|e| e.to_string()))
-        .unwrap()
-        .join()
-        .unwrap();
+    let e = load_error_on_small_stack(json);
     assert!(e.as_deref().is_some_and(|m| m.contains("nests 123 levels")), "{e:?}");
     // strings with brackets and escaped quotes do not count
     let ok = r#"{"version":"1.0","added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,
