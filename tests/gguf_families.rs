@@ -58,6 +58,16 @@ fn q8_0(v: &[f32]) -> Vec<u8> {
     out
 }
 
+/// A GGUF array (type 9) of 4-byte items of ggml metadata type `ty`.
+fn array4(b: &mut Vec<u8>, ty: u32, items: impl ExactSizeIterator<Item = [u8; 4]>) {
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&ty.to_le_bytes());
+    b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+    for x in items {
+        b.extend_from_slice(&x);
+    }
+}
+
 /// A GGUF v3 file: metadata, then tensors (row-major `shape`; 2-D and larger matrices in Q8_0
 /// when `quantize`).
 fn gguf(meta: &[(String, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)], quantize: bool) -> Vec<u8> {
@@ -97,22 +107,9 @@ fn gguf(meta: &[(String, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)], qua
                     string(&mut b, x);
                 }
             }
-            Meta::F32s(v) => {
-                num(&mut b, 9, 4);
-                num(&mut b, 6, 4);
-                num(&mut b, v.len() as u64, 8);
-                for x in v {
-                    b.extend_from_slice(&x.to_le_bytes());
-                }
-            }
-            Meta::I32s(v) => {
-                num(&mut b, 9, 4);
-                num(&mut b, 5, 4);
-                num(&mut b, v.len() as u64, 8);
-                for x in v {
-                    b.extend_from_slice(&x.to_le_bytes());
-                }
-            }
+            // arrays of 4-byte numbers: the element type, the count, the little-endian items
+            Meta::F32s(v) => array4(&mut b, 6, v.iter().map(|x| x.to_le_bytes())),
+            Meta::I32s(v) => array4(&mut b, 5, v.iter().map(|x| x.to_le_bytes())),
         }
     }
     let datas: Vec<(u32, Vec<u8>)> = tensors
@@ -164,6 +161,12 @@ fn permute(v: &[f32], rows: usize, heads: usize) -> Vec<f32> {
 
 /// A llama/mistral/qwen2/mixtral fixture as llama.cpp's converter writes it.
 fn llama_like_gguf(name: &str, quantize: bool) -> Vec<u8> {
+    llama_like_gguf_edited(name, quantize, &|_| {})
+}
+
+/// `llama_like_gguf` with `edit` applied to the GGUF tensors (name, shape, values) before
+/// they are written.
+fn llama_like_gguf_edited(name: &str, quantize: bool, edit: &dyn Fn(&mut [(String, Vec<usize>, Vec<f32>)])) -> Vec<u8> {
     let dir = fixture(name);
     let c: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let mut w = read_safetensors(&dir.join("model.safetensors"));
@@ -239,6 +242,7 @@ fn llama_like_gguf(name: &str, quantize: bool) -> Vec<u8> {
         take(&mut t, &mut w, "lm_head.weight", "output.weight".into(), None);
     }
     assert!(w.is_empty(), "{name}: tensors left unconverted: {:?}", w.keys().collect::<Vec<_>>());
+    edit(&mut t);
     gguf(&meta, &t, quantize)
 }
 
@@ -431,6 +435,25 @@ fn mixtral_q8_0_gguf_keeps_its_blocks() {
     let (q_err, _) = max_err(&own, &floats(&exp["logits_last"]));
     eprintln!("mixtral q8_0: GGUF vs llmc --dtype q8_0 {err:.2e}; q8_0 vs transformers {q_err:.3} (max {max_abs:.3})");
     assert!(err <= 1e-5 * max_abs.max(1.0), "GGUF vs llmc's own q8_0: {err}");
+}
+
+/// A quantized GGUF tensor whose block scale is not finite (here an f16 infinity) is refused
+/// by name: its blocks are packed as the file stores them, so this check stands where the f32
+/// path's non-finite check does.
+#[test]
+fn non_finite_block_scale_is_refused() {
+    let poisoned = llama_like_gguf_edited("llama", true, &|t| {
+        let w = t.iter_mut().find(|(n, _, _)| n == "blk.1.ffn_down.weight").unwrap();
+        w.2[40] = f32::INFINITY; // the second block of the first row: its scale becomes inf
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("nan.gguf");
+    std::fs::write(&g, poisoned).unwrap();
+    let o = common::llmc(&["compile", g.to_str().unwrap(), "-o", dir.path().join("nan.llmc").to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = common::stderr(&o);
+    assert!(err.contains("model.layers.1.mlp.down_proj.weight") && err.contains("non-finite scale"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 /// A SentencePiece tokenizer (`tokenizer.ggml.model = llama`: pieces, scores, token types, no
