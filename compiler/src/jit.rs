@@ -76,6 +76,12 @@ impl IsaLevel {
     }
 
     /// Whether the kernels may use fused multiply-add.
+    /// Whether kernels at this level call the wide micro-kernels (`crate::micro`): AVX-512
+    /// on a host that has what they need.
+    pub fn wide(self) -> bool {
+        self == IsaLevel::Avx512 && crate::micro::available()
+    }
+
     pub fn has_fma(self) -> bool {
         self >= IsaLevel::Avx2 || !cfg!(target_arch = "x86_64")
     }
@@ -218,7 +224,7 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
         ctx.func.name = UserFuncName::user(0, i as u32);
         {
             let b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-            kernels::build(spec, b, isa.frontend_config(), level.has_fma());
+            kernels::build(spec, b, isa.frontend_config(), level.has_fma(), level.wide());
         }
         module.define_function(id, &mut ctx).map_err(|e| cg(format!("{e:?}")))?;
         let relocs = ctx.compiled_code().map(|c| c.buffer.relocs().len()).unwrap_or(0);
@@ -248,7 +254,13 @@ pub fn vcode_text(spec: &KernelSpec) -> Result<String, JitError> {
     ctx.func.signature = signature(&*isa);
     ctx.set_disasm(true);
     let mut fctx = FunctionBuilderContext::new();
-    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config(), level.has_fma());
+    kernels::build(
+        spec,
+        FunctionBuilder::new(&mut ctx.func, &mut fctx),
+        isa.frontend_config(),
+        level.has_fma(),
+        level.wide(),
+    );
     let code = ctx
         .compile(&*isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
@@ -262,7 +274,13 @@ pub fn clif_text(spec: &KernelSpec) -> Result<String, JitError> {
     let mut ctx = Context::new();
     ctx.func.signature = signature(&*isa);
     let mut fctx = FunctionBuilderContext::new();
-    kernels::build(spec, FunctionBuilder::new(&mut ctx.func, &mut fctx), isa.frontend_config(), level.has_fma());
+    kernels::build(
+        spec,
+        FunctionBuilder::new(&mut ctx.func, &mut fctx),
+        isa.frontend_config(),
+        level.has_fma(),
+        level.wide(),
+    );
     ctx.optimize(&*isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
     Ok(ctx.func.display().to_string())

@@ -60,10 +60,12 @@ pub struct Kb<'a> {
     /// Whether the target has FMA (else `fma` is a multiply and an add: Cranelift would make
     /// an FMA without hardware support a call, and kernels call nothing).
     has_fma: bool,
+    /// Whether projections call the wide micro-kernels (`crate::micro`, via `kernels::wide`).
+    pub wide: bool,
 }
 
 impl<'a> Kb<'a> {
-    pub fn new(mut b: FunctionBuilder<'a>, cfg: TargetFrontendConfig, has_fma: bool) -> Kb<'a> {
+    pub fn new(mut b: FunctionBuilder<'a>, cfg: TargetFrontendConfig, has_fma: bool, wide: bool) -> Kb<'a> {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -81,13 +83,18 @@ impl<'a> Kb<'a> {
             let c = b.ins().splat(types::I32X4, c);
             b.ins().stack_store(I64, c, pool, (16 * (POOL_F32.len() + i)) as i32);
         }
-        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg, pool, has_fma }
+        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg, pool, has_fma, wide }
     }
 
     pub fn finish(mut self) {
         self.b.ins().return_(&[]);
         self.b.seal_all_blocks();
         self.b.finalize(self.cfg);
+    }
+
+    /// The host's calling convention (of the micro-kernels a kernel calls).
+    pub fn call_conv(&self) -> cranelift_codegen::isa::CallConv {
+        self.cfg.default_call_conv
     }
 
     /// The `i`-th pointer of the argument table.

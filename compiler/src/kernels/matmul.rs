@@ -315,6 +315,9 @@ pub fn panels(
     swiglu: bool,
     epi: &mut dyn FnMut(&mut Kb<'_>, Value, Value, TileVals),
 ) {
+    if super::wide::panels(k, c, w, epi) {
+        return;
+    }
     let (lo, hi, n) = (k.lo, k.hi, k.n);
     let kd = c.kd;
     let pb = panel_bytes(c.wt, kd) as i64;

@@ -12,6 +12,7 @@ pub mod norm;
 pub mod qkv_rope;
 pub mod rope;
 pub mod storage;
+pub mod wide;
 
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::FunctionBuilder;
@@ -20,9 +21,10 @@ use crate::program::KernelSpec;
 use kb::Kb;
 
 /// Emits the body of the kernel for `spec` into `b` (`fma`: whether the target has fused
-/// multiply-add; without it, `Kb::fma` multiplies and adds).
-pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig, fma: bool) {
-    let mut k = Kb::new(b, cfg, fma);
+/// multiply-add; without it, `Kb::fma` multiplies and adds; `wide`: whether projections call
+/// the wide micro-kernels of `crate::micro`).
+pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig, fma: bool, wide: bool) {
+    let mut k = Kb::new(b, cfg, fma, wide);
     match spec {
         KernelSpec::Embedding { d, layout, w } => elementwise::embedding(&mut k, *d, *layout, *w),
         KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w, xq } => {

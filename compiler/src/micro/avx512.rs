@@ -1,0 +1,258 @@
+//! The AVX-512 micro-kernels (see `micro`): one 16-row panel is one zmm register.
+//!
+//! - int8 (`Dot16` weights, the int8 prologue's rows): per group of 4 columns, one 64-byte load
+//!   holds the group for all 16 rows, and one `vpdpbusd` with the token's 4 activation bytes
+//!   broadcast from memory adds it into 16 i32 sums. Nibble types split each load into its low
+//!   and high nibbles (columns `4g..4g+4` and `16+4g..16+4g+4`). Per block the integer sums
+//!   start at the prologue's correction `−offset·Σq` and end scaled by `d_w · d_x` into f32
+//!   accumulators (plus `m_w · d_x·Σq` for types with a minimum; q6_k scales each half).
+//! - float (`Panel16` weights): per column one 16-wide load (bf16: zero-extended and shifted,
+//!   f16: `vcvtph2ps`) and one FMA per token with the token's value broadcast from memory.
+//!
+//! The arithmetic is the one `kernels::dot` and `kernels::storage` emit, so results differ
+//! from the interpreter's only in f32 summation order.
+
+use std::arch::x86_64::*;
+
+use super::{MicroFn, TILE_PANELS, TILE_TOKENS};
+use llmc_ir::DType;
+
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma")
+}
+
+/// `f32` at `p` (any alignment).
+#[inline(always)]
+unsafe fn rd_f32(p: *const u8) -> f32 {
+    // SAFETY: the caller passes an address inside a row it was given.
+    unsafe { (p as *const f32).read_unaligned() }
+}
+
+#[inline(always)]
+unsafe fn rd_i32(p: *const u8) -> i32 {
+    // SAFETY: as `rd_f32`.
+    unsafe { (p as *const i32).read_unaligned() }
+}
+
+/// One int8 tile: `T` tokens × `P` panels. `NIB`: nibble integers; `MIN`: a minimum per row
+/// and block; `SUBS`: scales per block (2 for q6_k).
+///
+/// # Safety
+/// The host has the features `available` checks; `w` holds `P` panels of `kd` columns
+/// `pb` bytes apart in `Dot16` layout of this type; `x` holds `T` rows `rb` bytes apart of
+/// the int8 prologue's buffer for `kd` columns; `out` has room for `TILE_TOKENS·TILE_PANELS·16`
+/// f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: bool, const SUBS: usize>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let head = if MIN || SUBS == 2 { 128 } else { 64 };
+    let block = head + if NIB { 256 } else { 512 };
+    let groups = if NIB { 4 } else { 8 };
+    let nib = _mm512_set1_epi8(0x0f);
+    let mut facc = [[_mm512_setzero_ps(); P]; T];
+    // SAFETY (whole body): every address is `w + p·pb + b·block + (< block)` for `p < P`,
+    // `b < kd/32`, or `x + t·rb + (< kd + kd/32·12)` for `t < T`: inside what the caller gave.
+    unsafe {
+        for b in 0..kd / 32 {
+            let bp = w.add(b * block);
+            let xb = x.add(b * 32);
+            let mb = x.add(kd + b * 12);
+            for sub in 0..SUBS {
+                let mut iacc = [[_mm512_setzero_si512(); P]; T];
+                for (t, row) in iacc.iter_mut().enumerate() {
+                    let c = _mm512_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub)));
+                    *row = [c; P];
+                }
+                for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
+                    for p in 0..P {
+                        let wv = _mm512_loadu_si512(bp.add(p * pb + head + g * 64) as *const __m512i);
+                        if NIB {
+                            let lo = _mm512_and_si512(wv, nib);
+                            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
+                            for (t, row) in iacc.iter_mut().enumerate() {
+                                let xl = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
+                                let xh = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4 + 16)));
+                                row[p] = _mm512_dpbusd_epi32(row[p], lo, xl);
+                                row[p] = _mm512_dpbusd_epi32(row[p], hi, xh);
+                            }
+                        } else {
+                            for (t, row) in iacc.iter_mut().enumerate() {
+                                let xv = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
+                                row[p] = _mm512_dpbusd_epi32(row[p], wv, xv);
+                            }
+                        }
+                    }
+                }
+                for t in 0..T {
+                    let dx = _mm512_set1_ps(rd_f32(mb.add(t * rb)));
+                    let ds = _mm512_set1_ps(if MIN { rd_f32(mb.add(t * rb + 8)) } else { 0.0 });
+                    for p in 0..P {
+                        let sw = _mm512_loadu_ps(bp.add(p * pb + sub * 64) as *const f32);
+                        let s = _mm512_mul_ps(sw, dx);
+                        let f = _mm512_cvtepi32_ps(iacc[t][p]);
+                        facc[t][p] = _mm512_fmadd_ps(f, s, facc[t][p]);
+                        if MIN {
+                            let mw = _mm512_loadu_ps(bp.add(p * pb + 64) as *const f32);
+                            facc[t][p] = _mm512_fmadd_ps(mw, ds, facc[t][p]);
+                        }
+                    }
+                }
+            }
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add((t * TILE_PANELS + p) * 16), *v);
+            }
+        }
+    }
+}
+
+/// Float weight kinds of `float_tile`.
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const F16: u8 = 2;
+
+/// One float tile: `T` tokens × `P` panels of weights of kind `WT`.
+///
+/// # Safety
+/// As `dot_tile`, with `Panel16` panels of this kind and `x` holding `T` f32 rows of `kd`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let es = if WT == F32 { 4 } else { 2 };
+    let mut facc = [[_mm512_setzero_ps(); P]; T];
+    // SAFETY (whole body): addresses are `w + p·pb + k·16·es (+ < 16·es)` for `p < P`,
+    // `k < kd`, and `x + t·rb + 4k` for `t < T`, `k < kd`: inside what the caller gave.
+    unsafe {
+        for k in 0..kd {
+            for p in 0..P {
+                let a = w.add(p * pb + k * 16 * es);
+                let wv = match WT {
+                    F32 => _mm512_loadu_ps(a as *const f32),
+                    BF16 => {
+                        let h = _mm256_loadu_si256(a as *const __m256i);
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                    }
+                    _ => _mm512_cvtph_ps(_mm256_loadu_si256(a as *const __m256i)),
+                };
+                for (t, row) in facc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(rd_f32(x.add(t * rb + k * 4)));
+                    row[p] = _mm512_fmadd_ps(wv, xv, row[p]);
+                }
+            }
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add((t * TILE_PANELS + p) * 16), *v);
+            }
+        }
+    }
+}
+
+/// Splits a call of any `tokens × panels` (each clamped to the tile bounds) into the tiles
+/// `$tile` is instantiated for.
+macro_rules! dispatch {
+    ($name:ident, $tile:ident, $tmax:expr, [$($g:tt)*]) => {
+        /// # Safety
+        /// As the tile function it calls (`MicroFn`'s contract), on a host with the features
+        /// `available` checks.
+        #[allow(clippy::too_many_arguments)]
+        unsafe extern "C" fn $name(
+            w: *const u8,
+            pb: usize,
+            np: usize,
+            x: *const u8,
+            rb: usize,
+            nt: usize,
+            kd: usize,
+            out: *mut f32,
+        ) {
+            let nt = nt.min(TILE_TOKENS);
+            let np = np.min(TILE_PANELS);
+            let tstep = if nt == 1 { 1 } else { $tmax };
+            let pstep = if nt == 1 { super::DECODE_PANELS } else { super::PREFILL_PANELS };
+            let mut t0 = 0;
+            while t0 < nt {
+                let tn = (nt - t0).min(tstep);
+                let mut p0 = 0;
+                while p0 < np {
+                    let pn = (np - p0).min(pstep);
+                    // SAFETY: sub-tiles of the caller's tile: rows `t0..t0+tn` of `x`, panels
+                    // `p0..p0+pn` of `w`, and their places in `out`.
+                    unsafe {
+                        let (w, x, o) = (w.add(p0 * pb), x.add(t0 * rb), out.add((t0 * TILE_PANELS + p0) * 16));
+                        match (tn, pn) {
+                            (1, 1) => $tile::<1, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (1, 2) => $tile::<1, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (1, 3) => $tile::<1, 3, $($g)*>(w, pb, x, rb, kd, o),
+                            (1, _) => $tile::<1, 4, $($g)*>(w, pb, x, rb, kd, o),
+                            (2, 1) => $tile::<2, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (2, _) => $tile::<2, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (3, 1) => $tile::<3, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (3, _) => $tile::<3, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (4, 1) => $tile::<4, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (4, _) => $tile::<4, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (5, 1) => $tile::<5, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (5, _) => $tile::<5, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (6, 1) => $tile::<6, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (6, _) => $tile::<6, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (7, 1) => $tile::<7, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (7, _) => $tile::<7, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (_, 1) => $tile::<8, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (_, _) => $tile::<8, 2, $($g)*>(w, pb, x, rb, kd, o),
+                        }
+                    }
+                    p0 += pn;
+                }
+                t0 += tn;
+            }
+        }
+    };
+}
+
+dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1]);
+dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1]);
+dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1]);
+dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [false, true, 1]);
+dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [false, false, 2]);
+dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, [F32]);
+dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, [BF16]);
+dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, [F16]);
+
+pub fn dot(wt: DType) -> Option<MicroFn> {
+    Some(match wt {
+        DType::Q8_0 => dot_q8,
+        DType::Q4_0 => dot_q4_0,
+        DType::Q4_1 => dot_q4_1,
+        DType::Q5_1 => dot_q5_1,
+        DType::Q6K => dot_q6_k,
+        _ => return None,
+    })
+}
+
+pub fn float(wt: DType) -> Option<MicroFn> {
+    Some(match wt {
+        DType::F32 => float_f32,
+        DType::BF16 => float_bf16,
+        DType::F16 => float_f16,
+        _ => return None,
+    })
+}

@@ -1,0 +1,85 @@
+//! Wide micro-kernels: the inner products of the matmul family at the host's full vector width
+//! (512-bit on AVX-512 hosts), which Cranelift's x64 backend cannot emit (it has 128-bit
+//! vectors only).
+//!
+//! They are precompiled Rust (`#[target_feature]` functions with `std::arch` intrinsics) rather
+//! than JIT-assembled: the shapes they depend on (`kd`, the panel stride) are loop bounds read
+//! once per call, so specializing them at load buys nothing measurable, while Rust code is
+//! checked by the compiler and readable by a reviewer. The JIT kernels keep everything else:
+//! the argument table, the RMS and int8 prologues and every fused epilogue. A kernel calls a
+//! micro-kernel by its address (a constant in the JIT code) for one tile of up to
+//! `TILE_TOKENS` × `TILE_PANELS` 16-row panels, which writes the tile's f32 sums to a stack
+//! buffer the kernel then finishes (RMS scale, bias, epilogue).
+//!
+//! Tiles: `(1, 1..=4)` for a single row (decode: four weight streams in flight) and
+//! `(1..=4, 1..=2)` for int8 prefill, `(1..=8, 1..=2)` for f32/bf16/f16 prefill (register
+//! blocking: each weight vector loaded once per tile feeds every token's FMA).
+
+use llmc_ir::DType;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Most tokens and panels one call computes; `out` holds `[TILE_TOKENS][TILE_PANELS][16]` f32.
+pub const TILE_TOKENS: usize = 8;
+pub const TILE_PANELS: usize = 4;
+
+/// Tokens × panels per call: for one row, and for several (int8 or float weights).
+pub const DECODE_PANELS: usize = 4;
+pub const DOT_TOKENS: usize = 4;
+pub const FLOAT_TOKENS: usize = 8;
+pub const PREFILL_PANELS: usize = 2;
+
+/// A micro-kernel: `(w, panel_stride, panels, x, x_row_stride, tokens, kd, out)`.
+///
+/// `w` is the first of `panels` panels `panel_stride` bytes apart, each in the `Panel16`
+/// layout (float weights) or the `Dot16` layout (`pack::panel_bytes`); `x` is the first of
+/// `tokens` input rows `x_row_stride` bytes apart: f32 rows of `kd` values, or rows of the
+/// int8 prologue's buffer (`kd` bytes of q, then 12 bytes of metadata per block of 32:
+/// `kernels::dot`). Writes `Σ_k x[t, k]·W[row, k]` (int8: each block's integer sum corrected
+/// and scaled, as `kernels::dot` defines) to `out[(t·TILE_PANELS + p)·16 + lane]`.
+pub type MicroFn = unsafe extern "C" fn(*const u8, usize, usize, *const u8, usize, usize, usize, *mut f32);
+
+/// Whether the host runs the wide micro-kernels (AVX-512 F/BW/VL with VNNI and F16C).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The micro-kernel over int8 activations and `Dot16` weights of storage type `wt`.
+pub fn dot(wt: DType) -> Option<MicroFn> {
+    if !available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::dot(wt)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wt;
+        None
+    }
+}
+
+/// The micro-kernel over f32 activations and `Panel16` weights of float type `wt`.
+pub fn float(wt: DType) -> Option<MicroFn> {
+    if !available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::float(wt)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wt;
+        None
+    }
+}
