@@ -159,10 +159,13 @@ unsafe fn stream_sum_avx2(c: &[u64]) -> u64 {
     out.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
-/// Read bandwidth in GB/s: best of 8 passes over a 512 MiB buffer, split over the pool's
-/// threads, each reading its part as `STREAMS` streams with the widest loads it has.
-pub fn measure_bandwidth(pool: &rayon::ThreadPool) -> f64 {
-    let words = 64 << 20; // u64s = 512 MiB
+/// Read bandwidth in GB/s over as many bytes as a decoded token reads (`bytes`, between 8
+/// and 512 MiB): best of 8 passes, split over the pool's threads, each reading its part as
+/// `STREAMS` streams with the widest loads it has. The size matters: a model that fits the
+/// last-level cache (SmolLM2's q4_0 weights do on a 260 MiB L3) decodes from it, faster than
+/// DRAM, and its roofline is the cache's.
+pub fn measure_bandwidth(pool: &rayon::ThreadPool, bytes: u64) -> f64 {
+    let words = (bytes.clamp(8 << 20, 512 << 20) / 8) as usize;
     let buf: Vec<u64> = (0..words as u64).collect();
     let threads = pool.current_num_threads().max(1);
     // each thread's part: whole 512-bit words of each stream, so every counted byte is read
@@ -201,8 +204,8 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         logits = s.step(&[tok])?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    let bw = measure_bandwidth(&engine.pool);
     let bytes = bytes_per_token(engine);
+    let bw = measure_bandwidth(&engine.pool, bytes);
     let decode_tok_s = decode as f64 / decode_s.max(1e-9);
     let prefill_tok_s = prompt.len() as f64 / prefill_s.max(1e-9);
     let prog = &engine.art.header.program;

@@ -77,7 +77,11 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
                 }
                 for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
                     for p in 0..P {
-                        let wv = _mm512_loadu_si512(bp.add(p * pb + head + g * 64) as *const __m512i);
+                        let a = bp.add(p * pb + head + g * 64);
+                        if T == 1 {
+                            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                        }
+                        let wv = _mm512_loadu_si512(a as *const __m512i);
                         if NIB {
                             let lo = _mm512_and_si512(wv, nib);
                             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
@@ -119,6 +123,8 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
     }
 }
 
+const PF: usize = 1024;
+
 /// Float weight kinds of `float_tile`.
 const F32: u8 = 0;
 const BF16: u8 = 1;
@@ -145,6 +151,9 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
         for k in 0..kd {
             for p in 0..P {
                 let a = w.add(p * pb + k * 16 * es);
+                if T == 1 && (k * 16 * es) % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                }
                 let wv = match WT {
                     F32 => _mm512_loadu_ps(a as *const f32),
                     BF16 => {
