@@ -708,12 +708,15 @@ fn int8_linear_in_chunks() {
     }
 }
 
-/// Contexts longer than the attention kernel's key block (128 positions): prefills of 200 and
-/// then 190 tokens, and decode steps, with and without a sliding window (whose ring wraps).
+/// Contexts longer than the attention kernel's key block (128 positions; the wide kernel's 64):
+/// prefills of 200 and then 190 tokens, and decode steps, with and without a sliding window
+/// (whose ring wraps); head dims past the wide kernel's 64-dim register tile, and a group of 70
+/// query heads (more than the 64 rows one wide pass holds).
 #[test]
 fn attention_over_several_key_blocks() {
-    for (window, hd) in [(None, 16), (Some(150), 12), (None, 7)] {
-        let (kv, group) = (2, 3);
+    for (window, hd, kv, group) in
+        [(None, 16, 2, 3), (Some(150), 12, 2, 3), (None, 7, 2, 3), (None, 72, 2, 3), (Some(40), 5, 1, 70)]
+    {
         let heads = kv * group;
         let mut c = Case::new(3);
         let q = c.rows("q", 64, heads * hd, 2.0);

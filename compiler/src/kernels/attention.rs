@@ -68,6 +68,9 @@ const STRIDE: usize = BLOCK + 4;
 /// dims-chunk with the group's accumulators in registers. Each K and V vector loaded is shared
 /// by the whole group.
 pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, window: Option<usize>, scale: f32) {
+    if let Some(f) = crate::micro::attention().filter(|_| k.wide && hd <= crate::micro::MAX_HEAD_DIM) {
+        return wide(k, f, heads, kv_heads, hd, window, scale);
+    }
     let (q, pos, kc, vc, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3), k.ptr(4));
     let group = heads / kv_heads;
     let qw = heads * hd;
@@ -258,5 +261,64 @@ pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, windo
             let inv = k.fdiv(one, lg);
             scale_head(k, og, g * hd, &chunks, inv);
         }
+    });
+}
+
+/// `attention` through the wide micro-kernel (`micro::attention`): the unit range is cut into
+/// runs of consecutive rows of one kv head, up to `micro::ROWS / group` rows per call, so the
+/// micro-kernel reads each K and V row once per run.
+fn wide(
+    k: &mut Kb<'_>,
+    f: crate::micro::AttnFn,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+    scale: f32,
+) {
+    use crate::micro::{ATTN_BYTES, ROWS};
+    use cranelift_codegen::ir::{AbiParam, Signature};
+    let (q, pos, kc, vc, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3), k.ptr(4));
+    let group = heads / kv_heads;
+    let qw = (heads * hd * 4) as i64;
+    let slot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, ATTN_BYTES as u32, 3));
+    let call = k.b.ins().stack_addr(I64, slot, 0);
+    // the words every call shares: kc, vc, cap, group, head_dim, q_stride, window, scale
+    let cap = k.cap;
+    k.st(kc, call, 24);
+    k.st(vc, call, 32);
+    k.st(cap, call, 56);
+    for (off, v) in [(64, group), (72, hd), (80, heads * hd), (88, window.unwrap_or(0))] {
+        let c = k.ic(v as i64);
+        k.st(c, call, off);
+    }
+    let sc = k.f(scale);
+    k.st(sc, call, 96);
+    let mut sig = Signature::new(k.call_conv());
+    sig.params.push(AbiParam::new(I64));
+    let sig = k.b.import_signature(sig);
+    let (lo, hi, n) = (k.lo, k.hi, k.n);
+    let most = k.ic((ROWS / group).max(1) as i64);
+    let uv = k.var(I64, lo);
+    k.for_ptr(uv, hi, |k| {
+        let u = k.get(uv);
+        let kvh = k.b.ins().udiv(u, n);
+        let t = k.b.ins().urem(u, n);
+        let rows_left = k.b.ins().isub(n, t);
+        let units_left = k.b.ins().isub(hi, u);
+        let nt = k.b.ins().umin(rows_left, units_left);
+        let nt = k.b.ins().umin(nt, most);
+        let qa = k.at(q, t, qw);
+        let pa = k.at(pos, t, 4);
+        let oa = k.at(out, t, qw);
+        k.st(qa, call, 0);
+        k.st(pa, call, 8);
+        k.st(oa, call, 16);
+        k.st(nt, call, 40);
+        k.st(kvh, call, 48);
+        let fp = k.ic(f as usize as i64);
+        k.b.ins().call_indirect(sig, fp, &[call]);
+        let u = k.add(u, nt);
+        k.set(uv, u);
     });
 }

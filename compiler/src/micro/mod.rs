@@ -19,6 +19,8 @@ use llmc_ir::DType;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_attention;
 
 /// Most tokens and panels one call computes; `out` holds `[TILE_TOKENS][TILE_PANELS][16]` f32.
 pub const TILE_TOKENS: usize = 8;
@@ -81,5 +83,66 @@ pub fn float(wt: DType) -> Option<MicroFn> {
     {
         let _ = wt;
         None
+    }
+}
+
+/// Most query rows (heads of a group × step rows) one attention pass holds, one lane each;
+/// the most head dims the attention micro-kernel takes.
+pub const ROWS: usize = 64;
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The arguments of one attention micro-kernel call, as the JIT kernel writes them (8-byte
+/// words, then `scale`): every query head of kv head `kvh`'s group for step rows
+/// `t0 .. t0 + nt`.
+#[repr(C)]
+pub struct AttnCall {
+    /// Row `t0` of the step's queries (`q_stride` f32 per row; head `h` at `h·head_dim`).
+    pub q: *const f32,
+    /// Positions of rows `t0 .. t0 + nt`.
+    pub pos: *const i32,
+    /// Row `t0` of the output (laid out as `q`).
+    pub out: *mut f32,
+    /// This layer's caches, `[kv_heads, cap, head_dim]`.
+    pub kc: *const f32,
+    pub vc: *const f32,
+    pub nt: u64,
+    pub kvh: u64,
+    pub cap: u64,
+    pub group: u64,
+    pub head_dim: u64,
+    pub q_stride: u64,
+    /// Sliding window (0: none): the row at position `p` attends to `max(0, p-window+1) ..= p`.
+    pub window: u64,
+    pub scale: f32,
+}
+
+/// Byte offsets of `AttnCall`'s fields, in declaration order, and its size.
+pub const ATTN_WORDS: usize = 12;
+pub const ATTN_BYTES: usize = ATTN_WORDS * 8 + 8;
+
+/// An attention micro-kernel: `attend(&AttnCall)`.
+pub type AttnFn = unsafe extern "C" fn(*const AttnCall);
+
+/// The attention micro-kernel, where the host runs the wide kernels.
+pub fn attention() -> Option<AttnFn> {
+    if !available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(avx512_attention::attend)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attn_call_layout_is_what_kernels_write() {
+        assert_eq!(std::mem::size_of::<super::AttnCall>(), super::ATTN_BYTES);
+        assert_eq!(std::mem::offset_of!(super::AttnCall, scale), super::ATTN_WORDS * 8);
     }
 }

@@ -1,0 +1,259 @@
+//! AVX-512 attention over the KV cache for a tile of query rows: every query head of one kv
+//! head's group for `nt` consecutive step rows (up to 64 rows per pass, one lane each), with an
+//! online softmax over blocks of `BLOCK` positions (flash-attention style), so each K and V
+//! row is read once per tile of rows instead of once per row.
+//!
+//! Lanes are query rows: the rows' queries are transposed once (`qt[d][row]`), so a score
+//! vector for one key is `Σ_d qt[d] · k[d]` with `k[d]` broadcast: plain FMAs, no horizontal
+//! sums, four keys at a time. The running maximum and sum are per lane; masked positions
+//! (after a row's own position, or before its window) get weight exactly 0. The value pass
+//! accumulates `out[row] += p[key][row] · v[key]` for 4 rows × 64 dims in registers.
+//!
+//! Semantics are `kernels::attention`'s (same clamped polynomial `exp`), so results differ from
+//! the interpreter only by f32 rounding.
+
+use std::arch::x86_64::*;
+
+use super::{AttnCall, MAX_HEAD_DIM, ROWS};
+
+const BLOCK: usize = 64;
+/// A masked score: finite, so block maxima and rescaling never see infinities.
+const MASKED: f32 = -1e30;
+
+/// `e^x` as `Kb::exp` computes it: clamped to [-80, 88.3], `2^n · p(r)` with a degree-7
+/// polynomial of the reduced argument.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.0)), _mm512_set1_ps(88.3));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// Lanes of key position `j` that rows attend to (`lo[v] ≤ j ≤ hi[v]`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn live(j: i32, lo: __m512i, hi: __m512i) -> __mmask16 {
+    let jv = _mm512_set1_epi32(j);
+    _mm512_cmple_epi32_mask(jv, hi) & _mm512_cmpge_epi32_mask(jv, lo)
+}
+
+/// # Safety
+/// `a` points to an `AttnCall` whose pointers cover what it describes: `nt` rows of `q`,
+/// `pos` and `out`, the caches of `kv_heads > kvh` heads × `cap` slots × `head_dim`, every
+/// position in `pos` at least 0 with its attended slots written; `group·head_dim·(kvh+1) ≤
+/// q_stride`, `1 ≤ head_dim ≤ MAX_HEAD_DIM`, `cap ≥ 1`; the host has AVX-512 F.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub unsafe extern "C" fn attend(a: *const AttnCall) {
+    // SAFETY: the caller's contract.
+    let a = unsafe { &*a };
+    let rows = a.nt as usize * a.group as usize;
+    let mut r0 = 0;
+    while r0 < rows {
+        let rc = (rows - r0).min(ROWS);
+        // SAFETY: rows r0..r0+rc of this call, as the contract describes.
+        unsafe {
+            match rc.div_ceil(16) {
+                1 => attend_rows::<1, 8>(a, r0, rc),
+                2 => attend_rows::<2, 4>(a, r0, rc),
+                3 => attend_rows::<3, 4>(a, r0, rc),
+                _ => attend_rows::<4, 4>(a, r0, rc),
+            }
+        }
+        r0 += rc;
+    }
+}
+
+/// Rows `r0 .. r0 + rc` (row `r` = step row `r / group`, head `r % group` of the group), in `V`
+/// vectors of 16 lanes (`rc ≤ 16·V`), scores for `KS` keys at a time.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, rc: usize) {
+    use std::mem::MaybeUninit;
+    let (group, hd, qs) = (a.group as usize, a.head_dim as usize, a.q_stride as usize);
+    let (cap, kvh) = (a.cap as usize, a.kvh as usize);
+    let nvh = hd.div_ceil(16);
+    let lanes = 16 * V;
+    // Scratch, written before it is read: qt[d·ROWS + lane] for d < hd, lane < 16·V; s[jj·ROWS
+    // + lane] for jj < bl rounded up to KS, lane < 16·V; o[row·MAX_HEAD_DIM + dim] for rows
+    // below rc rounded up to 4 and dims below nvh rounded up to 4 vectors.
+    let mut qt_m = MaybeUninit::<[f32; MAX_HEAD_DIM * ROWS]>::uninit();
+    let mut s_m = MaybeUninit::<[f32; (BLOCK + 8) * ROWS]>::uninit();
+    let mut o_m = MaybeUninit::<[f32; ROWS * MAX_HEAD_DIM]>::uninit();
+    let (qt, s, o) = (qt_m.as_mut_ptr() as *mut f32, s_m.as_mut_ptr() as *mut f32, o_m.as_mut_ptr() as *mut f32);
+    let mut lo_pos = [i32::MAX; ROWS];
+    let mut hi_pos = [-1i32; ROWS];
+    // row r's query and output, in the q / out rows of this call
+    let qrow = |r: usize| (r / group) * qs + (kvh * group + r % group) * hd;
+    // SAFETY (whole body): q/out offsets are `qrow(r) + d` for rows of this call and
+    // `d < hd`; cache rows are `(kvh·cap + slot)·hd + d` with `slot < cap`; scratch indices
+    // stay below the sizes above (`rc ≤ 16·V ≤ ROWS`, `hd ≤ MAX_HEAD_DIM`, `jj < BLOCK + 8`).
+    unsafe {
+        for r in 0..lanes {
+            let q = (r < rc).then(|| a.q.add(qrow(r0 + r)));
+            if q.is_some() {
+                let p = *a.pos.add((r0 + r) / group);
+                hi_pos[r] = p;
+                lo_pos[r] = if a.window > 0 { (p as i64 - a.window as i64 + 1).max(0) as i32 } else { 0 };
+            }
+            for d in 0..hd {
+                *qt.add(d * ROWS + r) = q.map_or(0.0, |q| *q.add(d));
+            }
+        }
+        let rows4 = rc.div_ceil(4) * 4;
+        let dims4 = nvh.div_ceil(4) * 4 * 16;
+        for r in 0..rows4 {
+            for d in 0..dims4 {
+                *o.add(r * MAX_HEAD_DIM + d) = 0.0;
+            }
+        }
+        let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize;
+        let jmax = hi_pos[..rc].iter().copied().max().unwrap_or(-1);
+        let lo: [__m512i; V] = std::array::from_fn(|v| _mm512_loadu_si512(lo_pos.as_ptr().add(16 * v) as *const _));
+        let hi: [__m512i; V] = std::array::from_fn(|v| _mm512_loadu_si512(hi_pos.as_ptr().add(16 * v) as *const _));
+        let mut m = [_mm512_set1_ps(MASKED); V];
+        let mut l = [_mm512_setzero_ps(); V];
+        let scale = _mm512_set1_ps(a.scale);
+        // the block's cache rows (slot of position j: j % cap, one division per block)
+        let mut slots = [0usize; BLOCK];
+        let mut j0 = jmin;
+        while (j0 as i64) <= jmax as i64 {
+            let bl = (jmax as usize + 1 - j0).min(BLOCK);
+            let mut slot = j0 % cap;
+            for sl in slots.iter_mut().take(bl) {
+                *sl = (kvh * cap + slot) * hd;
+                slot += 1;
+                if slot == cap {
+                    slot = 0;
+                }
+            }
+            // 1. scores, KS keys at a time (past the block's end: its last key, masked)
+            let mut mx = [_mm512_set1_ps(MASKED); V];
+            let mut jj = 0;
+            while jj < bl {
+                let ks: [*const f32; KS] = std::array::from_fn(|i| a.kc.add(slots[(jj + i).min(bl - 1)]));
+                // the V rows of these keys, and the K rows a block ahead (while it does not
+                // wrap, the next block's): decode reads the cache once, from memory
+                for i in 0..KS.min(bl - jj) {
+                    let row = slots[jj + i];
+                    for line in (0..hd).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(a.vc.wrapping_add(row + line) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + BLOCK * hd + line) as *const i8);
+                    }
+                }
+                let mut acc = [[_mm512_setzero_ps(); V]; KS];
+                for d in 0..hd {
+                    let qv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(qt.add(d * ROWS + 16 * v)));
+                    for (i, k) in ks.iter().enumerate() {
+                        let kb = _mm512_set1_ps(*k.add(d));
+                        for v in 0..V {
+                            acc[i][v] = _mm512_fmadd_ps(qv[v], kb, acc[i][v]);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    let j = (j0 + jj + i) as i32;
+                    for v in 0..V {
+                        let mk = if jj + i < bl { live(j, lo[v], hi[v]) } else { 0 };
+                        let sc = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), mk, _mm512_mul_ps(acc[v], scale));
+                        _mm512_storeu_ps(s.add((jj + i) * ROWS + 16 * v), sc);
+                        mx[v] = _mm512_max_ps(mx[v], sc);
+                    }
+                }
+                jj += KS;
+            }
+            // 2. the running maximum moves: rescale l and the outputs so far
+            let mut cs = [0f32; ROWS];
+            for v in 0..V {
+                let mn = _mm512_max_ps(m[v], mx[v]);
+                let c = exp512(_mm512_sub_ps(m[v], mn));
+                l[v] = _mm512_mul_ps(l[v], c);
+                m[v] = mn;
+                _mm512_storeu_ps(cs.as_mut_ptr().add(16 * v), c);
+            }
+            if j0 != jmin {
+                for (r, &c) in cs.iter().enumerate().take(rc) {
+                    let cb = _mm512_set1_ps(c);
+                    for ch in 0..nvh {
+                        let p = o.add(r * MAX_HEAD_DIM + 16 * ch);
+                        _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), cb));
+                    }
+                }
+            }
+            // 3. weights e^(s - m) (masked: 0) and their sums
+            for jj in 0..bl {
+                let j = (j0 + jj) as i32;
+                for v in 0..V {
+                    let p = s.add(jj * ROWS + 16 * v);
+                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p), m[v]));
+                    let e = _mm512_maskz_mov_ps(live(j, lo[v], hi[v]), e);
+                    _mm512_storeu_ps(p, e);
+                    l[v] = _mm512_add_ps(l[v], e);
+                }
+            }
+            // 4. out[r] += Σ_j p[j][r] · v_j, 4 rows × 4 vectors of dims in registers
+            let mut c0 = 0;
+            while c0 < nvh {
+                let masks: [__mmask16; 4] = std::array::from_fn(|c| {
+                    let first = 16 * (c0 + c);
+                    if first >= hd {
+                        0
+                    } else if hd - first >= 16 {
+                        0xffff
+                    } else {
+                        ((1u32 << (hd - first)) - 1) as __mmask16
+                    }
+                });
+                let mut r = 0;
+                while r < rc {
+                    let mut acc: [[__m512; 4]; 4] = std::array::from_fn(|rr| {
+                        std::array::from_fn(|c| _mm512_loadu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c))))
+                    });
+                    for jj in 0..bl {
+                        let vr = a.vc.add(slots[jj]);
+                        // lanes past head_dim are masked off (not read)
+                        let vv: [__m512; 4] =
+                            std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], vr.wrapping_add(16 * (c0 + c))));
+                        for (rr, acc) in acc.iter_mut().enumerate() {
+                            let w = _mm512_set1_ps(*s.add(jj * ROWS + r + rr));
+                            for c in 0..4 {
+                                acc[c] = _mm512_fmadd_ps(vv[c], w, acc[c]);
+                            }
+                        }
+                    }
+                    for (rr, acc) in acc.iter().enumerate() {
+                        for (c, x) in acc.iter().enumerate() {
+                            _mm512_storeu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c)), *x);
+                        }
+                    }
+                    r += 4;
+                }
+                c0 += 4;
+            }
+            j0 += bl;
+        }
+        // normalize and store
+        let mut ls = [0f32; ROWS];
+        for (v, lv) in l.iter().enumerate() {
+            _mm512_storeu_ps(ls.as_mut_ptr().add(16 * v), *lv);
+        }
+        for (r, &lr) in ls.iter().enumerate().take(rc) {
+            let inv = _mm512_set1_ps(1.0 / lr);
+            let dst = a.out.add(qrow(r0 + r));
+            for ch in 0..nvh {
+                let n = (hd - 16 * ch).min(16);
+                let mk = ((1u32 << n) - 1) as __mmask16;
+                let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
+                _mm512_mask_storeu_ps(dst.add(16 * ch), mk, x);
+            }
+        }
+    }
+}
