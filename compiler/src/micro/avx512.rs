@@ -123,7 +123,10 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
     }
 }
 
-const PF: usize = 1024;
+/// How far ahead (bytes) a single-row tile prefetches each weight stream: the hardware
+/// prefetcher alone leaves decode ~25 % under the bandwidth with 4 streams of half-line steps
+/// (bf16) or one line per group (int8); 1–4 KiB measured alike.
+const PF: usize = 2048;
 
 /// Float weight kinds of `float_tile`.
 const F32: u8 = 0;
@@ -153,6 +156,7 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
                 let a = w.add(p * pb + k * 16 * es);
                 if T == 1 && (k * 16 * es) % 64 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF + 64) as *const i8);
                 }
                 let wv = match WT {
                     F32 => _mm512_loadu_ps(a as *const f32),
