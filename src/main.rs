@@ -366,10 +366,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             } else {
                 outln!("{}: {} threads, ISA level {}", artifact.display(), r.threads, r.isa)?;
                 outln!(
-                    "  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s",
+                    "  prefill {:>5} tokens  {:>9.1} tok/s  {:>7.1} GFLOP/s ({:.2} of the {:.0} GFLOP/s f32 FMA peak)",
                     r.prefill_tokens,
                     r.prefill_tok_s,
-                    r.prefill_gflop_s
+                    r.prefill_gflop_s,
+                    r.prefill_peak_fraction,
+                    r.fma_peak_gflop_s
                 )?;
                 outln!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s)?;
                 outln!(

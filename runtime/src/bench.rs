@@ -18,8 +18,14 @@ pub struct BenchReport {
     pub decode_tokens: usize,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
-    /// Matmul FLOP per token × prefill tok/s.
+    /// The prompt step's matmul FLOP (`step_flops`) per second.
     pub prefill_gflop_s: f64,
+    /// The f32 FMA peak of the pool's threads together, measured in the same run by a loop of
+    /// independent FMAs at the widest vector width the host has.
+    pub fma_peak_gflop_s: f64,
+    /// `prefill_gflop_s / fma_peak_gflop_s` (int8 dot products do 4 multiply-adds per lane and
+    /// instruction, so quantized models may pass 1).
+    pub prefill_peak_fraction: f64,
     pub bytes_per_token: u64,
     pub bandwidth_gb_s: f64,
     pub roofline_fraction: f64,
@@ -65,12 +71,18 @@ pub fn bytes_per_token(engine: &Engine) -> u64 {
     total
 }
 
-/// Matmul multiply-adds × 2 per token.
-pub fn flops_per_token(engine: &Engine) -> u64 {
+/// Matmul FLOP of one step of `rows` rows: the projections before `take_last` run on every
+/// row, those after it (the output projection) on the last row only.
+pub fn step_flops(engine: &Engine, rows: usize) -> u64 {
     let prog = &engine.art.header.program;
-    prog.calls
-        .iter()
-        .map(|c| match prog.kernels[c.kernel] {
+    let mut per_row = true;
+    let mut total = 0u64;
+    for c in &prog.calls {
+        let f = match prog.kernels[c.kernel] {
+            KernelSpec::TakeLast { .. } => {
+                per_row = false;
+                0
+            }
             KernelSpec::MatMul { k, m, .. } => 2 * (k * m) as u64,
             KernelSpec::MoeGateUp { d, ff, top_k, .. } => 2 * (d * 2 * ff * top_k) as u64,
             KernelSpec::MoeDown { d, ff, top_k, .. } => 2 * (d * ff * top_k) as u64,
@@ -78,8 +90,10 @@ pub fn flops_per_token(engine: &Engine) -> u64 {
                 2 * (k * (heads + 2 * kv_heads) * head_dim) as u64
             }
             _ => 0,
-        })
-        .sum()
+        };
+        total += if per_row { f * rows as u64 } else { f };
+    }
+    total
 }
 
 /// Sums a slice as fast as this CPU reads memory: the widest loads the CPU has (512-bit with
@@ -181,6 +195,91 @@ pub fn measure_bandwidth(pool: &rayon::ThreadPool, bytes: u64) -> f64 {
     (used.len() * 8) as f64 / best / 1e9
 }
 
+/// Independent FMA chains of the peak loop (enough to cover 2 ports × 4 cycles of latency).
+const CHAINS: usize = 16;
+
+/// `iters` rounds of `CHAINS` 512-bit FMAs; returns a value that depends on all of them.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+}
+
+/// As `fma_loop_avx512` with 256-bit FMAs.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+    let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut out = [0f32; 8];
+    for x in acc {
+        let mut l = [0f32; 8];
+        // SAFETY: `l` has room for 8 floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), x) };
+        for (o, v) in out.iter_mut().zip(l) {
+            *o += v;
+        }
+    }
+    out.iter().sum()
+}
+
+/// GFLOP/s of one thread's FMA loop (`None` without AVX2/FMA or AVX-512).
+fn fma_rate(iters: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t = Instant::now();
+        let lanes = if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked just above).
+            std::hint::black_box(unsafe { fma_loop_avx512(iters) });
+            16
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are present (checked just above).
+            std::hint::black_box(unsafe { fma_loop_avx2(iters) });
+            8
+        } else {
+            return None;
+        };
+        Some((iters * CHAINS * lanes * 2) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = iters;
+        None
+    }
+}
+
+/// The f32 FMA peak of the pool's threads running at once (best of 3 rounds of ~20 ms);
+/// 0 where the host has no FMA vectors this loop knows.
+pub fn measure_fma_peak(pool: &rayon::ThreadPool) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let rates = pool.broadcast(|_| fma_rate(2_000_000));
+        let total: f64 = rates.iter().map(|r| r.unwrap_or(0.0)).sum();
+        best = best.max(total);
+    }
+    best
+}
+
 /// Runs the benchmark: a `prefill`-token prompt, then `decode` greedy tokens, on the JIT.
 pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Result<BenchReport, RuntimeError> {
     let vocab = engine.art.header.vocab_size;
@@ -206,8 +305,10 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
     let decode_s = t1.elapsed().as_secs_f64();
     let bytes = bytes_per_token(engine);
     let bw = measure_bandwidth(&engine.pool, bytes);
+    let peak = measure_fma_peak(&engine.pool);
     let decode_tok_s = decode as f64 / decode_s.max(1e-9);
     let prefill_tok_s = prompt.len() as f64 / prefill_s.max(1e-9);
+    let prefill_gflop_s = step_flops(engine, prompt.len()) as f64 / prefill_s.max(1e-9) / 1e9;
     let prog = &engine.art.header.program;
     let mut decode_profile: Vec<(String, f64, usize)> = s
         .profile()
@@ -223,7 +324,9 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         decode_tokens: decode,
         prefill_tok_s,
         decode_tok_s,
-        prefill_gflop_s: flops_per_token(engine) as f64 * prefill_tok_s / 1e9,
+        prefill_gflop_s,
+        fma_peak_gflop_s: peak,
+        prefill_peak_fraction: if peak > 0.0 { prefill_gflop_s / peak } else { 0.0 },
         bytes_per_token: bytes,
         bandwidth_gb_s: bw,
         roofline_fraction: decode_tok_s * bytes as f64 / (bw * 1e9),
