@@ -4,8 +4,9 @@
 //! Every kernel has the same signature:
 //! `extern "C" fn(args: *const *mut u8, n: i64, lo: i64, hi: i64, cap: i64)` — a table of
 //! pointers (the spec says which), the rows of the step, the range of work units this call
-//! does, and the KV cache capacity (KV kernels only). Kernels call nothing: the compiler checks
-//! that each has zero relocations.
+//! does, and the KV cache capacity (KV kernels only). Kernels call nothing but the wide
+//! micro-kernels of `crate::micro`, by an address in the code (no relocation): the compiler
+//! checks that each has zero relocations.
 
 use std::sync::Arc;
 
@@ -229,7 +230,7 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
         module.define_function(id, &mut ctx).map_err(|e| cg(format!("{e:?}")))?;
         let relocs = ctx.compiled_code().map(|c| c.buffer.relocs().len()).unwrap_or(0);
         if relocs != 0 {
-            return Err(cg(format!("has {relocs} relocations; kernels must call nothing")));
+            return Err(cg(format!("has {relocs} relocations; kernels must have none")));
         }
         module.clear_context(&mut ctx);
         ids.push(id);
