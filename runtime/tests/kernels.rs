@@ -714,9 +714,14 @@ fn int8_linear_in_chunks() {
 /// query heads (more than the 64 rows one wide pass holds).
 #[test]
 fn attention_over_several_key_blocks() {
-    for (window, hd, kv, group) in
-        [(None, 16, 2, 3), (Some(150), 12, 2, 3), (None, 7, 2, 3), (None, 72, 2, 3), (Some(40), 5, 1, 70)]
-    {
+    for (window, hd, kv, group) in [
+        (None, 16, 2, 3),
+        (Some(150), 12, 2, 3),
+        (None, 7, 2, 3),
+        (None, 72, 2, 3),
+        (Some(40), 5, 1, 70),
+        (None, 64, 2, 7),
+    ] {
         let heads = kv * group;
         let mut c = Case::new(3);
         let q = c.rows("q", 64, heads * hd, 2.0);
