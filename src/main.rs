@@ -6,6 +6,7 @@ mod inspect;
 mod out;
 mod perplexity;
 mod run;
+mod serve;
 mod signals;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,36 @@ enum Cmd {
     },
     /// Run a compiled artifact.
     Run(RunArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve {
+        /// The artifact (or a .gguf, compiled into the cache on first use).
+        model: PathBuf,
+        /// Address to listen on (loopback unless told otherwise).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0: any free port; the one taken is printed on stderr).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Slots: requests generated at the same time, each with its own KV cache.
+        #[arg(long = "parallel", short = 'n', default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+        parallel: u64,
+        /// Context size in tokens, shared evenly by the slots (llama-server's -c); default: the
+        /// model's trained context, at most 16384.
+        #[arg(short = 'c', long = "ctx-size", value_parser = clap::value_parser!(u64).range(16..=1 << 24))]
+        ctx_size: Option<u64>,
+        /// Threads (0 = all cores).
+        #[arg(short = 't', long, default_value_t = 0)]
+        threads: usize,
+        /// Require `Authorization: Bearer KEY` on every endpoint but /health and /metrics.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Requests that may wait for a slot; beyond them the server answers 429.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1 << 16))]
+        queue: u64,
+        /// Per-request time limit in seconds (408 when it passes).
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        timeout: u64,
+    },
     /// Perplexity of a text file, with llama-perplexity's method (second half of each chunk).
     Perplexity(PerplexityArgs),
     /// Measure prefill and decode speed against the memory bandwidth (JIT backend).
@@ -357,6 +388,19 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Perplexity(args) => perplexity::run(args),
+        Cmd::Serve { model, host, port, parallel, ctx_size, threads, api_key, queue, timeout } => {
+            serve::serve(serve::ServeArgs {
+                model,
+                host,
+                port,
+                parallel: parallel as usize,
+                ctx: ctx_size.map(|c| c as usize),
+                threads,
+                api_key,
+                queue: queue as usize,
+                timeout: std::time::Duration::from_secs(timeout),
+            })
+        }
         Cmd::Inspect { artifact, json, verify } => inspect::inspect(&artifact, json, verify),
         Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
             let engine = Engine::open(&gguf_cache::artifact_for(&artifact)?, clamp_threads(threads))?;

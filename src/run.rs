@@ -33,6 +33,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         repeat_penalty: a.repeat_penalty,
         repeat_last_n: a.repeat_last_n,
         seed: a.seed,
+        ..SamplerConfig::default()
     });
     if !a.ids.is_empty() {
         let mut session = Session::new(&engine, backend, Some(one_shot(a.ids.len())))?;
@@ -151,7 +152,7 @@ fn run_ids(
 }
 
 /// End-of-sequence ids: the artifact's, or the tokenizer's `eos_token`.
-fn eos_ids(engine: &Engine, text: &Text) -> Vec<i32> {
+pub(crate) fn eos_ids(engine: &Engine, text: &Text) -> Vec<i32> {
     let t = &engine.art.header.text;
     let mut ids: Vec<i32> = t.eos_token_ids.iter().filter_map(|&i| i32::try_from(i).ok()).collect();
     if ids.is_empty() {

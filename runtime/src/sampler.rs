@@ -9,8 +9,12 @@ pub struct SamplerConfig {
     pub top_p: f32,
     pub min_p: f32,
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// OpenAI's presence and frequency penalties, over the same window as llama.cpp applies
+    /// them: `logit -= presence·[count > 0] + frequency·count`.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -23,6 +27,8 @@ impl Default for SamplerConfig {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -71,20 +77,27 @@ impl Sampler {
         Sampler::new(SamplerConfig { temperature: 0.0, ..SamplerConfig::default() })
     }
 
-    /// Applies the repetition penalty to the tokens seen in the last `repeat_last_n` of `history`.
+    /// Applies the repetition, presence and frequency penalties to the tokens seen in the last
+    /// `repeat_last_n` of `history`.
     pub fn penalize(&self, logits: &mut [f32], history: &[i32]) {
-        let p = self.cfg.repeat_penalty;
-        if p == 1.0 || self.cfg.repeat_last_n == 0 {
+        let (p, pres, freq) = (self.cfg.repeat_penalty, self.cfg.presence_penalty, self.cfg.frequency_penalty);
+        if (p == 1.0 && pres == 0.0 && freq == 0.0) || self.cfg.repeat_last_n == 0 {
             return;
         }
         let start = history.len().saturating_sub(self.cfg.repeat_last_n);
         let mut seen: Vec<usize> = history[start..].iter().filter_map(|&t| usize::try_from(t).ok()).collect();
         seen.sort_unstable();
-        seen.dedup();
-        for t in seen {
+        let mut i = 0;
+        while i < seen.len() {
+            let t = seen[i];
+            let count = seen[i..].iter().take_while(|&&u| u == t).count();
             if let Some(l) = logits.get_mut(t) {
-                *l = if *l > 0.0 { *l / p } else { *l * p };
+                if p != 1.0 {
+                    *l = if *l > 0.0 { *l / p } else { *l * p };
+                }
+                *l -= pres + freq * count as f32;
             }
+            i += count;
         }
     }
 
@@ -152,7 +165,7 @@ mod tests {
     use super::*;
 
     fn cfg(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplerConfig {
-        SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty: 1.0, repeat_last_n: 64, seed: 7 }
+        SamplerConfig { temperature, top_k, top_p, min_p, seed: 7, ..SamplerConfig::default() }
     }
 
     #[test]
@@ -196,6 +209,14 @@ mod tests {
         let mut l = vec![4.0, -4.0, 4.0];
         s.penalize(&mut l, &[0, 1]);
         assert_eq!(l, vec![2.0, -8.0, 4.0]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_occurrences() {
+        let s = Sampler::new(SamplerConfig { presence_penalty: 0.5, frequency_penalty: 0.25, ..cfg(0.0, 0, 1.0, 0.0) });
+        let mut l = vec![1.0, 1.0, 1.0];
+        s.penalize(&mut l, &[2, 0, 2, 2]);
+        assert_eq!(l, vec![1.0 - 0.75, 1.0, 1.0 - 1.25]);
     }
 
     #[test]
