@@ -77,10 +77,16 @@ impl IsaLevel {
     }
 
     /// Whether the kernels may use fused multiply-add.
-    /// Whether kernels at this level call the wide micro-kernels (`crate::micro`): AVX-512
-    /// on a host that has what they need.
-    pub fn wide(self) -> bool {
-        self == IsaLevel::Avx512 && crate::micro::available()
+    /// The wide micro-kernels (`crate::micro`) kernels at this level call: the level's own
+    /// width, on a host that has what they need; none at `sse`.
+    pub fn wide(self) -> Option<crate::micro::Wide> {
+        use crate::micro::Wide;
+        let w = match self {
+            IsaLevel::Avx512 => Wide::Avx512,
+            IsaLevel::Avx2 => Wide::Avx2,
+            IsaLevel::Sse => return None,
+        };
+        (cfg!(target_arch = "x86_64") && w.available()).then_some(w)
     }
 
     pub fn has_fma(self) -> bool {

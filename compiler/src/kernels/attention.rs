@@ -68,7 +68,7 @@ const STRIDE: usize = BLOCK + 4;
 /// dims-chunk with the group's accumulators in registers. Each K and V vector loaded is shared
 /// by the whole group.
 pub fn attention(k: &mut Kb<'_>, heads: usize, kv_heads: usize, hd: usize, window: Option<usize>, scale: f32) {
-    if let Some(f) = crate::micro::attention().filter(|_| k.wide && hd <= crate::micro::MAX_HEAD_DIM) {
+    if let Some(f) = k.wide.and_then(crate::micro::attention).filter(|_| hd <= crate::micro::MAX_HEAD_DIM) {
         return wide(k, f, heads, kv_heads, hd, window, scale);
     }
     let (q, pos, kc, vc, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3), k.ptr(4));

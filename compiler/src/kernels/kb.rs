@@ -60,12 +60,18 @@ pub struct Kb<'a> {
     /// Whether the target has FMA (else `fma` is a multiply and an add: Cranelift would make
     /// an FMA without hardware support a call, and kernels call nothing).
     has_fma: bool,
-    /// Whether projections call the wide micro-kernels (`crate::micro`, via `kernels::wide`).
-    pub wide: bool,
+    /// The wide micro-kernels projections (and at AVX-512 attention) call (`crate::micro`, via
+    /// `kernels::wide`), if any.
+    pub wide: Option<crate::micro::Wide>,
 }
 
 impl<'a> Kb<'a> {
-    pub fn new(mut b: FunctionBuilder<'a>, cfg: TargetFrontendConfig, has_fma: bool, wide: bool) -> Kb<'a> {
+    pub fn new(
+        mut b: FunctionBuilder<'a>,
+        cfg: TargetFrontendConfig,
+        has_fma: bool,
+        wide: Option<crate::micro::Wide>,
+    ) -> Kb<'a> {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);

@@ -23,7 +23,13 @@ use kb::Kb;
 /// Emits the body of the kernel for `spec` into `b` (`fma`: whether the target has fused
 /// multiply-add; without it, `Kb::fma` multiplies and adds; `wide`: whether projections call
 /// the wide micro-kernels of `crate::micro`).
-pub fn build(spec: &KernelSpec, b: FunctionBuilder<'_>, cfg: TargetFrontendConfig, fma: bool, wide: bool) {
+pub fn build(
+    spec: &KernelSpec,
+    b: FunctionBuilder<'_>,
+    cfg: TargetFrontendConfig,
+    fma: bool,
+    wide: Option<crate::micro::Wide>,
+) {
     let mut k = Kb::new(b, cfg, fma, wide);
     match spec {
         KernelSpec::Embedding { d, layout, w } => elementwise::embedding(&mut k, *d, *layout, *w),

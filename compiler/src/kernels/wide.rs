@@ -19,12 +19,10 @@ use crate::pack::{panel_bytes, PANEL};
 /// The micro-kernel for this projection, if the kernel is built for wide code and one exists
 /// for its weight type and activations.
 fn micro_for(k: &Kb<'_>, c: &Ctx) -> Option<MicroFn> {
-    if !k.wide {
-        return None;
-    }
+    let wide = k.wide?;
     match c.xq {
-        Some(_) => micro::dot(c.wt),
-        None => micro::float(c.wt),
+        Some(_) => micro::dot(c.wt, wide),
+        None => micro::float(c.wt, wide),
     }
 }
 

@@ -11,12 +11,15 @@
 //! `TILE_TOKENS` × `TILE_PANELS` 16-row panels, which writes the tile's f32 sums to a stack
 //! buffer the kernel then finishes (RMS scale, bias, epilogue).
 //!
-//! Tiles: `(1, 1..=4)` for a single row (decode: four weight streams in flight) and
+//! Tiles (AVX-512): `(1, 1..=4)` for a single row (decode: four weight streams in flight) and
 //! `(1..=4, 1..=2)` for int8 prefill, `(1..=8, 1..=2)` for f32/bf16/f16 prefill (register
-//! blocking: each weight vector loaded once per tile feeds every token's FMA).
+//! blocking: each weight vector loaded once per tile feeds every token's FMA). AVX2 (16
+//! registers): `(1, 1..=2)` int8 and `(1, 1..=4)` float for one row, `(1..=4, 1)` for several.
 
 use llmc_ir::DType;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -42,26 +45,42 @@ pub const PREFILL_PANELS: usize = 2;
 /// and scaled, as `kernels::dot` defines) to `out[(t·TILE_PANELS + p)·16 + lane]`.
 pub type MicroFn = unsafe extern "C" fn(*const u8, usize, usize, *const u8, usize, usize, usize, *mut f32);
 
-/// Whether the host runs the wide micro-kernels (AVX-512 F/BW/VL with VNNI and F16C).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// The micro-kernel family a kernel calls: 512-bit (AVX-512 F/BW/VL, VNNI, F16C) or 256-bit
+/// (AVX2, FMA, F16C; int8 dot products without VNNI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wide {
+    Avx2,
+    Avx512,
+}
+
+impl Wide {
+    /// Whether this host has what the family needs.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Wide::Avx2 => avx2::available(),
+                Wide::Avx512 => avx512::available(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 }
 
 /// The micro-kernel over int8 activations and `Dot16` weights of storage type `wt`.
-pub fn dot(wt: DType) -> Option<MicroFn> {
-    if !available() {
+pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
+    if !wide.available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        avx512::dot(wt)
+        match wide {
+            Wide::Avx2 => avx2::dot(wt),
+            Wide::Avx512 => avx512::dot(wt),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -71,13 +90,16 @@ pub fn dot(wt: DType) -> Option<MicroFn> {
 }
 
 /// The micro-kernel over f32 activations and `Panel16` weights of float type `wt`.
-pub fn float(wt: DType) -> Option<MicroFn> {
-    if !available() {
+pub fn float(wt: DType, wide: Wide) -> Option<MicroFn> {
+    if !wide.available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        avx512::float(wt)
+        match wide {
+            Wide::Avx2 => avx2::float(wt),
+            Wide::Avx512 => avx512::float(wt),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -123,9 +145,9 @@ pub const ATTN_BYTES: usize = ATTN_WORDS * 8 + 8;
 /// An attention micro-kernel: `attend(&AttnCall)`.
 pub type AttnFn = unsafe extern "C" fn(*const AttnCall);
 
-/// The attention micro-kernel, where the host runs the wide kernels.
-pub fn attention() -> Option<AttnFn> {
-    if !available() {
+/// The attention micro-kernel of a family (AVX-512 only; AVX2 keeps the 128-bit kernel).
+pub fn attention(wide: Wide) -> Option<AttnFn> {
+    if wide != Wide::Avx512 || !wide.available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,275 @@
+//! The AVX2 micro-kernels (see `micro`): one 16-row panel is two ymm registers (rows 0–7 and
+//! 8–15), with tiles sized for AVX2's 16 registers.
+//!
+//! - float (`Panel16`): as `avx512.rs`, 8 lanes at a time (bf16 zero-extended and shifted,
+//!   f16 through `vcvtph2ps`).
+//! - int8 (`Dot16`): without VNNI, each group's 4 products per row are summed exactly by
+//!   `vpmaddubsw` (unsigned weight byte × signed activation byte, adjacent pairs added in i16)
+//!   and `vpmaddwd` by ones (pairs of those added in i32). The i16 pair sums cannot saturate
+//!   for weights below 64 (q4_0, q4_1, q5_1, q6_k: at most 63·127·2 = 16002); q8_0's bytes
+//!   (`q + 128`) could, so q8_0 goes the way llama.cpp's AVX2 path goes: the weight made signed
+//!   (`q`), the activation's sign moved onto it (`vpsignb`) and its magnitude multiplied
+//!   (at most 127·127·2 = 32258), which sums `q · x` directly, without the offset correction.
+//!
+//! Results equal the AVX-512 tiles' up to f32 summation order (integer sums are exact).
+
+use std::arch::x86_64::*;
+
+use super::{MicroFn, TILE_PANELS, TILE_TOKENS};
+use llmc_ir::DType;
+
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+#[inline(always)]
+unsafe fn rd_f32(p: *const u8) -> f32 {
+    // SAFETY: the caller passes an address inside a row it was given.
+    unsafe { (p as *const f32).read_unaligned() }
+}
+
+#[inline(always)]
+unsafe fn rd_i32(p: *const u8) -> i32 {
+    // SAFETY: as `rd_f32`.
+    unsafe { (p as *const i32).read_unaligned() }
+}
+
+/// How far ahead (bytes) a single-row tile prefetches each weight stream (as `avx512.rs`).
+const PF: usize = 2048;
+
+/// Integer kinds of `dot_tile`: unsigned bytes below 64 (nibbles or not), or q8_0's.
+const SMALL: u8 = 0;
+const NIBBLE: u8 = 1;
+const Q8: u8 = 2;
+
+/// One int8 tile: `T` tokens × `P` panels. `KIND` as above; `MIN`: a minimum per row and
+/// block; `SUBS`: scales per block (2 for q6_k).
+///
+/// # Safety
+/// As `avx512::dot_tile`, on a host with AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bool, const SUBS: usize>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let head = if MIN || SUBS == 2 { 128 } else { 64 };
+    let block = head + if KIND == NIBBLE { 256 } else { 512 };
+    let groups = if KIND == NIBBLE { 4 } else { 8 };
+    let nib = _mm256_set1_epi8(0x0f);
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [[[_mm256_setzero_ps(); 2]; P]; T];
+    // `acc + Σ` over each group of 4 bytes of `w (u8) · x (i8)`, exact
+    let dot = |acc: __m256i, w: __m256i, x: __m256i| -> __m256i {
+        let p16 = if KIND == Q8 {
+            let ws = _mm256_sign_epi8(_mm256_xor_si256(w, flip), x);
+            _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), ws)
+        } else {
+            _mm256_maddubs_epi16(w, x)
+        };
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones))
+    };
+    // SAFETY (whole body): addresses as in `avx512::dot_tile`.
+    unsafe {
+        for b in 0..kd / 32 {
+            let bp = w.add(b * block);
+            let xb = x.add(b * 32);
+            let mb = x.add(kd + b * 12);
+            for sub in 0..SUBS {
+                let mut iacc = [[[_mm256_setzero_si256(); 2]; P]; T];
+                if KIND != Q8 {
+                    for (t, row) in iacc.iter_mut().enumerate() {
+                        let c = _mm256_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub)));
+                        *row = [[c; 2]; P];
+                    }
+                }
+                for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
+                    for p in 0..P {
+                        let a = bp.add(p * pb + head + g * 64);
+                        if T == 1 {
+                            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                        }
+                        for h in 0..2 {
+                            let wv = _mm256_loadu_si256(a.add(32 * h) as *const __m256i);
+                            if KIND == NIBBLE {
+                                let lo = _mm256_and_si256(wv, nib);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
+                                for (t, row) in iacc.iter_mut().enumerate() {
+                                    let xl = _mm256_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
+                                    let xh = _mm256_set1_epi32(rd_i32(xb.add(t * rb + g * 4 + 16)));
+                                    row[p][h] = dot(dot(row[p][h], lo, xl), hi, xh);
+                                }
+                            } else {
+                                for (t, row) in iacc.iter_mut().enumerate() {
+                                    let xv = _mm256_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
+                                    row[p][h] = dot(row[p][h], wv, xv);
+                                }
+                            }
+                        }
+                    }
+                }
+                for t in 0..T {
+                    let dx = _mm256_set1_ps(rd_f32(mb.add(t * rb)));
+                    let ds = _mm256_set1_ps(if MIN { rd_f32(mb.add(t * rb + 8)) } else { 0.0 });
+                    for p in 0..P {
+                        for h in 0..2 {
+                            let sw = _mm256_loadu_ps(bp.add(p * pb + sub * 64 + 32 * h) as *const f32);
+                            let s = _mm256_mul_ps(sw, dx);
+                            let f = _mm256_cvtepi32_ps(iacc[t][p][h]);
+                            facc[t][p][h] = _mm256_fmadd_ps(f, s, facc[t][p][h]);
+                            if MIN {
+                                let mw = _mm256_loadu_ps(bp.add(p * pb + 64 + 32 * h) as *const f32);
+                                facc[t][p][h] = _mm256_fmadd_ps(mw, ds, facc[t][p][h]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                for (h, x) in v.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((t * TILE_PANELS + p) * 16 + 8 * h), *x);
+                }
+            }
+        }
+    }
+}
+
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const F16: u8 = 2;
+
+/// One float tile: `T` tokens × `P` panels of weights of kind `WT`.
+///
+/// # Safety
+/// As `avx512::float_tile`, on a host with AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let es = if WT == F32 { 4 } else { 2 };
+    let mut facc = [[[_mm256_setzero_ps(); 2]; P]; T];
+    // SAFETY (whole body): addresses as in `avx512::float_tile`.
+    unsafe {
+        for k in 0..kd {
+            for p in 0..P {
+                let a = w.add(p * pb + k * 16 * es);
+                if T == 1 && (k * 16 * es) % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF + 64) as *const i8);
+                }
+                // 8 values of this panel's column k (inside the panel)
+                let half = |h: usize| -> __m256 {
+                    match WT {
+                        F32 => _mm256_loadu_ps(a.add(32 * h) as *const f32),
+                        BF16 => {
+                            let v = _mm_loadu_si128(a.add(16 * h) as *const __m128i);
+                            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+                        }
+                        _ => _mm256_cvtph_ps(_mm_loadu_si128(a.add(16 * h) as *const __m128i)),
+                    }
+                };
+                let wv = [half(0), half(1)];
+                for (t, row) in facc.iter_mut().enumerate() {
+                    let xv = _mm256_set1_ps(rd_f32(x.add(t * rb + k * 4)));
+                    row[p][0] = _mm256_fmadd_ps(wv[0], xv, row[p][0]);
+                    row[p][1] = _mm256_fmadd_ps(wv[1], xv, row[p][1]);
+                }
+            }
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                for (h, x) in v.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((t * TILE_PANELS + p) * 16 + 8 * h), *x);
+                }
+            }
+        }
+    }
+}
+
+/// Splits a call into tiles of at most `$tmax` tokens × 1 panel (several rows) or 1 token ×
+/// `$dp` panels (one row).
+macro_rules! dispatch {
+    ($name:ident, $tile:ident, $dp:expr, [$($g:tt)*]) => {
+        /// # Safety
+        /// As the tile function it calls (`MicroFn`'s contract), on a host with the features
+        /// `available` checks.
+        #[allow(clippy::too_many_arguments)]
+        unsafe extern "C" fn $name(
+            w: *const u8,
+            pb: usize,
+            np: usize,
+            x: *const u8,
+            rb: usize,
+            nt: usize,
+            kd: usize,
+            out: *mut f32,
+        ) {
+            let nt = nt.min(TILE_TOKENS);
+            let np = np.min(TILE_PANELS);
+            let (tstep, pstep) = if nt == 1 { (1, $dp) } else { (4, 1) };
+            let mut t0 = 0;
+            while t0 < nt {
+                let tn = (nt - t0).min(tstep);
+                let mut p0 = 0;
+                while p0 < np {
+                    let pn = (np - p0).min(pstep);
+                    // SAFETY: sub-tiles of the caller's tile, as in `avx512`.
+                    unsafe {
+                        let (w, x, o) = (w.add(p0 * pb), x.add(t0 * rb), out.add((t0 * TILE_PANELS + p0) * 16));
+                        match (tn, pn) {
+                            (1, 1) => $tile::<1, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (1, 2) => $tile::<1, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (1, 3) => $tile::<1, 3, $($g)*>(w, pb, x, rb, kd, o),
+                            (1, _) => $tile::<1, 4, $($g)*>(w, pb, x, rb, kd, o),
+                            (2, _) => $tile::<2, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (3, _) => $tile::<3, 1, $($g)*>(w, pb, x, rb, kd, o),
+                            (_, _) => $tile::<4, 1, $($g)*>(w, pb, x, rb, kd, o),
+                        }
+                    }
+                    p0 += pn;
+                }
+                t0 += tn;
+            }
+        }
+    };
+}
+
+dispatch!(dot_q8, dot_tile, 2, [Q8, false, 1]);
+dispatch!(dot_q4_0, dot_tile, 2, [NIBBLE, false, 1]);
+dispatch!(dot_q4_1, dot_tile, 2, [NIBBLE, true, 1]);
+dispatch!(dot_q5_1, dot_tile, 2, [SMALL, true, 1]);
+dispatch!(dot_q6_k, dot_tile, 2, [SMALL, false, 2]);
+dispatch!(float_f32, float_tile, 4, [F32]);
+dispatch!(float_bf16, float_tile, 4, [BF16]);
+dispatch!(float_f16, float_tile, 4, [F16]);
+
+pub fn dot(wt: DType) -> Option<MicroFn> {
+    Some(match wt {
+        DType::Q8_0 => dot_q8,
+        DType::Q4_0 => dot_q4_0,
+        DType::Q4_1 => dot_q4_1,
+        DType::Q5_1 => dot_q5_1,
+        DType::Q6K => dot_q6_k,
+        _ => return None,
+    })
+}
+
+pub fn float(wt: DType) -> Option<MicroFn> {
+    Some(match wt {
+        DType::F32 => float_f32,
+        DType::BF16 => float_bf16,
+        DType::F16 => float_f16,
+        _ => return None,
+    })
+}
