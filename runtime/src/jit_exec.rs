@@ -207,6 +207,96 @@ struct SendPtr(*const *mut u8);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// One kernel call of a step: the kernel, its `n`, its units and how many chunks they split
+/// into, its pointer table and cache capacity, and the kernel's index (for the profile).
+type Entry = (KernelFn, i64, usize, usize, SendPtr, i64, usize);
+
+/// The plan entry of call `ci` over `n_call` rows. Attention's work per unit grows with the
+/// context (`span`: the largest position + 1): it splits once the cached positions make it
+/// worth it (decode at a long context has only kv_heads units, each a long scan).
+#[allow(clippy::too_many_arguments)]
+fn entry(
+    prog: &Program,
+    kernels: &Kernels,
+    ci: usize,
+    n_call: usize,
+    span: usize,
+    table: SendPtr,
+    cap: i64,
+    threads: usize,
+) -> Entry {
+    let call = &prog.calls[ci];
+    let units = call.units.count(n_call);
+    let work = match prog.kernels[call.kernel] {
+        KernelSpec::Attention { heads, kv_heads, head_dim, window, .. } => {
+            let scanned = window.map_or(span, |w| w.min(span));
+            scanned.saturating_mul(head_dim).saturating_mul(heads / kv_heads.max(1)).max(call.work_per_unit)
+        }
+        _ => call.work_per_unit,
+    };
+    let chunks =
+        if threads > 1 && units >= 2 && units.saturating_mul(work) >= SPLIT_THRESHOLD { threads.min(units) } else { 1 };
+    (kernels.fns[call.kernel], n_call as i64, units, chunks, table, cap, call.kernel)
+}
+
+/// Runs a step's calls in order, each split over the pool's threads as its entry says.
+fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &mut Option<Vec<(f64, usize)>>) {
+    let threads = pool.current_num_threads();
+    if let Some(p) = profile.as_mut() {
+        p.resize(prog.kernels.len(), (0.0, 0));
+    }
+    // Worker `tid` runs its chunk of every call in schedule order; a spin barrier between
+    // calls keeps the order (one parallel region per step, not one per call).
+    let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
+        let mut profile = profile;
+        for &(f, n_call, units, chunks, ref table, cap, kernel) in plan {
+            // alone (no barrier), one worker does every unit
+            let chunks = if barrier.is_some() { chunks } else { 1 };
+            let t0 = profile.as_ref().map(|_| std::time::Instant::now());
+            if tid < chunks {
+                let lo = units * tid / chunks;
+                let hi = units * (tid + 1) / chunks;
+                // SAFETY: the pointer table matches the kernel's spec (built by lowering, and
+                // for a batch row-offset inside the arena); every buffer holds n_cap >= n rows;
+                // workers get disjoint unit ranges and a kernel writes only the
+                // rows/panels/heads of its own range; the barrier after each call makes its
+                // outputs complete before the next call starts.
+                unsafe { f(table.0, n_call, lo as i64, hi as i64, cap) }
+            }
+            if let Some(b) = barrier {
+                b.wait();
+            }
+            if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
+                p[kernel].0 += t0.elapsed().as_secs_f64();
+                p[kernel].1 += 1;
+            }
+        }
+    };
+    // A step too small to pay for waking the workers (a few microseconds) runs on this
+    // thread alone.
+    let split_work: usize = plan
+        .iter()
+        .filter(|e| e.3 > 1)
+        .map(|e| e.2 * prog.calls.iter().find(|c| c.kernel == e.6).map_or(0, |c| c.work_per_unit))
+        .sum();
+    if threads == 1 || split_work < PARALLEL_STEP_THRESHOLD {
+        run_all(0, None, profile.as_mut());
+    } else {
+        let barrier = SpinBarrier::new(threads);
+        let profile = std::sync::Mutex::new(profile.as_mut());
+        pool.broadcast(|ctx| {
+            let tid = ctx.index();
+            if tid == 0 {
+                // worker 0 also records the per-kernel times
+                let mut guard = profile.lock().unwrap_or_else(|e| e.into_inner());
+                run_all(0, Some(&barrier), guard.as_deref_mut());
+            } else {
+                run_all(tid, Some(&barrier), None);
+            }
+        });
+    }
+}
+
 impl<'a> JitState<'a> {
     /// State for running `art`'s program (whose kernels are `kernels`) with `ctx` positions,
     /// steps of at most `n_cap` tokens. Everything is checked: the kernels must be the
@@ -437,6 +527,116 @@ impl<'a> JitState<'a> {
         }
     }
 
+    /// One step over several sequences at once, one token each: `self` is the batch's state
+    /// (its arena holds the rows, row `i` being `seqs[i]`'s token at `positions[i]`; its own
+    /// caches are not used), `seqs` the sequences, whose KV caches the attention calls read
+    /// and write. Calls without per-sequence state (projections, norms, the output layer)
+    /// run once over all rows, reading each weight once for the whole batch; calls with it
+    /// (QKV + RoPE + cache write, attention) run once per sequence on that sequence's row and
+    /// cache. `self` must run the all-rows program (logits for every row) of the program the
+    /// sequences run. Returns the `logits` rows, one per sequence. Every row's arithmetic is
+    /// the one a step of that sequence alone does (rows never mix), so on the wide
+    /// micro-kernels batching changes no token.
+    pub fn step_batch(
+        &mut self,
+        pool: &rayon::ThreadPool,
+        seqs: &mut [&mut JitState<'_>],
+        tokens: &[i32],
+        positions: &[i32],
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let (prog, kernels) = (self.prog, self.kernels);
+        let n = seqs.len();
+        if n == 0 || n > self.n_cap || tokens.len() != n || positions.len() != n {
+            return Err(RuntimeError::Usage(format!(
+                "a batch takes 1..={} sequences with one token and position each (got {n}, {}, {})",
+                self.n_cap,
+                tokens.len(),
+                positions.len()
+            )));
+        }
+        if !self.mamba.is_empty() || seqs.iter().any(|q| !q.mamba.is_empty()) {
+            return Err(RuntimeError::Usage("batched steps need a model without recurrent (Mamba2) state".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.token_rows) {
+            return Err(RuntimeError::TokenId { id: bad as i64, vocab: self.token_rows });
+        }
+        for (q, &p) in seqs.iter().zip(positions) {
+            if p < 0 || p as usize >= q.ctx || p as usize >= self.ctx {
+                return Err(RuntimeError::Usage(format!(
+                    "position {p} is outside the context of {} tokens",
+                    q.ctx.min(self.ctx)
+                )));
+            }
+            // the sequence's caches are the ones this program's layers expect
+            for c in &self.caches {
+                if !q.caches.iter().any(|d| d.0 == c.0) {
+                    return Err(RuntimeError::Usage(format!("a sequence has no matching cache for layer {}", c.0)));
+                }
+            }
+        }
+        self.tokens[..n].copy_from_slice(tokens);
+        self.positions[..n].copy_from_slice(positions);
+        let threads = pool.current_num_threads();
+        // per-sequence pointer tables of the stateful calls (kept alive through the run)
+        let mut owned: Vec<Vec<*mut u8>> = Vec::new();
+        let mut shape: Vec<(usize, Option<(usize, usize)>)> = Vec::new(); // (call, Some((seq, table)))
+        for (ci, call) in prog.calls.iter().enumerate() {
+            let stateful = call.args.iter().any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
+            if !stateful {
+                shape.push((ci, None));
+                continue;
+            }
+            for (i, q) in seqs.iter_mut().enumerate() {
+                let mut t = self.args[ci].clone();
+                for (p, a) in t.iter_mut().zip(&call.args) {
+                    match a {
+                        Arg::Buf(b) => {
+                            let buf = &prog.buffers[*b];
+                            if buf.rows == Rows::One {
+                                return Err(RuntimeError::Usage("a per-sequence call reads a one-row buffer".into()));
+                            }
+                            // SAFETY: row i < n <= n_cap of a buffer of n_cap rows of `width`.
+                            *p = unsafe { p.add(i * buf.width * 4) };
+                        }
+                        // SAFETY: index i < n <= n_cap of the n_cap-long token/position rows.
+                        Arg::Tokens | Arg::Positions => *p = unsafe { p.add(i * 4) },
+                        Arg::KCache(l) | Arg::VCache(l) => {
+                            let c =
+                                q.caches.iter_mut().find(|c| c.0 == *l).ok_or_else(|| {
+                                    RuntimeError::Usage(format!("a sequence has no cache for layer {l}"))
+                                })?;
+                            *p = if matches!(a, Arg::KCache(_)) { c.1.ptr() } else { c.2.ptr() };
+                        }
+                        _ => {}
+                    }
+                }
+                owned.push(t);
+                shape.push((ci, Some((i, owned.len() - 1))));
+            }
+        }
+        let plan: Vec<Entry> = shape
+            .iter()
+            .map(|&(ci, per)| match per {
+                None => {
+                    let call = &prog.calls[ci];
+                    let n_call = if call.rows == Rows::One { 1 } else { n };
+                    let span = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+                    entry(prog, kernels, ci, n_call, span, SendPtr(self.args[ci].as_ptr()), self.caps[ci], threads)
+                }
+                Some((i, t)) => {
+                    let cap = prog.calls[ci]
+                        .layer
+                        .and_then(|l| seqs[i].caches.iter().find(|c| c.0 == l))
+                        .map_or(0, |c| c.3 as i64);
+                    let span = positions[i] as usize + 1;
+                    entry(prog, kernels, ci, 1, span, SendPtr(owned[t].as_ptr()), cap, threads)
+                }
+            })
+            .collect();
+        run_plan(pool, prog, &plan, &mut self.profile);
+        self.logits(n)
+    }
+
     /// Runs one step of `1..=n_cap` tokens at `positions` and returns the `logits` output (all
     /// its rows). Token ids must index the embedding, positions must lie inside the context:
     /// anything else is an error, before any kernel runs.
@@ -463,90 +663,24 @@ impl<'a> JitState<'a> {
         }
         self.tokens[..n].copy_from_slice(tokens);
         self.positions[..n].copy_from_slice(positions);
-        let threads = pool.current_num_threads();
-        let tables: Vec<SendPtr> = self.args.iter().map(|a| SendPtr(a.as_ptr())).collect();
-        let caps = &self.caps;
-        let profile = &mut self.profile;
-        if let Some(p) = profile.as_mut() {
-            p.resize(prog.kernels.len(), (0.0, 0));
-        }
-        // How each call splits: `threads` chunks for big calls, one for small ones. Attention's
-        // work per unit grows with the context: it splits once the cached positions make it
-        // worth it (decode at a long context has only kv_heads units, each a long scan).
         let span = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
-        let plan: Vec<(KernelFn, i64, usize, usize, SendPtr, i64)> = prog
+        let tables: Vec<SendPtr> = self.args.iter().map(|a| SendPtr(a.as_ptr())).collect();
+        let plan: Vec<Entry> = prog
             .calls
             .iter()
             .enumerate()
             .map(|(ci, call)| {
                 let n_call = if call.rows == Rows::One { 1 } else { n };
-                let units = call.units.count(n_call);
-                let work = match prog.kernels[call.kernel] {
-                    KernelSpec::Attention { heads, kv_heads, head_dim, window, .. } => {
-                        let scanned = window.map_or(span, |w| w.min(span));
-                        scanned.saturating_mul(head_dim).saturating_mul(heads / kv_heads.max(1)).max(call.work_per_unit)
-                    }
-                    _ => call.work_per_unit,
-                };
-                let chunks = if threads > 1 && units >= 2 && units.saturating_mul(work) >= SPLIT_THRESHOLD {
-                    threads.min(units)
-                } else {
-                    1
-                };
-                (kernels.fns[call.kernel], n_call as i64, units, chunks, tables[ci], caps[ci])
+                entry(prog, kernels, ci, n_call, span, tables[ci], self.caps[ci], pool.current_num_threads())
             })
             .collect();
-        // Worker `tid` runs its chunk of every call in schedule order; a spin barrier between
-        // calls keeps the order (one parallel region per step, not one per call).
-        let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
-            let mut profile = profile;
-            for (ci, &(f, n_call, units, chunks, table, cap)) in plan.iter().enumerate() {
-                // alone (no barrier), one worker does every unit
-                let chunks = if barrier.is_some() { chunks } else { 1 };
-                let t0 = profile.as_ref().map(|_| std::time::Instant::now());
-                if tid < chunks {
-                    let lo = units * tid / chunks;
-                    let hi = units * (tid + 1) / chunks;
-                    // SAFETY: the pointer table matches the kernel's spec (built by lowering);
-                    // every buffer holds n_cap >= n rows; workers get disjoint unit ranges and a
-                    // kernel writes only the rows/panels/heads of its own range; the barrier
-                    // after each call makes its outputs complete before the next call starts.
-                    unsafe { f(table.0, n_call, lo as i64, hi as i64, cap) }
-                }
-                if let Some(b) = barrier {
-                    b.wait();
-                }
-                if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
-                    let k = prog.calls[ci].kernel;
-                    p[k].0 += t0.elapsed().as_secs_f64();
-                    p[k].1 += 1;
-                }
-            }
-        };
-        // A step too small to pay for waking the workers (a few microseconds) runs on this
-        // thread alone.
-        let split_work: usize = plan
-            .iter()
-            .zip(&prog.calls)
-            .filter(|((.., chunks, _, _), _)| *chunks > 1)
-            .map(|((_, _, units, ..), call)| units * call.work_per_unit)
-            .sum();
-        if threads == 1 || split_work < PARALLEL_STEP_THRESHOLD {
-            run_all(0, None, profile.as_mut());
-        } else {
-            let barrier = SpinBarrier::new(threads);
-            let profile = std::sync::Mutex::new(profile.as_mut());
-            pool.broadcast(|ctx| {
-                let tid = ctx.index();
-                if tid == 0 {
-                    // worker 0 also records the per-kernel times
-                    let mut guard = profile.lock().unwrap_or_else(|e| e.into_inner());
-                    run_all(0, Some(&barrier), guard.as_deref_mut());
-                } else {
-                    run_all(tid, Some(&barrier), None);
-                }
-            });
-        }
+        run_plan(pool, prog, &plan, &mut self.profile);
+        self.logits(n)
+    }
+
+    /// The `logits` output of the last step of `n` rows (all its rows).
+    fn logits(&self, n: usize) -> Result<Vec<f32>, RuntimeError> {
+        let prog = self.prog;
         let logits = prog.outputs.iter().find(|(name, _)| name == "logits").map_or(usize::MAX, |(_, b)| *b);
         match prog.buffers.get(logits) {
             Some(buf) => {

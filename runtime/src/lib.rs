@@ -13,4 +13,4 @@ pub mod text;
 pub use artifact::Artifact;
 pub use error::RuntimeError;
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{generate, Backend, Engine, Generation, Session};
+pub use session::{generate, Backend, Batcher, Engine, Generation, Session};

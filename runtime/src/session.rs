@@ -384,3 +384,52 @@ pub fn generate(
     g.decode_s = t1.elapsed().as_secs_f64();
     Ok(g)
 }
+
+/// Decode steps of several sessions at once: one token each, the weights read once for all
+/// of them (see [`JitState::step_batch`]). Its own state runs the engine's all-rows program
+/// (logits for every row, one row per session); the sessions keep their own KV caches.
+pub struct Batcher<'a> {
+    engine: &'a Engine,
+    state: Box<JitState<'a>>,
+}
+
+impl<'a> Batcher<'a> {
+    /// A batcher for up to `max_seqs` sessions whose positions stay below `ctx`.
+    pub fn new(engine: &'a Engine, ctx: usize, max_seqs: usize) -> Result<Batcher<'a>, RuntimeError> {
+        let all = engine.all_rows()?;
+        let state = Box::new(JitState::all_rows(&engine.art, all, ctx, max_seqs)?);
+        if state.has_recurrent_state() {
+            return Err(RuntimeError::Usage("batched steps need a model without recurrent (Mamba2) state".into()));
+        }
+        Ok(Batcher { engine, state })
+    }
+
+    /// Runs `tokens[i]` through `sessions[i]` at its next position, all in one step; returns
+    /// each session's logits. Sessions must be JIT sessions of this engine.
+    pub fn step(&mut self, sessions: &mut [&mut Session<'a>], tokens: &[i32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        for s in sessions.iter() {
+            s.check_step(&[0])?;
+            if !std::ptr::eq(s.engine, self.engine) {
+                return Err(RuntimeError::Usage("a batched session belongs to another engine".into()));
+            }
+        }
+        let positions: Vec<i32> = sessions.iter().map(|s| s.pos as i32).collect();
+        let mut states: Vec<&mut JitState<'a>> = Vec::with_capacity(sessions.len());
+        for s in sessions.iter_mut() {
+            match &mut s.state {
+                State::Jit(st) => states.push(st),
+                State::Interp(_) => return Err(RuntimeError::Usage("batched steps run on the JIT backend".into())),
+            }
+        }
+        let logits = self.state.step_batch(&self.engine.pool, &mut states, tokens, &positions)?;
+        let n = sessions.len();
+        if logits.len() % n.max(1) != 0 {
+            return Err(RuntimeError::Usage(format!("the batch step returned {} logits for {n} rows", logits.len())));
+        }
+        let width = logits.len() / n.max(1);
+        for s in sessions.iter_mut() {
+            s.pos += 1;
+        }
+        Ok(logits.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+    }
+}
