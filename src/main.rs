@@ -105,6 +105,10 @@ enum Cmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also decode this many sequences at once (batched steps, as `llmc serve` runs them)
+        /// and report their aggregate rate (batch_decode_tok_s).
+        #[arg(short = 'b', long = "batch", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+        batch: u64,
         /// Also time every kernel during decode.
         #[arg(long)]
         profile: bool,
@@ -402,9 +406,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             })
         }
         Cmd::Inspect { artifact, json, verify } => inspect::inspect(&artifact, json, verify),
-        Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile } => {
+        Cmd::Bench { artifact, n_prompt, n_gen, threads, json, profile, batch } => {
             let engine = Engine::open(&gguf_cache::artifact_for(&artifact)?, clamp_threads(threads))?;
-            let r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
+            let mut r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
+            if batch > 1 {
+                r.batch = Some(batch as usize);
+                r.batch_decode_tok_s =
+                    Some(llmc_runtime::bench::batch_decode(&engine, n_prompt, n_gen, batch as usize)?);
+            }
             if json {
                 outln!("{}", serde_json::to_string(&r)?)?;
             } else {
@@ -418,6 +427,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                     r.fma_peak_gflop_s
                 )?;
                 outln!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s)?;
+                if let (Some(b), Some(t)) = (r.batch, r.batch_decode_tok_s) {
+                    outln!(
+                        "  decode  {b} sequences at once  {t:>9.1} tok/s in all ({:.2}x one sequence)",
+                        t / r.decode_tok_s
+                    )?;
+                }
                 outln!(
                     "  {:.1} MB of weights per token, bandwidth {:.1} GB/s, roofline fraction {:.2}",
                     r.bytes_per_token as f64 / 1e6,

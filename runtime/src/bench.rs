@@ -38,6 +38,12 @@ pub struct BenchReport {
     pub arena_bytes: u64,
     pub load_s: f64,
     pub jit_s: f64,
+    /// With `--batch N`: N sequences decoded together in batched steps, and their aggregate
+    /// tokens per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_decode_tok_s: Option<f64>,
     /// With profiling: (kernel name, decode milliseconds per token, calls per token), slowest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decode_profile: Vec<(String, f64, usize)>,
@@ -337,5 +343,30 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         arena_bytes: (prog.arena_width * crate::session::DEFAULT_CHUNK * 4) as u64,
         load_s: engine.load_s,
         jit_s: engine.jit_s,
+        batch: None,
+        batch_decode_tok_s: None,
     })
+}
+
+/// Aggregate decode tokens per second of `batch` sequences stepped together
+/// ([`crate::Batcher`]): each prefills its own `prefill`-token prompt, then `decode` batched
+/// greedy steps run.
+pub fn batch_decode(engine: &Engine, prefill: usize, decode: usize, batch: usize) -> Result<f64, RuntimeError> {
+    let vocab = engine.art.header.vocab_size;
+    let ctx = prefill.max(1) + decode + 1;
+    let mut sessions: Vec<Session<'_>> =
+        (0..batch).map(|_| Session::new(engine, Backend::Jit, Some(ctx))).collect::<Result<_, _>>()?;
+    let mut next = Vec::new();
+    for (b, s) in sessions.iter_mut().enumerate() {
+        let prompt: Vec<i32> = (0..prefill.max(1)).map(|i| ((i * 7919 + 13 + b * 101) % vocab) as i32).collect();
+        next.push(argmax(&s.step(&prompt)?) as i32);
+    }
+    let mut batcher = crate::Batcher::new(engine, ctx, batch)?;
+    let t = Instant::now();
+    for _ in 0..decode {
+        let mut refs: Vec<&mut Session<'_>> = sessions.iter_mut().collect();
+        let logits = batcher.step(&mut refs, &next)?;
+        next = logits.iter().map(|l| argmax(l) as i32).collect();
+    }
+    Ok((decode * batch) as f64 / t.elapsed().as_secs_f64().max(1e-9))
 }

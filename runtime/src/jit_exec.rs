@@ -208,8 +208,11 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// One kernel call of a step: the kernel, its `n`, its units and how many chunks they split
-/// into, its pointer table and cache capacity, and the kernel's index (for the profile).
-type Entry = (KernelFn, i64, usize, usize, SendPtr, i64, usize);
+/// into, its pointer table and cache capacity, the kernel's index (for the profile), whether
+/// the workers wait for each other after it (not between the per-sequence calls of one batched
+/// call: they touch disjoint rows and caches), and the worker that runs it when it does not
+/// split.
+type Entry = (KernelFn, i64, usize, usize, SendPtr, i64, usize, bool, usize);
 
 /// The plan entry of call `ci` over `n_call` rows. Attention's work per unit grows with the
 /// context (`span`: the largest position + 1): it splits once the cached positions make it
@@ -236,7 +239,7 @@ fn entry(
     };
     let chunks =
         if threads > 1 && units >= 2 && units.saturating_mul(work) >= SPLIT_THRESHOLD { threads.min(units) } else { 1 };
-    (kernels.fns[call.kernel], n_call as i64, units, chunks, table, cap, call.kernel)
+    (kernels.fns[call.kernel], n_call as i64, units, chunks, table, cap, call.kernel, true, 0)
 }
 
 /// Runs a step's calls in order, each split over the pool's threads as its entry says.
@@ -249,21 +252,29 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
     // calls keeps the order (one parallel region per step, not one per call).
     let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
         let mut profile = profile;
-        for &(f, n_call, units, chunks, ref table, cap, kernel) in plan {
+        for &(f, n_call, units, chunks, ref table, cap, kernel, wait, owner) in plan {
             // alone (no barrier), one worker does every unit
             let chunks = if barrier.is_some() { chunks } else { 1 };
             let t0 = profile.as_ref().map(|_| std::time::Instant::now());
-            if tid < chunks {
-                let lo = units * tid / chunks;
-                let hi = units * (tid + 1) / chunks;
+            // an unsplit call runs on its owner (worker 0 when alone)
+            let part = if chunks == 1 {
+                (barrier.is_none() || tid == owner % threads).then_some(0)
+            } else {
+                (tid < chunks).then_some(tid)
+            };
+            if let Some(part) = part {
+                let lo = units * part / chunks;
+                let hi = units * (part + 1) / chunks;
                 // SAFETY: the pointer table matches the kernel's spec (built by lowering, and
                 // for a batch row-offset inside the arena); every buffer holds n_cap >= n rows;
                 // workers get disjoint unit ranges and a kernel writes only the
                 // rows/panels/heads of its own range; the barrier after each call makes its
-                // outputs complete before the next call starts.
+                // outputs complete before the next call starts. The per-sequence calls of one
+                // batched call run without barriers between them: each writes only its own
+                // sequence's row and cache and reads rows completed before the group.
                 unsafe { f(table.0, n_call, lo as i64, hi as i64, cap) }
             }
-            if let Some(b) = barrier {
+            if let (Some(b), true) = (barrier, wait) {
                 b.wait();
             }
             if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
@@ -276,7 +287,7 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
     // thread alone.
     let split_work: usize = plan
         .iter()
-        .filter(|e| e.3 > 1)
+        .filter(|e| e.3 > 1 || e.8 > 0)
         .map(|e| e.2 * prog.calls.iter().find(|c| c.kernel == e.6).map_or(0, |c| c.work_per_unit))
         .sum();
     if threads == 1 || split_work < PARALLEL_STEP_THRESHOLD {
@@ -629,7 +640,12 @@ impl<'a> JitState<'a> {
                         .and_then(|l| seqs[i].caches.iter().find(|c| c.0 == l))
                         .map_or(0, |c| c.3 as i64);
                     let span = positions[i] as usize + 1;
-                    entry(prog, kernels, ci, 1, span, SendPtr(owned[t].as_ptr()), cap, threads)
+                    let mut e = entry(prog, kernels, ci, 1, span, SendPtr(owned[t].as_ptr()), cap, threads);
+                    // the calls of the other sequences follow without a barrier, spread over
+                    // the workers when they do not split
+                    e.7 = i + 1 == n;
+                    e.8 = i;
+                    e
                 }
             })
             .collect();

@@ -1,8 +1,10 @@
 //! The engine thread of `llmc serve`: it owns the model and one session (KV cache) per slot,
-//! takes jobs from the bounded queue into free slots between steps, and runs one step of every
-//! busy slot per round (a prompt chunk of at most `PREFILL_CHUNK` tokens, or one decoded
-//! token), so requests join and leave between steps and a long prompt does not stall the
-//! others. A job whose client went away is dropped at the next round; its slot is free again.
+//! takes jobs from the bounded queue into free slots between steps, and advances every busy
+//! slot by one step per round: the slots that are decoding share one batched step (each
+//! weight read once for all of them, `llmc_runtime::Batcher`), the slots still prefilling run
+//! a prompt chunk of at most `PREFILL_CHUNK` tokens each. Requests join and leave between
+//! steps, and a long prompt does not stall the others. A job whose client went away is dropped
+//! at the next round; its slot is free again.
 //!
 //! Prompt cache: a new job takes the free slot whose cached tokens share the longest prefix
 //! with its prompt and keeps that prefix (`Session::truncate`), so a chat that resends its
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use llmc_runtime::text::{StreamDecoder, Text};
-use llmc_runtime::{Backend, Engine, Sampler, SamplerConfig, Session};
+use llmc_runtime::{Backend, Batcher, Engine, Sampler, SamplerConfig, Session};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
@@ -128,6 +130,19 @@ pub fn run(
             })
         })
         .collect::<Result<_, llmc_runtime::RuntimeError>>()?;
+    // decode steps of several slots run as one batched step (a model with recurrent state
+    // cannot: its slots step one by one)
+    let mut batcher = if slots.len() > 1 {
+        match Batcher::new(engine, slot_ctx, slots.len()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("llmc serve: slots step one by one ({e})");
+                None
+            }
+        }
+    } else {
+        None
+    };
     ready();
     let mut open = true;
     loop {
@@ -162,9 +177,7 @@ pub fn run(
         if !open && slots.iter().all(|s| s.active.is_none()) {
             return Ok(());
         }
-        for slot in slots.iter_mut().filter(|s| s.active.is_some()) {
-            round(slot, &eos, slot_ctx, &metrics);
-        }
+        round_all(&mut slots, batcher.as_mut(), &eos, slot_ctx, &metrics);
         metrics.busy_slots.store(slots.iter().filter(|s| s.active.is_some()).count() as u64, Ordering::Relaxed);
     }
 }
@@ -202,23 +215,69 @@ fn start(slots: &mut [Slot<'_>], job: Job, metrics: &Metrics) {
     });
 }
 
-/// One round of a busy slot: run its pending tokens (a prompt chunk or the last sampled
-/// token), then sample the next token if the prompt is done.
-fn round(slot: &mut Slot<'_>, eos: &[i32], ctx: usize, metrics: &Metrics) {
-    let Some(mut a) = slot.active.take() else { return };
-    match advance(slot, &mut a, eos, ctx, metrics) {
-        None => slot.active = Some(a),
-        Some(reason) => {
-            slot.decoder = None;
-            if let Some(finish) = reason {
-                let _ = a.job.events.send(Event::Done {
-                    finish,
-                    prompt_tokens: a.job.prompt.len(),
-                    completion_tokens: a.generated,
-                    cached_tokens: a.cached_tokens,
-                });
+/// One round: every busy slot advances by one step. Slots with one token to run (decoding)
+/// share one batched step when there are several; slots still prefilling run a prompt chunk
+/// each.
+fn round_all<'e>(
+    slots: &mut [Slot<'e>],
+    batcher: Option<&mut Batcher<'e>>,
+    eos: &[i32],
+    ctx: usize,
+    metrics: &Metrics,
+) {
+    for slot in slots.iter_mut() {
+        if let Some(a) = slot.active.as_ref() {
+            if let Some(end) = gate(a, metrics) {
+                end_job(slot, end);
             }
         }
+    }
+    let decoding: Vec<usize> =
+        (0..slots.len()).filter(|&i| slots[i].active.as_ref().is_some_and(|a| a.pending.len() == 1)).collect();
+    let mut batched = vec![false; slots.len()];
+    if let (Some(b), true) = (batcher, decoding.len() > 1) {
+        let tokens: Vec<i32> = decoding.iter().map(|&i| slots[i].active.as_ref().map_or(0, |a| a.pending[0])).collect();
+        let mut sessions: Vec<&mut Session<'e>> =
+            slots.iter_mut().enumerate().filter(|(i, _)| decoding.contains(i)).map(|(_, s)| &mut s.session).collect();
+        match b.step(&mut sessions, &tokens) {
+            Ok(logits) => {
+                for ((&i, l), &tok) in decoding.iter().zip(logits).zip(&tokens) {
+                    batched[i] = true;
+                    let slot = &mut slots[i];
+                    if let Some(a) = slot.active.as_mut() {
+                        a.pending.clear();
+                    }
+                    slot.cached.push(tok);
+                    let end = after_logits(slot, &l, eos, ctx, metrics);
+                    if let Some(end) = end {
+                        end_job(slot, end);
+                    }
+                }
+            }
+            // the batch is refused as a whole (nothing ran): the slots step one by one below
+            Err(_) => {}
+        }
+    }
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if batched[i] || slot.active.is_none() {
+            continue;
+        }
+        if let Some(end) = step_one(slot, eos, ctx, metrics) {
+            end_job(slot, end);
+        }
+    }
+}
+
+/// Ends the slot's job; `Some(finish)` reports `Done` with the token counts.
+fn end_job(slot: &mut Slot<'_>, end: Option<Finish>) {
+    slot.decoder = None;
+    if let (Some(a), Some(finish)) = (slot.active.take(), end) {
+        let _ = a.job.events.send(Event::Done {
+            finish,
+            prompt_tokens: a.job.prompt.len(),
+            completion_tokens: a.generated,
+            cached_tokens: a.cached_tokens,
+        });
     }
 }
 
@@ -231,9 +290,8 @@ fn flush(a: &mut Active) {
     }
 }
 
-/// Advances a job by one step: `None` while it goes on, `Some(reason)` when it ended (`None`
-/// inside: ended without `Done`, after an error or because its client left).
-fn advance(slot: &mut Slot<'_>, a: &mut Active, eos: &[i32], ctx: usize, metrics: &Metrics) -> Option<Option<Finish>> {
+/// Whether a job must end before its next step: its client left, or its time is up.
+fn gate(a: &Active, metrics: &Metrics) -> Option<Option<Finish>> {
     if a.job.events.is_closed() {
         metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         return Some(None);
@@ -243,8 +301,16 @@ fn advance(slot: &mut Slot<'_>, a: &mut Active, eos: &[i32], ctx: usize, metrics
         metrics.timed_out.fetch_add(1, Ordering::Relaxed);
         return Some(None);
     }
+    None
+}
+
+/// Runs the slot's pending tokens (at most `PREFILL_CHUNK`) alone, then samples if they are
+/// done. `Some(end)` when the job ended (see `end_job`).
+fn step_one(slot: &mut Slot<'_>, eos: &[i32], ctx: usize, metrics: &Metrics) -> Option<Option<Finish>> {
+    let a = slot.active.as_mut()?;
     let n = a.pending.len().min(PREFILL_CHUNK);
     let chunk: Vec<i32> = a.pending.drain(..n).collect();
+    let more = !a.pending.is_empty();
     let logits = match slot.session.step(&chunk) {
         Ok(l) => l,
         Err(e) => {
@@ -256,10 +322,23 @@ fn advance(slot: &mut Slot<'_>, a: &mut Active, eos: &[i32], ctx: usize, metrics
         }
     };
     slot.cached.extend_from_slice(&chunk);
-    if !a.pending.is_empty() {
+    if more {
         return None;
     }
-    let tok = a.sampler.sample(&logits, &a.history);
+    after_logits(slot, &logits, eos, ctx, metrics)
+}
+
+/// Samples the next token from the logits of the slot's last step, sends its text, and
+/// queues it as the next step's input unless the job ends here.
+fn after_logits(
+    slot: &mut Slot<'_>,
+    logits: &[f32],
+    eos: &[i32],
+    ctx: usize,
+    metrics: &Metrics,
+) -> Option<Option<Finish>> {
+    let a = slot.active.as_mut()?;
+    let tok = a.sampler.sample(logits, &a.history);
     let now = Instant::now();
     match a.last_token_at {
         None => metrics.ttft.observe(now.duration_since(a.job.submitted).as_secs_f64()),
@@ -273,7 +352,7 @@ fn advance(slot: &mut Slot<'_>, a: &mut Active, eos: &[i32], ctx: usize, metrics
         flush(a);
         return Some(Some(Finish::Stop));
     }
-    let logprob = a.job.logprobs.map(|top| logprob_of(slot.text, &logits, tok, top));
+    let logprob = a.job.logprobs.map(|top| logprob_of(slot.text, logits, tok, top));
     let piece = match slot.decoder.as_mut().map(|d| d.push(tok)) {
         Some(Ok(p)) => p,
         Some(Err(e)) => {
