@@ -411,8 +411,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             let mut r = llmc_runtime::bench::run(&engine, n_prompt, n_gen, profile)?;
             if batch > 1 {
                 r.batch = Some(batch as usize);
-                r.batch_decode_tok_s =
-                    Some(llmc_runtime::bench::batch_decode(&engine, n_prompt, n_gen, batch as usize)?);
+                let (rate, prof) =
+                    llmc_runtime::bench::batch_decode(&engine, n_prompt, n_gen, batch as usize, profile)?;
+                r.batch_decode_tok_s = Some(rate);
+                r.batch_profile = prof;
             }
             if json {
                 outln!("{}", serde_json::to_string(&r)?)?;
@@ -448,6 +450,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                 )?;
                 for (name, ms, calls) in &r.decode_profile {
                     outln!("    {ms:>8.3} ms/token  {calls:>4} calls  {name}")?;
+                }
+                if !r.batch_profile.is_empty() {
+                    outln!("  batched decode steps:")?;
+                }
+                for (name, ms, calls) in &r.batch_profile {
+                    outln!("    {ms:>8.3} ms/step   {calls:>4} calls  {name}")?;
                 }
             }
             Ok(())

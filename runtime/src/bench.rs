@@ -44,6 +44,10 @@ pub struct BenchReport {
     pub batch: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_decode_tok_s: Option<f64>,
+    /// With `--batch` and profiling: (kernel name, milliseconds per batched step, calls per
+    /// step), slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub batch_profile: Vec<(String, f64, usize)>,
     /// With profiling: (kernel name, decode milliseconds per token, calls per token), slowest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decode_profile: Vec<(String, f64, usize)>,
@@ -345,13 +349,20 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         jit_s: engine.jit_s,
         batch: None,
         batch_decode_tok_s: None,
+        batch_profile: Vec::new(),
     })
 }
 
 /// Aggregate decode tokens per second of `batch` sequences stepped together
 /// ([`crate::Batcher`]): each prefills its own `prefill`-token prompt, then `decode` batched
 /// greedy steps run.
-pub fn batch_decode(engine: &Engine, prefill: usize, decode: usize, batch: usize) -> Result<f64, RuntimeError> {
+pub fn batch_decode(
+    engine: &Engine,
+    prefill: usize,
+    decode: usize,
+    batch: usize,
+    profile: bool,
+) -> Result<(f64, Vec<(String, f64, usize)>), RuntimeError> {
     let vocab = engine.art.header.vocab_size;
     let ctx = prefill.max(1) + decode + 1;
     let mut sessions: Vec<Session<'_>> =
@@ -362,11 +373,26 @@ pub fn batch_decode(engine: &Engine, prefill: usize, decode: usize, batch: usize
         next.push(argmax(&s.step(&prompt)?) as i32);
     }
     let mut batcher = crate::Batcher::new(engine, ctx, batch)?;
+    if profile {
+        batcher.enable_profile();
+    }
     let t = Instant::now();
     for _ in 0..decode {
         let mut refs: Vec<&mut Session<'_>> = sessions.iter_mut().collect();
         let logits = batcher.step(&mut refs, &next)?;
         next = logits.iter().map(|l| argmax(l) as i32).collect();
     }
-    Ok((decode * batch) as f64 / t.elapsed().as_secs_f64().max(1e-9))
+    let rate = (decode * batch) as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let mut prof: Vec<(String, f64, usize)> = match (batcher.profile(), engine.all_rows()) {
+        (Some(p), Ok(all)) => p
+            .iter()
+            .enumerate()
+            .map(|(k, &(secs, calls))| {
+                (all.program().kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    prof.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok((rate, prof))
 }

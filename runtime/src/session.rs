@@ -404,6 +404,17 @@ impl<'a> Batcher<'a> {
         Ok(Batcher { engine, state })
     }
 
+    /// Turns per-kernel timing of the batched steps on.
+    pub fn enable_profile(&mut self) {
+        self.state.profile = Some(Vec::new());
+    }
+
+    /// Seconds and calls per kernel of the batched steps so far (indexed like the all-rows
+    /// program's kernels), with profiling on.
+    pub fn profile(&self) -> Option<&[(f64, usize)]> {
+        self.state.profile.as_deref()
+    }
+
     /// Runs `tokens[i]` through `sessions[i]` at its next position, all in one step; returns
     /// each session's logits. Sessions must be JIT sessions of this engine.
     pub fn step(&mut self, sessions: &mut [&mut Session<'a>], tokens: &[i32]) -> Result<Vec<Vec<f32>>, RuntimeError> {

@@ -34,7 +34,7 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
     unsafe { (p as *const i32).read_unaligned() }
 }
 
-/// How far ahead (bytes) a single-row tile prefetches each weight stream (as `avx512.rs`).
+/// How far ahead (bytes) a tile prefetches each weight stream (as `avx512.rs`).
 const PF: usize = 2048;
 
 /// Integer kinds of `dot_tile`: unsigned bytes below 64 (nibbles or not), or q8_0's.
@@ -90,9 +90,7 @@ unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bo
                 for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
-                        if T == 1 {
-                            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
-                        }
+                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
                         for h in 0..2 {
                             let wv = _mm256_loadu_si256(a.add(32 * h) as *const __m256i);
                             if KIND == NIBBLE {
@@ -164,7 +162,7 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
         for k in 0..kd {
             for p in 0..P {
                 let a = w.add(p * pb + k * 16 * es);
-                if T == 1 && (k * 16 * es) % 64 == 0 {
+                if (k * 16 * es) % 64 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF + 64) as *const i8);
                 }

@@ -78,9 +78,7 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
                 for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
-                        if T == 1 {
-                            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
-                        }
+                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
                         let wv = _mm512_loadu_si512(a as *const __m512i);
                         if NIB {
                             let lo = _mm512_and_si512(wv, nib);
@@ -123,7 +121,8 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
     }
 }
 
-/// How far ahead (bytes) a single-row tile prefetches each weight stream: the hardware
+/// How far ahead (bytes) a tile prefetches each weight stream (useless but cheap where a
+/// prefill reuses a panel from cache; batched decode streams it once like decode): the hardware
 /// prefetcher alone leaves decode ~25 % under the bandwidth with 4 streams of half-line steps
 /// (bf16) or one line per group (int8); 1–4 KiB measured alike.
 const PF: usize = 2048;
@@ -154,7 +153,7 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
         for k in 0..kd {
             for p in 0..P {
                 let a = w.add(p * pb + k * 16 * es);
-                if T == 1 && (k * 16 * es) % 64 == 0 {
+                if (k * 16 * es) % 64 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF + 64) as *const i8);
                 }
