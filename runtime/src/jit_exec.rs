@@ -375,6 +375,30 @@ impl<'a> JitState<'a> {
         }
     }
 
+    /// The state of batched steps (`step_batch`) of `art`'s all-rows program: arena rows for
+    /// `n_cap` sequences and RoPE tables for `ctx` positions, but KV caches of one position:
+    /// the sequences bring their own.
+    pub fn batch(art: &'a Artifact, all: &'a AllRows, ctx: usize, n_cap: usize) -> Result<JitState<'a>, RuntimeError> {
+        all.check_weights(art)?;
+        if let Some(rows) = art.limits.position_rows {
+            if ctx > rows {
+                return Err(RuntimeError::Usage(format!("context size {ctx} exceeds the model's {rows} positions")));
+            }
+        }
+        // SAFETY: as in `all_rows` (the same checks, the same program and weights).
+        unsafe {
+            JitState::build(
+                &all.program,
+                &all.kernels,
+                &|name| art.tensor_ptr(name),
+                ctx,
+                n_cap,
+                art.limits.token_rows,
+                1,
+            )
+        }
+    }
+
     /// The same for any program.
     ///
     /// # Safety
@@ -391,6 +415,25 @@ impl<'a> JitState<'a> {
         n_cap: usize,
         token_rows: usize,
     ) -> Result<JitState<'a>, RuntimeError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { JitState::build(prog, kernels, weights, ctx, n_cap, token_rows, ctx) }
+    }
+
+    /// `with_weights` with KV caches of `cache_ctx` positions (a batch's own state, whose
+    /// stateful calls use the sequences' caches, keeps one position).
+    ///
+    /// # Safety
+    /// As `with_weights`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn build(
+        prog: &'a Program,
+        kernels: &'a Kernels,
+        weights: &dyn Fn(&str) -> Option<*const u8>,
+        ctx: usize,
+        n_cap: usize,
+        token_rows: usize,
+        cache_ctx: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
         if kernels.specs() != prog.kernels.as_slice() {
             return Err(RuntimeError::Usage("the kernels were compiled for another program".into()));
         }
@@ -403,7 +446,7 @@ impl<'a> JitState<'a> {
         let mut caches = Vec::new();
         for l in &prog.kv_layers {
             // Sliding-window layers keep a ring big enough for the window plus one chunk.
-            let cap = l.window.map_or(ctx, |w| w.saturating_add(n_cap).min(ctx));
+            let cap = l.window.map_or(cache_ctx, |w| w.saturating_add(n_cap).min(cache_ctx));
             let len = cap * l.kv_heads * l.head_dim;
             caches.push((l.layer, Aligned::new(len)?, Aligned::new(len)?, cap));
         }
