@@ -108,9 +108,18 @@ async fn run(a: ServeArgs) -> Result<()> {
             .name("llmc-engine".into())
             .stack_size(16 << 20)
             .spawn(move || {
-                if let Err(e) = engine_thread(&a, &app) {
-                    eprintln!("error: {e:#}");
-                    std::process::exit(1);
+                // A failure (or a bug that panics) in the engine ends the server with one line
+                // and a non-zero exit instead of leaving every request waiting forever.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine_thread(&a, &app))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        eprintln!("error: {e:#}");
+                        std::process::exit(1);
+                    }
+                    Err(_) => {
+                        eprintln!("error: the engine thread failed (a bug: please report it)");
+                        std::process::exit(1);
+                    }
                 }
             })
             .context("starting the engine thread")?
