@@ -21,6 +21,8 @@ use llmc_ir::DType;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_attention;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_attention;
@@ -145,14 +147,17 @@ pub const ATTN_BYTES: usize = ATTN_WORDS * 8 + 8;
 /// An attention micro-kernel: `attend(&AttnCall)`.
 pub type AttnFn = unsafe extern "C" fn(*const AttnCall);
 
-/// The attention micro-kernel of a family (AVX-512 only; AVX2 keeps the 128-bit kernel).
+/// The attention micro-kernel of a family.
 pub fn attention(wide: Wide) -> Option<AttnFn> {
-    if wide != Wide::Avx512 || !wide.available() {
+    if !wide.available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        Some(avx512_attention::attend)
+        Some(match wide {
+            Wide::Avx2 => avx2_attention::attend,
+            Wide::Avx512 => avx512_attention::attend,
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
