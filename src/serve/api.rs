@@ -394,3 +394,76 @@ impl Meta {
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage})
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, nested a few levels, with the field names requests use.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[a-z ]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let key = prop_oneof![
+                Just("messages".to_string()),
+                Just("role".to_string()),
+                Just("content".to_string()),
+                Just("type".to_string()),
+                Just("text".to_string()),
+                Just("prompt".to_string()),
+                Just("stop".to_string()),
+                Just("n".to_string()),
+                Just("tools".to_string()),
+                Just("response_format".to_string()),
+                Just("max_tokens".to_string()),
+                Just("temperature".to_string()),
+                Just("top_logprobs".to_string()),
+                Just("logprobs".to_string()),
+                Just("seed".to_string()),
+                Just("stream_options".to_string()),
+                "[a-z_]{1,10}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key, inner), 0..8).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// No request body makes the parser panic: it is accepted or refused with a 400.
+        #[test]
+        fn any_json_is_parsed_or_refused(v in json_value(), chat in any::<bool>()) {
+            if let Err(e) = Params::parse(&v, chat) {
+                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                prop_assert!(e.body()["error"]["message"].is_string());
+            }
+        }
+    }
+
+    #[test]
+    fn fields_are_checked_one_by_one() {
+        let ok = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                        "stop": ["a", "b"], "max_completion_tokens": 5, "logprobs": true, "top_logprobs": 3});
+        let p = Params::parse(&ok, true).unwrap();
+        assert_eq!((p.max_tokens, p.logprobs, p.stop.len()), (Some(5), Some(3), 2));
+        for (bad, needle) in [
+            (json!({"messages": [{"role": "tool", "content": "x"}]}), "role"),
+            (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "text parts"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), "logprobs"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "stop": [1]}), "stop"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "seed": "s"}), "seed"),
+        ] {
+            let e = Params::parse(&bad, true).unwrap_err();
+            assert!(e.message.contains(needle), "{bad}: {}", e.message);
+        }
+    }
+}
