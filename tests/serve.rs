@@ -42,8 +42,18 @@ impl Drop for Server {
 }
 
 fn start(extra: &[&str]) -> Server {
+    start_with(extra, None, true)
+}
+
+/// Starts a server; with `cache`, GGUFs compile into that cache folder; with `loaded`, waits
+/// until the model is loaded (else returns as soon as the address is known).
+fn start_with(extra: &[&str], cache: Option<&std::path::Path>, loaded: bool) -> Server {
     let model = gguf();
-    let mut child = Command::new(common::llmc_bin())
+    let mut cmd = Command::new(common::llmc_bin());
+    if let Some(c) = cache {
+        cmd.env("XDG_CACHE_HOME", c);
+    }
+    let mut child = cmd
         .args(["serve", model.to_str().unwrap(), "--port", "0", "-t", "2"])
         .args(extra)
         .stderr(Stdio::piped())
@@ -61,6 +71,9 @@ fn start(extra: &[&str]) -> Server {
         }
         if let Some(rest) = line.split("listening on http://").nth(1) {
             addr = rest.split_whitespace().next().map(str::to_string);
+            if !loaded {
+                break;
+            }
         }
         if line.contains("model loaded") {
             break;
@@ -370,6 +383,32 @@ fn greedy_streams_concurrency_and_disconnects() {
     assert!(hdrs.iter().any(|(k, _)| k == "retry-after"));
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["error"]["type"], "rate_limit_error");
     assert_eq!(long.join().unwrap().0, 200);
+}
+
+/// While the model loads (here: the GGUF compiling into an empty cache, about 2 s), /health
+/// answers 503 with an error object, and the generation endpoints too; then 200.
+#[test]
+#[ignore = "fetches a 98 MB GGUF and serves it; scripts/test runs it in release mode"]
+fn health_is_503_while_loading() {
+    let cache = tempfile::tempdir().unwrap();
+    let srv = start_with(&["--parallel", "1", "-c", "512"], Some(cache.path()), false);
+    let a = srv.addr.clone();
+    let (st, _, body) = http(&a, "GET", "/health", &[], b"");
+    assert_eq!(st, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["error"]["type"], "unavailable_error");
+    let (st, _) = post(&a, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(st, 503);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (st, _, _) = http(&a, "GET", "/health", &[], b"");
+        if st == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never loaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, v) = post(&a, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(st, 200, "{v}");
 }
 
 /// SIGTERM: running requests finish, then the server exits 0.
