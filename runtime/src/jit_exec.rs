@@ -350,6 +350,24 @@ impl<'a> JitState<'a> {
         ctx: usize,
         n_cap: usize,
     ) -> Result<JitState<'a>, RuntimeError> {
+        JitState::derived(art, all, ctx, n_cap, ctx)
+    }
+
+    /// The state of batched steps (`step_batch`) of `art`'s all-rows program: arena rows for
+    /// `n_cap` sequences and RoPE tables for `ctx` positions, but KV caches of one position:
+    /// the sequences bring their own.
+    pub fn batch(art: &'a Artifact, all: &'a AllRows, ctx: usize, n_cap: usize) -> Result<JitState<'a>, RuntimeError> {
+        JitState::derived(art, all, ctx, n_cap, 1)
+    }
+
+    /// `all_rows` with KV caches of `cache_ctx` positions.
+    fn derived(
+        art: &'a Artifact,
+        all: &'a AllRows,
+        ctx: usize,
+        n_cap: usize,
+        cache_ctx: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
         all.check_weights(art)?;
         if let Some(rows) = art.limits.position_rows {
             if ctx > rows {
@@ -364,29 +382,6 @@ impl<'a> JitState<'a> {
         // layout is the one `all.program` reads. The map lives for 'a. `token_rows` comes
         // from `art.graph`, whose embedding tables are the derived graph's.
         unsafe {
-            JitState::with_weights(
-                &all.program,
-                &all.kernels,
-                &|name| art.tensor_ptr(name),
-                ctx,
-                n_cap,
-                art.limits.token_rows,
-            )
-        }
-    }
-
-    /// The state of batched steps (`step_batch`) of `art`'s all-rows program: arena rows for
-    /// `n_cap` sequences and RoPE tables for `ctx` positions, but KV caches of one position:
-    /// the sequences bring their own.
-    pub fn batch(art: &'a Artifact, all: &'a AllRows, ctx: usize, n_cap: usize) -> Result<JitState<'a>, RuntimeError> {
-        all.check_weights(art)?;
-        if let Some(rows) = art.limits.position_rows {
-            if ctx > rows {
-                return Err(RuntimeError::Usage(format!("context size {ctx} exceeds the model's {rows} positions")));
-            }
-        }
-        // SAFETY: as in `all_rows` (the same checks, the same program and weights).
-        unsafe {
             JitState::build(
                 &all.program,
                 &all.kernels,
@@ -394,7 +389,7 @@ impl<'a> JitState<'a> {
                 ctx,
                 n_cap,
                 art.limits.token_rows,
-                1,
+                cache_ctx,
             )
         }
     }
