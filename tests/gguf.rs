@@ -12,17 +12,7 @@ use std::sync::OnceLock;
 use common::{ints, llmc, run_json, stderr};
 
 fn gguf() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let o = Command::new(root.join("scripts/get-smollm2-gguf"))
-            .arg(root.join("target/models"))
-            .output()
-            .expect("run scripts/get-smollm2-gguf");
-        assert!(o.status.success(), "get-smollm2-gguf: {}", String::from_utf8_lossy(&o.stderr));
-        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
-    })
-    .clone()
+    common::smollm2_gguf()
 }
 
 /// transformers' reference for SmolLM2 (its weights are this GGUF's, dequantized).

@@ -85,3 +85,19 @@ pub fn check_parity(name: &str, backend: &str) -> f64 {
     eprintln!("{name} ({backend}): max abs logits error {err:.3e} (max |expected| {max_abs:.3})");
     err
 }
+
+/// SmolLM2-135M-Instruct's Q4_1 GGUF, fetched once per test process by
+/// scripts/get-smollm2-gguf into target/models.
+pub fn smollm2_gguf() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let o = Command::new(root.join("scripts/get-smollm2-gguf"))
+            .arg(root.join("target/models"))
+            .output()
+            .expect("run scripts/get-smollm2-gguf");
+        assert!(o.status.success(), "get-smollm2-gguf: {}", String::from_utf8_lossy(&o.stderr));
+        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+    })
+    .clone()
+}
