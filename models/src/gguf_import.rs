@@ -348,6 +348,31 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     Ok(Model { config_path: path.to_path_buf(), raw_config, config, graph, specs, files, text })
 }
 
+/// The text side of a GGUF file alone (its `tokenizer.ggml.*` metadata as a `tokenizer.json`,
+/// special tokens, chat template): what `load_gguf` bundles, also for vocabulary-only files.
+pub fn load_gguf_text(path: &Path) -> Result<TextAssets> {
+    text_assets(path, &GgufFile::open(path)?.header)
+}
+
+/// deepseek-llm's splits (its tokenizer.json, in order): line breaks; runs of cased letters
+/// (Unicode's `LC`, as ranges: Latin, Greek, Cyrillic, Armenian, Georgian, Cherokee ...); ASCII
+/// and full-width punctuation; trailing whitespace; CJK and Hangul runs; digit runs. Six of the
+/// letters are written as escapes: U+1F7D, U+1FBE, U+1FD3, U+1FDB, U+2126 (ohm) and U+212A
+/// (kelvin) are changed by NFC normalization (into U+03CE, U+03B9, U+0390, U+038A, U+03A9 and
+/// `K`), and copies of this pattern that went through it have reversed or far too wide ranges.
+const DEEPSEEK_LLM: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u{1F7D}ᾀ-ᾴᾶ-ᾼ\u{1FBE}ῂ-ῄῆ-ῌῐ-\u{1FD3}ῖ-\u{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u{2126}ℨ\u{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+];
+
+/// deepseek-coder's splits: line breaks, letter runs, punctuation runs, CJK and Hangul runs,
+/// single digits.
+const DEEPSEEK_CODER: &[&str] = &["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"];
+
 /// Pre-tokenizers by `tokenizer.ggml.pre`, as Hugging Face's tokenizer.json files of those
 /// models write them (ids must equal transformers').
 fn pre_tokenizer(path: &Path, pre: &str) -> Result<(Json, Json)> {
@@ -359,7 +384,7 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<(Json, Json)> {
     Ok(match pre {
         // SmolLM2's and GPT-2's tokenizer.json: byte-level with the GPT-2 regex
         "smollm" | "gpt-2" => (Json::Null, byte_level(true)),
-        "starcoder" => (
+        "starcoder" | "refact" => (
             Json::Null,
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
@@ -370,10 +395,29 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<(Json, Json)> {
         "llama-bpe" | "llama3" => {
             (Json::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}))
         }
+        // DeepSeek's tokenizer.json files: a chain of isolating splits, then the byte mapping
+        "deepseek-llm" | "deepseek-coder" => {
+            let res: &[&str] = if pre == "deepseek-llm" { DEEPSEEK_LLM } else { DEEPSEEK_CODER };
+            let mut steps: Vec<Json> = res.iter().map(|re| split(re)).collect();
+            steps.push(byte_level(false));
+            (Json::Null, json!({"type": "Sequence", "pretokenizers": steps}))
+        }
+        // Falcon's: punctuation runs apart, the GPT-2 regex, then digits in threes
+        "falcon" => (
+            Json::Null,
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Punctuation", "behavior": "Contiguous"}, byte_level(true),
+                {"type": "Digits", "individual_digits": false}, split("[0-9][0-9][0-9]")]}),
+        ),
+        // MPT's (GPT-NeoX's): NFC, then byte-level with the GPT-2 regex
+        "mpt" => (json!({"type": "NFC"}), byte_level(true)),
         other => {
             return Err(err(
                 path,
-                format!("tokenizer.ggml.pre `{other}` is not supported (smollm, gpt-2, starcoder, qwen2, llama-bpe)"),
+                format!(
+                    "tokenizer.ggml.pre `{other}` is not supported ({})",
+                    "smollm, gpt-2, starcoder, refact, qwen2, llama-bpe, deepseek-llm, deepseek-coder, falcon, mpt"
+                ),
             ))
         }
     })
@@ -404,8 +448,21 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
             .collect()
     };
     let tokens = strs("tokenizer.ggml.tokens")?;
-    // SentencePiece files carry no merges: they are derived from the pieces (`spm_merges`)
+    // SentencePiece files carry no merges: they are derived from the pieces and their scores
+    // (`spm_merges`)
     let merges = if spm { Vec::new() } else { strs("tokenizer.ggml.merges")? };
+    let scores: Option<Vec<f32>> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(a) if spm && a.len() == tokens.len() => Some(
+            a.iter()
+                .map(|v| v.as_f64().map(|x| x as f32).filter(|x| x.is_finite()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| err(path, "tokenizer.ggml.scores must hold finite numbers"))?,
+        ),
+        Some(a) if spm => {
+            return Err(err(path, format!("tokenizer.ggml.scores has {} items for {} tokens", a.len(), tokens.len())))
+        }
+        _ => None,
+    };
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
         Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_u64().map_or(-1, |x| x as i64)).collect(),
         Some(a) => {
@@ -417,12 +474,18 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
         None => vec![1; tokens.len()],
     };
     let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("gpt-2");
-    // SentencePiece: llama.cpp's space prefix (`add_space_prefix`, default on) is transformers'
-    // Metaspace with `prepend_scheme: first`
+    // SentencePiece: llama.cpp's space prefix (`add_space_prefix`, default on) prepends one
+    // space to the text, even one that starts with a space, and every space becomes `▁`: the
+    // normalizer of Llama's own tokenizer.json (transformers' `legacy` form; a Metaspace
+    // pre-tokenizer would not prepend before a leading space)
     let space_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
     let (normalizer, pre_tok) = if spm {
-        let scheme = if space_prefix { "first" } else { "never" };
-        (Json::Null, json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": scheme, "split": false}))
+        let mut steps = Vec::new();
+        if space_prefix {
+            steps.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        }
+        steps.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        (json!({"type": "Sequence", "normalizers": steps}), Json::Null)
     } else {
         pre_tokenizer(path, pre)?
     };
@@ -442,7 +505,7 @@ fn text_assets(path: &Path, g: &Gguf) -> Result<TextAssets> {
         }
     }
     let merges: Vec<Json> = if spm {
-        spm_merges(&tokens).into_iter().map(|(a, b)| json!([a, b])).collect()
+        spm_merges(&tokens, scores.as_deref()).into_iter().map(|(a, b)| json!([a, b])).collect()
     } else {
         merges
             .iter()
@@ -548,10 +611,11 @@ const MAX_MERGED_PIECE: usize = 256;
 
 /// The BPE merges transformers derives from a SentencePiece vocabulary (`generate_merges` in
 /// its tokenization_utils_base): for each piece in id order, every split into two pieces of the
-/// vocabulary (ordered by their ids), then all of them ordered by the merged piece's id and the
-/// two halves' lengths in characters (a stable sort). Pieces over `MAX_MERGED_PIECE` bytes are
-/// skipped.
-fn spm_merges(tokens: &[String]) -> Vec<(String, String)> {
+/// vocabulary (ordered by their ids); then, with the pieces' scores (what SentencePiece merges
+/// by, and what a GGUF stores), all of them from the highest score of the merged piece down,
+/// longer halves first on ties; without scores, by the merged piece's id and then the halves'
+/// lengths in characters (stable sorts both). Pieces over `MAX_MERGED_PIECE` bytes are skipped.
+fn spm_merges(tokens: &[String], scores: Option<&[f32]>) -> Vec<(String, String)> {
     let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (id, len l, len r, id l, id r)
     for (id, piece) in tokens.iter().enumerate().filter(|(_, p)| p.len() <= MAX_MERGED_PIECE) {
@@ -565,7 +629,10 @@ fn spm_merges(tokens: &[String]) -> Vec<(String, String)> {
         local.sort_by_key(|m| (m.3, m.4));
         merges.extend(local);
     }
-    merges.sort_by_key(|m| (m.0, m.1, m.2));
+    match scores {
+        Some(sc) => merges.sort_by(|a, b| sc[b.0].total_cmp(&sc[a.0]).then((b.1, b.2).cmp(&(a.1, a.2)))),
+        None => merges.sort_by_key(|m| (m.0, m.1, m.2)),
+    }
     merges.into_iter().map(|m| (tokens[m.3].clone(), tokens[m.4].clone())).collect()
 }
 
@@ -608,6 +675,29 @@ mod tests {
         assert_eq!(c["num_experts_per_tok"].as_u64(), Some(2));
     }
 
+    /// The letter class of deepseek-llm's pattern is narrow ranges in order: a copy with `K` for
+    /// the kelvin sign would span U+004B..U+212D, one with U+03CE for U+1F7D would be reversed.
+    #[test]
+    fn deepseek_letter_ranges_are_ordered_and_narrow() {
+        let class: Vec<char> = DEEPSEEK_LLM[1].trim_start_matches("\\s?[").trim_end_matches("]+").chars().collect();
+        let mut i = 0;
+        let mut ranges = 0;
+        while i < class.len() {
+            if i + 2 < class.len() && class[i + 1] == '-' {
+                let (a, b) = (class[i] as u32, class[i + 2] as u32);
+                assert!(a <= b && b - a < 0x200, "range U+{a:04X}-U+{b:04X}");
+                ranges += 1;
+                i += 3;
+            } else {
+                i += 1;
+            }
+        }
+        assert_eq!(ranges, 65);
+        for c in ['\u{1F7D}', '\u{1FBE}', '\u{1FD3}', '\u{1FDB}', '\u{2126}', '\u{212A}'] {
+            assert!(class.contains(&c), "U+{:04X}", c as u32);
+        }
+    }
+
     #[test]
     fn sentencepiece_merges_follow_transformers_order() {
         let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -615,7 +705,7 @@ mod tests {
         // a piece too long for merges gets none
         let long = "a".repeat(MAX_MERGED_PIECE + 1);
         let tokens = t(&["a", "b", "c", "ab", "abc", "bc", &long]);
-        let m = spm_merges(&tokens);
+        let m = spm_merges(&tokens, None);
         let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(pairs, [("a", "b"), ("a", "bc"), ("ab", "c"), ("b", "c")]);
     }
