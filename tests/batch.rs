@@ -55,7 +55,7 @@ fn batch_equals_single(family: &str, extra: &[&str]) {
 
 #[test]
 fn batched_decode_equals_single_sequences() {
-    for family in ["llama", "qwen2", "mistral", "gpt2", "falcon", "mixtral"] {
+    for family in ["llama", "qwen2", "mistral", "gpt2", "falcon", "falcon40b", "mixtral"] {
         batch_equals_single(family, &[]);
     }
     batch_equals_single("llama", &["--dtype", "q8_0"]);

@@ -254,14 +254,22 @@ fn gpt2_falcon_gguf(name: &str) -> Vec<u8> {
     let c: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let mut w = read_safetensors(&dir.join("model.safetensors"));
     let u = |k: &str| c[k].as_u64().unwrap();
-    let falcon = name == "falcon";
+    let falcon = name.starts_with("falcon");
+    // Falcon-40B's layout: kv heads in groups, two norms per block
+    let new_arch = falcon && c["new_decoder_architecture"].as_bool() == Some(true);
     let (d, heads, layers) = if falcon {
         (u("hidden_size"), u("num_attention_heads"), u("num_hidden_layers"))
     } else {
         (u("n_embd"), u("n_head"), u("n_layer"))
     };
     // Falcon-7B's layout: one kv head with `multi_query`, else one per head
-    let kv = if falcon && c["multi_query"].as_bool() == Some(true) { 1 } else { heads };
+    let kv = if new_arch {
+        u("num_kv_heads")
+    } else if falcon && c["multi_query"].as_bool() == Some(true) {
+        1
+    } else {
+        heads
+    };
     let arch = if falcon { "falcon" } else { "gpt2" };
     let key = |k: &str| format!("{arch}.{k}");
     let meta = vec![
@@ -313,7 +321,17 @@ fn gpt2_falcon_gguf(name: &str) -> Vec<u8> {
     if !falcon {
         take(&mut t, &mut w, "wpe.weight", "position_embd.weight".into());
     }
-    let parts: &[(&str, &str)] = if falcon {
+    let parts: &[(&str, &str)] = if new_arch {
+        // llama.cpp's names: ln_mlp is `attn_norm`, ln_attn `attn_norm_2`
+        &[
+            ("ln_attn", "attn_norm_2"),
+            ("ln_mlp", "attn_norm"),
+            ("self_attention.query_key_value", "attn_qkv"),
+            ("self_attention.dense", "attn_output"),
+            ("mlp.dense_h_to_4h", "ffn_up"),
+            ("mlp.dense_4h_to_h", "ffn_down"),
+        ]
+    } else if falcon {
         &[
             ("input_layernorm", "attn_norm"),
             ("self_attention.query_key_value", "attn_qkv"),
@@ -371,7 +389,7 @@ fn run_gguf(name: &str, bytes: &[u8], extra: &[&str]) -> (Vec<f64>, Vec<i64>) {
 }
 
 fn check_f32(name: &str) {
-    let bytes = if matches!(name, "gpt2" | "falcon") { gpt2_falcon_gguf(name) } else { llama_like_gguf(name, false) };
+    let bytes = if matches!(name, "gpt2" | "falcon" | "falcon40b") { gpt2_falcon_gguf(name) } else { llama_like_gguf(name, false) };
     let (logits, ids) = run_gguf(name, &bytes, &[]);
     let (err, max_abs) = max_err(&logits, &floats(&expected(name)["logits_last"]));
     assert!(err <= 1e-4 * max_abs.max(1.0), "{name}: max |logits - expected| = {err}");
@@ -401,6 +419,13 @@ fn gpt2_gguf_equals_transformers() {
 #[test]
 fn falcon_gguf_equals_transformers() {
     check_f32("falcon");
+}
+
+/// Falcon-40B's layout, as llama.cpp's converter writes it (QKV regrouped to `[q | k | v]`,
+/// `attn_norm_2`); the fixture is the project's own (scripts/make-falcon40b-fixture).
+#[test]
+fn falcon40b_gguf_equals_transformers() {
+    check_f32("falcon40b");
 }
 
 #[test]

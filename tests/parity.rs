@@ -28,6 +28,18 @@ fn falcon_interp() {
     common::check_parity("falcon", "interp");
 }
 
+/// Falcon-40B's layout (`new_decoder_architecture`: grouped kv heads, two norms per block);
+/// the fixture is the project's own (scripts/make-falcon40b-fixture).
+#[test]
+fn falcon40b_interp() {
+    common::check_parity("falcon40b", "interp");
+}
+
+#[test]
+fn falcon40b_jit() {
+    common::check_parity("falcon40b", "jit");
+}
+
 #[test]
 fn gpt2_jit() {
     common::check_parity("gpt2", "jit");
@@ -107,7 +119,7 @@ fn default_backend_is_jit() {
 /// The unfused program (`--no-opt`) on the JIT matches too: every unfused kernel stays tested.
 #[test]
 fn all_families_without_passes() {
-    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bitnet", "bamba", "granitemoehybrid"] {
+    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "falcon40b", "mixtral", "bitnet", "bamba", "granitemoehybrid"] {
         let dir = tempfile::tempdir().unwrap();
         let art = dir.path().join("m.llmc");
         let fx = common::fixture(name);

@@ -11,8 +11,8 @@ use std::path::Path;
 
 use common::{fixture, ints, llmc, run_json, stderr};
 
-const FAMILIES: [&str; 9] =
-    ["gpt2", "llama", "mistral", "qwen2", "falcon", "mixtral", "bamba", "granitemoehybrid", "bitnet"];
+const FAMILIES: [&str; 10] =
+    ["gpt2", "llama", "mistral", "qwen2", "falcon", "falcon40b", "mixtral", "bamba", "granitemoehybrid", "bitnet"];
 const DTYPES: [&str; 5] = ["bf16", "f16", "q8_0", "q4_0", "q4_1"];
 
 fn compile_with(model: &Path, out: &Path, extra: &[&str]) {

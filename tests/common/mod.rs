@@ -14,7 +14,13 @@ pub fn shared() -> PathBuf {
     }
 }
 
+/// A parity fixture: the project's own (tests/data/fixtures, made by its scripts) or one of
+/// ../shared/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
+    let own = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures").join(name);
+    if own.join("config.json").exists() {
+        return own;
+    }
     let p = shared().join("fixtures").join(name);
     assert!(p.join("config.json").exists(), "fixture {} not found (set LLMC_SHARED)", p.display());
     p
