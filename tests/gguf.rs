@@ -220,12 +220,12 @@ fn qwen25_gguf_equals_transformers() {
     for (name, extra) in [("default", &[][..]), ("f32", &["--activations", "f32"][..])] {
         let art = dir.path().join(format!("qwen-{name}.llmc"));
         compile(&qwen(), &art, extra);
-        // the file's blocks are kept as they are: Q4_K as q4_1, Q6_K as q6_k, Q5_0 and Q8_0 as
+        // the file's blocks are kept as they are: Q4_K as q4_k, Q6_K as q6_k, Q5_0 and Q8_0 as
         // q8_0 (the ffn_down matrices are Q4_K or Q6_K; the rest of this file is Q5_0 / Q8_0)
         let o = llmc(&["inspect", art.to_str().unwrap()]);
         let storage =
             String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains("storage")).unwrap_or("").to_string();
-        for t in ["q4_1/", "q6_k/", "q8_0/"] {
+        for t in ["q4_k/", "q6_k/", "q8_0/"] {
             assert!(storage.contains(t), "{name}: {storage}");
         }
         let o = llmc(&["run", art.to_str().unwrap(), "-p", case["text"].as_str().unwrap(), "-n", "1", "--json"]);

@@ -1,7 +1,7 @@
 //! Weight packing: the layouts kernels walk, and the inverse for the interpreter.
 
 use half::{bf16, f16};
-use llmc_ir::quant::{self, QBlock, QK};
+use llmc_ir::quant::{self, KScales, QBlock, QK, QK_K};
 use llmc_ir::DType;
 
 use crate::program::Layout;
@@ -73,16 +73,19 @@ pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
 /// Bytes one 16-row panel of a `Panel16` (or `Dot16`) matrix with `cols` columns takes in
 /// storage type `dtype`:
 /// - f32: `[k][16]` f32; bf16/f16: `[k][16]` u16 (the 16-bit values);
-/// - blocked types: per block of 32 columns, a head of 16 f32 scales (the rows' `d[0]`), then
-///   for q4_1/q5_1 16 minimums, for q6_k the 16 second-half scales `d[1]` (`block_head`),
-///   then the integers: one byte each (q8_0, q5_1, q6_k: `[32 k][16]`) or nibble pairs (q4_0,
-///   q4_1: `[16 k pairs][16]` bytes, the low nibble for column `2j`, the high one for
-///   `2j + 1`), each stored as `q + dot_offset` (nibbles; in `Dot16` every integer) or as the
-///   i8 `q` (bytes in `Panel16`).
+/// - blocked types: per block of 32 columns, a head (`block_head`), then the integers: one
+///   byte each (q8_0, q5_1, q5_k, q6_k: `[32 k][16]`) or nibble pairs (q4_0, q4_1, q4_k:
+///   `[16 k pairs][16]` bytes, the low nibble for column `2j`, the high one for `2j + 1`),
+///   each stored as `q + dot_offset` (nibbles; in `Dot16` every integer) or as the i8 `q`
+///   (bytes in `Panel16`). The head: 16 f32 scales (the rows' `d[0]`), then for q4_1/q5_1 16
+///   f32 minimums; for the K types 16 i8 scales `sc[0]`, then 16 i8 `mi` (q4_k, q5_k) or
+///   `sc[1]` (q6_k);
+/// - K types: after the blocks, the super-block table (`super_table`): per super-block of 8
+///   blocks, 16 f32 `sd`, then (q4_k, q5_k) 16 f32 `smin` (`super_bytes`).
 pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
     match dtype {
         DType::BF16 | DType::F16 => PANEL * 2 * cols,
-        d if quant::is_blocked(d) => cols / QK * block_bytes(d),
+        d if quant::is_blocked(d) => cols / QK * block_bytes(d) + cols / QK_K * super_bytes(d),
         _ => PANEL * 4 * cols,
     }
 }
@@ -92,19 +95,36 @@ pub fn block_bytes(dtype: DType) -> usize {
     block_head(dtype) + if is_nibble(dtype) { QK / 2 * PANEL } else { QK * PANEL }
 }
 
-/// Bytes of a block's per-row header (16 f32 scales; q4_1/q5_1: then 16 f32 minimums; q6_k:
-/// then the 16 scales of the block's second half), after which its integers start.
+/// Bytes of a block's per-row header (16 f32 scales; q4_1/q5_1: then 16 f32 minimums; K types:
+/// 16 + 16 i8), after which its integers start.
 pub fn block_head(dtype: DType) -> usize {
-    if quant::has_min(dtype) || dtype == DType::Q6K {
+    if quant::is_k(dtype) {
+        PANEL * 2
+    } else if quant::has_min(dtype) {
         PANEL * 8
     } else {
         PANEL * 4
     }
 }
 
+/// Bytes of one super-block's entry in a K-type panel's table (16 f32 `sd`; with a minimum
+/// then 16 f32 `smin`); 0 for the other types.
+pub fn super_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::Q6K => PANEL * 4,
+        DType::Q4K | DType::Q5K => PANEL * 8,
+        _ => 0,
+    }
+}
+
+/// Where a K-type panel's super-block table starts (after its `cols / 32` blocks).
+pub fn super_table(dtype: DType, cols: usize) -> usize {
+    cols / QK * block_bytes(dtype)
+}
+
 /// Whether `dtype` stores its integers as nibbles (else one byte each).
 pub fn is_nibble(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q4K)
 }
 
 /// What a stored integer carries on top of `q` so that it is unsigned (`vpdpbusd` multiplies
@@ -141,7 +161,7 @@ pub fn packed_bytes(layout: Layout, dtype: DType, shape: &[usize]) -> Option<usi
         _ => false,
     };
     let (rows, cols) = matrix_dims(shape);
-    if !fits || quant::is_blocked(dtype) && cols % QK != 0 {
+    if !fits || quant::is_blocked(dtype) && cols % QK != 0 || quant::is_k(dtype) && cols % QK_K != 0 {
         return None;
     }
     Some(rows.div_ceil(PANEL) * panel_bytes(dtype, cols))
@@ -181,6 +201,10 @@ struct BlockGeometry {
     head: usize,
     /// `dot_offset`
     off: i32,
+    /// K types: where the super-block table starts, bytes per entry
+    table: usize,
+    sb: usize,
+    k: bool,
 }
 
 impl BlockGeometry {
@@ -194,6 +218,9 @@ impl BlockGeometry {
             bb: block_bytes(dtype),
             head: block_head(dtype),
             off: dot_offset(dtype),
+            table: super_table(dtype, cols),
+            sb: super_bytes(dtype),
+            k: quant::is_k(dtype),
         }
     }
 }
@@ -214,19 +241,34 @@ pub fn pack_block_rows(
     row: &(dyn Fn(usize, &mut [QBlock]) + Sync),
 ) -> Vec<u8> {
     use rayon::prelude::*;
-    let BlockGeometry { dot, rows, nb, pb, bb, head, off } = BlockGeometry::of(layout, dtype, shape);
+    let BlockGeometry { dot, rows, nb, pb, bb, head, off, table, sb, k: kt } = BlockGeometry::of(layout, dtype, shape);
     let mut out = vec![0u8; rows.div_ceil(PANEL) * pb];
     out.par_chunks_mut(pb.max(1)).enumerate().for_each(|(p, panel)| {
-        let mut blocks = vec![QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; nb];
+        let mut blocks = vec![QBlock::default(); nb];
         for lane in 0..PANEL.min(rows - p * PANEL) {
             row(p * PANEL + lane, &mut blocks);
+            if kt {
+                // the shared scales, once per super-block (every block of it has them)
+                for (s, sup) in blocks.chunks(QK_K / QK).enumerate() {
+                    let e = &mut panel[table + s * sb..table + (s + 1) * sb];
+                    e[lane * 4..lane * 4 + 4].copy_from_slice(&sup[0].k.sd.to_le_bytes());
+                    if quant::has_min(dtype) {
+                        e[PANEL * 4 + lane * 4..][..4].copy_from_slice(&sup[0].k.smin.to_le_bytes());
+                    }
+                }
+            }
             for (b, blk) in blocks.iter().enumerate() {
                 let block = &mut panel[b * bb..(b + 1) * bb];
-                block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d[0].to_le_bytes());
-                if quant::has_min(dtype) {
-                    block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
-                } else if dtype == DType::Q6K {
-                    block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.d[1].to_le_bytes());
+                if kt {
+                    // debug builds check that the block's scales are its K scales' products
+                    debug_assert_eq!((blk.d, blk.m), blk.k.block());
+                    block[lane] = blk.k.sc[0] as u8;
+                    block[PANEL + lane] = if dtype == DType::Q6K { blk.k.sc[1] } else { blk.k.mi } as u8;
+                } else {
+                    block[lane * 4..lane * 4 + 4].copy_from_slice(&blk.d[0].to_le_bytes());
+                    if quant::has_min(dtype) {
+                        block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
+                    }
                 }
                 let qs = &mut block[head..];
                 for (k, &q) in blk.q.iter().enumerate() {
@@ -248,7 +290,7 @@ pub fn pack_block_rows(
 
 /// The blocks a packed blocked matrix holds (the inverse of `pack_blocks`).
 pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]) -> Vec<QBlock> {
-    let BlockGeometry { dot, rows, nb, pb, bb, head, off } = BlockGeometry::of(layout, dtype, shape);
+    let BlockGeometry { dot, rows, nb, pb, bb, head, off, table, sb, k } = BlockGeometry::of(layout, dtype, shape);
     let f = |b: &[u8], at: usize| f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let mut out = Vec::with_capacity(rows * nb);
     for r in 0..rows {
@@ -256,12 +298,26 @@ pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]
         let panel = &bytes[p * pb..(p + 1) * pb];
         for b in 0..nb {
             let block = &panel[b * bb..(b + 1) * bb];
-            let d0 = f(block, lane * 4);
-            let second = f(block, PANEL * 4 + lane * 4);
-            let mut blk = QBlock {
-                d: [d0, if dtype == DType::Q6K { second } else { d0 }],
-                m: if quant::has_min(dtype) { second } else { 0.0 },
-                q: [0; QK],
+            let mut blk = if k {
+                let e = &panel[table + b / (QK_K / QK) * sb..];
+                let (a, second) = (block[lane] as i8, block[PANEL + lane] as i8);
+                let q6 = dtype == DType::Q6K;
+                let ks = KScales {
+                    sd: f(e, lane * 4),
+                    smin: if q6 { 0.0 } else { f(e, PANEL * 4 + lane * 4) },
+                    sc: [a, if q6 { second } else { a }],
+                    mi: if q6 { 0 } else { second },
+                };
+                let (d, m) = ks.block();
+                QBlock { d, m, q: [0; QK], k: ks }
+            } else {
+                let d0 = f(block, lane * 4);
+                let second = f(block, PANEL * 4 + lane * 4);
+                QBlock {
+                    d: [d0, if dtype == DType::Q6K { second } else { d0 }],
+                    m: if quant::has_min(dtype) { second } else { 0.0 },
+                    ..Default::default()
+                }
             };
             let qs = &block[head..];
             for (k, q) in blk.q.iter_mut().enumerate() {
@@ -337,9 +393,9 @@ mod tests {
 
     #[test]
     fn storage_types_round_trip_to_their_meaning() {
-        let (rows, cols) = (19, 64);
+        let (rows, cols) = (19, 512);
         let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let blocked = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::Q6K];
+        let blocked = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K];
         let cases = [DType::BF16, DType::F16]
             .into_iter()
             .chain(blocked)

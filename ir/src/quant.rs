@@ -11,8 +11,15 @@
 //!   (ggml's Q4_1: f16 values; each 32-value sub-block of a Q4_K super-block: `d · scale` and
 //!   `−dmin · min`, exact products in f32).
 //! - `q5_1`: the same with `q` in `0..32` (ggml's Q5_1, and Q5_K's sub-blocks).
-//! - `q6_k`: blocks of 32 in two halves of 16, `x = d_h · q` with `q` in `−32..32` and one f32
+//! - `q6_k`: blocks of 32 in two halves of 16, `x = d_h · q` with `q` in `−32..32` and one
 //!   scale `d_h` per half (ggml's Q6_K: `d · scale`, exact in f32).
+//! - `q4_k`, `q5_k`: `q4_1` and `q5_1` blocks whose `d` and `m` are ggml's Q4_K / Q5_K products
+//!   `d · scale` and `−dmin · min`.
+//!
+//! The K types (`q4_k`, `q5_k`, `q6_k`) keep ggml's super-blocks of 256 values along a row:
+//! each block's scales are small integers times scales the super-block's 8 blocks share
+//! (`KScales`), which is how they are stored (a byte per scale instead of an f32); their rows
+//! are whole super-blocks.
 //!
 //! Every blocked type has one canonical block form, `QBlock` (`x = d[k / 16] · q[k] + m`):
 //! packing takes blocks (from a quantizer, or taken as they are from a GGUF tensor), and
@@ -27,6 +34,9 @@ use crate::types::DType;
 /// Values per quantization block (both Q8_0 and Q4_0).
 pub const QK: usize = 32;
 
+/// Values per super-block of the K types (`is_k`).
+pub const QK_K: usize = 256;
+
 /// Whether `dtype` is a weight storage type other than f32 (only weights may have one, and
 /// only where a kernel reads it: see `Op::accepts_storage`).
 pub fn is_storage(dtype: DType) -> bool {
@@ -35,12 +45,17 @@ pub fn is_storage(dtype: DType) -> bool {
 
 /// Whether `dtype` quantizes in blocks of `QK` along the last dim.
 pub fn is_blocked(dtype: DType) -> bool {
-    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_1 | DType::Q6K)
+    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_1 | DType::Q6K | DType::Q4K | DType::Q5K)
+}
+
+/// Whether `dtype` keeps ggml's super-blocks of `QK_K` values (`KScales`).
+pub fn is_k(dtype: DType) -> bool {
+    matches!(dtype, DType::Q6K | DType::Q4K | DType::Q5K)
 }
 
 /// Whether a block of `dtype` has a minimum `m` (else `m = 0`).
 pub fn has_min(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_1 | DType::Q5_1)
+    matches!(dtype, DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K)
 }
 
 /// The range of a block's integers `q` for `dtype`.
@@ -48,21 +63,42 @@ pub fn q_range(dtype: DType) -> std::ops::RangeInclusive<i32> {
     match dtype {
         DType::Q8_0 => -128..=127,
         DType::Q4_0 => -8..=7,
-        DType::Q4_1 => 0..=15,
-        DType::Q5_1 => 0..=31,
+        DType::Q4_1 | DType::Q4K => 0..=15,
+        DType::Q5_1 | DType::Q5K => 0..=31,
         DType::Q6K => -32..=31,
         _ => 0..=0,
     }
 }
 
 /// One block of 32 weights in the canonical form of its storage type: `x[k] = d[k / 16] · q[k]
-/// + m` (`d[0] == d[1]` except for q6_k; `m == 0` except for q4_1 and q5_1; `q` in
-/// `q_range`).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// + m` (`d[0] == d[1]` except for q6_k; `m == 0` except for the types with a minimum; `q` in
+/// `q_range`). Blocks of the K types also carry `k`, from which `d` and `m` are made.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct QBlock {
     pub d: [f32; 2],
     pub m: f32,
     pub q: [i8; QK],
+    pub k: KScales,
+}
+
+/// A K-type block's scales as stored: `d[h] = sd · sc[h]` and `m = smin · mi`, each product
+/// exact in f32, where `sd` and `smin` are shared by the 8 blocks of a super-block (ggml's
+/// Q4_K/Q5_K: `sd = d`, `smin = −dmin` (f16 values), `sc` and `mi` in `0..64`, `sc[0] ==
+/// sc[1]`; Q6_K: `sd = d`, `sc` its signed 8-bit scales of the two halves, no minimum).
+/// All zero for the other types.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KScales {
+    pub sd: f32,
+    pub smin: f32,
+    pub sc: [i8; 2],
+    pub mi: i8,
+}
+
+impl KScales {
+    /// The block scales `[d0, d1]` and minimum these make.
+    pub fn block(&self) -> ([f32; 2], f32) {
+        ([self.sd * self.sc[0] as f32, self.sd * self.sc[1] as f32], self.smin * self.mi as f32)
+    }
 }
 
 /// What a block means (see `QBlock`); `out` has `QK` values.
@@ -73,42 +109,78 @@ pub fn dequantize_block(b: &QBlock, out: &mut [f32]) {
     }
 }
 
-/// Quantizes one block of 32 values into `dtype`: ggml's reference math for q8_0, q4_0 and
-/// q4_1; for q5_1, the same as q4_1 with 31 steps; for q6_k, q4_0's rule per half of 16 with
-/// 32 steps (`d = max / −32`). (GGUF files bring their q5_1/q6_k blocks with them; these two
-/// quantizers serve `--dtype`-free tests and fallbacks.)
+/// Quantizes one block of 32 values into `dtype` (not a K type: see `quantize_super`): ggml's
+/// reference math for q8_0, q4_0 and q4_1; for q5_1, the same as q4_1 with 31 steps. (GGUF
+/// files bring their q5_1 blocks with them; this quantizer serves `--dtype`-free tests.)
 pub fn quantize_block(dtype: DType, x: &[f32]) -> QBlock {
     match dtype {
         DType::Q8_0 | DType::Q4_0 => {
             let b = if dtype == DType::Q8_0 { quantize_q8_0(x) } else { quantize_q4_0(x) };
-            QBlock { d: [b.d; 2], m: 0.0, q: b.q }
+            QBlock { d: [b.d; 2], q: b.q, ..Default::default() }
         }
         DType::Q4_1 => {
             let b = quantize_q4_1(x);
-            QBlock { d: [b.d; 2], m: b.m, q: b.q.map(|q| q as i8) }
-        }
-        DType::Q5_1 => {
-            let (d, m, q) = quantize_with_min(x, 31);
-            QBlock { d: [d; 2], m, q: q.map(|q| q as i8) }
+            QBlock { d: [b.d; 2], m: b.m, q: b.q.map(|q| q as i8), ..Default::default() }
         }
         _ => {
-            let mut b = QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] };
-            for h in 0..2 {
-                let half = &x[16 * h..16 * h + 16];
-                let d = signed_absmax(half) / -32.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                for (o, &v) in b.q[16 * h..16 * h + 16].iter_mut().zip(half) {
-                    *o = ((v * id + 32.5) as i8).min(63) - 32;
-                }
-                b.d[h] = f16::from_f32(d).to_f32();
-            }
-            b
+            debug_assert_eq!(dtype, DType::Q5_1, "K types quantize whole super-blocks");
+            let (d, m, q) = quantize_with_min(x, 31);
+            QBlock { d: [d; 2], m, q: q.map(|q| q as i8), ..Default::default() }
         }
     }
 }
 
-/// The blocks of a row-major matrix of rows of `cols` values (a multiple of `QK`).
+/// Quantizes one super-block of `QK_K` values into K type `dtype`, round to nearest (GGUF files
+/// bring their K blocks with them; this quantizer serves tests): per block the q4_1-style
+/// scale and minimum (minimum ≤ 0) or per half q4_0-style signed scale (q6_k, 32 steps), then
+/// the shared scales `sd = max scale / 63` (q6_k: `max |scale| / 127`) and `smin`, f16 values,
+/// the integers rounded, and the values rounded to the scales they made.
+pub fn quantize_super(dtype: DType, x: &[f32]) -> [QBlock; QK_K / QK] {
+    let f16r = |v: f32| f16::from_f32(v).to_f32();
+    let mut out = [QBlock::default(); QK_K / QK];
+    let div = |a: f32, b: f32| if b != 0.0 { a / b } else { 0.0 };
+    if dtype == DType::Q6K {
+        let scales: Vec<f32> = x.chunks(16).map(|h| signed_absmax(h) / -32.0).collect();
+        let sd = f16r(scales.iter().fold(0f32, |m, s| m.max(s.abs())) / 127.0);
+        for (j, o) in out.iter_mut().enumerate() {
+            let sc = [0, 1].map(|h| div(scales[2 * j + h], sd).round().clamp(-128.0, 127.0) as i8);
+            o.k = KScales { sd, smin: 0.0, sc, mi: 0 };
+            (o.d, o.m) = o.k.block();
+            for (i, q) in o.q.iter_mut().enumerate() {
+                *q = div(x[QK * j + i], o.d[i / 16]).round().clamp(-32.0, 31.0) as i8;
+            }
+        }
+        return out;
+    }
+    let top = if dtype == DType::Q4K { 15.0 } else { 31.0 };
+    let blocks: Vec<(f32, f32)> = x
+        .chunks(QK)
+        .map(|b| {
+            let min = b.iter().fold(0f32, |m, &v| m.min(v));
+            let max = b.iter().fold(f32::MIN, |m, &v| m.max(v));
+            ((max - min) / top, -min)
+        })
+        .collect();
+    let sd = f16r(blocks.iter().fold(0f32, |m, b| m.max(b.0)) / 63.0);
+    let dmin = f16r(blocks.iter().fold(0f32, |m, b| m.max(b.1)) / 63.0);
+    for (j, o) in out.iter_mut().enumerate() {
+        let sc = div(blocks[j].0, sd).round().clamp(0.0, 63.0) as i8;
+        let mi = div(blocks[j].1, dmin).round().clamp(0.0, 63.0) as i8;
+        o.k = KScales { sd, smin: -dmin, sc: [sc; 2], mi };
+        (o.d, o.m) = o.k.block();
+        for (i, q) in o.q.iter_mut().enumerate() {
+            *q = div(x[QK * j + i] - o.m, o.d[0]).round().clamp(0.0, top) as i8;
+        }
+    }
+    out
+}
+
+/// The blocks of a row-major matrix of rows of `cols` values (a multiple of `QK`; of `QK_K`
+/// for the K types).
 pub fn quantize_blocks(dtype: DType, x: &[f32]) -> Vec<QBlock> {
+    if is_k(dtype) {
+        return x.chunks(QK_K).flat_map(|s| quantize_super(dtype, s)).collect();
+    }
     x.chunks(QK).map(|b| quantize_block(dtype, b)).collect()
 }
 
@@ -219,16 +291,16 @@ pub fn round_trip_act_q8(x: &[f32]) -> Vec<f32> {
 
 /// Rounds `x` to what a weight of storage type `dtype` holds, value by value (f32: as is;
 /// bf16/f16: round to nearest even; blocked types: quantize and dequantize each block of the
-/// last dim). `cols` is the last dim, a multiple of `QK` for blocked types.
+/// last dim). `cols` is the last dim, a multiple of `QK` for blocked types (`QK_K` for K types).
 pub fn round_trip(dtype: DType, x: &[f32], cols: usize) -> Vec<f32> {
     match dtype {
         DType::BF16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
         DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
         d if is_blocked(d) => {
-            debug_assert!(cols % QK == 0 && x.len() % cols == 0);
+            debug_assert!(cols % if is_k(d) { QK_K } else { QK } == 0 && x.len() % cols == 0);
             let mut out = vec![0f32; x.len()];
-            for (b, o) in x.chunks(QK).zip(out.chunks_mut(QK)) {
-                dequantize_block(&quantize_block(dtype, b), o);
+            for (b, o) in quantize_blocks(dtype, x).iter().zip(out.chunks_mut(QK)) {
+                dequantize_block(b, o);
             }
             out
         }
@@ -283,20 +355,27 @@ mod tests {
 
     #[test]
     fn new_block_types_round_trip_within_half_a_step() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 61) as f32 - 30.0) * 0.07).collect();
-        for (dtype, steps) in [(DType::Q5_1, 31.0), (DType::Q6K, 32.0)] {
+        let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 61) as f32 - 30.0) * 0.07).collect();
+        for (dtype, steps) in [(DType::Q5_1, 31.0), (DType::Q6K, 32.0), (DType::Q4K, 15.0), (DType::Q5K, 31.0)] {
             let blocks = quantize_blocks(dtype, &x);
             for (b, xs) in blocks.iter().zip(x.chunks(QK)) {
                 assert!(b.q.iter().all(|&q| q_range(dtype).contains(&(q as i32))), "{dtype:?} {b:?}");
                 let mut back = [0f32; QK];
                 dequantize_block(b, &mut back);
                 let span = xs.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                // K types round their scales to integer multiples of the shared ones too
+                let bound = if is_k(dtype) { span * 0.1 } else { span / steps * 0.51 + 1e-3 };
                 for (a, v) in back.iter().zip(xs) {
-                    assert!((a - v).abs() <= span / steps * 0.51 + 1e-3, "{dtype:?} {a} {v}");
+                    assert!((a - v).abs() <= bound, "{dtype:?} {a} {v}");
+                }
+                if is_k(dtype) {
+                    assert_eq!((b.d, b.m), b.k.block(), "{dtype:?}: d and m are the K scales' products");
                 }
             }
-            let once = round_trip(dtype, &x, 32);
-            assert_eq!(round_trip(dtype, &once, 32), once, "{dtype:?} blocks come back unchanged");
+            if !is_k(dtype) {
+                let once = round_trip(dtype, &x, 32);
+                assert_eq!(round_trip(dtype, &once, 32), once, "{dtype:?} blocks come back unchanged");
+            }
         }
     }
 

@@ -3,7 +3,8 @@
 use std::fmt;
 
 /// Element type of a value. Activations are f32; token ids and positions are i32. Weights
-/// that kernels read in place may have a storage type (bf16, f16, q8_0, q4_0, q4_1, q5_1, q6_k: see `quant`);
+/// that kernels read in place may have a storage type (bf16, f16, q8_0, q4_0, q4_1, q5_1, q6_k, q4_k, q5_k: see
+/// `quant`);
 /// they mean the f32 values they dequantize to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -28,6 +29,13 @@ pub enum DType {
     /// Weight storage: 6-bit values with a scale per 16 (ggml's Q6_K; see `quant`).
     #[serde(rename = "q6_k")]
     Q6K,
+    /// Weight storage: ggml's Q4_K, 4-bit blocks whose scale and minimum are 6-bit integers
+    /// times scales shared by 256 values (see `quant`).
+    #[serde(rename = "q4_k")]
+    Q4K,
+    /// Weight storage: ggml's Q5_K, the same with 5-bit values (see `quant`).
+    #[serde(rename = "q5_k")]
+    Q5K,
 }
 
 impl DType {
@@ -43,6 +51,8 @@ impl DType {
             DType::Q4_1 => "q4_1",
             DType::Q5_1 => "q5_1",
             DType::Q6K => "q6_k",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
         }
     }
 
@@ -58,6 +68,8 @@ impl DType {
             "q4_1" => DType::Q4_1,
             "q5_1" => DType::Q5_1,
             "q6_k" => DType::Q6K,
+            "q4_k" => DType::Q4K,
+            "q5_k" => DType::Q5K,
             _ => return None,
         })
     }

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 
-use llmc_ir::quant::{self, QBlock, QK};
+use llmc_ir::quant::{self, KScales, QBlock, QK};
 
 use crate::gguf::GgmlType;
 
@@ -41,7 +41,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
             F16 => out.push(h(b, 0)),
             BF16 => out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             _ => {
-                let mut blocks = [QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; 8];
+                let mut blocks = [QBlock::default(); 8];
                 let blocks = &mut blocks[..be / QK];
                 blocks_of(ty, b, blocks);
                 let mut v = [0f32; QK];
@@ -59,7 +59,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
 /// `storage_type(ty)`, 32 values each, in order: the values llmc stores are the file's own.
 pub fn to_blocks(ty: GgmlType, bytes: &[u8]) -> Vec<QBlock> {
     let (be, bb) = ty.block();
-    let mut out = vec![QBlock { d: [0.0; 2], m: 0.0, q: [0; QK] }; bytes.len() / bb as usize * be as usize / QK];
+    let mut out = vec![QBlock::default(); bytes.len() / bb as usize * be as usize / QK];
     to_blocks_into(ty, bytes, &mut out);
     out
 }
@@ -78,7 +78,7 @@ pub fn to_blocks_into(ty: GgmlType, bytes: &[u8], out: &mut [QBlock]) {
 /// `out` has room for the block's `elements / 32` blocks.
 fn blocks_of(ty: GgmlType, b: &[u8], out: &mut [QBlock]) {
     use GgmlType::*;
-    let block = |d: f32, m: f32, q: [i8; QK]| QBlock { d: [d; 2], m, q };
+    let block = |d: f32, m: f32, q: [i8; QK]| QBlock { d: [d; 2], m, q, ..Default::default() };
     match ty {
         Q8_0 => {
             let mut q = [0i8; QK];
@@ -131,7 +131,9 @@ fn blocks_of(ty: GgmlType, b: &[u8], out: &mut [QBlock]) {
                     *o = v as i8;
                 }
                 // ggml: d·sc·q − dmin·min
-                *o = block(d * sc, -(dmin * mn), q);
+                let k = KScales { sd: d, smin: -dmin, sc: [sc as i8; 2], mi: mn as i8 };
+                let (ds, m) = k.block();
+                *o = QBlock { d: ds, m, q, k };
             }
         }
         Q6K => {
@@ -148,8 +150,8 @@ fn blocks_of(ty: GgmlType, b: &[u8], out: &mut [QBlock]) {
                     let hi = (qh[32 * n + l] >> (2 * j)) & 3;
                     *o = ((lo | (hi << 4)) as i32 - 32) as i8;
                 }
-                let scale = |s: usize| d * sc[s] as i8 as f32;
-                *o = QBlock { d: [scale(2 * blk), scale(2 * blk + 1)], m: 0.0, q };
+                let k = KScales { sd: d, smin: 0.0, sc: [sc[2 * blk] as i8, sc[2 * blk + 1] as i8], mi: 0 };
+                *o = QBlock { d: k.block().0, m: 0.0, q, k };
             }
         }
         _ => unreachable!("`can_read` is checked before dequantizing"),
@@ -158,7 +160,8 @@ fn blocks_of(ty: GgmlType, b: &[u8], out: &mut [QBlock]) {
 
 /// The storage type llmc keeps a GGUF tensor in, when compiled without `--dtype`: the file's
 /// own values, repacked losslessly (`to_blocks`): f32, f16, bf16 as they are; Q8_0 and Q5_0 as
-/// q8_0; Q4_0 as q4_0; Q4_1 and Q4_K as q4_1; Q5_1 and Q5_K as q5_1; Q6_K as q6_k.
+/// q8_0; Q4_0 as q4_0; Q4_1 as q4_1; Q5_1 as q5_1; Q4_K, Q5_K and Q6_K as q4_k, q5_k and
+/// q6_k (their super-blocks kept).
 pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
     use llmc_ir::DType;
     match ty {
@@ -166,8 +169,10 @@ pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
         GgmlType::F16 => DType::F16,
         GgmlType::BF16 => DType::BF16,
         GgmlType::Q4_0 => DType::Q4_0,
-        GgmlType::Q4_1 | GgmlType::Q4K => DType::Q4_1,
-        GgmlType::Q5_1 | GgmlType::Q5K => DType::Q5_1,
+        GgmlType::Q4_1 => DType::Q4_1,
+        GgmlType::Q5_1 => DType::Q5_1,
+        GgmlType::Q4K => DType::Q4K,
+        GgmlType::Q5K => DType::Q5K,
         GgmlType::Q6K => DType::Q6K,
         _ => DType::Q8_0,
     }
@@ -231,6 +236,13 @@ mod tests {
                     assert!(blk.q.iter().all(|&q| range.contains(&(q as i32))), "{ty:?} {blk:?}");
                     assert!(quant::has_min(storage_type(ty)) || blk.m == 0.0, "{ty:?}");
                     assert!(storage_type(ty) == llmc_ir::DType::Q6K || blk.d[0] == blk.d[1], "{ty:?}");
+                    if quant::is_k(storage_type(ty)) {
+                        // the K scales make d and m, and the super-block shares its scales
+                        assert_eq!((blk.d, blk.m), blk.k.block(), "{ty:?}");
+                        assert_eq!((blk.k.sd, blk.k.smin), (blocks[0].k.sd, blocks[0].k.smin), "{ty:?}");
+                    } else {
+                        assert_eq!(blk.k, KScales::default(), "{ty:?}");
+                    }
                 }
             }
         }

@@ -352,7 +352,7 @@ fn materialize(entry: &TensorEntry, spec: &Source<'_>, model: &Model) -> Result<
         drop(values);
         return Ok(packed.iter().flat_map(|v| v.to_le_bytes()).collect());
     }
-    if matches!(dtype, DType::Q5_1 | DType::Q6K) {
+    if matches!(dtype, DType::Q5_1 | DType::Q6K | DType::Q4K | DType::Q5K) {
         // `assign_storage` gives these types only to tensors a GGUF file brings in them
         return Err(CompileError::Materialize(format!(
             "weight `{name}`: {} weights can only be taken from a GGUF file's blocks",
@@ -541,7 +541,8 @@ fn assign_storage(g: &mut Graph, model: &Model, derived: &HashMap<String, Graph>
             Storage::All(DType::Q4_0) if feeds_logits(g, &users, output) => DType::Q8_0,
             Storage::All(d) => d,
         };
-        let blocked_ok = !llmc_ir::quant::is_blocked(want) || ty.shape.last_const().is_some_and(|c| c % 32 == 0);
+        let block = if llmc_ir::quant::is_k(want) { llmc_ir::quant::QK_K } else { llmc_ir::quant::QK };
+        let blocked_ok = !llmc_ir::quant::is_blocked(want) || ty.shape.last_const().is_some_and(|c| c % block == 0);
         if want != DType::F32 && blocked_ok {
             g.node_mut(id).ty.dtype = want;
         }

@@ -221,10 +221,15 @@ pub fn tile_accs(
     let mv = k.var(I64, meta0);
     let wv = k.var(I64, wp);
     let wend = k.addi(wp, (c.kd / QK * block) as i64);
+    // the block index (K types: which super-block table entry)
+    let z = k.ic(0);
+    let bi = k.var(I64, z);
     k.for_ptr(wv, wend, |k| {
         let bp = k.get(wv);
         let x = k.get(xv);
         let m = k.get(mv);
+        let b = k.get(bi);
+        let tab = super::storage::super_entry(k, c.wt, wp, b, c.kd);
         // the nibble mask, made once per block (opt_level none does not hoist constants)
         let nib = q4.then(|| {
             let c15 = k.b.ins().iconst(types::I8, 0x0f);
@@ -283,13 +288,16 @@ pub fn tile_accs(
                     k.splat(v)
                 });
                 for (j, &ia) in row.iter().enumerate() {
-                    let sw = k.ld(V4, bp, (sub * PANEL * 4 + voff(j)) as i64);
+                    // vector `j`: panel `j / nv` (`pb` further), rows `4·(v0 + j % nv)`
+                    let pbp = k.addi(bp, ((j / nv) * pb) as i64);
+                    let ptab = k.addi(tab, ((j / nv) * pb) as i64);
+                    let sw = super::storage::block_scales(k, c.wt, pbp, ptab, v0 + j % nv, sub, false);
                     let s = k.fmul(sw, dx);
                     let f = k.b.ins().fcvt_from_sint(V4, ia);
                     let a = k.get(accs[tt][j]);
                     let mut a = k.fma(f, s, a);
                     if let Some(ds) = dsum {
-                        let mw = k.ld(V4, bp, (PANEL * 4 + voff(j)) as i64);
+                        let mw = super::storage::block_scales(k, c.wt, pbp, ptab, v0 + j % nv, 0, true);
                         a = k.fma(mw, ds, a);
                     }
                     k.set(accs[tt][j], a);
@@ -302,6 +310,8 @@ pub fn tile_accs(
         k.set(xv, x);
         let m = k.addi(m, META as i64);
         k.set(mv, m);
+        let b = k.addi(b, 1);
+        k.set(bi, b);
     });
     accs
 }
@@ -325,7 +335,7 @@ pub fn chunks(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, walk: &mut dyn FnMut(&mut Kb<'_>
 
 /// Element `j` (a column Value) of row `lane` of the `Dot16` panel at `panel` as f32 (the
 /// embedding gather of a table the output projection also reads).
-pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
+pub fn load_elem(k: &mut Kb<'_>, wt: DType, cols: usize, panel: Value, lane: Value, j: Value) -> Value {
     let q4 = crate::pack::is_nibble(wt);
     let head = crate::pack::block_head(wt);
     let b = k.udivi(j, QK as i64);
@@ -348,5 +358,5 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
         byte
     };
     let q = k.b.ins().iadd_imm_s(u, -(crate::pack::dot_offset(wt) as i64));
-    super::storage::block_value(k, wt, q, bp, lane, kk)
+    super::storage::block_value(k, wt, cols, q, (panel, b, bp), lane, kk)
 }

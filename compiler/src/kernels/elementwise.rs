@@ -37,9 +37,9 @@ pub fn embedding(k: &mut Kb<'_>, d: usize, layout: crate::program::Layout, wt: l
             let end = k.ic(d as i64);
             k.for_range(zero, end, |k, j| {
                 let x = if layout == crate::program::Layout::Dot16 {
-                    super::dot::load_elem(k, wt, panel, lane, j)
+                    super::dot::load_elem(k, wt, d, panel, lane, j)
                 } else {
-                    super::storage::load_elem(k, wt, panel, lane, j)
+                    super::storage::load_elem(k, wt, d, panel, lane, j)
                 };
                 let dd = k.at(dst, j, 4);
                 k.st(x, dd, 0);

@@ -14,7 +14,7 @@
 
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::Variable;
-use llmc_ir::quant::QK;
+use llmc_ir::quant::{QK, QK_K};
 use llmc_ir::DType;
 
 use super::kb::{Kb, F32, I64, V4};
@@ -73,7 +73,7 @@ fn consts(k: &mut Kb<'_>, wt: DType) -> Consts {
             eight: dummy,
             high16: dummy,
         },
-        DType::Q4_0 | DType::Q4_1 => {
+        DType::Q4_0 | DType::Q4_1 | DType::Q4K => {
             Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: i8s(k, 0x0f), eight: i8s(k, 8), high16: dummy }
         }
         DType::BF16 => Consts {
@@ -196,16 +196,20 @@ pub fn tile_accs(
             // (and types with a minimum, which is added to each weight) scale each widened
             // weight vector (one extra accumulator set would spill).
             let factor = tokens * nv <= 4 && !has_min;
+            // the block index (K types: which super-block table entry)
+            let z = k.ic(0);
+            let bi = k.var(I64, z);
             k.for_ptr(wv, wend, |k| {
                 let bp = k.get(wv);
+                let b = k.get(bi);
+                let tab = super_entry(k, wt, wp, b, c.kd);
                 let mins: Vec<Value> = if has_min {
-                    (0..nv).map(|j| k.ld(V4, bp, (PANEL * 4 + (v0 + j) * 16) as i64)).collect()
+                    (0..nv).map(|j| block_scales(k, wt, bp, tab, v0 + j, 0, true)).collect()
                 } else {
                     Vec::new()
                 };
                 for sub in 0..subs {
-                    let scales: Vec<Value> =
-                        (0..nv).map(|j| k.ld(V4, bp, (sub * PANEL * 4 + (v0 + j) * 16) as i64)).collect();
+                    let scales: Vec<Value> = (0..nv).map(|j| block_scales(k, wt, bp, tab, v0 + j, sub, false)).collect();
                     let bacc: Vec<Vec<Variable>> = if factor {
                         (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()
                     } else {
@@ -292,6 +296,8 @@ pub fn tile_accs(
                 }
                 let bp = k.addi(bp, block as i64);
                 k.set(wv, bp);
+                let b = k.addi(b, 1);
+                k.set(bi, b);
             });
         }
         _ => unreachable!("f32 tiles are in matmul.rs"),
@@ -309,9 +315,46 @@ pub fn nibble(k: &mut Kb<'_>, byte: Value, high: Value) -> Value {
 }
 
 /// The value a stored integer `q` (its signed value) means at column `kk` (an i64 in 0..32) of
-/// row `lane` of the block at `bp` of `wt` (the row's scale at `bp + 4·lane`, its minimum or
-/// second-half scale 64 bytes further).
-pub fn block_value(k: &mut Kb<'_>, wt: DType, q: Value, bp: Value, lane: Value, kk: Value) -> Value {
+/// row `lane` of block `b` at `bp` of the panel at `panel` (rows of `cols`) of `wt`: the row's
+/// scale at `bp + 4·lane`, its minimum 64 bytes further; K types: the row's i8 scale at
+/// `bp + lane` (q6_k: the second half's 16 further) times its super-block scale in the
+/// panel's table, the i8 minimum 16 further times the table's `smin`.
+pub fn block_value(
+    k: &mut Kb<'_>,
+    wt: DType,
+    cols: usize,
+    q: Value,
+    (panel, b, bp): (Value, Value, Value),
+    lane: Value,
+    kk: Value,
+) -> Value {
+    let f = k.b.ins().fcvt_from_sint(F32, q);
+    if llmc_ir::quant::is_k(wt) {
+        let sb = k.udivi(b, (QK_K / QK) as i64);
+        let tab = k.at(panel, sb, crate::pack::super_bytes(wt) as i64);
+        let tab = k.at(tab, lane, 4);
+        let tab = k.addi(tab, crate::pack::super_table(wt, cols) as i64);
+        let sa = k.add(bp, lane);
+        let sa = if wt == DType::Q6K {
+            let half = k.udivi(kk, 16);
+            k.at(sa, half, PANEL as i64)
+        } else {
+            sa
+        };
+        let sc = k.b.ins().sload8(types::I32, flags(), sa, 0);
+        let sc = k.b.ins().fcvt_from_sint(F32, sc);
+        let sd = k.ld(F32, tab, 0);
+        let d = k.fmul(sd, sc);
+        let fd = k.fmul(f, d);
+        if !llmc_ir::quant::has_min(wt) {
+            return fd;
+        }
+        let mi = k.b.ins().sload8(types::I32, flags(), sa, PANEL as i32);
+        let mi = k.b.ins().fcvt_from_sint(F32, mi);
+        let smin = k.ld(F32, tab, (PANEL * 4) as i64);
+        let m = k.fmul(smin, mi);
+        return k.fadd(fd, m);
+    }
     let sa = k.at(bp, lane, 4);
     let sa = if wt == DType::Q6K {
         let half = k.udivi(kk, 16);
@@ -320,7 +363,6 @@ pub fn block_value(k: &mut Kb<'_>, wt: DType, q: Value, bp: Value, lane: Value, 
         sa
     };
     let d = k.ld(F32, sa, 0);
-    let f = k.b.ins().fcvt_from_sint(F32, q);
     let fd = k.fmul(f, d);
     if llmc_ir::quant::has_min(wt) {
         let m = k.ld(F32, sa, (PANEL * 4) as i64);
@@ -330,9 +372,37 @@ pub fn block_value(k: &mut Kb<'_>, wt: DType, q: Value, bp: Value, lane: Value, 
     }
 }
 
+/// The block scales of rows `4·v .. 4·v + 4` of the block at `bp` (sub-block `sub`, or with
+/// `min` its minimums) as a vector: the head's f32s, or (K types) its i8s times the super-block
+/// table entry's f32s at `tab`.
+pub fn block_scales(k: &mut Kb<'_>, wt: DType, bp: Value, tab: Value, v: usize, sub: usize, min: bool) -> Value {
+    if llmc_ir::quant::is_k(wt) {
+        let at = (if min { PANEL } else { sub * PANEL } + v * 4) as i32;
+        let i = k.b.ins().sload8x8(flags(), bp, at);
+        let i = k.b.ins().swiden_low(i);
+        let f = k.b.ins().fcvt_from_sint(V4, i);
+        let s = k.ld(V4, tab, (if min { PANEL * 4 } else { 0 } + v * 16) as i64);
+        k.fmul(f, s)
+    } else {
+        let at = if min { PANEL * 4 } else { sub * PANEL * 4 } + v * 16;
+        k.ld(V4, bp, at as i64)
+    }
+}
+
+/// The super-block table entry of block `bi` (an i64) of the panel whose blocks start at `wp`
+/// (K types; any pointer otherwise, never read).
+pub fn super_entry(k: &mut Kb<'_>, wt: DType, wp: Value, bi: Value, cols: usize) -> Value {
+    if !llmc_ir::quant::is_k(wt) {
+        return wp;
+    }
+    let sb = k.b.ins().ushr_imm_u(bi, 3);
+    let e = k.at(wp, sb, crate::pack::super_bytes(wt) as i64);
+    k.addi(e, crate::pack::super_table(wt, cols) as i64)
+}
+
 /// Element `j` (a column index, a Value) of row `lane` of the `Panel16` panel at `panel`, whose
 /// rows have `cols` columns, as f32.
-pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value) -> Value {
+pub fn load_elem(k: &mut Kb<'_>, wt: DType, cols: usize, panel: Value, lane: Value, j: Value) -> Value {
     let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
     match wt {
         DType::BF16 | DType::F16 => {
@@ -374,7 +444,7 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, panel: Value, lane: Value, j: Value)
                 let qa = k.at(qbase, kk, PANEL as i64);
                 k.b.ins().sload8(types::I32, flags(), qa, head as i32)
             };
-            block_value(k, wt, q, bp, lane, kk)
+            block_value(k, wt, cols, q, (panel, b, bp), lane, kk)
         }
         _ => {
             let jl = k.muli(j, PANEL as i64);

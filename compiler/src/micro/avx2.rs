@@ -43,12 +43,12 @@ const NIBBLE: u8 = 1;
 const Q8: u8 = 2;
 
 /// One int8 tile: `T` tokens × `P` panels. `KIND` as above; `MIN`: a minimum per row and
-/// block; `SUBS`: scales per block (2 for q6_k).
+/// block; `SUBS`: scales per block (2 for q6_k); `KH`: K-type heads (as `avx512::dot_tile`).
 ///
 /// # Safety
 /// As `avx512::dot_tile`, on a host with AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bool, const SUBS: usize>(
+unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bool, const SUBS: usize, const KH: bool>(
     w: *const u8,
     pb: usize,
     x: *const u8,
@@ -56,8 +56,15 @@ unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bo
     kd: usize,
     out: *mut f32,
 ) {
-    let head = if MIN || SUBS == 2 { 128 } else { 64 };
+    let head = if KH {
+        32
+    } else if MIN {
+        128
+    } else {
+        64
+    };
     let block = head + if KIND == NIBBLE { 256 } else { 512 };
+    let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
     let groups = if KIND == NIBBLE { 4 } else { 8 };
     let nib = _mm256_set1_epi8(0x0f);
     let flip = _mm256_set1_epi8(-128);
@@ -77,6 +84,17 @@ unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bo
     unsafe {
         for b in 0..kd / 32 {
             let bp = w.add(b * block);
+            let tb = w.add(table + b / 8 * entry);
+            // 8 rows' block scales: the head's f32s at `at`, or (K types) its i8s at `at`
+            // times the super-block's f32s at `tab`
+            let scales = |at: *const u8, tab: *const u8| {
+                if KH {
+                    let i = _mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i));
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_loadu_ps(tab as *const f32))
+                } else {
+                    _mm256_loadu_ps(at as *const f32)
+                }
+            };
             let xb = x.add(b * 32);
             let mb = x.add(kd + b * 12);
             for sub in 0..SUBS {
@@ -115,12 +133,20 @@ unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bo
                     let ds = _mm256_set1_ps(if MIN { rd_f32(mb.add(t * rb + 8)) } else { 0.0 });
                     for p in 0..P {
                         for h in 0..2 {
-                            let sw = _mm256_loadu_ps(bp.add(p * pb + sub * 64 + 32 * h) as *const f32);
+                            let sw = if KH {
+                                scales(bp.add(p * pb + sub * 16 + 8 * h), tb.add(p * pb + 32 * h))
+                            } else {
+                                scales(bp.add(p * pb + sub * 64 + 32 * h), tb)
+                            };
                             let s = _mm256_mul_ps(sw, dx);
                             let f = _mm256_cvtepi32_ps(iacc[t][p][h]);
                             facc[t][p][h] = _mm256_fmadd_ps(f, s, facc[t][p][h]);
                             if MIN {
-                                let mw = _mm256_loadu_ps(bp.add(p * pb + 64 + 32 * h) as *const f32);
+                                let mw = if KH {
+                                    scales(bp.add(p * pb + 16 + 8 * h), tb.add(p * pb + 64 + 32 * h))
+                                } else {
+                                    scales(bp.add(p * pb + 64 + 32 * h), tb)
+                                };
                                 facc[t][p][h] = _mm256_fmadd_ps(mw, ds, facc[t][p][h]);
                             }
                         }
@@ -243,11 +269,13 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dot_q8, dot_tile, 2, [Q8, false, 1]);
-dispatch!(dot_q4_0, dot_tile, 2, [NIBBLE, false, 1]);
-dispatch!(dot_q4_1, dot_tile, 2, [NIBBLE, true, 1]);
-dispatch!(dot_q5_1, dot_tile, 2, [SMALL, true, 1]);
-dispatch!(dot_q6_k, dot_tile, 2, [SMALL, false, 2]);
+dispatch!(dot_q8, dot_tile, 2, [Q8, false, 1, false]);
+dispatch!(dot_q4_0, dot_tile, 2, [NIBBLE, false, 1, false]);
+dispatch!(dot_q4_1, dot_tile, 2, [NIBBLE, true, 1, false]);
+dispatch!(dot_q5_1, dot_tile, 2, [SMALL, true, 1, false]);
+dispatch!(dot_q6_k, dot_tile, 2, [SMALL, false, 2, true]);
+dispatch!(dot_q4_k, dot_tile, 2, [NIBBLE, true, 1, true]);
+dispatch!(dot_q5_k, dot_tile, 2, [SMALL, true, 1, true]);
 dispatch!(float_f32, float_tile, 4, [F32]);
 dispatch!(float_bf16, float_tile, 4, [BF16]);
 dispatch!(float_f16, float_tile, 4, [F16]);
@@ -259,6 +287,8 @@ pub fn dot(wt: DType) -> Option<MicroFn> {
         DType::Q4_1 => dot_q4_1,
         DType::Q5_1 => dot_q5_1,
         DType::Q6K => dot_q6_k,
+        DType::Q4K => dot_q4_k,
+        DType::Q5K => dot_q5_k,
         _ => return None,
     })
 }

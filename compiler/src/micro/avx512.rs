@@ -40,7 +40,8 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
 }
 
 /// One int8 tile: `T` tokens × `P` panels. `NIB`: nibble integers; `MIN`: a minimum per row
-/// and block; `SUBS`: scales per block (2 for q6_k).
+/// and block; `SUBS`: scales per block (2 for q6_k); `KH`: K-type heads (i8 scales times the
+/// super-block's f32 scales from the panel's table).
 ///
 /// # Safety
 /// The host has the features `available` checks; `w` holds `P` panels of `kd` columns
@@ -49,7 +50,7 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
 /// f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: bool, const SUBS: usize>(
+unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: bool, const SUBS: usize, const KH: bool>(
     w: *const u8,
     pb: usize,
     x: *const u8,
@@ -57,16 +58,36 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
     kd: usize,
     out: *mut f32,
 ) {
-    let head = if MIN || SUBS == 2 { 128 } else { 64 };
+    let head = if KH {
+        32
+    } else if MIN {
+        128
+    } else {
+        64
+    };
     let block = head + if NIB { 256 } else { 512 };
+    // K types: the table of super-block scales after the blocks, one entry per 8 blocks
+    let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
     let groups = if NIB { 4 } else { 8 };
     let nib = _mm512_set1_epi8(0x0f);
     let mut facc = [[_mm512_setzero_ps(); P]; T];
     // SAFETY (whole body): every address is `w + p·pb + b·block + (< block)` for `p < P`,
-    // `b < kd/32`, or `x + t·rb + (< kd + kd/32·12)` for `t < T`: inside what the caller gave.
+    // `b < kd/32`, or (K types) `w + p·pb + table + b/8·entry + (< entry)`, or
+    // `x + t·rb + (< kd + kd/32·12)` for `t < T`: inside what the caller gave.
     unsafe {
         for b in 0..kd / 32 {
             let bp = w.add(b * block);
+            let tb = w.add(table + b / 8 * entry);
+            // a block scale of 16 rows: the head's f32s, or (K types) its i8s times the
+            // super-block's f32s at `tab`
+            let scales = |at: *const u8, tab: *const u8| {
+                if KH {
+                    let i = _mm512_cvtepi8_epi32(_mm_loadu_si128(at as *const __m128i));
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_loadu_ps(tab as *const f32))
+                } else {
+                    _mm512_loadu_ps(at as *const f32)
+                }
+            };
             let xb = x.add(b * 32);
             let mb = x.add(kd + b * 12);
             for sub in 0..SUBS {
@@ -101,12 +122,20 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
                     let dx = _mm512_set1_ps(rd_f32(mb.add(t * rb)));
                     let ds = _mm512_set1_ps(if MIN { rd_f32(mb.add(t * rb + 8)) } else { 0.0 });
                     for p in 0..P {
-                        let sw = _mm512_loadu_ps(bp.add(p * pb + sub * 64) as *const f32);
+                        let sw = if KH {
+                            scales(bp.add(p * pb + sub * 16), tb.add(p * pb))
+                        } else {
+                            scales(bp.add(p * pb + sub * 64), tb)
+                        };
                         let s = _mm512_mul_ps(sw, dx);
                         let f = _mm512_cvtepi32_ps(iacc[t][p]);
                         facc[t][p] = _mm512_fmadd_ps(f, s, facc[t][p]);
                         if MIN {
-                            let mw = _mm512_loadu_ps(bp.add(p * pb + 64) as *const f32);
+                            let mw = if KH {
+                                scales(bp.add(p * pb + 16), tb.add(p * pb + 64))
+                            } else {
+                                scales(bp.add(p * pb + 64), tb)
+                            };
                             facc[t][p] = _mm512_fmadd_ps(mw, ds, facc[t][p]);
                         }
                     }
@@ -240,11 +269,13 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1]);
-dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1]);
-dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1]);
-dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [false, true, 1]);
-dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [false, false, 2]);
+dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1, false]);
+dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false]);
+dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false]);
+dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [false, true, 1, false]);
+dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [false, false, 2, true]);
+dispatch!(dot_q4_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true]);
+dispatch!(dot_q5_k, dot_tile, super::DOT_TOKENS, [false, true, 1, true]);
 dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, [F32]);
 dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, [BF16]);
 dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, [F16]);
@@ -256,6 +287,8 @@ pub fn dot(wt: DType) -> Option<MicroFn> {
         DType::Q4_1 => dot_q4_1,
         DType::Q5_1 => dot_q5_1,
         DType::Q6K => dot_q6_k,
+        DType::Q4K => dot_q4_k,
+        DType::Q5K => dot_q5_k,
         _ => return None,
     })
 }
