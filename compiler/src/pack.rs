@@ -73,11 +73,12 @@ pub fn unpack(layout: Layout, shape: &[usize], packed: &[f32]) -> Vec<f32> {
 /// Bytes one 16-row panel of a `Panel16` (or `Dot16`) matrix with `cols` columns takes in
 /// storage type `dtype`:
 /// - f32: `[k][16]` f32; bf16/f16: `[k][16]` u16 (the 16-bit values);
-/// - blocked types: per block of 32 columns, a head (`block_head`), then the integers: one
-///   byte each (q8_0, q5_1, q5_k, q6_k: `[32 k][16]`) or nibble pairs (q4_0, q4_1, q4_k:
-///   `[16 k pairs][16]` bytes, the low nibble for column `2j`, the high one for `2j + 1`),
-///   each stored as `q + dot_offset` (nibbles; in `Dot16` every integer) or as the i8 `q`
-///   (bytes in `Panel16`). The head: 16 f32 scales (the rows' `d[0]`), then for q4_1/q5_1 16
+/// - blocked types: per block of 32 columns, a head (`block_head`), then the integers, each
+///   stored as `u = q + dot_offset`: q8_0 one byte each (`[32 k][16]`; in `Panel16` the i8
+///   `q`); the others the low 4 bits of `u` as nibble pairs (`[16 k pairs][16]` bytes, the
+///   low nibble for column `2j`, the high one for `2j + 1`; `Dot16`: `dot_at`), then for the 5-
+///   and 6-bit types (`high_bits`) the bits above them in a plane of 64 or 128 bytes
+///   (`plane_at`). The head: 16 f32 scales (the rows' `d[0]`), then for q4_1/q5_1 16
 ///   f32 minimums; for the K types 16 i8 scales `sc[0]`, then 16 i8 `mi` (q4_k, q5_k) or
 ///   `sc[1]` (q6_k);
 /// - K types: after the blocks, the super-block table (`super_table`): per super-block of 8
@@ -92,7 +93,50 @@ pub fn panel_bytes(dtype: DType, cols: usize) -> usize {
 
 /// Bytes of one block of 32 columns of a panel (head and integers).
 pub fn block_bytes(dtype: DType) -> usize {
-    block_head(dtype) + if is_nibble(dtype) { QK / 2 * PANEL } else { QK * PANEL }
+    block_head(dtype) + if is_nibble(dtype) { QK / 2 * PANEL + plane_bytes(dtype) } else { QK * PANEL }
+}
+
+/// Bits of a stored integer above its low nibble: 1 for the 5-bit types (q5_1, q5_k), 2 for
+/// q6_k, else 0.
+pub fn high_bits(dtype: DType) -> usize {
+    match dtype {
+        DType::Q5_1 | DType::Q5K => 1,
+        DType::Q6K => 2,
+        _ => 0,
+    }
+}
+
+/// Bytes of a block's plane of high bits (after its nibbles): 64 per high bit.
+pub fn plane_bytes(dtype: DType) -> usize {
+    high_bits(dtype) * QK * PANEL / 8
+}
+
+/// Where the high bits of value `k` (0..32) of a block's row `lane` sit in the block's plane
+/// (which starts `QK / 2 · PANEL` bytes after the head): `(byte, shift)`, the bits being
+/// `(plane[byte] >> shift) & (2^high_bits − 1)`.
+/// - `Dot16` (a plane byte per nibble byte of one group: the same `lane · 4 + k % 4`): 5-bit:
+///   one 64-byte plane, bit `2g + high` for group `g` of `dot_at`; 6-bit: groups 0, 1 in the
+///   first 64 bytes and 2, 3 in the next, bits `4 (g % 2) + 2 high`.
+/// - `Panel16` (pair `j = k / 2`, `odd = k % 2`): 5-bit: byte `(j / 4) · 16 + lane`, bit
+///   `2 (j % 4) + odd`; 6-bit: byte `(j / 2) · 16 + lane`, bits `4 (j % 2) + 2 odd`.
+pub fn plane_at(dtype: DType, dot: bool, lane: usize, k: usize) -> (usize, u32) {
+    let six = high_bits(dtype) == 2;
+    if dot {
+        let (g, high) = ((k % 16) / 4, (k >= 16) as usize);
+        let i = lane * 4 + k % 4;
+        if six {
+            ((g / 2) * PANEL * 4 + i, (4 * (g % 2) + 2 * high) as u32)
+        } else {
+            (i, (2 * g + high) as u32)
+        }
+    } else {
+        let (j, odd) = (k / 2, k % 2);
+        if six {
+            ((j / 2) * PANEL + lane, (4 * (j % 2) + 2 * odd) as u32)
+        } else {
+            ((j / 4) * PANEL + lane, (2 * (j % 4) + odd) as u32)
+        }
+    }
 }
 
 /// Bytes of a block's per-row header (16 f32 scales; q4_1/q5_1: then 16 f32 minimums; K types:
@@ -122,9 +166,10 @@ pub fn super_table(dtype: DType, cols: usize) -> usize {
     cols / QK * block_bytes(dtype)
 }
 
-/// Whether `dtype` stores its integers as nibbles (else one byte each).
+/// Whether `dtype` stores its integers as nibbles (with a plane of high bits for the 5- and
+/// 6-bit types; only q8_0 has whole bytes).
 pub fn is_nibble(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q4K)
+    quant::is_blocked(dtype) && dtype != DType::Q8_0
 }
 
 /// What a stored integer carries on top of `q` so that it is unsigned (`vpdpbusd` multiplies
@@ -141,9 +186,9 @@ pub fn dot_offset(dtype: DType) -> i32 {
 /// Where value `k` (0..32) of a block's row `lane` sits in the `Dot16` layout, after the
 /// block's head: `(byte, high nibble)`. Columns go in groups of 4; a group holds the 16 rows × 4
 /// columns (64 bytes, row-major), so each 16-byte vector is 4 rows × 4 columns.
-/// - byte types: 8 groups, each byte `q + dot_offset`;
-/// - q4_0, q4_1: 4 groups of columns `4g..4g+4` in the low nibbles and `16+4g..` in the high
-///   ones, each nibble `q + dot_offset`.
+/// - q8_0: 8 groups, each byte `q + dot_offset`;
+/// - the others: 4 groups of columns `4g..4g+4` in the low nibbles and `16+4g..` in the high
+///   ones, each nibble the low 4 bits of `q + dot_offset` (the rest in the plane: `plane_at`).
 pub fn dot_at(dtype: DType, lane: usize, k: usize) -> (usize, bool) {
     let (g, high) = if is_nibble(dtype) { ((k % 16) / 4, k >= 16) } else { (k / 4, false) };
     (g * PANEL * 4 + lane * 4 + k % 4, high)
@@ -270,16 +315,27 @@ pub fn pack_block_rows(
                         block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
                     }
                 }
-                let qs = &mut block[head..];
+                let (qs, plane) = block[head..].split_at_mut(if is_nibble(dtype) { QK / 2 * PANEL } else { QK * PANEL });
                 for (k, &q) in blk.q.iter().enumerate() {
                     let u = (q as i32 + off) as u8;
+                    let lo = u & 0x0F;
                     if dot {
                         let (at, high) = dot_at(dtype, lane, k);
-                        qs[at] |= if high { u << 4 } else { u };
+                        qs[at] |= if !is_nibble(dtype) {
+                            u
+                        } else if high {
+                            lo << 4
+                        } else {
+                            lo
+                        };
                     } else if is_nibble(dtype) {
-                        qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { u } else { u << 4 };
+                        qs[(k / 2) * PANEL + lane] |= if k % 2 == 0 { lo } else { lo << 4 };
                     } else {
                         qs[k * PANEL + lane] = q as u8;
+                    }
+                    if high_bits(dtype) > 0 {
+                        let (at, shift) = plane_at(dtype, dot, lane, k);
+                        plane[at] |= (u >> 4) << shift;
                     }
                 }
             }
@@ -320,8 +376,18 @@ pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]
                 }
             };
             let qs = &block[head..];
+            let plane = &qs[QK / 2 * PANEL..];
+            let mask = (1u8 << high_bits(dtype)) - 1;
             for (k, q) in blk.q.iter_mut().enumerate() {
-                *q = if dot {
+                // the bits above the nibble, for the 5- and 6-bit types
+                let hi = if high_bits(dtype) > 0 {
+                    let (at, shift) = plane_at(dtype, dot, lane, k);
+                    (((plane[at] >> shift) & mask) << 4) as i32
+                } else {
+                    0
+                };
+                *q = hi as i8
+                    + if dot {
                     let (at, high) = dot_at(dtype, lane, k);
                     let u = if !is_nibble(dtype) {
                         qs[at]

@@ -244,7 +244,10 @@ pub fn tile_accs(
                     vec![k.b.ins().bitcast(I32X4, le(), corr); nv_all]
                 })
                 .collect();
-            for g in sub * groups / subs..(sub + 1) * groups / subs {
+            // q6_k's halves are columns 0..16 and 16..32: with nibbles, the low and the high
+            // nibbles of all 4 groups
+            let (g0, g1) = if q4 && subs == 2 { (0, groups) } else { (sub * groups / subs, (sub + 1) * groups / subs) };
+            for g in g0..g1 {
                 // each token's 4 (nibbles: 4 + 4) activation bytes of this group, in every
                 // lane (loaded as an f32 so the load folds into one `vbroadcastss`)
                 let bcast = |k: &mut Kb<'_>, at: i64| {
@@ -252,22 +255,55 @@ pub fn tile_accs(
                     let v = k.splat(v);
                     k.b.ins().bitcast(I8X16, le(), v)
                 };
+                // (with q6_k's halves, only the nibbles of this half)
+                let (use_lo, use_hi) = (subs == 1 || sub == 0, subs == 1 || sub == 1);
                 let xs: Vec<(Value, Option<Value>)> = (0..tokens)
                     .map(|tt| {
                         let at = tt as i64 * rb + g as i64 * 4;
-                        (bcast(k, at), q4.then(|| bcast(k, at + 16)))
+                        if q4 && !use_lo {
+                            (bcast(k, at + 16), None)
+                        } else {
+                            (bcast(k, at), (q4 && use_hi).then(|| bcast(k, at + 16)))
+                        }
                     })
                     .collect();
                 for j in 0..nv_all {
                     let w = k.b.ins().load(I8X16, flags(), bp, (head + g * PANEL * 4 + voff(j)) as i32);
                     let (wl, wh) = if let Some(nib) = nib {
-                        let lo = k.b.ins().band(w, nib);
+                        let mut lo = k.b.ins().band(w, nib);
                         // shift 16-bit lanes (one `psrlw`; x86 has no byte shift) and mask
                         let w16 = k.b.ins().bitcast(types::I16X8, le(), w);
                         let hi = k.b.ins().ushr_imm_u(w16, 4);
                         let hi = k.b.ins().bitcast(I8X16, le(), hi);
-                        let hi = k.b.ins().band(hi, nib);
-                        (lo, Some(hi))
+                        let mut hi = k.b.ins().band(hi, nib);
+                        let hb = crate::pack::high_bits(c.wt);
+                        if hb > 0 {
+                            // the plane's bits of this group, moved up to bits 4.. of each byte
+                            let at = head + QK / 2 * PANEL + if hb == 2 { g / 2 * PANEL * 4 } else { 0 } + voff(j);
+                            let pl = k.b.ins().load(I8X16, flags(), bp, at as i32);
+                            let pl = k.b.ins().bitcast(types::I16X8, le(), pl);
+                            let (sl, sh) = if hb == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
+                            let mask = k.b.ins().iconst(types::I8, if hb == 1 { 0x10 } else { 0x30 });
+                            let mask = k.b.ins().splat(I8X16, mask);
+                            let up = |k: &mut Kb<'_>, s: usize| {
+                                let v = if s <= 4 {
+                                    k.b.ins().ishl_imm_u(pl, (4 - s) as i64)
+                                } else {
+                                    k.b.ins().ushr_imm_u(pl, (s - 4) as i64)
+                                };
+                                let v = k.b.ins().bitcast(I8X16, le(), v);
+                                k.b.ins().band(v, mask)
+                            };
+                            let ul = up(k, sl);
+                            let uh = up(k, sh);
+                            lo = k.b.ins().bor(lo, ul);
+                            hi = k.b.ins().bor(hi, uh);
+                        }
+                        if !use_lo {
+                            (hi, None)
+                        } else {
+                            (lo, use_hi.then_some(hi))
+                        }
                     } else {
                         (w, None)
                     };
@@ -353,7 +389,33 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, cols: usize, panel: Value, lane: Val
     let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
     let u = if q4 {
         let high = k.udivi(kk, 16);
-        super::storage::nibble(k, byte, high)
+        let u = super::storage::nibble(k, byte, high);
+        let hb = crate::pack::high_bits(wt);
+        if hb > 0 {
+            // the plane byte of position `lane · 4 + kk % 4` (6-bit: groups 2, 3 64 bytes on),
+            // bits `2g + high` (5-bit) or `4 (g % 2) + 2 high` (6-bit): see `pack::plane_at`
+            let i = k.add(lo, c);
+            let pa = k.add(bp, i);
+            let (pa, shift) = if hb == 2 {
+                let g2 = k.udivi(g, 2);
+                let pa = k.at(pa, g2, (PANEL * 4) as i64);
+                let gm = k.uremi(g, 2);
+                let s = k.muli(gm, 4);
+                let h2 = k.muli(high, 2);
+                (pa, k.add(s, h2))
+            } else {
+                let s = k.muli(g, 2);
+                (pa, k.add(s, high))
+            };
+            let pb = k.b.ins().uload8(types::I32, flags(), pa, (head + QK / 2 * PANEL) as i32);
+            let shift = k.b.ins().ireduce(types::I32, shift);
+            let bits = k.b.ins().ushr(pb, shift);
+            let bits = k.b.ins().band_imm_u(bits, (1 << hb) - 1);
+            let bits = k.b.ins().ishl_imm_u(bits, 4);
+            k.b.ins().bor(u, bits)
+        } else {
+            u
+        }
     } else {
         byte
     };

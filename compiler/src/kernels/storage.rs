@@ -25,6 +25,10 @@ const I32X4: types::Type = types::I32X4;
 const I16X8: types::Type = types::I16X8;
 const I8X16: types::Type = types::I8X16;
 
+fn le() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
+}
+
 fn flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
@@ -51,6 +55,7 @@ pub struct Consts {
     mag15: Value,
     two112: Value,
     nib: Value,
+    /// nibble types: `pack::dot_offset` in each byte (what the stored integers carry)
     eight: Value,
 }
 
@@ -73,9 +78,14 @@ fn consts(k: &mut Kb<'_>, wt: DType) -> Consts {
             eight: dummy,
             high16: dummy,
         },
-        DType::Q4_0 | DType::Q4_1 | DType::Q4K => {
-            Consts { sign16: dummy, mag15: dummy, two112: dummy, nib: i8s(k, 0x0f), eight: i8s(k, 8), high16: dummy }
-        }
+        wt if crate::pack::is_nibble(wt) => Consts {
+            sign16: dummy,
+            mag15: dummy,
+            two112: dummy,
+            nib: i8s(k, 0x0f),
+            eight: i8s(k, crate::pack::dot_offset(wt) as i64),
+            high16: dummy,
+        },
         DType::BF16 => Consts {
             sign16: dummy,
             mag15: dummy,
@@ -190,7 +200,8 @@ pub fn tile_accs(
             let block = crate::pack::block_bytes(wt);
             // q6_k scales each half of a block on its own
             let subs = if wt == DType::Q6K { 2 } else { 1 };
-            let sub_bytes = (block - head) / subs;
+            let sub_bytes = if q4 { QK / 2 * PANEL } else { QK * PANEL } / subs;
+            let hb = crate::pack::high_bits(wt);
             let wend = k.addi(wp, (c.kd / QK * block) as i64);
             // Small (decode) tiles sum q·x per block and scale once at its end; larger tiles
             // (and types with a minimum, which is added to each weight) scale each widened
@@ -224,13 +235,40 @@ pub fn tile_accs(
                         // the 16 rows of each column as i16x8 halves
                         let cols: Vec<(Value, Value)> = if q4 {
                             let raw = k.b.ins().load(I8X16, flags(), q, 0);
-                            let lo = k.b.ins().band(raw, cs.nib);
+                            let mut lo = k.b.ins().band(raw, cs.nib);
                             let hi = k.b.ins().ushr_imm_u(raw, 4);
-                            let hi = k.b.ins().band(hi, cs.nib);
+                            let mut hi = k.b.ins().band(hi, cs.nib);
+                            if hb > 0 {
+                                // pair `j` of the block: its plane row and bits (`pack::plane_at`)
+                                let q0 = k.addi(bp, head as i64);
+                                let off = k.b.ins().isub(q, q0);
+                                let j = k.b.ins().ushr_imm_u(off, 4);
+                                let per = if hb == 1 { 4 } else { 2 };
+                                let row = k.udivi(j, per);
+                                let pa = k.at(bp, row, PANEL as i64);
+                                let pl = k.b.ins().load(I8X16, flags(), pa, (head + QK / 2 * PANEL) as i32);
+                                let pl = k.b.ins().bitcast(I16X8, le(), pl);
+                                let slot = k.uremi(j, per);
+                                let s = k.muli(slot, 2 * hb as i64);
+                                let s = k.b.ins().ireduce(types::I32, s);
+                                let mask = k.b.ins().iconst(types::I8, (1 << hb) - 1);
+                                let mask = k.b.ins().splat(I8X16, mask);
+                                for (v, extra) in [(&mut lo, 0), (&mut hi, hb as i64)] {
+                                    let sh = k.b.ins().iadd_imm_s(s, extra);
+                                    let b = k.b.ins().ushr(pl, sh);
+                                    let b = k.b.ins().bitcast(I8X16, le(), b);
+                                    let b = k.b.ins().band(b, mask);
+                                    let b = k.b.ins().bitcast(I16X8, le(), b);
+                                    let b = k.b.ins().ishl_imm_u(b, 4);
+                                    let b = k.b.ins().bitcast(I8X16, le(), b);
+                                    *v = k.b.ins().bor(*v, b);
+                                }
+                            }
                             [lo, hi]
                                 .into_iter()
                                 .map(|v| {
-                                    let v = if wt == DType::Q4_0 { k.b.ins().isub(v, cs.eight) } else { v };
+                                    let v =
+                                        if crate::pack::dot_offset(wt) != 0 { k.b.ins().isub(v, cs.eight) } else { v };
                                     (k.b.ins().swiden_low(v), k.b.ins().swiden_high(v))
                                 })
                                 .collect()
@@ -438,7 +476,24 @@ pub fn load_elem(k: &mut Kb<'_>, wt: DType, cols: usize, panel: Value, lane: Val
                 let qa = k.at(qbase, pair, PANEL as i64);
                 let byte = k.b.ins().uload8(types::I32, flags(), qa, head as i32);
                 let odd = k.b.ins().band_imm_u(kk, 1);
-                let n = nibble(k, byte, odd);
+                let mut n = nibble(k, byte, odd);
+                let hb = crate::pack::high_bits(wt);
+                if hb > 0 {
+                    // the plane byte of pair `pair`, lane `lane` (`pack::plane_at`)
+                    let per = if hb == 1 { 4 } else { 2 };
+                    let row = k.udivi(pair, per);
+                    let pa = k.at(qbase, row, PANEL as i64);
+                    let pb = k.b.ins().uload8(types::I32, flags(), pa, (head + QK / 2 * PANEL) as i32);
+                    let slot = k.uremi(pair, per);
+                    let s = k.muli(slot, 2 * hb as i64);
+                    let o = k.muli(odd, hb as i64);
+                    let s = k.add(s, o);
+                    let s = k.b.ins().ireduce(types::I32, s);
+                    let bits = k.b.ins().ushr(pb, s);
+                    let bits = k.b.ins().band_imm_u(bits, (1 << hb) - 1);
+                    let bits = k.b.ins().ishl_imm_u(bits, 4);
+                    n = k.b.ins().bor(n, bits);
+                }
                 k.b.ins().iadd_imm_s(n, -(crate::pack::dot_offset(wt) as i64))
             } else {
                 let qa = k.at(qbase, kk, PANEL as i64);

@@ -37,18 +37,27 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
 /// How far ahead (bytes) a tile prefetches each weight stream (as `avx512.rs`).
 const PF: usize = 2048;
 
-/// Integer kinds of `dot_tile`: unsigned bytes below 64 (nibbles or not), or q8_0's.
-const SMALL: u8 = 0;
+/// Integer kinds of `dot_tile`: unsigned nibbles (below 64 with a plane's high bits), or
+/// q8_0's bytes.
 const NIBBLE: u8 = 1;
 const Q8: u8 = 2;
 
 /// One int8 tile: `T` tokens × `P` panels. `KIND` as above; `MIN`: a minimum per row and
-/// block; `SUBS`: scales per block (2 for q6_k); `KH`: K-type heads (as `avx512::dot_tile`).
+/// block; `SUBS`: scales per block (2 for q6_k); `KH`: K-type heads, `HB`: bits above the
+/// nibble (both as `avx512::dot_tile`).
 ///
 /// # Safety
 /// As `avx512::dot_tile`, on a host with AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bool, const SUBS: usize, const KH: bool>(
+unsafe fn dot_tile<
+    const T: usize,
+    const P: usize,
+    const KIND: u8,
+    const MIN: bool,
+    const SUBS: usize,
+    const KH: bool,
+    const HB: usize,
+>(
     w: *const u8,
     pb: usize,
     x: *const u8,
@@ -63,7 +72,17 @@ unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bo
     } else {
         64
     };
-    let block = head + if KIND == NIBBLE { 256 } else { 512 };
+    let block = head + if KIND == NIBBLE { 256 + 64 * HB } else { 512 };
+    // the plane's bits of one group moved up to bits 4.. of each byte
+    let planes = _mm256_set1_epi8(if HB == 1 { 0x10 } else { 0x30 });
+    let up = |v: __m256i, s: usize| {
+        let v = if s <= 4 {
+            _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - s as i32))
+        } else {
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(s as i32 - 4))
+        };
+        _mm256_and_si256(v, planes)
+    };
     let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
     let groups = if KIND == NIBBLE { 4 } else { 8 };
     let nib = _mm256_set1_epi8(0x0f);
@@ -105,19 +124,35 @@ unsafe fn dot_tile<const T: usize, const P: usize, const KIND: u8, const MIN: bo
                         *row = [[c; 2]; P];
                     }
                 }
-                for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
+                // q6_k's halves with nibbles: the low, then the high nibbles of all 4 groups
+                let (g0, g1) =
+                    if KIND == NIBBLE && SUBS == 2 { (0, groups) } else { (sub * groups / SUBS, (sub + 1) * groups / SUBS) };
+                for g in g0..g1 {
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
                         _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
                         for h in 0..2 {
                             let wv = _mm256_loadu_si256(a.add(32 * h) as *const __m256i);
                             if KIND == NIBBLE {
-                                let lo = _mm256_and_si256(wv, nib);
-                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
+                                let mut lo = _mm256_and_si256(wv, nib);
+                                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
+                                if HB > 0 {
+                                    let at = bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 } + 32 * h);
+                                    let pl = _mm256_loadu_si256(at as *const __m256i);
+                                    let (sl, sh) =
+                                        if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
+                                    lo = _mm256_or_si256(lo, up(pl, sl));
+                                    hi = _mm256_or_si256(hi, up(pl, sh));
+                                }
                                 for (t, row) in iacc.iter_mut().enumerate() {
                                     let xl = _mm256_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
                                     let xh = _mm256_set1_epi32(rd_i32(xb.add(t * rb + g * 4 + 16)));
-                                    row[p][h] = dot(dot(row[p][h], lo, xl), hi, xh);
+                                    if SUBS == 1 || sub == 0 {
+                                        row[p][h] = dot(row[p][h], lo, xl);
+                                    }
+                                    if SUBS == 1 || sub == 1 {
+                                        row[p][h] = dot(row[p][h], hi, xh);
+                                    }
                                 }
                             } else {
                                 for (t, row) in iacc.iter_mut().enumerate() {
@@ -269,13 +304,13 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dot_q8, dot_tile, 2, [Q8, false, 1, false]);
-dispatch!(dot_q4_0, dot_tile, 2, [NIBBLE, false, 1, false]);
-dispatch!(dot_q4_1, dot_tile, 2, [NIBBLE, true, 1, false]);
-dispatch!(dot_q5_1, dot_tile, 2, [SMALL, true, 1, false]);
-dispatch!(dot_q6_k, dot_tile, 2, [SMALL, false, 2, true]);
-dispatch!(dot_q4_k, dot_tile, 2, [NIBBLE, true, 1, true]);
-dispatch!(dot_q5_k, dot_tile, 2, [SMALL, true, 1, true]);
+dispatch!(dot_q8, dot_tile, 2, [Q8, false, 1, false, 0]);
+dispatch!(dot_q4_0, dot_tile, 2, [NIBBLE, false, 1, false, 0]);
+dispatch!(dot_q4_1, dot_tile, 2, [NIBBLE, true, 1, false, 0]);
+dispatch!(dot_q5_1, dot_tile, 2, [NIBBLE, true, 1, false, 1]);
+dispatch!(dot_q6_k, dot_tile, 2, [NIBBLE, false, 2, true, 2]);
+dispatch!(dot_q4_k, dot_tile, 2, [NIBBLE, true, 1, true, 0]);
+dispatch!(dot_q5_k, dot_tile, 2, [NIBBLE, true, 1, true, 1]);
 dispatch!(float_f32, float_tile, 4, [F32]);
 dispatch!(float_bf16, float_tile, 4, [BF16]);
 dispatch!(float_f16, float_tile, 4, [F16]);

@@ -41,7 +41,8 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
 
 /// One int8 tile: `T` tokens × `P` panels. `NIB`: nibble integers; `MIN`: a minimum per row
 /// and block; `SUBS`: scales per block (2 for q6_k); `KH`: K-type heads (i8 scales times the
-/// super-block's f32 scales from the panel's table).
+/// super-block's f32 scales from the panel's table); `HB`: bits above the nibble, from the
+/// block's plane (`pack::plane_at`).
 ///
 /// # Safety
 /// The host has the features `available` checks; `w` holds `P` panels of `kd` columns
@@ -50,7 +51,15 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
 /// f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: bool, const SUBS: usize, const KH: bool>(
+unsafe fn dot_tile<
+    const T: usize,
+    const P: usize,
+    const NIB: bool,
+    const MIN: bool,
+    const SUBS: usize,
+    const KH: bool,
+    const HB: usize,
+>(
     w: *const u8,
     pb: usize,
     x: *const u8,
@@ -65,7 +74,17 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
     } else {
         64
     };
-    let block = head + if NIB { 256 } else { 512 };
+    let block = head + if NIB { 256 + 64 * HB } else { 512 };
+    // the plane's bits of one group moved up to bits 4.. of each byte
+    let planes = _mm512_set1_epi8(if HB == 1 { 0x10 } else { 0x30 });
+    let up = |v: __m512i, s: usize| {
+        let v = if s <= 4 {
+            _mm512_sll_epi16(v, _mm_cvtsi32_si128(4 - s as i32))
+        } else {
+            _mm512_srl_epi16(v, _mm_cvtsi32_si128(s as i32 - 4))
+        };
+        _mm512_and_si512(v, planes)
+    };
     // K types: the table of super-block scales after the blocks, one entry per 8 blocks
     let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
     let groups = if NIB { 4 } else { 8 };
@@ -96,19 +115,33 @@ unsafe fn dot_tile<const T: usize, const P: usize, const NIB: bool, const MIN: b
                     let c = _mm512_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub)));
                     *row = [c; P];
                 }
-                for g in sub * groups / SUBS..(sub + 1) * groups / SUBS {
+                // q6_k's halves are columns 0..16 and 16..32: with nibbles, the low and the
+                // high nibbles of all 4 groups
+                let (g0, g1) = if NIB && SUBS == 2 { (0, groups) } else { (sub * groups / SUBS, (sub + 1) * groups / SUBS) };
+                for g in g0..g1 {
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
                         _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
                         let wv = _mm512_loadu_si512(a as *const __m512i);
                         if NIB {
-                            let lo = _mm512_and_si512(wv, nib);
-                            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
+                            let mut lo = _mm512_and_si512(wv, nib);
+                            let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
+                            if HB > 0 {
+                                let at = bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 });
+                                let pl = _mm512_loadu_si512(at as *const __m512i);
+                                let (sl, sh) = if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
+                                lo = _mm512_or_si512(lo, up(pl, sl));
+                                hi = _mm512_or_si512(hi, up(pl, sh));
+                            }
                             for (t, row) in iacc.iter_mut().enumerate() {
                                 let xl = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
                                 let xh = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4 + 16)));
-                                row[p] = _mm512_dpbusd_epi32(row[p], lo, xl);
-                                row[p] = _mm512_dpbusd_epi32(row[p], hi, xh);
+                                if SUBS == 1 || sub == 0 {
+                                    row[p] = _mm512_dpbusd_epi32(row[p], lo, xl);
+                                }
+                                if SUBS == 1 || sub == 1 {
+                                    row[p] = _mm512_dpbusd_epi32(row[p], hi, xh);
+                                }
                             }
                         } else {
                             for (t, row) in iacc.iter_mut().enumerate() {
@@ -269,13 +302,13 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1, false]);
-dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false]);
-dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false]);
-dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [false, true, 1, false]);
-dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [false, false, 2, true]);
-dispatch!(dot_q4_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true]);
-dispatch!(dot_q5_k, dot_tile, super::DOT_TOKENS, [false, true, 1, true]);
+dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1, false, 0]);
+dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false, 0]);
+dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 0]);
+dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 1]);
+dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [true, false, 2, true, 2]);
+dispatch!(dot_q4_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true, 0]);
+dispatch!(dot_q5_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true, 1]);
 dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, [F32]);
 dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, [BF16]);
 dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, [F16]);
