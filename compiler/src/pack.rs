@@ -96,11 +96,11 @@ pub fn block_bytes(dtype: DType) -> usize {
     block_head(dtype) + if is_nibble(dtype) { QK / 2 * PANEL + plane_bytes(dtype) } else { QK * PANEL }
 }
 
-/// Bits of a stored integer above its low nibble: 1 for the 5-bit types (q5_1, q5_k), 2 for
+/// Bits of a stored integer above its low nibble: 1 for the 5-bit types (q5_0, q5_1, q5_k), 2 for
 /// q6_k, else 0.
 pub fn high_bits(dtype: DType) -> usize {
     match dtype {
-        DType::Q5_1 | DType::Q5K => 1,
+        DType::Q5_0 | DType::Q5_1 | DType::Q5K => 1,
         DType::Q6K => 2,
         _ => 0,
     }
@@ -173,11 +173,12 @@ pub fn is_nibble(dtype: DType) -> bool {
 }
 
 /// What a stored integer carries on top of `q` so that it is unsigned (`vpdpbusd` multiplies
-/// unsigned weight bytes by signed activations): q8_0 128, q4_0 8, q6_k 32, else 0.
+/// unsigned weight bytes by signed activations): q8_0 128, q4_0 8, q5_0 16, q6_k 32, else 0.
 pub fn dot_offset(dtype: DType) -> i32 {
     match dtype {
         DType::Q8_0 => 128,
         DType::Q4_0 => 8,
+        DType::Q5_0 => 16,
         DType::Q6K => 32,
         _ => 0,
     }
@@ -461,7 +462,8 @@ mod tests {
     fn storage_types_round_trip_to_their_meaning() {
         let (rows, cols) = (19, 512);
         let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let blocked = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K];
+        let blocked =
+            [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K];
         let cases = [DType::BF16, DType::F16]
             .into_iter()
             .chain(blocked)

@@ -7,6 +7,7 @@
 //! - `q8_0`: blocks of 32 values along a row, `x = d · q` with `q: i8` and one scale `d` per
 //!   block, an f16 value (stored widened to f32 in llmc's repacked layout; exact).
 //! - `q4_0`: blocks of 32, `x = d · (q − 8)` with `q` in `0..16`, `d` an f16 value.
+//! - `q5_0`: blocks of 32, `x = d · q` with `q` in `−16..16`, `d` an f16 value (ggml's Q5_0).
 //! - `q4_1`: blocks of 32, `x = q · d + m` with `q` in `0..16`; `d` and `m` are f32 values
 //!   (ggml's Q4_1: f16 values; each 32-value sub-block of a Q4_K super-block: `d · scale` and
 //!   `−dmin · min`, exact products in f32).
@@ -45,7 +46,10 @@ pub fn is_storage(dtype: DType) -> bool {
 
 /// Whether `dtype` quantizes in blocks of `QK` along the last dim.
 pub fn is_blocked(dtype: DType) -> bool {
-    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_1 | DType::Q6K | DType::Q4K | DType::Q5K)
+    matches!(
+        dtype,
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1 | DType::Q6K | DType::Q4K | DType::Q5K
+    )
 }
 
 /// Whether `dtype` keeps ggml's super-blocks of `QK_K` values (`KScales`).
@@ -63,6 +67,7 @@ pub fn q_range(dtype: DType) -> std::ops::RangeInclusive<i32> {
     match dtype {
         DType::Q8_0 => -128..=127,
         DType::Q4_0 => -8..=7,
+        DType::Q5_0 => -16..=15,
         DType::Q4_1 | DType::Q4K => 0..=15,
         DType::Q5_1 | DType::Q5K => 0..=31,
         DType::Q6K => -32..=31,
@@ -114,8 +119,12 @@ pub fn dequantize_block(b: &QBlock, out: &mut [f32]) {
 /// files bring their q5_1 blocks with them; this quantizer serves `--dtype`-free tests.)
 pub fn quantize_block(dtype: DType, x: &[f32]) -> QBlock {
     match dtype {
-        DType::Q8_0 | DType::Q4_0 => {
-            let b = if dtype == DType::Q8_0 { quantize_q8_0(x) } else { quantize_q4_0(x) };
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 => {
+            let b = match dtype {
+                DType::Q8_0 => quantize_q8_0(x),
+                DType::Q4_0 => quantize_q4_0(x),
+                _ => quantize_q5_0(x),
+            };
             QBlock { d: [b.d; 2], q: b.q, ..Default::default() }
         }
         DType::Q4_1 => {
@@ -263,6 +272,19 @@ pub fn quantize_q4_0(x: &[f32]) -> Block {
     Block { d: f16::from_f32(d).to_f32(), q }
 }
 
+/// ggml's `quantize_row_q5_0_ref` for one block: `d = max / −16` where `max` is the value of
+/// largest magnitude, `q = min(31, trunc(x/d + 16.5))`; returns `q − 16`.
+pub fn quantize_q5_0(x: &[f32]) -> Block {
+    let d = signed_absmax(x) / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QK];
+    for (o, &v) in q.iter_mut().zip(x) {
+        let t = (v * id + 16.5) as i8; // C's (int8_t) cast truncates toward zero
+        *o = t.min(31) - 16;
+    }
+    Block { d: f16::from_f32(d).to_f32(), q }
+}
+
 /// The activation quantization of the int8 dot-product kernels (`quant_q8`), one block of 32:
 /// `d = max|x| / 127` (kept in f32), `q = round(x · (1/d))`, ties to even (what the kernels'
 /// `nearest` does, so both sides round the same f32 product the same way). Returns `(d, q)`;
@@ -356,7 +378,10 @@ mod tests {
     #[test]
     fn new_block_types_round_trip_within_half_a_step() {
         let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 61) as f32 - 30.0) * 0.07).collect();
-        for (dtype, steps) in [(DType::Q5_1, 31.0), (DType::Q6K, 32.0), (DType::Q4K, 15.0), (DType::Q5K, 31.0)] {
+        for (dtype, steps) in
+            // q5_0 (as q4_0): the end opposite the largest magnitude is clamped, a whole step off
+            [(DType::Q5_0, 16.0), (DType::Q5_1, 31.0), (DType::Q6K, 32.0), (DType::Q4K, 15.0), (DType::Q5K, 31.0)]
+        {
             let blocks = quantize_blocks(dtype, &x);
             for (b, xs) in blocks.iter().zip(x.chunks(QK)) {
                 assert!(b.q.iter().all(|&q| q_range(dtype).contains(&(q as i32))), "{dtype:?} {b:?}");

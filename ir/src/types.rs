@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// Element type of a value. Activations are f32; token ids and positions are i32. Weights
-/// that kernels read in place may have a storage type (bf16, f16, q8_0, q4_0, q4_1, q5_1, q6_k, q4_k, q5_k: see
+/// that kernels read in place may have a storage type (bf16, f16, q8_0, q4_0, q5_0, q4_1, q5_1, q6_k, q4_k, q5_k: see
 /// `quant`);
 /// they mean the f32 values they dequantize to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -20,11 +20,11 @@ pub enum DType {
     Q8_0,
     /// Weight storage: ggml's 4-bit blocks (see `quant`).
     Q4_0,
-    /// Weight storage: 4-bit blocks with a scale and a minimum (ggml's Q4_1 and Q4_K; see
-    /// `quant`).
+    /// Weight storage: ggml's 5-bit blocks with a scale (see `quant`).
+    Q5_0,
+    /// Weight storage: 4-bit blocks with a scale and a minimum (ggml's Q4_1; see `quant`).
     Q4_1,
-    /// Weight storage: 5-bit blocks with a scale and a minimum (ggml's Q5_1 and Q5_K; see
-    /// `quant`).
+    /// Weight storage: 5-bit blocks with a scale and a minimum (ggml's Q5_1; see `quant`).
     Q5_1,
     /// Weight storage: 6-bit values with a scale per 16 (ggml's Q6_K; see `quant`).
     #[serde(rename = "q6_k")]
@@ -48,6 +48,7 @@ impl DType {
             DType::U8 => "u8",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
+            DType::Q5_0 => "q5_0",
             DType::Q4_1 => "q4_1",
             DType::Q5_1 => "q5_1",
             DType::Q6K => "q6_k",
@@ -65,6 +66,7 @@ impl DType {
             "u8" => DType::U8,
             "q8_0" => DType::Q8_0,
             "q4_0" => DType::Q4_0,
+            "q5_0" => DType::Q5_0,
             "q4_1" => DType::Q4_1,
             "q5_1" => DType::Q5_1,
             "q6_k" => DType::Q6K,

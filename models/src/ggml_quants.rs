@@ -159,9 +159,9 @@ fn blocks_of(ty: GgmlType, b: &[u8], out: &mut [QBlock]) {
 }
 
 /// The storage type llmc keeps a GGUF tensor in, when compiled without `--dtype`: the file's
-/// own values, repacked losslessly (`to_blocks`): f32, f16, bf16 as they are; Q8_0 and Q5_0 as
-/// q8_0; Q4_0 as q4_0; Q4_1 as q4_1; Q5_1 as q5_1; Q4_K, Q5_K and Q6_K as q4_k, q5_k and
-/// q6_k (their super-blocks kept).
+/// own values, repacked losslessly (`to_blocks`): f32, f16, bf16 as they are; Q8_0, Q4_0,
+/// Q5_0, Q4_1 and Q5_1 as q8_0, q4_0, q5_0, q4_1 and q5_1; Q4_K, Q5_K and Q6_K as q4_k, q5_k
+/// and q6_k (their super-blocks kept).
 pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
     use llmc_ir::DType;
     match ty {
@@ -169,6 +169,7 @@ pub fn storage_type(ty: GgmlType) -> llmc_ir::DType {
         GgmlType::F16 => DType::F16,
         GgmlType::BF16 => DType::BF16,
         GgmlType::Q4_0 => DType::Q4_0,
+        GgmlType::Q5_0 => DType::Q5_0,
         GgmlType::Q4_1 => DType::Q4_1,
         GgmlType::Q5_1 => DType::Q5_1,
         GgmlType::Q4K => DType::Q4K,

@@ -585,8 +585,18 @@ fn split_calls_cover_every_unit() {
     }
 }
 
-const STORAGE: [DType; 9] =
-    [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K];
+const STORAGE: [DType; 10] = [
+    DType::BF16,
+    DType::F16,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q5_0,
+    DType::Q4_1,
+    DType::Q5_1,
+    DType::Q6K,
+    DType::Q4K,
+    DType::Q5K,
+];
 
 /// The tolerance for weights of `dtype`: K-type rows are whole super-blocks (256 columns and
 /// more), whose longer f32 sums round more than the 32..96-column rows of the other types.
@@ -610,7 +620,7 @@ proptest! {
     /// Every storage type through `linear` with its prologue and epilogues (decode and prefill
     /// tiles, odd row counts), against the interpreter on the values the type means.
     #[test]
-    fn storage_linear(dt in 0usize..9, kb in 1usize..4, m16 in 1usize..4, extra in 0usize..16, n in 1usize..10,
+    fn storage_linear(dt in 0usize..10, kb in 1usize..4, m16 in 1usize..4, extra in 0usize..16, n in 1usize..10,
                       rms in any::<bool>(), act in 0usize..3, bias in any::<bool>(), residual in any::<bool>(),
                       xq in any::<bool>(), seed in 0u64..1000) {
         let dtype = STORAGE[dt];
@@ -640,7 +650,7 @@ proptest! {
     /// A stored table gathered by token (the packed embedding kernel) and used as the output
     /// projection (tied embeddings).
     #[test]
-    fn storage_tied_embedding(dt in 0usize..9, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, xq in any::<bool>(),
+    fn storage_tied_embedding(dt in 0usize..10, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, xq in any::<bool>(),
                               seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let d = cols(dtype, kb);
@@ -658,7 +668,7 @@ proptest! {
 
     /// `qkv_rope` + `attend` with a stored QKV matrix, prefill then decode steps.
     #[test]
-    fn storage_qkv_rope_attend(dt in 0usize..9, kv in 1usize..3, group in 1usize..3, hd4 in 1usize..5, kb in 1usize..3,
+    fn storage_qkv_rope_attend(dt in 0usize..10, kv in 1usize..3, group in 1usize..3, hd4 in 1usize..5, kb in 1usize..3,
                                rms in any::<bool>(), first in 1usize..6, xq in any::<bool>(), seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let heads = kv * group;
@@ -689,7 +699,7 @@ proptest! {
 
     /// MoE with stored router and experts (the expert kernels address panels by storage type).
     #[test]
-    fn storage_moe(dt in 0usize..9, d32 in 1usize..3, ff32 in 1usize..3, experts in 1usize..5, k in 1usize..3,
+    fn storage_moe(dt in 0usize..10, d32 in 1usize..3, ff32 in 1usize..3, experts in 1usize..5, k in 1usize..3,
                    n in 1usize..5, seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let top_k = k.min(experts);
@@ -713,7 +723,7 @@ proptest! {
 /// the rows are quantized and multiplied in chunks (12 rows of 16,384 columns, then 5).
 #[test]
 fn int8_linear_in_chunks() {
-    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K] {
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K] {
         let (k, m, n) = (16384, 20, 17);
         let mut c = Case::new(7);
         let x = c.rows("x", n, k, 2.0);

@@ -306,6 +306,7 @@ macro_rules! dispatch {
 
 dispatch!(dot_q8, dot_tile, 2, [Q8, false, 1, false, 0]);
 dispatch!(dot_q4_0, dot_tile, 2, [NIBBLE, false, 1, false, 0]);
+dispatch!(dot_q5_0, dot_tile, 2, [NIBBLE, false, 1, false, 1]);
 dispatch!(dot_q4_1, dot_tile, 2, [NIBBLE, true, 1, false, 0]);
 dispatch!(dot_q5_1, dot_tile, 2, [NIBBLE, true, 1, false, 1]);
 dispatch!(dot_q6_k, dot_tile, 2, [NIBBLE, false, 2, true, 2]);
@@ -319,6 +320,7 @@ pub fn dot(wt: DType) -> Option<MicroFn> {
     Some(match wt {
         DType::Q8_0 => dot_q8,
         DType::Q4_0 => dot_q4_0,
+        DType::Q5_0 => dot_q5_0,
         DType::Q4_1 => dot_q4_1,
         DType::Q5_1 => dot_q5_1,
         DType::Q6K => dot_q6_k,

@@ -304,6 +304,7 @@ macro_rules! dispatch {
 
 dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1, false, 0]);
 dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false, 0]);
+dispatch!(dot_q5_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false, 1]);
 dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 0]);
 dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 1]);
 dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [true, false, 2, true, 2]);
@@ -317,6 +318,7 @@ pub fn dot(wt: DType) -> Option<MicroFn> {
     Some(match wt {
         DType::Q8_0 => dot_q8,
         DType::Q4_0 => dot_q4_0,
+        DType::Q5_0 => dot_q5_0,
         DType::Q4_1 => dot_q4_1,
         DType::Q5_1 => dot_q5_1,
         DType::Q6K => dot_q6_k,
