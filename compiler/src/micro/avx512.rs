@@ -241,6 +241,133 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
     }
 }
 
+/// One float tile over blocked weights (`Panel16` layout, `pack::panel_bytes`): `T` tokens ×
+/// `P` panels, f32 activations. Each column's 16 integers are widened to f32 and scaled to the
+/// values they mean (`q·d + m`, one rounding, as the interpreter's definition) before the FMAs,
+/// so a weight vector is made once per column and feeds every token. `NIB`: nibble pairs (with
+/// `HB` high bits from the block's plane), else q8_0's bytes; `OFF`: what a stored nibble
+/// carries (`pack::dot_offset`); `MIN`, `SUBS`, `KH` as `dot_tile`.
+///
+/// # Safety
+/// As `dot_tile`, with `Panel16` blocked panels of this type and `x` holding `T` f32 rows of
+/// `kd`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn bfloat_tile<
+    const T: usize,
+    const P: usize,
+    const NIB: bool,
+    const MIN: bool,
+    const SUBS: usize,
+    const KH: bool,
+    const HB: usize,
+    const OFF: i8,
+>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let head = if KH {
+        32
+    } else if MIN {
+        128
+    } else {
+        64
+    };
+    let block = head + if NIB { 256 + 64 * HB } else { 512 };
+    let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
+    let nib = _mm_set1_epi8(0x0f);
+    let off = _mm_set1_epi8(OFF);
+    let hmask = _mm_set1_epi8(((1u32 << HB) - 1) as i8);
+    let mut facc = [[_mm512_setzero_ps(); P]; T];
+    // SAFETY (whole body): every address is `w + p·pb + b·block + (< block)` for `p < P`,
+    // `b < kd/32`, or `w + p·pb + table + b/8·entry + (< entry)`, or `x + t·rb + 4k` for
+    // `t < T`, `k < kd`: inside what the caller gave.
+    unsafe {
+        for b in 0..kd / 32 {
+            let bp = w.add(b * block);
+            let tb = w.add(table + b / 8 * entry);
+            let xb = x.add(b * 128);
+            for p in 0..P {
+                let hp = bp.add(p * pb);
+                let tp = tb.add(p * pb);
+                _mm_prefetch::<_MM_HINT_T0>(hp.wrapping_add(PF) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(hp.wrapping_add(PF + 64) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(hp.wrapping_add(PF + 128) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(hp.wrapping_add(PF + 192) as *const i8);
+                let scale = |at: usize, tab: usize| {
+                    if KH {
+                        let i = _mm512_cvtepi8_epi32(_mm_loadu_si128(hp.add(at) as *const __m128i));
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_loadu_ps(tp.add(tab) as *const f32))
+                    } else {
+                        _mm512_loadu_ps(hp.add(at * 4) as *const f32)
+                    }
+                };
+                // the block's scales (q6_k: of each half) and minimum
+                let d = [scale(0, 0), if SUBS == 2 { scale(16, 0) } else { _mm512_setzero_ps() }];
+                let m = if MIN { scale(16, 64) } else { _mm512_setzero_ps() };
+                let qs = hp.add(head);
+                // one column's 16 integers (i8 lanes) as the f32 values they mean
+                let value = |q: __m128i, half: usize| {
+                    let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                    let d = d[if SUBS == 2 { half } else { 0 }];
+                    if MIN {
+                        _mm512_fmadd_ps(f, d, m)
+                    } else {
+                        _mm512_mul_ps(f, d)
+                    }
+                };
+                if NIB {
+                    // pair `j`: columns `2j` (low nibbles) and `2j + 1` (high nibbles)
+                    for j in 0..16 {
+                        let v = _mm_loadu_si128(qs.add(j * 16) as *const __m128i);
+                        let mut lo = _mm_and_si128(v, nib);
+                        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
+                        if HB > 0 {
+                            // the plane's bits of this pair (`pack::plane_at`) up to bits 4..
+                            let per = if HB == 1 { 4 } else { 2 };
+                            let pl = _mm_loadu_si128(qs.add(256 + j / per * 16) as *const __m128i);
+                            let s = (2 * HB * (j % per)) as i32;
+                            let bits = |sh: i32| {
+                                _mm_slli_epi16::<4>(_mm_and_si128(_mm_srl_epi16(pl, _mm_cvtsi32_si128(sh)), hmask))
+                            };
+                            lo = _mm_or_si128(lo, bits(s));
+                            hi = _mm_or_si128(hi, bits(s + HB as i32));
+                        }
+                        if OFF != 0 {
+                            lo = _mm_sub_epi8(lo, off);
+                            hi = _mm_sub_epi8(hi, off);
+                        }
+                        let (wl, wh) = (value(lo, j / 8), value(hi, j / 8));
+                        for (t, row) in facc.iter_mut().enumerate() {
+                            let xl = _mm512_set1_ps(rd_f32(xb.add(t * rb + 8 * j)));
+                            let xh = _mm512_set1_ps(rd_f32(xb.add(t * rb + 8 * j + 4)));
+                            row[p] = _mm512_fmadd_ps(wl, xl, row[p]);
+                            row[p] = _mm512_fmadd_ps(wh, xh, row[p]);
+                        }
+                    }
+                } else {
+                    for k in 0..32 {
+                        let q = _mm_loadu_si128(qs.add(k * 16) as *const __m128i);
+                        let wv = value(q, k / 16);
+                        for (t, row) in facc.iter_mut().enumerate() {
+                            let xv = _mm512_set1_ps(rd_f32(xb.add(t * rb + 4 * k)));
+                            row[p] = _mm512_fmadd_ps(wv, xv, row[p]);
+                        }
+                    }
+                }
+            }
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add((t * TILE_PANELS + p) * 16), *v);
+            }
+        }
+    }
+}
+
 /// Splits a call of any `tokens × panels` (each clamped to the tile bounds) into the tiles
 /// `$tile` is instantiated for.
 macro_rules! dispatch {
@@ -310,6 +437,14 @@ dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 1]);
 dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [true, false, 2, true, 2]);
 dispatch!(dot_q4_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true, 0]);
 dispatch!(dot_q5_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true, 1]);
+dispatch!(bfloat_q8_0, bfloat_tile, super::FLOAT_TOKENS, [false, false, 1, false, 0, 0]);
+dispatch!(bfloat_q4_0, bfloat_tile, super::FLOAT_TOKENS, [true, false, 1, false, 0, 8]);
+dispatch!(bfloat_q5_0, bfloat_tile, super::FLOAT_TOKENS, [true, false, 1, false, 1, 16]);
+dispatch!(bfloat_q4_1, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, false, 0, 0]);
+dispatch!(bfloat_q5_1, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, false, 1, 0]);
+dispatch!(bfloat_q6_k, bfloat_tile, super::FLOAT_TOKENS, [true, false, 2, true, 2, 32]);
+dispatch!(bfloat_q4_k, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, true, 0, 0]);
+dispatch!(bfloat_q5_k, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, true, 1, 0]);
 dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, [F32]);
 dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, [BF16]);
 dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, [F16]);
@@ -333,6 +468,14 @@ pub fn float(wt: DType) -> Option<MicroFn> {
         DType::F32 => float_f32,
         DType::BF16 => float_bf16,
         DType::F16 => float_f16,
+        DType::Q8_0 => bfloat_q8_0,
+        DType::Q4_0 => bfloat_q4_0,
+        DType::Q5_0 => bfloat_q5_0,
+        DType::Q4_1 => bfloat_q4_1,
+        DType::Q5_1 => bfloat_q5_1,
+        DType::Q6K => bfloat_q6_k,
+        DType::Q4K => bfloat_q4_k,
+        DType::Q5K => bfloat_q5_k,
         _ => return None,
     })
 }
