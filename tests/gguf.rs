@@ -188,20 +188,29 @@ fn unsupported_and_broken_gguf_files_are_one_error_line() {
 }
 
 /// Qwen2.5-Coder-0.5B-Instruct's Q4_K_M GGUF (Q5_0, Q8_0, Q6_K, Q4_K and F32 tensors; qwen2
-/// architecture and pre-tokenizer), fetched once per test process by ../shared/tools/get-qwen25.
+/// architecture and pre-tokenizer).
 fn qwen() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models");
-        let o = Command::new(common::shared().join("tools/get-qwen25"))
-            .arg(&dir)
-            .arg("0.5b")
-            .output()
-            .expect("run get-qwen25");
-        assert!(o.status.success(), "get-qwen25: {}", String::from_utf8_lossy(&o.stderr));
-        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
-    })
-    .clone()
+    qwen25("0.5b")
+}
+
+/// A Qwen2.5-Coder GGUF of `size` (`0.5b`, `1.5b`), fetched once per test process by
+/// ../shared/tools/get-qwen25.
+fn qwen25(size: &'static str) -> PathBuf {
+    static PATHS: OnceLock<std::sync::Mutex<std::collections::HashMap<&str, PathBuf>>> = OnceLock::new();
+    let mut paths = PATHS.get_or_init(Default::default).lock().unwrap();
+    paths
+        .entry(size)
+        .or_insert_with(|| {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models");
+            let o = Command::new(common::shared().join("tools/get-qwen25"))
+                .arg(&dir)
+                .arg(size)
+                .output()
+                .expect("run get-qwen25");
+            assert!(o.status.success(), "get-qwen25: {}", String::from_utf8_lossy(&o.stderr));
+            PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+        })
+        .clone()
 }
 
 fn qwen_expected() -> serde_json::Value {
@@ -283,20 +292,9 @@ fn qwen25_gguf_perplexity_is_llama_cpps() {
 }
 
 /// Qwen2.5-Coder-1.5B-Instruct's Q4_K_M GGUF (Q4_K, Q6_K and F32 tensors: the speed
-/// model), fetched once per test process by ../shared/tools/get-qwen25.
+/// model).
 fn qwen15() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models");
-        let o = Command::new(common::shared().join("tools/get-qwen25"))
-            .arg(&dir)
-            .arg("1.5b")
-            .output()
-            .expect("run get-qwen25");
-        assert!(o.status.success(), "get-qwen25: {}", String::from_utf8_lossy(&o.stderr));
-        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
-    })
-    .clone()
+    qwen25("1.5b")
 }
 
 /// With f32 activations llmc computes what transformers computes, up to f32 summation order:

@@ -8,19 +8,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use llmc_runtime::text::Text;
-
-fn vocab_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let o = Command::new(root.join("scripts/get-ggml-vocab"))
-        .arg(root.join("target/models"))
-        .output()
-        .expect("run scripts/get-ggml-vocab");
-    assert!(o.status.success(), "get-ggml-vocab: {}", String::from_utf8_lossy(&o.stderr));
-    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
-}
 
 /// The test texts of `NAME.gguf.inp` and the ids of `NAME.gguf.out`, in order.
 fn cases(gguf: &Path) -> Vec<(String, Vec<i32>)> {
@@ -41,7 +30,7 @@ const SUPPORTED: &[&str] = &["gpt-2", "llama-bpe", "qwen2", "starcoder", "deepse
 #[test]
 #[ignore = "fetches llama-cpp-python's 75 MB source distribution; scripts/test runs it"]
 fn gguf_tokenizers_give_transformers_ids() {
-    let dir = vocab_dir();
+    let dir = common::ggml_vocab();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

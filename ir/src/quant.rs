@@ -262,25 +262,23 @@ fn signed_absmax(x: &[f32]) -> f32 {
 /// ggml's `quantize_row_q4_0_ref` for one block: `d = max / −8` where `max` is the value of
 /// largest magnitude (first one on ties), `q = min(15, trunc(x/d + 8.5))`; returns `q − 8`.
 pub fn quantize_q4_0(x: &[f32]) -> Block {
-    let d = signed_absmax(x) / -8.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut q = [0i8; QK];
-    for (o, &v) in q.iter_mut().zip(x) {
-        let t = (v * id + 8.5) as i8; // C's (int8_t) cast truncates toward zero
-        *o = t.min(15) - 8;
-    }
-    Block { d: f16::from_f32(d).to_f32(), q }
+    quantize_signed(x, 8)
 }
 
-/// ggml's `quantize_row_q5_0_ref` for one block: `d = max / −16` where `max` is the value of
-/// largest magnitude, `q = min(31, trunc(x/d + 16.5))`; returns `q − 16`.
+/// ggml's `quantize_row_q5_0_ref` for one block: as q4_0 with `d = max / −16`,
+/// `q = min(31, trunc(x/d + 16.5))`; returns `q − 16`.
 pub fn quantize_q5_0(x: &[f32]) -> Block {
-    let d = signed_absmax(x) / -16.0;
+    quantize_signed(x, 16)
+}
+
+/// ggml's rule for its blocks without a minimum of `2·half` levels (q4_0: 8, q5_0: 16).
+fn quantize_signed(x: &[f32], half: i8) -> Block {
+    let d = signed_absmax(x) / -(half as f32);
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; QK];
     for (o, &v) in q.iter_mut().zip(x) {
-        let t = (v * id + 16.5) as i8; // C's (int8_t) cast truncates toward zero
-        *o = t.min(31) - 16;
+        let t = (v * id + (half as f32 + 0.5)) as i8; // C's (int8_t) cast truncates toward zero
+        *o = t.min(2 * half - 1) - half;
     }
     Block { d: f16::from_f32(d).to_f32(), q }
 }

@@ -96,14 +96,20 @@ pub fn check_parity(name: &str, backend: &str) -> f64 {
 /// scripts/get-smollm2-gguf into target/models.
 pub fn smollm2_gguf() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let o = Command::new(root.join("scripts/get-smollm2-gguf"))
-            .arg(root.join("target/models"))
-            .output()
-            .expect("run scripts/get-smollm2-gguf");
-        assert!(o.status.success(), "get-smollm2-gguf: {}", String::from_utf8_lossy(&o.stderr));
-        PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
-    })
-    .clone()
+    PATH.get_or_init(|| fetch("scripts/get-smollm2-gguf")).clone()
+}
+
+/// llama.cpp's tokenizer test vocabularies (`ggml-vocab-*.gguf` with `.inp`/`.out`), fetched
+/// once per test process by scripts/get-ggml-vocab into target/models/ggml-vocab.
+pub fn ggml_vocab() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| fetch("scripts/get-ggml-vocab")).clone()
+}
+
+/// Runs one of the project's fetch scripts with target/models and returns the path it prints.
+fn fetch(script: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(root.join(script)).arg(root.join("target/models")).output().expect(script);
+    assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
 }

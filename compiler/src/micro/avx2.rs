@@ -65,14 +65,7 @@ unsafe fn dot_tile<
     kd: usize,
     out: *mut f32,
 ) {
-    let head = if KH {
-        32
-    } else if MIN {
-        128
-    } else {
-        64
-    };
-    let block = head + if KIND == NIBBLE { 256 + 64 * HB } else { 512 };
+    let (head, block, entry) = super::block_layout(KIND == NIBBLE, MIN, KH, HB);
     // the plane's bits of one group moved up to bits 4.. of each byte
     let planes = _mm256_set1_epi8(if HB == 1 { 0x10 } else { 0x30 });
     let up = |v: __m256i, s: usize| {
@@ -83,7 +76,7 @@ unsafe fn dot_tile<
         };
         _mm256_and_si256(v, planes)
     };
-    let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
+    let table = kd / 32 * block;
     let groups = if KIND == NIBBLE { 4 } else { 8 };
     let nib = _mm256_set1_epi8(0x0f);
     let flip = _mm256_set1_epi8(-128);

@@ -67,14 +67,7 @@ unsafe fn dot_tile<
     kd: usize,
     out: *mut f32,
 ) {
-    let head = if KH {
-        32
-    } else if MIN {
-        128
-    } else {
-        64
-    };
-    let block = head + if NIB { 256 + 64 * HB } else { 512 };
+    let (head, block, entry) = super::block_layout(NIB, MIN, KH, HB);
     // the plane's bits of one group moved up to bits 4.. of each byte
     let planes = _mm512_set1_epi8(if HB == 1 { 0x10 } else { 0x30 });
     let up = |v: __m512i, s: usize| {
@@ -86,7 +79,7 @@ unsafe fn dot_tile<
         _mm512_and_si512(v, planes)
     };
     // K types: the table of super-block scales after the blocks, one entry per 8 blocks
-    let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
+    let table = kd / 32 * block;
     let groups = if NIB { 4 } else { 8 };
     let nib = _mm512_set1_epi8(0x0f);
     let mut facc = [[_mm512_setzero_ps(); P]; T];
@@ -269,15 +262,8 @@ unsafe fn bfloat_tile<
     kd: usize,
     out: *mut f32,
 ) {
-    let head = if KH {
-        32
-    } else if MIN {
-        128
-    } else {
-        64
-    };
-    let block = head + if NIB { 256 + 64 * HB } else { 512 };
-    let (table, entry) = (kd / 32 * block, if MIN { 128 } else { 64 });
+    let (head, block, entry) = super::block_layout(NIB, MIN, KH, HB);
+    let table = kd / 32 * block;
     let nib = _mm_set1_epi8(0x0f);
     let off = _mm_set1_epi8(OFF);
     let hmask = _mm_set1_epi8(((1u32 << HB) - 1) as i8);

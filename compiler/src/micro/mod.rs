@@ -72,6 +72,20 @@ impl Wide {
     }
 }
 
+/// Bytes of a blocked type's block head, of its whole block, and of its entry in a K type's
+/// super-block table, from the micro-kernels' type parameters (nibbles, a minimum, K heads,
+/// high bits): what `pack::block_head`, `pack::block_bytes` and `pack::super_bytes` say.
+pub(crate) const fn block_layout(nib: bool, min: bool, kh: bool, hb: usize) -> (usize, usize, usize) {
+    let head = if kh {
+        32
+    } else if min {
+        128
+    } else {
+        64
+    };
+    (head, head + if nib { 256 + 64 * hb } else { 512 }, if min { 128 } else { 64 })
+}
+
 /// The micro-kernel over int8 activations and `Dot16` weights of storage type `wt`.
 pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
     if !wide.available() {
@@ -172,5 +186,20 @@ mod tests {
     fn attn_call_layout_is_what_kernels_write() {
         assert_eq!(std::mem::size_of::<super::AttnCall>(), super::ATTN_BYTES);
         assert_eq!(std::mem::offset_of!(super::AttnCall, scale), super::ATTN_WORDS * 8);
+    }
+
+    /// The micro-kernels' byte counts are the packer's, for every blocked type.
+    #[test]
+    fn block_layout_is_the_packers() {
+        use crate::pack;
+        use llmc_ir::{quant, DType};
+        for wt in [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K] {
+            let (head, block, entry) =
+                super::block_layout(pack::is_nibble(wt), quant::has_min(wt), quant::is_k(wt), pack::high_bits(wt));
+            assert_eq!((head, block), (pack::block_head(wt), pack::block_bytes(wt)), "{wt:?}");
+            if quant::is_k(wt) {
+                assert_eq!(entry, pack::super_bytes(wt), "{wt:?}");
+            }
+        }
     }
 }
