@@ -249,6 +249,120 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
     }
 }
 
+/// One float tile over blocked weights (`Panel16`): as `avx512::bfloat_tile`, each 16-row
+/// column as two halves of 8 rows.
+///
+/// # Safety
+/// As `avx512::bfloat_tile`, on a host with AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bfloat_tile<
+    const T: usize,
+    const P: usize,
+    const NIB: bool,
+    const MIN: bool,
+    const SUBS: usize,
+    const KH: bool,
+    const HB: usize,
+    const OFF: i8,
+>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let (head, block, entry) = super::block_layout(NIB, MIN, KH, HB);
+    let table = kd / 32 * block;
+    let nib = _mm_set1_epi8(0x0f);
+    let off = _mm_set1_epi8(OFF);
+    let hmask = _mm_set1_epi8(((1u32 << HB) - 1) as i8);
+    let mut facc = [[[_mm256_setzero_ps(); 2]; P]; T];
+    // SAFETY (whole body): addresses as in `avx512::bfloat_tile`.
+    unsafe {
+        for b in 0..kd / 32 {
+            let bp = w.add(b * block);
+            let tb = w.add(table + b / 8 * entry);
+            let xb = x.add(b * 128);
+            for p in 0..P {
+                let hp = bp.add(p * pb);
+                let tp = tb.add(p * pb);
+                for l in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(hp.wrapping_add(PF + 64 * l) as *const i8);
+                }
+                // 8 rows' scales: the head's f32s, or (K types) its i8s times the table's f32s
+                let scale = |at: usize, tab: usize, h: usize| {
+                    if KH {
+                        let i = _mm256_cvtepi8_epi32(_mm_loadl_epi64(hp.add(at + 8 * h) as *const __m128i));
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_loadu_ps(tp.add(tab + 32 * h) as *const f32))
+                    } else {
+                        _mm256_loadu_ps(hp.add(at * 4 + 32 * h) as *const f32)
+                    }
+                };
+                let d = [0, 1].map(|h| [scale(0, 0, h), if SUBS == 2 { scale(16, 0, h) } else { _mm256_setzero_ps() }]);
+                let m = [0, 1].map(|h| if MIN { scale(16, 64, h) } else { _mm256_setzero_ps() });
+                let qs = hp.add(head);
+                // one column's 16 integers (i8 lanes) as the f32 values they mean, in halves
+                let value = |q: __m128i, half: usize| {
+                    [0, 1].map(|h| {
+                        let q = if h == 0 { q } else { _mm_srli_si128::<8>(q) };
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                        let d = d[h][if SUBS == 2 { half } else { 0 }];
+                        if MIN {
+                            _mm256_fmadd_ps(f, d, m[h])
+                        } else {
+                            _mm256_mul_ps(f, d)
+                        }
+                    })
+                };
+                let mut fma = |wv: [__m256; 2], xo: usize| {
+                    for (t, row) in facc.iter_mut().enumerate() {
+                        let xv = _mm256_set1_ps(rd_f32(xb.add(t * rb + xo)));
+                        row[p][0] = _mm256_fmadd_ps(wv[0], xv, row[p][0]);
+                        row[p][1] = _mm256_fmadd_ps(wv[1], xv, row[p][1]);
+                    }
+                };
+                if NIB {
+                    // pair `j`: columns `2j` (low nibbles) and `2j + 1` (high nibbles)
+                    for j in 0..16 {
+                        let v = _mm_loadu_si128(qs.add(j * 16) as *const __m128i);
+                        let mut lo = _mm_and_si128(v, nib);
+                        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
+                        if HB > 0 {
+                            let per = if HB == 1 { 4 } else { 2 };
+                            let pl = _mm_loadu_si128(qs.add(256 + j / per * 16) as *const __m128i);
+                            let s = (2 * HB * (j % per)) as i32;
+                            let bits = |sh: i32| {
+                                _mm_slli_epi16::<4>(_mm_and_si128(_mm_srl_epi16(pl, _mm_cvtsi32_si128(sh)), hmask))
+                            };
+                            lo = _mm_or_si128(lo, bits(s));
+                            hi = _mm_or_si128(hi, bits(s + HB as i32));
+                        }
+                        if OFF != 0 {
+                            lo = _mm_sub_epi8(lo, off);
+                            hi = _mm_sub_epi8(hi, off);
+                        }
+                        fma(value(lo, j / 8), 8 * j);
+                        fma(value(hi, j / 8), 8 * j + 4);
+                    }
+                } else {
+                    for k in 0..32 {
+                        let q = _mm_loadu_si128(qs.add(k * 16) as *const __m128i);
+                        fma(value(q, k / 16), 4 * k);
+                    }
+                }
+            }
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                for (h, x) in v.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((t * TILE_PANELS + p) * 16 + 8 * h), *x);
+                }
+            }
+        }
+    }
+}
+
 /// Splits a call into tiles of at most `$tmax` tokens × 1 panel (several rows) or 1 token ×
 /// `$dp` panels (one row).
 macro_rules! dispatch {
@@ -305,6 +419,14 @@ dispatch!(dot_q5_1, dot_tile, 2, [NIBBLE, true, 1, false, 1]);
 dispatch!(dot_q6_k, dot_tile, 2, [NIBBLE, false, 2, true, 2]);
 dispatch!(dot_q4_k, dot_tile, 2, [NIBBLE, true, 1, true, 0]);
 dispatch!(dot_q5_k, dot_tile, 2, [NIBBLE, true, 1, true, 1]);
+dispatch!(bfloat_q8_0, bfloat_tile, 4, [false, false, 1, false, 0, 0]);
+dispatch!(bfloat_q4_0, bfloat_tile, 4, [true, false, 1, false, 0, 8]);
+dispatch!(bfloat_q5_0, bfloat_tile, 4, [true, false, 1, false, 1, 16]);
+dispatch!(bfloat_q4_1, bfloat_tile, 4, [true, true, 1, false, 0, 0]);
+dispatch!(bfloat_q5_1, bfloat_tile, 4, [true, true, 1, false, 1, 0]);
+dispatch!(bfloat_q6_k, bfloat_tile, 4, [true, false, 2, true, 2, 32]);
+dispatch!(bfloat_q4_k, bfloat_tile, 4, [true, true, 1, true, 0, 0]);
+dispatch!(bfloat_q5_k, bfloat_tile, 4, [true, true, 1, true, 1, 0]);
 dispatch!(float_f32, float_tile, 4, [F32]);
 dispatch!(float_bf16, float_tile, 4, [BF16]);
 dispatch!(float_f16, float_tile, 4, [F16]);
@@ -328,6 +450,14 @@ pub fn float(wt: DType) -> Option<MicroFn> {
         DType::F32 => float_f32,
         DType::BF16 => float_bf16,
         DType::F16 => float_f16,
+        DType::Q8_0 => bfloat_q8_0,
+        DType::Q4_0 => bfloat_q4_0,
+        DType::Q5_0 => bfloat_q5_0,
+        DType::Q4_1 => bfloat_q4_1,
+        DType::Q5_1 => bfloat_q5_1,
+        DType::Q6K => bfloat_q6_k,
+        DType::Q4K => bfloat_q4_k,
+        DType::Q5K => bfloat_q5_k,
         _ => return None,
     })
 }

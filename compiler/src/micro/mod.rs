@@ -105,8 +105,8 @@ pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
     }
 }
 
-/// The micro-kernel over f32 activations and `Panel16` weights of type `wt` (float types; at
-/// `Wide::Avx512` also the blocked types, widened to f32 in registers).
+/// The micro-kernel over f32 activations and `Panel16` weights of type `wt` (float types, and
+/// the blocked types widened to f32 in registers).
 pub fn float(wt: DType, wide: Wide) -> Option<MicroFn> {
     if !wide.available() {
         return None;
