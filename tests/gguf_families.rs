@@ -389,7 +389,11 @@ fn run_gguf(name: &str, bytes: &[u8], extra: &[&str]) -> (Vec<f64>, Vec<i64>) {
 }
 
 fn check_f32(name: &str) {
-    let bytes = if matches!(name, "gpt2" | "falcon" | "falcon40b") { gpt2_falcon_gguf(name) } else { llama_like_gguf(name, false) };
+    let bytes = if matches!(name, "gpt2" | "falcon" | "falcon40b") {
+        gpt2_falcon_gguf(name)
+    } else {
+        llama_like_gguf(name, false)
+    };
     let (logits, ids) = run_gguf(name, &bytes, &[]);
     let (err, max_abs) = max_err(&logits, &floats(&expected(name)["logits_last"]));
     assert!(err <= 1e-4 * max_abs.max(1.0), "{name}: max |logits - expected| = {err}");

@@ -17,8 +17,7 @@ fn cases(gguf: &Path) -> Vec<(String, Vec<i32>)> {
     let out = std::fs::read_to_string(gguf.with_extension("gguf.out")).unwrap();
     let sep = "\n__ggml_vocab_test__\n";
     let texts: Vec<&str> = inp.strip_suffix(sep).unwrap_or(&inp).split(sep).collect();
-    let ids: Vec<Vec<i32>> =
-        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+    let ids: Vec<Vec<i32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     assert_eq!(texts.len(), ids.len(), "{}", gguf.display());
     texts.into_iter().map(str::to_string).zip(ids).collect()
 }
@@ -67,7 +66,11 @@ fn gguf_tokenizers_give_transformers_ids() {
             .collect();
         report.push(format!("{name}: {}/{} texts equal", cases.len() - bad.len(), cases.len()));
         if !bad.is_empty() {
-            report.extend(bad.iter().take(if std::env::var_os("LLMC_VOCAB_ALL").is_some() { 99 } else { 1 }).map(|b| format!("  difference: {b}")));
+            report.extend(
+                bad.iter()
+                    .take(if std::env::var_os("LLMC_VOCAB_ALL").is_some() { 99 } else { 1 })
+                    .map(|b| format!("  difference: {b}")),
+            );
         }
         if bad.is_empty() {
             checked.push(name);

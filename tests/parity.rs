@@ -119,7 +119,9 @@ fn default_backend_is_jit() {
 /// The unfused program (`--no-opt`) on the JIT matches too: every unfused kernel stays tested.
 #[test]
 fn all_families_without_passes() {
-    for name in ["gpt2", "llama", "mistral", "qwen2", "falcon", "falcon40b", "mixtral", "bitnet", "bamba", "granitemoehybrid"] {
+    for name in
+        ["gpt2", "llama", "mistral", "qwen2", "falcon", "falcon40b", "mixtral", "bitnet", "bamba", "granitemoehybrid"]
+    {
         let dir = tempfile::tempdir().unwrap();
         let art = dir.path().join("m.llmc");
         let fx = common::fixture(name);

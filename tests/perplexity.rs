@@ -89,7 +89,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// MoE, BitNet's packed weights); the JIT's rows agree with the interpreter's.
 #[test]
 fn all_rows_last_row_is_the_normal_logits() {
-    for name in ["llama", "gpt2", "mistral", "qwen2", "falcon", "falcon40b", "mixtral", "bamba", "granitemoehybrid", "bitnet"] {
+    for name in
+        ["llama", "gpt2", "mistral", "qwen2", "falcon", "falcon40b", "mixtral", "bamba", "granitemoehybrid", "bitnet"]
+    {
         let (_d, art) = compiled(name);
         let engine = Engine::open(&art, 2).unwrap();
         let tokens = ids(24, engine.art.header.vocab_size);

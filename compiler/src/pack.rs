@@ -316,7 +316,8 @@ pub fn pack_block_rows(
                         block[PANEL * 4 + lane * 4..][..4].copy_from_slice(&blk.m.to_le_bytes());
                     }
                 }
-                let (qs, plane) = block[head..].split_at_mut(if is_nibble(dtype) { QK / 2 * PANEL } else { QK * PANEL });
+                let (qs, plane) =
+                    block[head..].split_at_mut(if is_nibble(dtype) { QK / 2 * PANEL } else { QK * PANEL });
                 for (k, &q) in blk.q.iter().enumerate() {
                     let u = (q as i32 + off) as u8;
                     let lo = u & 0x0F;
@@ -389,21 +390,21 @@ pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]
                 };
                 *q = hi as i8
                     + if dot {
-                    let (at, high) = dot_at(dtype, lane, k);
-                    let u = if !is_nibble(dtype) {
-                        qs[at]
-                    } else if high {
-                        qs[at] >> 4
+                        let (at, high) = dot_at(dtype, lane, k);
+                        let u = if !is_nibble(dtype) {
+                            qs[at]
+                        } else if high {
+                            qs[at] >> 4
+                        } else {
+                            qs[at] & 0x0F
+                        };
+                        (u as i32 - off) as i8
+                    } else if is_nibble(dtype) {
+                        let byte = qs[(k / 2) * PANEL + lane];
+                        ((if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32 - off) as i8
                     } else {
-                        qs[at] & 0x0F
+                        qs[k * PANEL + lane] as i8
                     };
-                    (u as i32 - off) as i8
-                } else if is_nibble(dtype) {
-                    let byte = qs[(k / 2) * PANEL + lane];
-                    ((if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32 - off) as i8
-                } else {
-                    qs[k * PANEL + lane] as i8
-                };
             }
             out.push(blk);
         }

@@ -378,7 +378,13 @@ mod tests {
         let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 61) as f32 - 30.0) * 0.07).collect();
         for (dtype, steps) in
             // q5_0 (as q4_0): the end opposite the largest magnitude is clamped, a whole step off
-            [(DType::Q5_0, 16.0), (DType::Q5_1, 31.0), (DType::Q6K, 32.0), (DType::Q4K, 15.0), (DType::Q5K, 31.0)]
+            [
+                (DType::Q5_0, 16.0),
+                (DType::Q5_1, 31.0),
+                (DType::Q6K, 32.0),
+                (DType::Q4K, 15.0),
+                (DType::Q5K, 31.0),
+            ]
         {
             let blocks = quantize_blocks(dtype, &x);
             for (b, xs) in blocks.iter().zip(x.chunks(QK)) {

@@ -220,7 +220,8 @@ pub fn tile_accs(
                     Vec::new()
                 };
                 for sub in 0..subs {
-                    let scales: Vec<Value> = (0..nv).map(|j| block_scales(k, wt, bp, tab, v0 + j, sub, false)).collect();
+                    let scales: Vec<Value> =
+                        (0..nv).map(|j| block_scales(k, wt, bp, tab, v0 + j, sub, false)).collect();
                     let bacc: Vec<Vec<Variable>> = if factor {
                         (0..tokens).map(|_| (0..nv).map(|_| k.var(V4, zero)).collect()).collect()
                     } else {

@@ -118,8 +118,11 @@ unsafe fn dot_tile<
                     }
                 }
                 // q6_k's halves with nibbles: the low, then the high nibbles of all 4 groups
-                let (g0, g1) =
-                    if KIND == NIBBLE && SUBS == 2 { (0, groups) } else { (sub * groups / SUBS, (sub + 1) * groups / SUBS) };
+                let (g0, g1) = if KIND == NIBBLE && SUBS == 2 {
+                    (0, groups)
+                } else {
+                    (sub * groups / SUBS, (sub + 1) * groups / SUBS)
+                };
                 for g in g0..g1 {
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
@@ -130,7 +133,8 @@ unsafe fn dot_tile<
                                 let mut lo = _mm256_and_si256(wv, nib);
                                 let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
                                 if HB > 0 {
-                                    let at = bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 } + 32 * h);
+                                    let at =
+                                        bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 } + 32 * h);
                                     let pl = _mm256_loadu_si256(at as *const __m256i);
                                     let (sl, sh) =
                                         if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };

@@ -110,7 +110,8 @@ unsafe fn dot_tile<
                 }
                 // q6_k's halves are columns 0..16 and 16..32: with nibbles, the low and the
                 // high nibbles of all 4 groups
-                let (g0, g1) = if NIB && SUBS == 2 { (0, groups) } else { (sub * groups / SUBS, (sub + 1) * groups / SUBS) };
+                let (g0, g1) =
+                    if NIB && SUBS == 2 { (0, groups) } else { (sub * groups / SUBS, (sub + 1) * groups / SUBS) };
                 for g in g0..g1 {
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
@@ -122,7 +123,8 @@ unsafe fn dot_tile<
                             if HB > 0 {
                                 let at = bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 });
                                 let pl = _mm512_loadu_si512(at as *const __m512i);
-                                let (sl, sh) = if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
+                                let (sl, sh) =
+                                    if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
                                 lo = _mm512_or_si512(lo, up(pl, sl));
                                 hi = _mm512_or_si512(hi, up(pl, sh));
                             }

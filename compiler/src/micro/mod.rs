@@ -193,7 +193,8 @@ mod tests {
     fn block_layout_is_the_packers() {
         use crate::pack;
         use llmc_ir::{quant, DType};
-        for wt in [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K] {
+        for wt in [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K]
+        {
             let (head, block, entry) =
                 super::block_layout(pack::is_nibble(wt), quant::has_min(wt), quant::is_k(wt), pack::high_bits(wt));
             assert_eq!((head, block), (pack::block_head(wt), pack::block_bytes(wt)), "{wt:?}");
