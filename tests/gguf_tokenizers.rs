@@ -24,7 +24,19 @@ fn cases(gguf: &Path) -> Vec<(String, Vec<i32>)> {
 
 /// The vocabularies llmc must tokenize exactly (by file name), the pre-tokenizers among
 /// them; SmolLM2's `smollm` is gpt-2's pre-tokenizer under another name.
-const SUPPORTED: &[&str] = &["gpt-2", "llama-bpe", "qwen2", "starcoder", "deepseek-llm", "deepseek-coder", "llama-spm"];
+const SUPPORTED: &[&str] = &[
+    "gpt-2",
+    "llama-bpe",
+    "qwen2",
+    "starcoder",
+    "refact",
+    "deepseek-llm",
+    "deepseek-coder",
+    "falcon",
+    "mpt",
+    "llama-spm",
+    "phi-3",
+];
 
 #[test]
 #[ignore = "fetches llama-cpp-python's 75 MB source distribution; scripts/test runs it"]
@@ -65,13 +77,7 @@ fn gguf_tokenizers_give_transformers_ids() {
             })
             .collect();
         report.push(format!("{name}: {}/{} texts equal", cases.len() - bad.len(), cases.len()));
-        if !bad.is_empty() {
-            report.extend(
-                bad.iter()
-                    .take(if std::env::var_os("LLMC_VOCAB_ALL").is_some() { 99 } else { 1 })
-                    .map(|b| format!("  difference: {b}")),
-            );
-        }
+        report.extend(bad.iter().take(3).map(|b| format!("  difference: {b}")));
         if bad.is_empty() {
             checked.push(name);
         }
