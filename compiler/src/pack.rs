@@ -388,23 +388,31 @@ pub fn unpack_blocks(layout: Layout, dtype: DType, shape: &[usize], bytes: &[u8]
                 } else {
                     0
                 };
-                *q = hi as i8
-                    + if dot {
+                *q = if !dot && !is_nibble(dtype) {
+                    // q8_0 in `Panel16`: the i8 itself
+                    qs[k * PANEL + lane] as i8
+                } else {
+                    // the stored unsigned integer: its low bits (a byte or a nibble), then the
+                    // plane's bits above them, less what it carries
+                    let low = if dot {
                         let (at, high) = dot_at(dtype, lane, k);
-                        let u = if !is_nibble(dtype) {
+                        if !is_nibble(dtype) {
                             qs[at]
                         } else if high {
                             qs[at] >> 4
                         } else {
                             qs[at] & 0x0F
-                        };
-                        (u as i32 - off) as i8
-                    } else if is_nibble(dtype) {
-                        let byte = qs[(k / 2) * PANEL + lane];
-                        ((if k % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as i32 - off) as i8
+                        }
                     } else {
-                        qs[k * PANEL + lane] as i8
+                        let byte = qs[(k / 2) * PANEL + lane];
+                        if k % 2 == 0 {
+                            byte & 0x0F
+                        } else {
+                            byte >> 4
+                        }
                     };
+                    ((low as i32 | hi) - off) as i8
+                };
             }
             out.push(blk);
         }
