@@ -88,6 +88,11 @@ fn teacher_forced(art: &Path, prompt: &[i64], greedy: &[i64]) -> Vec<(usize, i32
 /// token is within `NEAR_TIE` of the top logit (a wrong kernel misses by whole units).
 const NEAR_TIE: f32 = 0.25;
 
+/// Teacher-forced steps of 32 at which the int8 kernels' argmax must equal transformers' token:
+/// llama.cpp's agreement on the same files (31 of 32 on SmolLM2's and Qwen 0.5B's, see the
+/// issue's correctness criteria).
+const AGREE: usize = 31;
+
 fn assert_follows(name: &str, misses: &[(usize, i32, f32)], steps: usize, min_agree: usize) {
     for (i, got, gap) in misses {
         eprintln!("{name}: step {i}: argmax {got}, {gap:.4} above transformers' token");
@@ -98,7 +103,9 @@ fn assert_follows(name: &str, misses: &[(usize, i32, f32)], steps: usize, min_ag
 }
 
 /// With the default (int8 activation) kernels, fed transformers' greedy tokens one at a time,
-/// the argmax agrees at 28 of 32 steps or more, every miss a near tie.
+/// the argmax agrees at 31 of 32 steps or more (llama.cpp's agreement on this file), every
+/// miss a near tie. The logits projection reads its input as int8 plus residual
+/// (`quant_q8x2`); with one int8 rounding there this was 29.
 #[test]
 #[ignore = "fetches a 98 MB GGUF; scripts/test runs it in release mode"]
 fn smollm2_gguf_default_kernels_follow_transformers() {
@@ -106,9 +113,14 @@ fn smollm2_gguf_default_kernels_follow_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let art = dir.path().join("smollm2-gguf.llmc");
     compile(&gguf(), &art, &[]);
+    let o = llmc(&["ir", art.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ir = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(ir.matches("quant_q8x2(").count(), 1, "one quant_q8x2, before the logits projection:\n{ir}");
+    assert_eq!(ir.matches("quant_q8(").count(), 30 * 4, "each layer's QKV, output, gate/up and down inputs");
     let greedy = ints(&case["greedy_ids"]);
     let misses = teacher_forced(&art, &ints(&case["prompt_ids"]), &greedy);
-    assert_follows("smollm2", &misses, greedy.len(), 28);
+    assert_follows("smollm2", &misses, greedy.len(), AGREE);
 }
 
 /// `llmc run model.gguf` compiles on first use into the cache, says so, and reuses it.
@@ -247,7 +259,7 @@ fn qwen25_gguf_equals_transformers() {
         } else {
             let greedy = ints(&case["greedy_ids"]);
             let misses = teacher_forced(&art, &ints(&case["prompt_ids"]), &greedy);
-            assert_follows("qwen 0.5b", &misses, greedy.len(), 29);
+            assert_follows("qwen 0.5b", &misses, greedy.len(), AGREE);
         }
         let _ = std::fs::remove_file(&art);
     }
@@ -305,7 +317,7 @@ const EXACT_TIE: f32 = 0.01;
 /// by scripts/make-qwen15-reference from the same file): for each prompt, the GGUF tokenizer's
 /// ids; with `--activations f32` the greedy ids (but where transformers' own top two tie, see
 /// `EXACT_TIE`); with the default int8 kernels, fed
-/// transformers' tokens, the argmax at 29 of 32 steps or more, every miss a near tie.
+/// transformers' tokens, the argmax at `AGREE` of 32 steps or more, every miss a near tie.
 #[test]
 #[ignore = "fetches a 1.1 GB GGUF and runs a 1.5B model; scripts/test runs it in release mode"]
 fn qwen25_1_5b_gguf_equals_transformers() {
@@ -342,7 +354,7 @@ fn qwen25_1_5b_gguf_equals_transformers() {
                 }
             } else {
                 let misses = teacher_forced(&art, &ints(&case["prompt_ids"]), &greedy);
-                assert_follows(&format!("qwen 1.5b {text:?}"), &misses, greedy.len(), 29);
+                assert_follows(&format!("qwen 1.5b {text:?}"), &misses, greedy.len(), AGREE);
             }
         }
         let _ = std::fs::remove_file(&art);

@@ -86,8 +86,9 @@ impl Lowerer<'_> {
             _ => Rows::One,
         };
         let width = node.ty.shape.last_const().unwrap_or(0);
-        // `quant_q8` lowers into the prologue of the projections it feeds (as their input).
-        let quantized = |i: usize| matches!(self.g.node(ops[i]).op, Op::QuantQ8);
+        // `quant_q8` (`quant_q8x2`) lowers into the prologue of the projections it feeds (as
+        // their input).
+        let quantized = |i: usize| matches!(self.g.node(ops[i]).op, Op::QuantQ8 | Op::QuantQ8x2);
         let xq_ok = matches!(node.op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. });
         if let Some(i) = (0..ops.len()).find(|&i| quantized(i) && (i != 0 || !xq_ok)) {
             return Err(err(format!(
@@ -95,21 +96,26 @@ impl Lowerer<'_> {
                 node.op.name()
             )));
         }
-        let xq = xq_ok && quantized(0);
-        if xq && !llmc_ir::quant::is_blocked(self.g.node(ops[1]).ty.dtype) {
+        let xq = match self.g.node(ops.first().copied().unwrap_or(id)).op {
+            _ if !xq_ok => 0,
+            Op::QuantQ8 => 1,
+            Op::QuantQ8x2 => 2,
+            _ => 0,
+        };
+        if xq > 0 && !llmc_ir::quant::is_blocked(self.g.node(ops[1]).ty.dtype) {
             return Err(err(format!(
                 "quant_q8 feeds a {} whose weight is {:?}: int8 projections need a blocked type (q8_0, q4_0, q4_1, q5_1, q6_k)",
                 node.op.name(),
                 self.g.node(ops[1]).ty.dtype
             )));
         }
-        let wlayout = if xq { Layout::Dot16 } else { Layout::Panel16 };
+        let wlayout = if xq > 0 { Layout::Dot16 } else { Layout::Panel16 };
         let in_width = |i: usize| self.g.node(ops[i]).ty.shape.last_const().unwrap_or(0);
         let result = match &node.op {
             Op::Input(InputKind::Tokens) => Arg::Tokens,
             Op::Input(InputKind::Positions) => Arg::Positions,
             Op::Weight { name } => Arg::Weight(name.clone()),
-            Op::QuantQ8 => a[0].clone(),
+            Op::QuantQ8 | Op::QuantQ8x2 => a[0].clone(),
             op => {
                 let out = self.buffer(width, rows);
                 let mut args = a.clone();
@@ -207,7 +213,7 @@ impl Lowerer<'_> {
                             act: Act::None,
                             residual: false,
                             w: wt(1),
-                            xq: false,
+                            xq: 0,
                         };
                         let args = vec![a[0].clone(), a[1].clone(), Arg::Buf(logits)];
                         self.call(router, args, Units::Panels(e.div_ceil(PANEL)), rows, PANEL * d);
@@ -342,7 +348,7 @@ impl Lowerer<'_> {
                         self.call(KernelSpec::Concat { widths }, args, Units::Rows, rows, width)
                     }
                     Op::TakeLast => self.call(KernelSpec::TakeLast { d: width }, args, Units::Single, Rows::N, width),
-                    Op::Input(_) | Op::Weight { .. } | Op::QuantQ8 => unreachable!("handled above"),
+                    Op::Input(_) | Op::Weight { .. } | Op::QuantQ8 | Op::QuantQ8x2 => unreachable!("handled above"),
                 }
                 Arg::Buf(out)
             }
@@ -485,7 +491,7 @@ mod tests {
     #[test]
     fn quant_q8_lowers_into_int8_projections_only() {
         let p = lower(&graph(DType::Q8_0, false)).unwrap();
-        assert!(p.kernels.iter().any(|k| matches!(k, KernelSpec::MatMul { xq: true, .. })));
+        assert!(p.kernels.iter().any(|k| matches!(k, KernelSpec::MatMul { xq: 1, .. })));
         assert_eq!(p.layout_of("w"), Layout::Dot16);
         let e = lower(&graph(DType::F32, false)).unwrap_err().to_string();
         assert!(e.contains("int8 projections need a blocked type (q8_0, q4_0, q4_1, q5_1, q6_k)"), "{e}");

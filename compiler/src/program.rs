@@ -61,8 +61,10 @@ pub enum KernelSpec {
     /// Epilogue: bias, `act` (`swiglu`: panels hold 8 gate then 8 up rows, `m/2` outputs), then
     /// `+ residual`.
     /// `w`: the weight's storage type (`pack::panel_bytes` gives its panel layout). `xq`: the
-    /// input is `quant_q8`'s (int8 dot products; `w` is q8_0/q4_0 in `Dot16`).
-    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType, xq: bool },
+    /// input's int8 terms: 0 (f32 activations), 1 (`quant_q8`: int8 dot products; `w` is blocked, in
+    /// `Dot16`) or 2 (`quant_q8x2`: each row quantized twice, value then residual, and the two
+    /// sums added).
+    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType, xq: u8 },
     /// `[x, w (Panel16), bias (Padded16)?, positions, table, kcache, vcache, q_out]`, units:
     /// panels. The fused QKV projection: RoPE on the pair-interleaved q and k rows (table:
     /// per position `rotary_dim` cosines, each twice, then `rotary_dim` signed sines
@@ -77,7 +79,7 @@ pub enum KernelSpec {
         bias: bool,
         w: DType,
         /// int8 activations, as for `MatMul`
-        xq: bool,
+        xq: u8,
     },
     /// `[x, w, out]`, units: rows.
     RmsNorm { d: usize, eps: f32 },
@@ -127,10 +129,19 @@ pub enum KernelSpec {
     BitMatMul { k: usize, m: usize },
 }
 
+/// A kernel name's part for its int8 activation terms.
+fn xq_suffix(xq: u8) -> &'static str {
+    match xq {
+        0 => "",
+        1 => "_xq8",
+        _ => "_xq8x2",
+    }
+}
+
 impl KernelSpec {
     /// A plain matmul (no prologue, no activation, no residual).
     pub fn matmul(k: usize, m: usize, bias: bool) -> KernelSpec {
-        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false, w: DType::F32, xq: false }
+        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false, w: DType::F32, xq: 0 }
     }
 
     pub fn name(&self) -> String {
@@ -146,18 +157,14 @@ impl KernelSpec {
             KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq } => format!(
                 "matmul_k{k}_m{m}{}{}{}{}{}{}",
                 wsuffix(*w),
-                if *xq { "_xq8" } else { "" },
+                xq_suffix(*xq),
                 if rms_eps.is_some() { "_rms" } else { "" },
                 if *bias { "_bias" } else { "" },
                 if *act != Act::None { format!("_{}", act.name()) } else { String::new() },
                 if *residual { "_res" } else { "" }
             ),
             KernelSpec::QkvRope { k, heads, kv_heads, head_dim, w, xq, .. } => {
-                format!(
-                    "qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}{}",
-                    wsuffix(*w),
-                    if *xq { "_xq8" } else { "" }
-                )
+                format!("qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}{}", wsuffix(*w), xq_suffix(*xq))
             }
             KernelSpec::RmsNorm { d, .. } => format!("rms_norm_d{d}"),
             KernelSpec::LayerNorm { d, .. } => format!("layer_norm_d{d}"),

@@ -777,6 +777,10 @@ fn eval<'w>(
             let (x, xs) = args[0].f32()?;
             owned(xs.to_vec(), crate::quant::round_trip_act_q8(x))
         }
+        Op::QuantQ8x2 => {
+            let (x, xs) = args[0].f32()?;
+            owned(xs.to_vec(), crate::quant::round_trip_act_q8x2(x))
+        }
         Op::TakeLast => {
             let (x, xs) = args[0].f32()?;
             if xs[0] == 0 {

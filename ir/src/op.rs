@@ -196,6 +196,11 @@ pub enum Op {
     /// dot-product kernels. It only feeds the input of projections whose weight is `q8_0` or
     /// `q4_0`, and lowers into their prologue (no kernel of its own).
     QuantQ8,
+    /// `quant_q8` with its rounding residual: `r = rt(x)`, then `r + rt(x − r)` (`rt` is
+    /// `quant_q8`; `quant::round_trip_act_q8x2`), about 15 bits per value. Int8 kernels take
+    /// it as two quantized rows per input row, each weight load feeding both, and add the two
+    /// sums: for the logits projection, whose argmax the int8 rounding of one row moves.
+    QuantQ8x2,
 
     // ---- fused ops, created by passes ----
     /// `(x [n, k], w [r, k], bias? [r], residual? [n, m]) -> [n, m]`: a projection with a fused
@@ -341,6 +346,7 @@ impl Op {
             Op::Concat => "concat",
             Op::TakeLast => "take_last",
             Op::QuantQ8 => "quant_q8",
+            Op::QuantQ8x2 => "quant_q8x2",
             Op::Linear { .. } => "linear",
             Op::QkvRope { .. } => "qkv_rope",
             Op::Attend { .. } => "attend",
@@ -447,7 +453,8 @@ impl Op {
             | Op::Relu2
             | Op::BitLinear
             | Op::TakeLast
-            | Op::QuantQ8 => vec![],
+            | Op::QuantQ8
+            | Op::QuantQ8x2 => vec![],
         }
     }
 
@@ -494,6 +501,7 @@ impl Op {
             "concat" => Op::Concat,
             "take_last" => Op::TakeLast,
             "quant_q8" => Op::QuantQ8,
+            "quant_q8x2" => Op::QuantQ8x2,
             "linear" => Op::Linear {
                 rms_eps: attrs.opt_num("rms_eps")?,
                 act: Act::parse(attrs.str("act")?).ok_or_else(|| "bad act".to_string())?,
@@ -708,6 +716,7 @@ impl Op {
             | Op::Concat
             | Op::TakeLast
             | Op::QuantQ8
+            | Op::QuantQ8x2
             | Op::ConcatRows
             | Op::ConcatCols
             | Op::InterleaveRows8
@@ -905,11 +914,11 @@ impl Op {
                 }
                 Ok(same_rows(total))
             }
-            Op::QuantQ8 => {
+            Op::QuantQ8 | Op::QuantQ8x2 => {
                 arity(1, 1)?;
                 let d = rows(ins[0], "quant_q8 input")?;
                 if d % crate::quant::QK != 0 {
-                    return Err(format!("quant_q8 needs a multiple of {} columns, got {d}", crate::quant::QK));
+                    return Err(format!("{} needs a multiple of {} columns, got {d}", self.name(), crate::quant::QK));
                 }
                 Ok(ins[0].clone())
             }

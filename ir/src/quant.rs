@@ -309,6 +309,14 @@ pub fn round_trip_act_q8(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `quant_q8x2` on rows of `cols` values: the round trip `r` plus the round trip of what it
+/// missed, `x − r` (each block's second scale is about `1/254` of the first).
+pub fn round_trip_act_q8x2(x: &[f32]) -> Vec<f32> {
+    let r = round_trip_act_q8(x);
+    let rest: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a - b).collect();
+    r.iter().zip(round_trip_act_q8(&rest)).map(|(a, b)| a + b).collect()
+}
+
 /// Rounds `x` to what a weight of storage type `dtype` holds, value by value (f32: as is;
 /// bf16/f16: round to nearest even; blocked types: quantize and dequantize each block of the
 /// last dim). `cols` is the last dim, a multiple of `QK` for blocked types (`QK_K` for K types).
@@ -331,6 +339,23 @@ pub fn round_trip(dtype: DType, x: &[f32], cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `quant_q8x2` misses by at most half a step of its second scale (`amax/127/127`, about
+    /// 1/254 of one rounding's error), per block.
+    #[test]
+    fn act_q8x2_adds_the_residual() {
+        let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 + (i as f32).sin()).collect();
+        let one = round_trip_act_q8(&x);
+        let two = round_trip_act_q8x2(&x);
+        for (b, ((xb, o), t)) in x.chunks(QK).zip(one.chunks(QK)).zip(two.chunks(QK)).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let e1 = xb.iter().zip(o).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let e2 = xb.iter().zip(t).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(e1 <= amax / 254.0 * 1.0001, "block {b}: {e1}");
+            assert!(e2 <= amax / 127.0 / 254.0 * 1.01 + amax * 1e-7, "block {b}: {e2} vs {e1}");
+            assert!(e2 < e1 / 50.0, "block {b}: {e2} vs {e1}");
+        }
+    }
 
     #[test]
     fn q8_0_matches_ggml_reference_math() {

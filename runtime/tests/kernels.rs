@@ -51,11 +51,12 @@ impl Case {
         self.g.node_mut(id).ty.dtype = dtype;
     }
     /// `quant_q8(x)` when `on` (the int8 kernels' input), else `x`.
-    fn quant_act(&mut self, x: NodeId, on: bool) -> NodeId {
-        if on {
-            self.g.add(Op::QuantQ8, &[x]).unwrap()
-        } else {
-            x
+    /// `x` with `terms` int8 terms (0: as is, 1: `quant_q8`, 2: `quant_q8x2`).
+    fn quant_act(&mut self, x: NodeId, terms: usize) -> NodeId {
+        match terms {
+            0 => x,
+            1 => self.g.add(Op::QuantQ8, &[x]).unwrap(),
+            _ => self.g.add(Op::QuantQ8x2, &[x]).unwrap(),
         }
     }
     fn tokens(&self) -> NodeId {
@@ -622,7 +623,7 @@ proptest! {
     #[test]
     fn storage_linear(dt in 0usize..10, kb in 1usize..4, m16 in 1usize..4, extra in 0usize..16, n in 1usize..10,
                       rms in any::<bool>(), act in 0usize..3, bias in any::<bool>(), residual in any::<bool>(),
-                      xq in any::<bool>(), seed in 0u64..1000) {
+                      xq in 0usize..3, seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let act = [Act::None, Act::Gelu, Act::SwiGlu][act];
         let k = cols(dtype, kb);
@@ -631,7 +632,7 @@ proptest! {
         let m = if act == Act::SwiGlu { rows / 2 } else { rows };
         let mut c = Case::new(seed);
         let x = c.rows("x", n, k, 2.0);
-        let x = c.quant_act(x, xq && quant::is_blocked(dtype));
+        let x = c.quant_act(x, if quant::is_blocked(dtype) { xq } else { 0 });
         let w = c.weight("w", &[rows, k], 1.0);
         c.store(w, dtype);
         let mut args = vec![x, w];
@@ -650,7 +651,7 @@ proptest! {
     /// A stored table gathered by token (the packed embedding kernel) and used as the output
     /// projection (tied embeddings).
     #[test]
-    fn storage_tied_embedding(dt in 0usize..10, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, xq in any::<bool>(),
+    fn storage_tied_embedding(dt in 0usize..10, vocab in 1usize..40, kb in 1usize..3, n in 1usize..6, xq in 0usize..3,
                               seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let d = cols(dtype, kb);
@@ -659,7 +660,7 @@ proptest! {
         c.store(t, dtype);
         let tok = c.tokens();
         let x = c.g.add(Op::Embedding, &[t, tok]).unwrap();
-        let x = c.quant_act(x, xq && quant::is_blocked(dtype));
+        let x = c.quant_act(x, if quant::is_blocked(dtype) { xq } else { 0 });
         let y = c.g.add(Op::MatMul, &[x, t]).unwrap();
         let toks: Vec<i32> = (0..n).map(|i| ((i * 7 + seed as usize) % vocab) as i32).collect();
         let err = c.compare(y, &[(toks, (0..n as i32).collect())], 16, 16);
@@ -669,14 +670,14 @@ proptest! {
     /// `qkv_rope` + `attend` with a stored QKV matrix, prefill then decode steps.
     #[test]
     fn storage_qkv_rope_attend(dt in 0usize..10, kv in 1usize..3, group in 1usize..3, hd4 in 1usize..5, kb in 1usize..3,
-                               rms in any::<bool>(), first in 1usize..6, xq in any::<bool>(), seed in 0u64..1000) {
+                               rms in any::<bool>(), first in 1usize..6, xq in 0usize..3, seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let heads = kv * group;
         let hd = 4 * hd4;
         let k = cols(dtype, kb);
         let mut c = Case::new(seed);
         let x = c.rows("x", 64, k, 2.0);
-        let x = c.quant_act(x, xq && quant::is_blocked(dtype));
+        let x = c.quant_act(x, if quant::is_blocked(dtype) { xq } else { 0 });
         let rows = (heads + 2 * kv) * hd;
         // K rows are longer: smaller weights keep q·k (and the softmax's sensitivity) as for
         // the 32..96-column rows of the other types
@@ -720,20 +721,22 @@ proptest! {
 }
 
 /// A row too long for all of a step's int8 rows to fit the kernel's quantized buffer (256 KiB):
-/// the rows are quantized and multiplied in chunks (12 rows of 16,384 columns, then 5).
+/// the rows are quantized and multiplied in chunks (12 rows of 16,384 columns, then 5; with
+/// `quant_q8x2`, 4 rows of two terms each).
 #[test]
 fn int8_linear_in_chunks() {
-    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K] {
+    let types = [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K];
+    for (dtype, terms) in types.into_iter().flat_map(|t| [(t, 1), (t, 2)]) {
         let (k, m, n) = (16384, 20, 17);
         let mut c = Case::new(7);
         let x = c.rows("x", n, k, 2.0);
-        let x = c.quant_act(x, true);
+        let x = c.quant_act(x, terms);
         let w = c.weight("w", &[m, k], 1.0);
         c.store(w, dtype);
         let y =
             c.g.add(Op::Linear { rms_eps: Some(1e-5), act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
         let err = c.compare(y, &prefill(n), 32, 32);
-        assert!(err < TOL, "{dtype:?}: err {err}");
+        assert!(err < TOL, "{dtype:?} terms {terms}: err {err}");
     }
 }
 

@@ -561,10 +561,14 @@ pub enum Activations {
     Q8,
 }
 
-/// Puts a `quant_q8` before the input of every projection whose weight is q8_0 or q4_0 (one
-/// per input value, shared by its projections).
+/// Puts a `quant_q8` before the input of every projection whose weight is blocked (one per
+/// input value, shared by its projections); before the logits projection a `quant_q8x2`
+/// (int8 plus its rounding residual): the argmax reads those logits directly, and where two
+/// are close the single rounding decides it (SmolLM2's Q4_1 GGUF followed transformers at 29
+/// of 32 teacher-forced steps with `quant_q8` there, 31 with `quant_q8x2`).
 fn quantize_activations(g: &mut Graph) -> Result<(), CompileError> {
-    let mut quantized: HashMap<NodeId, NodeId> = HashMap::new();
+    let output = g.outputs.iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
+    let mut quantized: HashMap<(NodeId, bool), NodeId> = HashMap::new();
     for id in g.topo_order()? {
         if !matches!(g.node(id).op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. }) {
             continue;
@@ -574,11 +578,12 @@ fn quantize_activations(g: &mut Graph) -> Result<(), CompileError> {
         if !llmc_ir::quant::is_blocked(g.node(w).ty.dtype) {
             continue;
         }
-        let q = match quantized.get(&x) {
+        let logits = feeds_logits(g, &[id], output);
+        let q = match quantized.get(&(x, logits)) {
             Some(&q) => q,
             None => {
-                let q = g.add(Op::QuantQ8, &[x])?;
-                quantized.insert(x, q);
+                let q = g.add(if logits { Op::QuantQ8x2 } else { Op::QuantQ8 }, &[x])?;
+                quantized.insert((x, logits), q);
                 q
             }
         };

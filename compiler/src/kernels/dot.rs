@@ -29,13 +29,15 @@ const I8X16: types::Type = types::I8X16;
 /// Bytes of stack the quantized rows of one chunk may take.
 const BUF_BYTES: usize = 256 * 1024;
 
-/// The quantized input rows of an int8 projection: a stack buffer of `rows` rows of
+/// The quantized input rows of an int8 projection: a stack buffer of `rows · terms` rows of
 /// `row_bytes` (`k` bytes of q, then per block of 32 the scale `d` (f32) and the correction
-/// `−offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step.
+/// `−offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step, `terms` buffer rows each
+/// (`quant_q8x2`: the row's rounding, then its residual's).
 pub struct Xq {
     pub buf: Value,
     pub row_bytes: usize,
     pub rows: usize,
+    pub terms: usize,
     pub c0: Variable,
     /// The inverse RMS of each row of the step (with an RMS prologue).
     pub inv: Option<(Value, f32)>,
@@ -55,12 +57,13 @@ fn flags() -> MemFlagsData {
 /// in two: `−32 · Σq` over the first 16 values at 4, over the last 16 at 8 (i32).
 const META: usize = 12;
 
-/// Sets up the buffer (and the RMS slot) for a projection over `kd` columns.
-pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>) -> Xq {
+/// Sets up the buffer (and the RMS slot) for a projection over `kd` columns with `terms` int8
+/// terms per value.
+pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>, terms: usize) -> Xq {
     let row_bytes = kd + kd / QK * META;
-    let rows = (BUF_BYTES / row_bytes / 4 * 4).clamp(4, MAX_ROWS);
-    let slot =
-        k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (rows * row_bytes) as u32, 4));
+    let rows = (BUF_BYTES / (row_bytes * terms) / 4 * 4).clamp(4, MAX_ROWS);
+    let bytes = (rows * terms * row_bytes) as u32;
+    let slot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
     let buf = k.b.ins().stack_addr(I64, slot, 0);
     let inv = rms_eps.map(|eps| {
         let s = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (MAX_ROWS * 4) as u32, 4));
@@ -68,19 +71,19 @@ pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>) -> Xq {
     });
     let zero = k.ic(0);
     let c0 = k.var(I64, zero);
-    Xq { buf, row_bytes, rows, c0, inv }
+    Xq { buf, row_bytes, rows, terms, c0, inv }
 }
 
-/// Quantizes rows `c0 .. c0 + len` of `x` into the buffer (and their inverse RMS).
+/// Quantizes rows `c0 .. c0 + len` of `x` into the buffer (`terms` buffer rows each: the
+/// row, then what the previous terms missed) and their inverse RMS (of the dequantized sum).
 pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
     let kd = c.kd;
-    let off = crate::pack::dot_offset(c.wt) as i64;
-    let halves = c.wt == DType::Q6K;
     let zero = k.ic(0);
     k.for_range(zero, len, |k, r| {
         let t = k.add(c0, r);
         let src = k.at(c.x, t, (kd * 4) as i64);
-        let dst = k.at(xq.buf, r, xq.row_bytes as i64);
+        let r0 = k.muli(r, xq.terms as i64);
+        let dst = k.at(xq.buf, r0, xq.row_bytes as i64);
         let z4 = k.c(V4, 0.0);
         let ss = k.var(V4, z4);
         let b0 = k.ic(0);
@@ -88,69 +91,25 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
         k.for_range(b0, nb, |k, b| {
             let xb = k.at(src, b, (QK * 4) as i64);
             let v: Vec<Value> = (0..8).map(|i| k.ld(V4, xb, i * 16)).collect();
-            let mut m = k.b.ins().fabs(v[0]);
-            for vi in &v[1..] {
-                let a = k.b.ins().fabs(*vi);
-                m = k.fmax(m, a);
+            let mut rest = v.clone();
+            let mut total: Option<Vec<Value>> = None;
+            for term in 0..xq.terms {
+                let dt = k.addi(dst, (term * xq.row_bytes) as i64);
+                let dq = quantize_block(k, c, &rest, dt, b);
+                if term + 1 < xq.terms {
+                    rest = rest.iter().zip(&dq).map(|(&a, &d)| k.b.ins().fsub(a, d)).collect();
+                }
+                total = Some(match total {
+                    None => dq,
+                    Some(t) => t.iter().zip(&dq).map(|(&a, &d)| k.fadd(a, d)).collect(),
+                });
             }
-            let amax = k.hmax(m);
-            let c127 = k.f(127.0);
-            let d = k.fdiv(amax, c127);
-            let one = k.f(1.0);
-            let fz = k.f(0.0);
-            let id = k.fdiv(one, d);
-            let nz = k.fcmp(FloatCC::NotEqual, d, fz);
-            let id = k.select(nz, id, fz);
-            let ids = k.splat(id);
-            let ds = k.splat(d);
-            let mut qi = Vec::new();
-            for vi in &v {
-                let s = k.fmul(*vi, ids);
-                let qf = k.b.ins().nearest(s);
-                if xq.inv.is_some() {
-                    let dq = k.fmul(qf, ds);
+            if xq.inv.is_some() {
+                for dq in total.unwrap_or_default() {
                     let a = k.get(ss);
                     let a = k.fma(dq, dq, a);
                     k.set(ss, a);
                 }
-                qi.push(k.b.ins().fcvt_to_sint_sat(I32X4, qf));
-            }
-            // Σq over lanes of `qs` (i32x4 vectors)
-            let hsum = |k: &mut Kb<'_>, qs: &[Value]| {
-                let mut sum = qs[0];
-                for q in &qs[1..] {
-                    sum = k.b.ins().iadd(sum, *q);
-                }
-                let lanes: Vec<Value> = (0..4u8).map(|i| k.b.ins().extractlane(sum, i)).collect();
-                let s01 = k.b.ins().iadd(lanes[0], lanes[1]);
-                let s23 = k.b.ins().iadd(lanes[2], lanes[3]);
-                k.b.ins().iadd(s01, s23)
-            };
-            let (s, corr, corr_hi) = if halves {
-                let lo = hsum(k, &qi[..4]);
-                let hi = hsum(k, &qi[4..]);
-                let s = k.b.ins().iadd(lo, hi);
-                (s, k.b.ins().imul_imm_s(lo, -off), Some(k.b.ins().imul_imm_s(hi, -off)))
-            } else {
-                let s = hsum(k, &qi);
-                (s, k.b.ins().imul_imm_s(s, -off), None)
-            };
-            let h: Vec<Value> = (0..4).map(|i| k.b.ins().snarrow(qi[2 * i], qi[2 * i + 1])).collect();
-            let lo = k.b.ins().snarrow(h[0], h[1]);
-            let hi = k.b.ins().snarrow(h[2], h[3]);
-            let qd = k.at(dst, b, QK as i64);
-            k.st(lo, qd, 0);
-            k.st(hi, qd, 16);
-            let md = k.at(dst, b, META as i64);
-            k.st(d, md, kd as i64);
-            k.st(corr, md, kd as i64 + 4);
-            if llmc_ir::quant::has_min(c.wt) {
-                let sf = k.b.ins().fcvt_from_sint(F32, s);
-                let dsum = k.fmul(d, sf);
-                k.st(dsum, md, kd as i64 + 8);
-            }
-            if let Some(ch) = corr_hi {
-                k.st(ch, md, kd as i64 + 8);
             }
         });
         if let Some((inv, eps)) = xq.inv {
@@ -161,6 +120,75 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
             k.st(s, p, 0);
         }
     });
+}
+
+/// Quantizes block `b` (the 8 vectors `v`) of a row into the buffer row at `dst`: its 32
+/// bytes of q and its metadata. Returns the dequantized values `d · q`.
+fn quantize_block(k: &mut Kb<'_>, c: &Ctx, v: &[Value], dst: Value, b: Value) -> Vec<Value> {
+    let kd = c.kd;
+    let off = crate::pack::dot_offset(c.wt) as i64;
+    let halves = c.wt == DType::Q6K;
+    let mut m = k.b.ins().fabs(v[0]);
+    for vi in &v[1..] {
+        let a = k.b.ins().fabs(*vi);
+        m = k.fmax(m, a);
+    }
+    let amax = k.hmax(m);
+    let c127 = k.f(127.0);
+    let d = k.fdiv(amax, c127);
+    let one = k.f(1.0);
+    let fz = k.f(0.0);
+    let id = k.fdiv(one, d);
+    let nz = k.fcmp(FloatCC::NotEqual, d, fz);
+    let id = k.select(nz, id, fz);
+    let ids = k.splat(id);
+    let ds = k.splat(d);
+    let mut qi = Vec::new();
+    let mut dqs = Vec::new();
+    for vi in v {
+        let s = k.fmul(*vi, ids);
+        let qf = k.b.ins().nearest(s);
+        dqs.push(k.fmul(qf, ds));
+        qi.push(k.b.ins().fcvt_to_sint_sat(I32X4, qf));
+    }
+    // Σq over lanes of `qs` (i32x4 vectors)
+    let hsum = |k: &mut Kb<'_>, qs: &[Value]| {
+        let mut sum = qs[0];
+        for q in &qs[1..] {
+            sum = k.b.ins().iadd(sum, *q);
+        }
+        let lanes: Vec<Value> = (0..4u8).map(|i| k.b.ins().extractlane(sum, i)).collect();
+        let s01 = k.b.ins().iadd(lanes[0], lanes[1]);
+        let s23 = k.b.ins().iadd(lanes[2], lanes[3]);
+        k.b.ins().iadd(s01, s23)
+    };
+    let (s, corr, corr_hi) = if halves {
+        let lo = hsum(k, &qi[..4]);
+        let hi = hsum(k, &qi[4..]);
+        let s = k.b.ins().iadd(lo, hi);
+        (s, k.b.ins().imul_imm_s(lo, -off), Some(k.b.ins().imul_imm_s(hi, -off)))
+    } else {
+        let s = hsum(k, &qi);
+        (s, k.b.ins().imul_imm_s(s, -off), None)
+    };
+    let h: Vec<Value> = (0..4).map(|i| k.b.ins().snarrow(qi[2 * i], qi[2 * i + 1])).collect();
+    let lo = k.b.ins().snarrow(h[0], h[1]);
+    let hi = k.b.ins().snarrow(h[2], h[3]);
+    let qd = k.at(dst, b, QK as i64);
+    k.st(lo, qd, 0);
+    k.st(hi, qd, 16);
+    let md = k.at(dst, b, META as i64);
+    k.st(d, md, kd as i64);
+    k.st(corr, md, kd as i64 + 4);
+    if llmc_ir::quant::has_min(c.wt) {
+        let sf = k.b.ins().fcvt_from_sint(F32, s);
+        let dsum = k.fmul(d, sf);
+        k.st(dsum, md, kd as i64 + 8);
+    }
+    if let Some(ch) = corr_hi {
+        k.st(ch, md, kd as i64 + 8);
+    }
+    dqs
 }
 
 /// `acc + Σ` over each group of 4 bytes of `x (i8) · w (u8)`: one `vpdpbusd` on VNNI hosts.
@@ -211,10 +239,14 @@ pub fn tile_accs(
     // q6_k scales each half of a block (4 groups) on its own
     let subs = if c.wt == DType::Q6K { 2 } else { 1 };
     let rb = xq.row_bytes as i64;
+    // the buffer rows of the tile's tokens (`terms` per token), summed at the end
+    let logical = tokens;
+    let tokens = tokens * xq.terms;
     let zero = k.c(V4, 0.0);
     let accs: Vec<Vec<Variable>> = (0..tokens).map(|_| (0..nv_all).map(|_| k.var(V4, zero)).collect()).collect();
     let c0 = k.get(xq.c0);
     let r = k.b.ins().isub(t, c0);
+    let r = k.muli(r, xq.terms as i64);
     let x0 = k.at(xq.buf, r, rb);
     let meta0 = k.addi(x0, c.kd as i64);
     let xv = k.var(I64, x0);
@@ -349,7 +381,19 @@ pub fn tile_accs(
         let b = k.addi(b, 1);
         k.set(bi, b);
     });
-    accs
+    (0..logical)
+        .map(|tt| {
+            let first = &accs[tt * xq.terms];
+            for more in &accs[tt * xq.terms + 1..(tt + 1) * xq.terms] {
+                for (&a, &b) in first.iter().zip(more) {
+                    let (x, y) = (k.get(a), k.get(b));
+                    let s = k.fadd(x, y);
+                    k.set(a, s);
+                }
+            }
+            first.clone()
+        })
+        .collect()
 }
 
 /// Walks rows in chunks that fit the buffer: quantizes each chunk, then runs `walk(c0, end)`

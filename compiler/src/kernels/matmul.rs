@@ -32,7 +32,7 @@ pub struct Ctx {
     pub inv: Option<Value>,
     /// The weight's storage type (panels laid out as `pack::panel_bytes` says).
     pub wt: DType,
-    /// Int8 activations (`quant_q8`; the weight is `Dot16`): the quantized rows.
+    /// Int8 activations (`quant_q8`, `quant_q8x2`; the weight is `Dot16`): the quantized rows.
     pub xq: Option<super::dot::Xq>,
 }
 
@@ -46,10 +46,10 @@ impl Ctx {
         kd: usize,
         rms_eps: Option<f32>,
         wt: DType,
-        xq: bool,
+        xq: u8,
     ) -> Ctx {
-        if xq {
-            let q = super::dot::setup(k, kd, rms_eps);
+        if xq > 0 {
+            let q = super::dot::setup(k, kd, rms_eps, xq as usize);
             Ctx { x, bias, kd, inv: q.inv.map(|(v, _)| v), wt, xq: Some(q) }
         } else {
             let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
@@ -407,7 +407,7 @@ pub fn matmul(
     act: Act,
     residual: bool,
     wt: DType,
-    xq: bool,
+    xq: u8,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);

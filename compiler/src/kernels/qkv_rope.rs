@@ -61,7 +61,7 @@ pub fn qkv_rope(
     rms_eps: Option<f32>,
     bias: bool,
     wt: DType,
-    xq: bool,
+    xq: u8,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);

@@ -41,25 +41,27 @@ pub fn panels(k: &mut Kb<'_>, c: &Ctx, w: Value, epi: &mut dyn FnMut(&mut Kb<'_>
     ));
     let out = k.b.ins().stack_addr(I64, slot, 0);
     if let Some(xq) = &c.xq {
-        let (buf, rb) = (xq.buf, xq.row_bytes as i64);
+        let (buf, rb, terms) = (xq.buf, xq.row_bytes as i64, xq.terms);
+        debug_assert!(terms * micro::DOT_TOKENS <= TILE_TOKENS);
         super::dot::chunks(k, c, xq, &mut |k, c0, end| {
             let row = |k: &mut Kb<'_>, t: Value| {
                 let r = k.b.ins().isub(t, c0);
-                k.at(buf, r, rb)
+                k.at(buf, r, rb * terms as i64)
             };
-            grid(k, c, w, pb, f, out, (c0, end), &row, rb, micro::DOT_TOKENS, &mut *epi);
+            grid(k, c, w, pb, f, out, (c0, end), &row, rb, (micro::DOT_TOKENS, terms), &mut *epi);
         });
     } else {
         let (x, rb) = (c.x, (c.kd * 4) as i64);
         let row = |k: &mut Kb<'_>, t: Value| k.at(x, t, rb);
         let (zero, n) = (k.ic(0), k.n);
-        grid(k, c, w, pb, f, out, (zero, n), &row, rb, micro::FLOAT_TOKENS, epi);
+        grid(k, c, w, pb, f, out, (zero, n), &row, rb, (micro::FLOAT_TOKENS, 1), epi);
     }
     true
 }
 
 /// Rows `t0..t1` × the unit's panels, in tiles of `DECODE_PANELS` (one row) or
-/// `PREFILL_PANELS` × `tokens`.
+/// `PREFILL_PANELS` × `tokens`. Each row is `terms` rows of `x` (`rb` bytes apart) whose sums
+/// are added.
 #[allow(clippy::too_many_arguments)]
 fn grid(
     k: &mut Kb<'_>,
@@ -71,7 +73,7 @@ fn grid(
     (t0, t1): (Value, Value),
     row: &dyn Fn(&mut Kb<'_>, Value) -> Value,
     rb: i64,
-    tokens: usize,
+    (tokens, terms): (usize, usize),
     epi: &mut dyn FnMut(&mut Kb<'_>, Value, Value, TileVals),
 ) {
     let (lo, hi) = (k.lo, k.hi);
@@ -100,17 +102,18 @@ fn grid(
             let rbv = k.ic(rb);
             let kd = k.ic(c.kd as i64);
             let fp = k.ic(f as usize as i64);
-            k.b.ins().call_indirect(sig, fp, &[wp, pbv, np, xp, rbv, nt, kd, out]);
+            let ntx = k.muli(nt, terms as i64);
+            k.b.ins().call_indirect(sig, fp, &[wp, pbv, np, xp, rbv, ntx, kd, out]);
             let zero = k.ic(0);
             k.for_range(zero, np, |k, q| {
                 let panel = k.add(p, q);
                 let zero = k.ic(0);
                 k.for_range(zero, nt, |k, tt| {
                     let tok = k.add(t, tt);
-                    let i = k.muli(tt, TILE_PANELS as i64);
+                    let i = k.muli(tt, (terms * TILE_PANELS) as i64);
                     let i = k.add(i, q);
                     let src = k.at(out, i, (PANEL * 4) as i64);
-                    let vals = finish(k, c, panel, tok, src);
+                    let vals = finish(k, c, panel, tok, src, terms);
                     epi(k, panel, tok, vals);
                 });
             });
@@ -122,8 +125,9 @@ fn grid(
     });
 }
 
-/// The 16 sums at `src` for `(panel, row)`, with the row's RMS scale and the panel's bias.
-fn finish(k: &mut Kb<'_>, c: &Ctx, panel: Value, tok: Value, src: Value) -> TileVals {
+/// The 16 sums at `src` for `(panel, row)` (the sum of `terms` tile rows from there), with the
+/// row's RMS scale and the panel's bias.
+fn finish(k: &mut Kb<'_>, c: &Ctx, panel: Value, tok: Value, src: Value, terms: usize) -> TileVals {
     let scale = c.inv.map(|inv| {
         let a = k.at(inv, tok, 4);
         let s = k.ld(F32, a, 0);
@@ -132,6 +136,10 @@ fn finish(k: &mut Kb<'_>, c: &Ctx, panel: Value, tok: Value, src: Value) -> Tile
     let mut vals = Vec::new();
     for j in 0..PANEL / 4 {
         let mut v = k.ld(V4, src, (j * 16) as i64);
+        for u in 1..terms {
+            let more = k.ld(V4, src, ((u * TILE_PANELS * PANEL + j * 4) * 4) as i64);
+            v = k.fadd(v, more);
+        }
         if let Some(s) = scale {
             v = k.fmul(v, s);
         }

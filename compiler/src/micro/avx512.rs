@@ -377,7 +377,9 @@ macro_rules! dispatch {
             let nt = nt.min(TILE_TOKENS);
             let np = np.min(TILE_PANELS);
             let tstep = if nt == 1 { 1 } else { $tmax };
-            let pstep = if nt == 1 { super::DECODE_PANELS } else { super::PREFILL_PANELS };
+            // two rows (a `quant_q8x2` row's two terms, or two sequences' decode rows) still
+            // stream `DECODE_PANELS` panels at once
+            let pstep = if nt <= 2 { super::DECODE_PANELS } else { super::PREFILL_PANELS };
             let mut t0 = 0;
             while t0 < nt {
                 let tn = (nt - t0).min(tstep);
@@ -394,7 +396,9 @@ macro_rules! dispatch {
                             (1, 3) => $tile::<1, 3, $($g)*>(w, pb, x, rb, kd, o),
                             (1, _) => $tile::<1, 4, $($g)*>(w, pb, x, rb, kd, o),
                             (2, 1) => $tile::<2, 1, $($g)*>(w, pb, x, rb, kd, o),
-                            (2, _) => $tile::<2, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (2, 2) => $tile::<2, 2, $($g)*>(w, pb, x, rb, kd, o),
+                            (2, 3) => $tile::<2, 3, $($g)*>(w, pb, x, rb, kd, o),
+                            (2, _) => $tile::<2, 4, $($g)*>(w, pb, x, rb, kd, o),
                             (3, 1) => $tile::<3, 1, $($g)*>(w, pb, x, rb, kd, o),
                             (3, _) => $tile::<3, 2, $($g)*>(w, pb, x, rb, kd, o),
                             (4, 1) => $tile::<4, 1, $($g)*>(w, pb, x, rb, kd, o),
