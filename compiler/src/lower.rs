@@ -219,10 +219,10 @@ impl Lowerer<'_> {
                         self.call(router, args, Units::Panels(e.div_ceil(PANEL)), rows, PANEL * d);
                         let spec = KernelSpec::MoeRoute { experts: e, top_k: k };
                         self.call(spec, vec![Arg::Buf(logits), Arg::Buf(route)], Units::Rows, rows, e);
-                        let spec = KernelSpec::MoeGateUp { d, ff, top_k: k, w: wt(2) };
+                        let spec = KernelSpec::MoeGateUp { d, ff, experts: e, top_k: k, w: wt(2) };
                         let args = vec![a[0].clone(), a[2].clone(), Arg::Buf(route), Arg::Buf(h)];
                         self.call(spec, args, Units::Panels(2 * ff / PANEL), rows, PANEL * d * k);
-                        let spec = KernelSpec::MoeDown { d, ff, top_k: k, w: wt(3) };
+                        let spec = KernelSpec::MoeDown { d, ff, experts: e, top_k: k, w: wt(3) };
                         let args = vec![Arg::Buf(h), a[3].clone(), Arg::Buf(route), Arg::Buf(out)];
                         self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
                     }

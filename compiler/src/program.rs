@@ -111,11 +111,11 @@ pub enum KernelSpec {
     MoeRoute { experts: usize, top_k: usize },
     /// `[x, gate_up (Panel16, per expert 2ff rows interleaved by 8), route, h]`, units: panels
     /// of one expert's 2ff rows. `h[t, j·ff ..]` = SwiGLU of the j-th selected expert: only the
-    /// selected experts' weights are read.
-    MoeGateUp { d: usize, ff: usize, top_k: usize, w: DType },
+    /// selected experts' weights are read, each by the rows that picked it together.
+    MoeGateUp { d: usize, ff: usize, experts: usize, top_k: usize, w: DType },
     /// `[h, down (Panel16, per expert d rows), route, out]`, units: panels of d. `out[t] =
-    /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`.
-    MoeDown { d: usize, ff: usize, top_k: usize, w: DType },
+    /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`, summed in expert order.
+    MoeDown { d: usize, ff: usize, experts: usize, top_k: usize, w: DType },
     /// `[zxbcdt, conv_w, conv_b, dt_bias, a_log, d, norm_w, conv_state, ssm_state, out]`,
     /// units: 1 (the tokens of the step run in order through the recurrent state). The Mamba2
     /// mixer between its projections: causal conv + SiLU, the SSM step per head, gated RMSNorm.
@@ -188,8 +188,12 @@ impl KernelSpec {
             KernelSpec::Mamba2 { heads, head_dim, d_state, .. } => format!("mamba2_h{heads}_hd{head_dim}_s{d_state}"),
             KernelSpec::BitMatMul { k, m } => format!("bit_matmul_k{k}_m{m}"),
             KernelSpec::MoeRoute { experts, top_k } => format!("moe_route_e{experts}_k{top_k}"),
-            KernelSpec::MoeGateUp { d, ff, top_k, w } => format!("moe_gate_up_d{d}_ff{ff}_k{top_k}{}", wsuffix(*w)),
-            KernelSpec::MoeDown { d, ff, top_k, w } => format!("moe_down_d{d}_ff{ff}_k{top_k}{}", wsuffix(*w)),
+            KernelSpec::MoeGateUp { d, ff, experts, top_k, w } => {
+                format!("moe_gate_up_d{d}_ff{ff}_e{experts}_k{top_k}{}", wsuffix(*w))
+            }
+            KernelSpec::MoeDown { d, ff, experts, top_k, w } => {
+                format!("moe_down_d{d}_ff{ff}_e{experts}_k{top_k}{}", wsuffix(*w))
+            }
         }
     }
 }

@@ -425,13 +425,15 @@ fn moe_case(d16: usize, ff8: usize, experts: usize, top_k: usize, seed: u64) -> 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// Routing and both expert kernels against the interpreter, decode and prefill.
+    /// Routing and both expert kernels against the interpreter, decode and prefill (up to 23
+    /// rows: an expert's rows go through its panels in groups of up to 8, so a full group and
+    /// the rest).
     #[test]
-    fn moe(d16 in 1usize..4, ff8 in 1usize..5, experts in 1usize..7, k in 1usize..3, n in 1usize..6, seed in 0u64..1000) {
+    fn moe(d16 in 1usize..4, ff8 in 1usize..5, experts in 1usize..7, k in 1usize..3, n in 1usize..24, seed in 0u64..1000) {
         let top_k = k.min(experts);
         let (c, y) = moe_case(d16, ff8, experts, top_k, seed);
         let steps = vec![((0..n as i32).map(|i| (i * 7 + seed as i32) % 64).collect(), (0..n as i32).collect())];
-        let err = c.compare(y, &steps, 16, 8);
+        let err = c.compare(y, &steps, 32, 24);
         prop_assert!(err < TOL, "err {err}");
     }
 }
@@ -701,7 +703,7 @@ proptest! {
     /// MoE with stored router and experts (the expert kernels address panels by storage type).
     #[test]
     fn storage_moe(dt in 0usize..10, d32 in 1usize..3, ff32 in 1usize..3, experts in 1usize..5, k in 1usize..3,
-                   n in 1usize..5, seed in 0u64..1000) {
+                   n in 1usize..20, seed in 0u64..1000) {
         let dtype = STORAGE[dt];
         let top_k = k.min(experts);
         let (d, ff) = (cols(dtype, d32), cols(dtype, ff32));
@@ -715,7 +717,7 @@ proptest! {
         }
         let y = c.g.add(Op::Moe { experts, top_k }, &[x, router, gu, down]).unwrap();
         let steps = vec![((0..n as i32).map(|i| (i * 7 + seed as i32) % 64).collect(), (0..n as i32).collect())];
-        let err = c.compare(y, &steps, 16, 8);
+        let err = c.compare(y, &steps, 32, 24);
         prop_assert!(err < tol(dtype), "{dtype:?}: err {err}");
     }
 }

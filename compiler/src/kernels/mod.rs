@@ -58,8 +58,8 @@ pub fn build(
         KernelSpec::ActQuant { k: kd } => bitnet::act_quant(&mut k, *kd),
         KernelSpec::BitMatMul { k: kd, m } => bitnet::bit_matmul(&mut k, *kd, *m),
         KernelSpec::MoeRoute { experts, top_k } => moe::route(&mut k, *experts, *top_k),
-        KernelSpec::MoeGateUp { d, ff, top_k, w } => moe::gate_up(&mut k, *d, *ff, *top_k, *w),
-        KernelSpec::MoeDown { d, ff, top_k, w } => moe::down(&mut k, *d, *ff, *top_k, *w),
+        KernelSpec::MoeGateUp { d, ff, experts, top_k, w } => moe::gate_up(&mut k, *d, *ff, *experts, *top_k, *w),
+        KernelSpec::MoeDown { d, ff, experts, top_k, w } => moe::down(&mut k, *d, *ff, *experts, *top_k, *w),
     }
     k.finish();
 }

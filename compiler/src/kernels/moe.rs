@@ -1,14 +1,16 @@
 //! Mixture of experts: routing (softmax, top-k, renormalize) and the two expert projections,
-//! which read only the panels of the experts each token selected.
+//! which read only the panels of the experts each token selected, grouped by expert: the
+//! rows that picked an expert go through its panels together (a prefill reads each selected
+//! panel once per group of up to 8 rows, with the projections' register tiles).
 
-use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, StackSlotData, StackSlotKind, Value};
 
 use super::elementwise::apply_unary;
 use super::kb::{Kb, F32, I64, V4};
 use llmc_ir::DType;
 
-use super::matmul::{tile, Ctx};
+use super::matmul::{Ctx, TileVals};
 use crate::pack::panel_bytes;
 use crate::pack::PANEL;
 use crate::program::Unary;
@@ -81,63 +83,181 @@ fn pick(k: &mut Kb<'_>, route: Value, t: Value, top_k: usize, j: usize) -> (Valu
     (e, w)
 }
 
-/// `[x, gate_up, route, h]`, units: panels of one expert's 2ff rows.
-pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
-    let (x, w, route, h) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
-    let panels = (2 * ff / PANEL) as i64;
-    let c = Ctx { x, bias: None, kd: d, inv: None, wt, xq: None };
-    let (lo, hi, n) = (k.lo, k.hi, k.n);
-    k.for_range(lo, hi, |k, p| {
+/// Bytes of stack the gathered rows of one expert may take (`rows` below).
+const GATHER_BYTES: usize = 256 * 1024;
+
+/// Rows of `kd` f32 gathered per flush: up to a wide tile's `TILE_TOKENS`, within
+/// `GATHER_BYTES`.
+fn group_rows(kd: usize) -> usize {
+    (GATHER_BYTES / (kd * 4)).clamp(1, crate::micro::TILE_TOKENS)
+}
+
+/// The expert walk shared by both projections, grouped by expert: for each expert `e`, the
+/// rows that selected it (`row_of(t, j)`: the input row of token `t`'s `j`-th pick) are
+/// copied into a stack buffer `group_rows(kd)` at a time, and each full group (and the last)
+/// goes through `matmul::panels` over expert `e`'s panels of the unit (`ppe` panels per
+/// expert, `pb` bytes each): every weight panel is read once per group of rows, not once per
+/// token, with the wide micro-kernels' register tiles. `epi(k, panel, ids, row, vals)` gets
+/// the tile values of group row `row + tt`, whose output row `dst_of(t, j)` (i64) and pick
+/// weight (f32) are at `ids + 16·(row + tt)` (`group_id`).
+#[allow(clippy::too_many_arguments)]
+fn by_expert(
+    k: &mut Kb<'_>,
+    x: Value,
+    w: Value,
+    route: Value,
+    (kd, wt): (usize, DType),
+    (experts, top_k, ppe): (usize, usize, usize),
+    (row_of, dst_of): (&dyn Fn(&mut Kb<'_>, Value, usize) -> Value, &dyn Fn(&mut Kb<'_>, Value, usize) -> Value),
+    epi: &mut dyn FnMut(&mut Kb<'_>, Value, Value, Value, TileVals),
+) {
+    let g = group_rows(kd);
+    let slot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (g * kd * 4) as u32, 4));
+    let buf = k.b.ins().stack_addr(I64, slot, 0);
+    let islot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (g * 16) as u32, 3));
+    let ids = k.b.ins().stack_addr(I64, islot, 0);
+    let c = Ctx { x: buf, bias: None, kd, inv: None, wt, xq: None };
+    let pb = panel_bytes(wt, kd) as i64;
+    let n = k.n;
+    let zero = k.ic(0);
+    let ne = k.ic(experts as i64);
+    k.for_range(zero, ne, |k, e| {
+        let ep = k.muli(e, ppe as i64);
+        let we = k.at(w, ep, pb);
         let zero = k.ic(0);
-        k.for_range(zero, n, |k, t| {
-            for j in 0..top_k {
-                let (e, _) = pick(k, route, t, top_k, j);
-                let ep = k.muli(e, panels);
-                let gp = k.add(ep, p);
-                let wp = k.at(w, gp, panel_bytes(wt, d) as i64);
-                let vals = tile(k, &c, p, wp, t, 1, 0, 4);
-                let hrow = k.at(h, t, (top_k * ff * 4) as i64);
-                let hj = k.addi(hrow, (j * ff * 4) as i64);
-                let dst = k.at(hj, p, (PANEL / 2 * 4) as i64);
-                for vi in 0..2 {
-                    let s = apply_unary(k, Unary::Silu, V4, vals[vi].2);
-                    let y = k.fmul(s, vals[vi + 2].2);
-                    k.st(y, dst, (vi * 16) as i64);
+        let cnt = k.var(I64, zero);
+        // tokens 0..n gather; the extra last round only flushes what is left
+        let end = k.addi(n, 1);
+        k.for_range(zero, end, |k, t| {
+            let more = k.icmp(IntCC::SignedLessThan, t, n);
+            k.when(more, |k| {
+                for j in 0..top_k {
+                    let (ej, wj) = pick(k, route, t, top_k, j);
+                    let hit = k.icmp(IntCC::Equal, ej, e);
+                    k.when(hit, |k| {
+                        let i = k.get(cnt);
+                        let src_row = row_of(k, t, j);
+                        let src = k.at(x, src_row, (kd * 4) as i64);
+                        let dst = k.at(buf, i, (kd * 4) as i64);
+                        for o in (0..kd).step_by(4) {
+                            let v = k.ld(V4, src, (o * 4) as i64);
+                            k.st(v, dst, (o * 4) as i64);
+                        }
+                        let id = k.at(ids, i, 16);
+                        let dst_row = dst_of(k, t, j);
+                        k.st(dst_row, id, 0);
+                        k.st(wj, id, 8);
+                        let i = k.addi(i, 1);
+                        k.set(cnt, i);
+                    });
                 }
-            }
+            });
+            let i = k.get(cnt);
+            let full = k.b.ins().icmp_imm_s(IntCC::Equal, i, g as i64);
+            let last = k.icmp(IntCC::Equal, t, n);
+            let any = k.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, i, 0);
+            let last = k.b.ins().band(last, any);
+            let flush = k.b.ins().bor(full, last);
+            k.when(flush, |k| {
+                let saved = k.n;
+                k.n = i;
+                super::matmul::panels(k, &c, we, false, &mut |k, p, row, vals| epi(k, p, ids, row, vals));
+                k.n = saved;
+                let zero = k.ic(0);
+                k.set(cnt, zero);
+            });
         });
     });
 }
 
-/// `[h, down, route, out]`, units: panels of d.
-pub fn down(k: &mut Kb<'_>, d: usize, ff: usize, top_k: usize, wt: DType) {
-    let (h, w, route, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
-    let panels = (d / PANEL) as i64;
-    let c = Ctx { x: h, bias: None, kd: ff, inv: None, wt, xq: None };
-    let (lo, hi, n) = (k.lo, k.hi, k.n);
-    k.for_range(lo, hi, |k, p| {
-        let zero = k.ic(0);
-        k.for_range(zero, n, |k, t| {
-            let mut acc: Vec<Value> = (0..4).map(|_| k.c(V4, 0.0)).collect();
-            for j in 0..top_k {
-                let (e, wj) = pick(k, route, t, top_k, j);
-                let ep = k.muli(e, panels);
-                let gp = k.add(ep, p);
-                let wp = k.at(w, gp, panel_bytes(wt, ff) as i64);
-                // h row (t, j) is row t·top_k + j of an [n·top_k, ff] matrix
-                let tk = k.muli(t, top_k as i64);
-                let row = k.addi(tk, j as i64);
-                let vals = tile(k, &c, p, wp, row, 1, 0, 4);
-                let w4 = k.splat(wj);
-                for (vi, a) in acc.iter_mut().enumerate() {
-                    *a = k.fma(vals[vi].2, w4, *a);
+/// Output row and pick weight of group row `i` (see `by_expert`).
+fn group_id(k: &mut Kb<'_>, ids: Value, i: Value) -> (Value, Value) {
+    let id = k.at(ids, i, 16);
+    (k.ld(I64, id, 0), k.ld(F32, id, 8))
+}
+
+/// `[x, gate_up, route, h]`, units: panels of one expert's 2ff rows (8 gate rows, then their
+/// 8 up rows). `h[t, j·ff + 8p ..]` = silu(gate)·up of panel `p` of token `t`'s `j`-th expert.
+pub fn gate_up(k: &mut Kb<'_>, d: usize, ff: usize, experts: usize, top_k: usize, wt: DType) {
+    let (x, w, route, h) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
+    let ppe = 2 * ff / PANEL;
+    let row_of = |_: &mut Kb<'_>, t: Value, _: usize| t;
+    let mut epi = |k: &mut Kb<'_>, p: Value, ids: Value, row: Value, vals: TileVals| {
+        let rows: Vec<usize> = {
+            let mut r: Vec<usize> = vals.iter().map(|v| v.0).collect();
+            r.dedup();
+            r
+        };
+        for tt in rows {
+            let i = k.addi(row, tt as i64);
+            let (r, _) = group_id(k, ids, i);
+            let hrow = k.at(h, r, (ff * 4) as i64);
+            let dst = k.at(hrow, p, (PANEL / 2 * 4) as i64);
+            let of = |vi: usize| vals.iter().find(|v| v.0 == tt && v.1 == vi).map(|v| v.2);
+            for vi in 0..2 {
+                match (of(vi), of(vi + 2)) {
+                    (Some(g), Some(u)) => {
+                        let s = apply_unary(k, Unary::Silu, V4, g);
+                        let y = k.fmul(s, u);
+                        k.st(y, dst, (vi * 16) as i64);
+                    }
+                    // a half tile of gates parks silu(gate); the up half that follows
+                    // multiplies it in
+                    (Some(g), None) => {
+                        let s = apply_unary(k, Unary::Silu, V4, g);
+                        k.st(s, dst, (vi * 16) as i64);
+                    }
+                    (None, Some(u)) => {
+                        let s = k.ld(V4, dst, (vi * 16) as i64);
+                        let y = k.fmul(s, u);
+                        k.st(y, dst, (vi * 16) as i64);
+                    }
+                    (None, None) => {}
                 }
             }
-            let orow = k.at(out, t, (d * 4) as i64);
+        }
+    };
+    by_expert(k, x, w, route, (d, wt), (experts, top_k, ppe), (&row_of, &h_row(top_k)), &mut epi);
+}
+
+/// Row `t·top_k + j` of `h` seen as an `[n·top_k, ff]` matrix: token `t`'s `j`-th expert.
+fn h_row(top_k: usize) -> impl Fn(&mut Kb<'_>, Value, usize) -> Value {
+    move |k: &mut Kb<'_>, t: Value, j: usize| {
+        let tk = k.muli(t, top_k as i64);
+        k.addi(tk, j as i64)
+    }
+}
+
+/// `[h, down, route, out]`, units: panels of d. `out[t] = Σ_j w_j · down_{e_j} · h[t, j·ff ..]`
+/// (summed in expert order).
+pub fn down(k: &mut Kb<'_>, d: usize, ff: usize, experts: usize, top_k: usize, wt: DType) {
+    let (h, w, route, out) = (k.ptr(0), k.ptr(1), k.ptr(2), k.ptr(3));
+    let ppe = d / PANEL;
+    // the unit's columns of every token's output start at zero; each expert adds its share
+    let (lo, hi, n) = (k.lo, k.hi, k.n);
+    let zero = k.ic(0);
+    k.for_range(zero, n, |k, t| {
+        let orow = k.at(out, t, (d * 4) as i64);
+        k.for_range(lo, hi, |k, p| {
             let dst = k.at(orow, p, (PANEL * 4) as i64);
-            for (vi, a) in acc.iter().enumerate() {
-                k.st(*a, dst, (vi * 16) as i64);
+            let z = k.c(V4, 0.0);
+            for vi in 0..PANEL / 4 {
+                k.st(z, dst, (vi * 16) as i64);
             }
         });
     });
+    let token = |_: &mut Kb<'_>, t: Value, _: usize| t;
+    let mut epi = |k: &mut Kb<'_>, p: Value, ids: Value, row: Value, vals: TileVals| {
+        for &(tt, vi, v) in &vals {
+            let i = k.addi(row, tt as i64);
+            let (t, wj) = group_id(k, ids, i);
+            let orow = k.at(out, t, (d * 4) as i64);
+            let dst = k.at(orow, p, (PANEL * 4) as i64);
+            let w4 = k.splat(wj);
+            let a = k.ld(V4, dst, (vi * 16) as i64);
+            let a = k.fma(v, w4, a);
+            k.st(a, dst, (vi * 16) as i64);
+        }
+    };
+    by_expert(k, h, w, route, (ff, wt), (experts, top_k, ppe), (&h_row(top_k), &token), &mut epi);
 }
