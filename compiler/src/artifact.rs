@@ -25,9 +25,10 @@ pub const MAGIC: &[u8; 8] = b"LLMCART\0";
 /// of Q4_K in q4_1. 7: the K types q4_k, q5_k and q6_k keep ggml's super-blocks (i8 block
 /// scales, f32 super-block scales in a table per panel). 8: a projection's int8 activations
 /// are a count of terms (`quant_q8x2` before the logits). 9: MoE expert kernels know the
-/// expert count (they walk the experts, grouping the rows that picked each). A bump also retires GGUF artifacts
-/// cached by older builds.
-pub const FORMAT_VERSION: u32 = 9;
+/// expert count (they walk the experts, grouping the rows that picked each). 10: the Mamba2
+/// mixer is three kernels (conv per channel block, scan per head, gated norm per row). A bump
+/// also retires GGUF artifacts cached by older builds.
+pub const FORMAT_VERSION: u32 = 10;
 /// Bytes before the JSON header.
 pub const PREAMBLE: usize = 24;
 /// The largest JSON header a loader reads (the header lists tensors and kernel calls: a few

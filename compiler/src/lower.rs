@@ -227,22 +227,35 @@ impl Lowerer<'_> {
                         self.call(spec, args, Units::Panels(d / PANEL), rows, PANEL * ff * k);
                     }
                     Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, eps, .. } => {
-                        let ch = heads * head_dim + 2 * groups * d_state;
-                        let st = (*layer, (d_conv - 1) * ch, heads * head_dim * d_state);
+                        let inner = heads * head_dim;
+                        let ch = inner + 2 * groups * d_state;
+                        let width = inner + ch + heads;
+                        let st = (*layer, (d_conv - 1) * ch, inner * d_state);
                         if !self.prog.mamba_layers.contains(&st) {
                             self.prog.mamba_layers.push(st);
                         }
-                        let mut args = a.clone();
-                        args.extend([Arg::MambaConv(*layer), Arg::MambaSsm(*layer), Arg::Buf(out)]);
-                        let spec = KernelSpec::Mamba2 {
+                        // a = [zxbcdt, conv_w, conv_b, dt_bias, a_log, d, norm_w]
+                        let act = self.buffer(ch, rows);
+                        let y = self.buffer(inner, rows);
+                        let spec = KernelSpec::Mamba2Conv { ch, d_conv: *d_conv, inner, width };
+                        let args =
+                            vec![a[0].clone(), a[1].clone(), a[2].clone(), Arg::MambaConv(*layer), Arg::Buf(act)];
+                        let blocks = ch.div_ceil(crate::kernels::mamba::CONV_BLOCK);
+                        self.call(spec, args, Units::Panels(blocks), rows, crate::kernels::mamba::CONV_BLOCK * d_conv);
+                        let spec = KernelSpec::Mamba2Scan {
                             heads: *heads,
                             head_dim: *head_dim,
                             d_state: *d_state,
                             groups: *groups,
-                            d_conv: *d_conv,
-                            eps: *eps,
+                            width,
                         };
-                        self.call(spec, args, Units::Single, rows, 0);
+                        let mut args = vec![a[0].clone(), Arg::Buf(act)];
+                        args.extend(a[3..6].iter().cloned());
+                        args.extend([Arg::MambaSsm(*layer), Arg::Buf(y)]);
+                        self.call(spec, args, Units::Panels(*heads), rows, 4 * head_dim * d_state);
+                        let spec = KernelSpec::Mamba2Norm { inner, width, eps: *eps };
+                        let args = vec![a[0].clone(), Arg::Buf(y), a[6].clone(), Arg::Buf(out)];
+                        self.call(spec, args, Units::Rows, rows, 4 * inner);
                     }
                     Op::BitLinear => {
                         let k = in_width(0);

@@ -116,10 +116,16 @@ pub enum KernelSpec {
     /// `[h, down (Panel16, per expert d rows), route, out]`, units: panels of d. `out[t] =
     /// Σ_j w_j · down_{e_j} · h[t, j·ff ..]`, summed in expert order.
     MoeDown { d: usize, ff: usize, experts: usize, top_k: usize, w: DType },
-    /// `[zxbcdt, conv_w, conv_b, dt_bias, a_log, d, norm_w, conv_state, ssm_state, out]`,
-    /// units: 1 (the tokens of the step run in order through the recurrent state). The Mamba2
-    /// mixer between its projections: causal conv + SiLU, the SSM step per head, gated RMSNorm.
-    Mamba2 { heads: usize, head_dim: usize, d_state: usize, groups: usize, d_conv: usize, eps: f32 },
+    /// The Mamba2 mixer between its projections, in three kernels over `zxbcdt` rows of
+    /// `width` f32 (z: `inner`, then x, B, C: `ch`, then dt: one per head).
+    /// `[zxbcdt, conv_w, conv_b, conv_state, act]`, units: blocks of 16 channels: causal
+    /// depthwise conv + SiLU, each channel walking the tokens in order through its window.
+    Mamba2Conv { ch: usize, d_conv: usize, inner: usize, width: usize },
+    /// `[zxbcdt, act, dt_bias, a_log, d, ssm_state, y]`, units: heads: the SSM recurrence,
+    /// each head through the step's tokens in order.
+    Mamba2Scan { heads: usize, head_dim: usize, d_state: usize, groups: usize, width: usize },
+    /// `[zxbcdt, y, norm_w, out]`, units: rows: `norm_w · rms-normalized(y · silu(z))`.
+    Mamba2Norm { inner: usize, width: usize, eps: f32 },
     /// `[x, q]`, units: rows. BitNet activation quantization: `q[t] = [k i32 values
     /// clamp(round_half_even(x·s)), s as f32]` with `s = 127 / max(max|x|, 1e-5)`.
     ActQuant { k: usize },
@@ -185,7 +191,11 @@ impl KernelSpec {
             KernelSpec::TakeLast { d } => format!("take_last_d{d}"),
             KernelSpec::Softmax { d } => format!("softmax_d{d}"),
             KernelSpec::ActQuant { k } => format!("act_quant_k{k}"),
-            KernelSpec::Mamba2 { heads, head_dim, d_state, .. } => format!("mamba2_h{heads}_hd{head_dim}_s{d_state}"),
+            KernelSpec::Mamba2Conv { ch, d_conv, .. } => format!("mamba2_conv_c{ch}_k{d_conv}"),
+            KernelSpec::Mamba2Scan { heads, head_dim, d_state, .. } => {
+                format!("mamba2_scan_h{heads}_hd{head_dim}_s{d_state}")
+            }
+            KernelSpec::Mamba2Norm { inner, .. } => format!("mamba2_norm_d{inner}"),
             KernelSpec::BitMatMul { k, m } => format!("bit_matmul_k{k}_m{m}"),
             KernelSpec::MoeRoute { experts, top_k } => format!("moe_route_e{experts}_k{top_k}"),
             KernelSpec::MoeGateUp { d, ff, experts, top_k, w } => {

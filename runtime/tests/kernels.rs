@@ -512,13 +512,16 @@ fn mamba_case(heads: usize, hd: usize, ds: usize, groups: usize, dconv: usize, s
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// The Mamba2 kernel against the interpreter over a prefill, decode steps (the conv window
-    /// and SSM state carried between steps) and another multi-token step, on odd sizes, with
-    /// one to three B/C groups (the gated norm still spans all groups).
+    /// The Mamba2 kernels against the interpreter over a prefill, decode steps (the conv window
+    /// and SSM state carried between steps) and another multi-token step, on odd sizes and on
+    /// state dims of whole 16-lane vectors, with one to three B/C groups (the gated norm still
+    /// spans all groups).
     #[test]
     fn mamba2(groups in 1usize..4, per_group in 1usize..3, hd in 1usize..9, ds in 1usize..11, dconv in 1usize..5,
-              first in 1usize..8, seed in 0u64..1000) {
+              first in 1usize..8, wide in any::<bool>(), seed in 0u64..1000) {
         let heads = groups * per_group;
+        // state dims in whole 16-lane vectors (16 or 32): the AVX-512 scan micro-kernel's case
+        let ds = if wide { 16 * ds.div_ceil(5) } else { ds };
         let (c, y) = mamba_case(heads, hd, ds, groups, dconv, seed);
         let mut steps = vec![((0..first as i32).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
         let mut p = first as i32;

@@ -52,9 +52,11 @@ pub fn build(
         KernelSpec::Concat { widths } => elementwise::concat(&mut k, widths),
         KernelSpec::TakeLast { d } => elementwise::take_last(&mut k, *d),
         KernelSpec::Softmax { d } => elementwise::softmax(&mut k, *d),
-        KernelSpec::Mamba2 { heads, head_dim, d_state, groups, d_conv, eps } => {
-            mamba::mamba2(&mut k, *heads, *head_dim, *d_state, *groups, *d_conv, *eps)
+        KernelSpec::Mamba2Conv { ch, d_conv, inner, width } => mamba::conv(&mut k, *ch, *d_conv, *inner, *width),
+        KernelSpec::Mamba2Scan { heads, head_dim, d_state, groups, width } => {
+            mamba::scan(&mut k, *heads, *head_dim, *d_state, *groups, *width, width - heads)
         }
+        KernelSpec::Mamba2Norm { inner, width, eps } => mamba::norm(&mut k, *inner, *width, *eps),
         KernelSpec::ActQuant { k: kd } => bitnet::act_quant(&mut k, *kd),
         KernelSpec::BitMatMul { k: kd, m } => bitnet::bit_matmul(&mut k, *kd, *m),
         KernelSpec::MoeRoute { experts, top_k } => moe::route(&mut k, *experts, *top_k),

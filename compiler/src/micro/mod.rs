@@ -26,6 +26,8 @@ mod avx2_attention;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512_scan;
 
 /// Most tokens and panels one call computes; `out` holds `[TILE_TOKENS][TILE_PANELS][16]` f32.
 pub const TILE_TOKENS: usize = 8;
@@ -180,8 +182,62 @@ pub fn attention(wide: Wide) -> Option<AttnFn> {
     }
 }
 
+/// The arguments of one Mamba2 scan micro-kernel call, as `kernels::mamba::scan` writes them
+/// (8-byte words): heads `h0..h1` over the step's `n` tokens.
+#[repr(C)]
+pub struct ScanCall {
+    /// The in-projection rows (`width` f32 each): `dt` of head `h` at `dt_off + h`.
+    pub zx: *const f32,
+    /// The conv outputs, `heads·hd + 2·groups·ds` f32 per token: x, then B and C.
+    pub act: *const f32,
+    pub dt_bias: *const f32,
+    pub a_log: *const f32,
+    pub d: *const f32,
+    /// The layer's state, `[heads, hd, ds]`.
+    pub ssm: *mut f32,
+    /// The output, `heads·hd` f32 per token.
+    pub y: *mut f32,
+    pub n: u64,
+    pub h0: u64,
+    pub h1: u64,
+    pub heads: u64,
+    pub hd: u64,
+    pub ds: u64,
+    pub groups: u64,
+    pub width: u64,
+    pub dt_off: u64,
+}
+
+/// Words of `ScanCall`.
+pub const SCAN_WORDS: usize = 16;
+
+/// A scan micro-kernel: `scan(&ScanCall)`.
+pub type ScanFn = unsafe extern "C" fn(*const ScanCall);
+
+/// The Mamba2 scan micro-kernel of a family, for `ds` state dims: AVX-512 only, `ds` a
+/// multiple of 16 (elsewhere the Cranelift recurrence runs).
+pub fn scan(wide: Wide, ds: usize) -> Option<ScanFn> {
+    if wide != Wide::Avx512 || !wide.available() || ds % 16 != 0 {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(avx512_scan::scan)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scan_call_layout_is_what_kernels_write() {
+        assert_eq!(std::mem::size_of::<super::ScanCall>(), super::SCAN_WORDS * 8);
+        assert_eq!(std::mem::offset_of!(super::ScanCall, dt_off), (super::SCAN_WORDS - 1) * 8);
+    }
+
     #[test]
     fn attn_call_layout_is_what_kernels_write() {
         assert_eq!(std::mem::size_of::<super::AttnCall>(), super::ATTN_BYTES);
