@@ -109,7 +109,7 @@ enum Cmd {
         /// and report their aggregate rate (batch_decode_tok_s).
         #[arg(short = 'b', long = "batch", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
         batch: u64,
-        /// Also time every kernel during decode.
+        /// Also time every kernel during decode, and during the prefill (run once more).
         #[arg(long)]
         profile: bool,
     },
@@ -450,6 +450,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                 )?;
                 for (name, ms, calls) in &r.decode_profile {
                     outln!("    {ms:>8.3} ms/token  {calls:>4} calls  {name}")?;
+                }
+                if !r.prefill_profile.is_empty() {
+                    outln!("  prefill of {} tokens:", r.prefill_tokens)?;
+                }
+                for (name, ms, calls) in &r.prefill_profile {
+                    outln!("    {ms:>8.3} ms        {calls:>4} calls  {name}")?;
                 }
                 if !r.batch_profile.is_empty() {
                     outln!("  batched decode steps:")?;

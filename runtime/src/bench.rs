@@ -51,6 +51,10 @@ pub struct BenchReport {
     /// With profiling: (kernel name, decode milliseconds per token, calls per token), slowest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decode_profile: Vec<(String, f64, usize)>,
+    /// With profiling: (kernel name, milliseconds, calls) of the prompt's prefill step (run
+    /// again in a fresh session after the timed one), slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prefill_profile: Vec<(String, f64, usize)>,
 }
 
 /// Bytes of weights one decode step reads: whole tensors, except embedding gathers (one row)
@@ -320,16 +324,29 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
     let prefill_tok_s = prompt.len() as f64 / prefill_s.max(1e-9);
     let prefill_gflop_s = step_flops(engine, prompt.len()) as f64 / prefill_s.max(1e-9) / 1e9;
     let prog = &engine.art.header.program;
-    let mut decode_profile: Vec<(String, f64, usize)> = s
-        .profile()
-        .unwrap_or(&[])
-        .iter()
-        .enumerate()
-        .map(|(k, &(secs, calls))| (prog.kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1)))
-        .collect();
-    decode_profile.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // (kernel name, milliseconds per step, calls per step) over `steps` profiled steps
+    let per_step = |p: Option<&[(f64, usize)]>, steps: usize| {
+        let mut v: Vec<(String, f64, usize)> = p
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .map(|(k, &(secs, calls))| (prog.kernels[k].name(), secs * 1e3 / steps.max(1) as f64, calls / steps.max(1)))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    let decode_profile = per_step(s.profile(), decode);
+    let prefill_profile = if profile {
+        let mut p = Session::new(engine, Backend::Jit, Some(ctx))?;
+        p.enable_profile();
+        p.step(&prompt)?;
+        per_step(p.profile(), 1)
+    } else {
+        Vec::new()
+    };
     Ok(BenchReport {
         decode_profile,
+        prefill_profile,
         prefill_tokens: prompt.len(),
         decode_tokens: decode,
         prefill_tok_s,

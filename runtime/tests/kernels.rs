@@ -745,6 +745,24 @@ fn int8_linear_in_chunks() {
     }
 }
 
+/// Rows too long for many to fit half the host's L2: the wide f32 path walks the step's rows
+/// in blocks (`micro::row_block`: at most 16 rows of 65,536 columns on hosts with up to 8 MiB
+/// of L2), each block through every panel, so 40 rows cross several blocks.
+#[test]
+fn f32_linear_in_row_blocks() {
+    for dtype in [DType::F32, DType::BF16, DType::Q4_0] {
+        let (k, m, n) = (65536, 20, 40);
+        let mut c = Case::new(11);
+        let x = c.rows("x", n, k, 2.0);
+        let w = c.weight("w", &[m, k], 1.0);
+        c.store(w, dtype);
+        let y =
+            c.g.add(Op::Linear { rms_eps: Some(1e-5), act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
+        let err = c.compare(y, &prefill(n), 64, 64);
+        assert!(err < TOL, "{dtype:?}: err {err}");
+    }
+}
+
 /// Contexts longer than the attention kernel's key block (128 positions; the wide kernel's 64):
 /// prefills of 200 and then 190 tokens, and decode steps, with and without a sliding window
 /// (whose ring wraps); head dims past the wide kernel's 64-dim register tile, and a group of 70

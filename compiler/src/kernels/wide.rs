@@ -51,10 +51,18 @@ pub fn panels(k: &mut Kb<'_>, c: &Ctx, w: Value, epi: &mut dyn FnMut(&mut Kb<'_>
             grid(k, c, w, pb, f, out, (c0, end), &row, rb, (micro::DOT_TOKENS, terms), &mut *epi);
         });
     } else {
+        // f32 rows in blocks that fit half the host's L2 (`micro::row_block`): each block's
+        // rows stay in cache while the unit's panels stream past them once per block
         let (x, rb) = (c.x, (c.kd * 4) as i64);
         let row = |k: &mut Kb<'_>, t: Value| k.at(x, t, rb);
+        let block = micro::row_block(c.kd * 4) as i64;
         let (zero, n) = (k.ic(0), k.n);
-        grid(k, c, w, pb, f, out, (zero, n), &row, rb, (micro::FLOAT_TOKENS, 1), epi);
+        let last = k.addi(n, block - 1);
+        k.for_step(zero, last, block, |k, t0| {
+            let end = k.addi(t0, block);
+            let end = k.b.ins().smin(end, n);
+            grid(k, c, w, pb, f, out, (t0, end), &row, rb, (micro::FLOAT_TOKENS, 1), &mut *epi);
+        });
     }
     true
 }

@@ -88,6 +88,42 @@ pub(crate) const fn block_layout(nib: bool, min: bool, kh: bool, hb: usize) -> (
     (head, head + if nib { 256 + 64 * hb } else { 512 }, if min { 128 } else { 64 })
 }
 
+/// Bytes of the host's L2 cache (per core): from Linux's sysfs description of cpu0's caches,
+/// else 1 MiB. Read once.
+pub fn l2_bytes() -> usize {
+    static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L2.get_or_init(|| {
+        let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+        (0..8)
+            .filter_map(|i| {
+                let idx = dir.join(format!("index{i}"));
+                let level = read(idx.join("level"))?;
+                let kind = read(idx.join("type"))?;
+                let size = read(idx.join("size"))?;
+                (level == "2" && kind != "Instruction").then_some(())?;
+                let (num, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
+                let num: usize = num.parse().ok()?;
+                let scale = match unit {
+                    "" => 1,
+                    "K" => 1 << 10,
+                    "M" => 1 << 20,
+                    _ => return None,
+                };
+                num.checked_mul(scale).filter(|&b| (64 << 10..=1 << 30).contains(&b))
+            })
+            .next()
+            .unwrap_or(1 << 20)
+    })
+}
+
+/// Rows of `row_bytes` a prefill walks per block: half the host's L2 worth, a whole number of
+/// float tiles (`FLOAT_TOKENS`), at least one tile.
+pub fn row_block(row_bytes: usize) -> usize {
+    let rows = l2_bytes() / 2 / row_bytes.max(1);
+    (rows / FLOAT_TOKENS * FLOAT_TOKENS).max(FLOAT_TOKENS)
+}
+
 /// The micro-kernel over int8 activations and `Dot16` weights of storage type `wt`.
 pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
     if !wide.available() {
