@@ -484,7 +484,7 @@ fn corrupted_programs_and_ir_are_errors_on_both_backends() {
         ("llama", Box::new(|h, _| h["program"]["calls"][0]["kernel"] = 16.into())),
         ("llama", Box::new(|h, _| h["program"]["buffers"][1]["width"] = (1u64 << 31).into())),
         ("mixtral", Box::new(|h, _| set_spec_field(h, "MoeRoute", "top_k", 0))),
-        ("bamba", Box::new(|h, _| set_spec_field(h, "Mamba2", "groups", 0))),
+        ("bamba", Box::new(|h, _| set_spec_field(h, "Mamba2Scan", "groups", 0))),
         ("llama", Box::new(|h, _| set_spec_field(h, "Attention", "kv_heads", 0))),
         // the IR itself, consistently re-lowered: an attend whose kv heads disagree with its cache
         ("llama", Box::new(|_, ir| edit_ir_line(ir, "attend(", "kv_heads=2", "kv_heads=4"))),

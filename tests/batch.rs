@@ -1,7 +1,7 @@
 //! Batched decode steps (`llmc_runtime::Batcher`): several sequences' next tokens in one step
-//! give exactly the logits each sequence's own step gives (rows never mix), on every
-//! attention family without recurrent state, at float and int8 weights; a model with Mamba2
-//! state is refused.
+//! give exactly the logits each sequence's own step gives (rows never mix), on every family,
+//! the Mamba2 hybrids included (each sequence's conv window and SSM state), at float and int8
+//! weights.
 
 mod common;
 
@@ -55,19 +55,9 @@ fn batch_equals_single(family: &str, extra: &[&str]) {
 
 #[test]
 fn batched_decode_equals_single_sequences() {
-    for family in ["llama", "qwen2", "mistral", "gpt2", "falcon", "falcon40b", "mixtral"] {
+    for family in ["llama", "qwen2", "mistral", "gpt2", "falcon", "falcon40b", "mixtral", "bamba", "granitemoehybrid"] {
         batch_equals_single(family, &[]);
     }
     batch_equals_single("llama", &["--dtype", "q8_0"]);
     batch_equals_single("qwen2", &["--dtype", "q4_0"]);
-}
-
-#[test]
-fn batching_refuses_recurrent_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let art = dir.path().join("bamba.llmc");
-    common::compile(&common::fixture("bamba"), &art);
-    let engine = Engine::open(&art, 1).unwrap();
-    let err = Batcher::new(&engine, 16, 2).err().expect("refused");
-    assert!(err.to_string().contains("recurrent"), "{err}");
 }

@@ -581,8 +581,8 @@ impl<'a> JitState<'a> {
     /// caches are not used), `seqs` the sequences, whose KV caches the attention calls read
     /// and write. Calls without per-sequence state (projections, norms, the output layer)
     /// run once over all rows, reading each weight once for the whole batch; calls with it
-    /// (QKV + RoPE + cache write, attention) run once per sequence on that sequence's row and
-    /// cache. `self` must run the all-rows program (logits for every row) of the program the
+    /// (QKV + RoPE + cache write, attention, the Mamba2 conv and scan) run once per sequence
+    /// on that sequence's row and its cache or recurrent state. `self` must run the all-rows program (logits for every row) of the program the
     /// sequences run. Returns the `logits` rows, one per sequence. Every row's arithmetic is
     /// the one a step of that sequence alone does (rows never mix), so on the wide
     /// micro-kernels batching changes no token.
@@ -603,9 +603,6 @@ impl<'a> JitState<'a> {
                 positions.len()
             )));
         }
-        if !self.mamba.is_empty() || seqs.iter().any(|q| !q.mamba.is_empty()) {
-            return Err(RuntimeError::Usage("batched steps need a model without recurrent (Mamba2) state".into()));
-        }
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.token_rows) {
             return Err(RuntimeError::TokenId { id: bad as i64, vocab: self.token_rows });
         }
@@ -616,10 +613,18 @@ impl<'a> JitState<'a> {
                     q.ctx.min(self.ctx)
                 )));
             }
-            // the sequence's caches are the ones this program's layers expect
+            // the sequence's caches and recurrent states are the ones this program's layers expect
             for c in &self.caches {
                 if !q.caches.iter().any(|d| d.0 == c.0) {
                     return Err(RuntimeError::Usage(format!("a sequence has no matching cache for layer {}", c.0)));
+                }
+            }
+            for m in &self.mamba {
+                if !q.mamba.iter().any(|d| d.0 == m.0 && d.1 .0.len() == m.1 .0.len() && d.2 .0.len() == m.2 .0.len()) {
+                    return Err(RuntimeError::Usage(format!(
+                        "a sequence has no matching Mamba2 state for layer {}",
+                        m.0
+                    )));
                 }
             }
         }
@@ -630,7 +635,10 @@ impl<'a> JitState<'a> {
         let mut owned: Vec<Vec<*mut u8>> = Vec::new();
         let mut shape: Vec<(usize, Option<(usize, usize)>)> = Vec::new(); // (call, Some((seq, table)))
         for (ci, call) in prog.calls.iter().enumerate() {
-            let stateful = call.args.iter().any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
+            let stateful = call
+                .args
+                .iter()
+                .any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_) | Arg::MambaConv(_) | Arg::MambaSsm(_)));
             if !stateful {
                 shape.push((ci, None));
                 continue;
@@ -655,6 +663,12 @@ impl<'a> JitState<'a> {
                                     RuntimeError::Usage(format!("a sequence has no cache for layer {l}"))
                                 })?;
                             *p = if matches!(a, Arg::KCache(_)) { c.1.ptr() } else { c.2.ptr() };
+                        }
+                        Arg::MambaConv(l) | Arg::MambaSsm(l) => {
+                            let m = q.mamba.iter_mut().find(|m| m.0 == *l).ok_or_else(|| {
+                                RuntimeError::Usage(format!("a sequence has no Mamba2 state for layer {l}"))
+                            })?;
+                            *p = if matches!(a, Arg::MambaConv(_)) { m.1.ptr() } else { m.2.ptr() };
                         }
                         _ => {}
                     }

@@ -398,9 +398,6 @@ impl<'a> Batcher<'a> {
     pub fn new(engine: &'a Engine, ctx: usize, max_seqs: usize) -> Result<Batcher<'a>, RuntimeError> {
         let all = engine.all_rows()?;
         let state = Box::new(JitState::batch(&engine.art, all, ctx, max_seqs)?);
-        if state.has_recurrent_state() {
-            return Err(RuntimeError::Usage("batched steps need a model without recurrent (Mamba2) state".into()));
-        }
         Ok(Batcher { engine, state })
     }
 

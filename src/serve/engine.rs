@@ -130,8 +130,7 @@ pub fn run(
             })
         })
         .collect::<Result<_, llmc_runtime::RuntimeError>>()?;
-    // decode steps of several slots run as one batched step (a model with recurrent state
-    // cannot: its slots step one by one)
+    // decode steps of several slots run as one batched step
     let mut batcher = if slots.len() > 1 {
         match Batcher::new(engine, slot_ctx, slots.len()) {
             Ok(b) => Some(b),
