@@ -256,9 +256,27 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
 /// Compiles one spec and returns the machine code listing (VCode) Cranelift produced.
 pub fn vcode_text(spec: &KernelSpec) -> Result<String, JitError> {
     let level = selected_level()?;
-    let isa = level_isa(level)?;
+    vcode_text_for(spec, &*level_isa(level)?, level)
+}
+
+/// The VCode listing of one spec for a fixed x86-64-v2 target (SSE4.2, no AVX, no FMA, no
+/// micro-kernels), whatever the host: the same text on every machine, for snapshot tests.
+pub fn vcode_text_baseline(spec: &KernelSpec) -> Result<String, JitError> {
+    let mut flags = settings::builder();
+    flags.set("opt_level", &opt_level()).map_err(|e| JitError::Isa(e.to_string()))?;
+    flags.set("is_pic", "false").map_err(|e| JitError::Isa(e.to_string()))?;
+    let mut isa =
+        cranelift_codegen::isa::lookup_by_name("x86_64-unknown-linux-gnu").map_err(|e| JitError::Isa(e.to_string()))?;
+    for f in ["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"] {
+        isa.set(f, "true").map_err(|e| JitError::Isa(format!("{f}: {e}")))?;
+    }
+    let isa = isa.finish(settings::Flags::new(flags)).map_err(|e| JitError::Isa(e.to_string()))?;
+    vcode_text_for(spec, &*isa, IsaLevel::Sse)
+}
+
+fn vcode_text_for(spec: &KernelSpec, isa: &dyn TargetIsa, level: IsaLevel) -> Result<String, JitError> {
     let mut ctx = Context::new();
-    ctx.func.signature = signature(&*isa);
+    ctx.func.signature = signature(isa);
     ctx.set_disasm(true);
     let mut fctx = FunctionBuilderContext::new();
     kernels::build(
@@ -269,7 +287,7 @@ pub fn vcode_text(spec: &KernelSpec) -> Result<String, JitError> {
         level.wide(),
     );
     let code = ctx
-        .compile(&*isa, &mut Default::default())
+        .compile(isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
     Ok(code.vcode.clone().unwrap_or_default())
 }
