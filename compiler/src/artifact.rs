@@ -26,9 +26,10 @@ pub const MAGIC: &[u8; 8] = b"LLMCART\0";
 /// scales, f32 super-block scales in a table per panel). 8: a projection's int8 activations
 /// are a count of terms (`quant_q8x2` before the logits). 9: MoE expert kernels know the
 /// expert count (they walk the experts, grouping the rows that picked each). 10: the Mamba2
-/// mixer is three kernels (conv per channel block, scan per head, gated norm per row). A bump
+/// mixer is three kernels (conv per channel block, scan per head, gated norm per row). 11: the
+/// fused QKV projection finds each row's KV caches in a per-row table (`Arg::KvRows`). A bump
 /// also retires GGUF artifacts cached by older builds.
-pub const FORMAT_VERSION: u32 = 10;
+pub const FORMAT_VERSION: u32 = 11;
 /// Bytes before the JSON header.
 pub const PREAMBLE: usize = 24;
 /// The largest JSON header a loader reads (the header lists tensors and kernel calls: a few

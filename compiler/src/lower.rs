@@ -163,7 +163,7 @@ impl Lowerer<'_> {
                             args.push(a[2].clone());
                         }
                         let pos = a[a.len() - 1].clone();
-                        args.extend([pos, Arg::RopeTable(t), Arg::KCache(*layer), Arg::VCache(*layer), Arg::Buf(out)]);
+                        args.extend([pos, Arg::RopeTable(t), Arg::KvRows(*layer), Arg::Buf(out)]);
                         let spec = KernelSpec::QkvRope {
                             k,
                             heads: *heads,

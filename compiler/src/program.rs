@@ -65,10 +65,11 @@ pub enum KernelSpec {
     /// `Dot16`) or 2 (`quant_q8x2`: each row quantized twice, value then residual, and the two
     /// sums added).
     MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType, xq: u8 },
-    /// `[x, w (Panel16), bias (Padded16)?, positions, table, kcache, vcache, q_out]`, units:
+    /// `[x, w (Panel16), bias (Padded16)?, positions, table, kv_rows, q_out]`, units:
     /// panels. The fused QKV projection: RoPE on the pair-interleaved q and k rows (table:
     /// per position `rotary_dim` cosines, each twice, then `rotary_dim` signed sines
-    /// `-s, +s`), q to `q_out`, k and v into the cache slot of each token's position.
+    /// `-s, +s`), q to `q_out`, k and v into the cache slot of each token's position (in the
+    /// caches its `KvRows` entry names).
     QkvRope {
         k: usize,
         heads: usize,
@@ -258,6 +259,11 @@ pub enum Arg {
     Positions,
     KCache(usize),
     VCache(usize),
+    /// Where each row of a step writes its K and V for this layer: per row (up to the step's
+    /// row capacity) three words, the K cache's address, the V cache's and the cache's slot
+    /// count. A sequence's rows all name its own caches; a batched step's rows name their
+    /// sequences' (so the fused QKV projection runs once over all the batch's rows).
+    KvRows(usize),
     /// A cos/sin table, by index into `Program::rope_tables`.
     RopeTable(usize),
     /// The conv window / SSM state of a Mamba2 layer.

@@ -96,6 +96,9 @@ pub struct JitState<'a> {
     arena: Vec<Block>,
     caches: Vec<(usize, Aligned, Aligned, usize)>, // (layer, k, v, cap)
     mamba: Vec<(usize, Aligned, Aligned)>,         // (layer, conv window, ssm state)
+    /// Per KV layer, `n_cap` rows of (K address, V address, slots) (`Arg::KvRows`): this
+    /// state's own caches, except during a batched step, whose rows name their sequences'.
+    kv_rows: Vec<(usize, Vec<u64>)>,
     tables: Vec<Vec<f32>>,
     tokens: Vec<i32>,
     positions: Vec<i32>,
@@ -476,12 +479,14 @@ impl<'a> JitState<'a> {
         for &(l, conv, ssm) in &prog.mamba_layers {
             mamba.push((l, Aligned::new(conv)?, Aligned::new(ssm)?));
         }
+        let kv_rows = caches.iter().map(|c| (c.0, vec![0u64; 3 * n_cap])).collect();
         let mut s = JitState {
             prog,
             kernels,
             arena,
             caches,
             mamba,
+            kv_rows,
             tables,
             tokens: vec![0; n_cap],
             positions: vec![0; n_cap],
@@ -492,8 +497,21 @@ impl<'a> JitState<'a> {
             ctx,
             profile: None,
         };
+        s.own_kv_rows();
         s.build_args(weights)?;
         Ok(s)
+    }
+
+    /// Points every row of every `kv_rows` table at this state's own caches.
+    fn own_kv_rows(&mut self) {
+        for (l, rows) in &mut self.kv_rows {
+            if let Some(c) = self.caches.iter_mut().find(|c| c.0 == *l) {
+                let entry = [c.1.ptr() as u64, c.2.ptr() as u64, c.3 as u64];
+                for r in rows.chunks_exact_mut(3) {
+                    r.copy_from_slice(&entry);
+                }
+            }
+        }
     }
 
     fn build_args(&mut self, weights: &dyn Fn(&str) -> Option<*const u8>) -> Result<(), RuntimeError> {
@@ -533,6 +551,14 @@ impl<'a> JitState<'a> {
                         } else {
                             c.2.ptr()
                         }
+                    }
+                    Arg::KvRows(l) => {
+                        let t = self
+                            .kv_rows
+                            .iter_mut()
+                            .find(|t| t.0 == *l)
+                            .ok_or_else(|| missing(format!("no cache for layer {l}")))?;
+                        t.1.as_mut_ptr() as *mut u8
                     }
                     Arg::MambaConv(l) | Arg::MambaSsm(l) => {
                         let m = self
@@ -701,7 +727,18 @@ impl<'a> JitState<'a> {
                 }
             })
             .collect();
+        // row i writes its K and V into sequence i's caches (the fused QKV projection runs once
+        // over all rows); every sequence has every layer's cache (checked above)
+        for (l, rows) in &mut self.kv_rows {
+            for (q, r) in seqs.iter_mut().zip(rows.chunks_exact_mut(3)) {
+                if let Some(c) = q.caches.iter_mut().find(|c| c.0 == *l) {
+                    r.copy_from_slice(&[c.1.ptr() as u64, c.2.ptr() as u64, c.3 as u64]);
+                }
+            }
+        }
         run_plan(pool, prog, &plan, &mut self.profile);
+        // back to this state's own caches: no pointer into a sequence outlives the step
+        self.own_kv_rows();
         self.logits(n)
     }
 

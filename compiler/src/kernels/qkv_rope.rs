@@ -1,11 +1,13 @@
 //! The fused Q/K/V projection: the Panel16 matmul of `matmul.rs` with an epilogue that rotates
 //! q and k (RoPE on pair-interleaved rows, so each f32x4 holds two complete pairs), writes q
-//! to its output and k, v straight into the KV cache slot of the token's position.
+//! to its output and k, v straight into the KV cache slot of the token's position, in the
+//! caches the row's `kv_rows` entry names (a batched step's rows belong to different
+//! sequences).
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
 
-use super::kb::{Kb, V4};
+use super::kb::{Kb, I64, V4};
 use llmc_ir::DType;
 
 use super::matmul::{panels, Ctx, TileVals};
@@ -49,7 +51,8 @@ fn cache_at(k: &mut Kb<'_>, cache: Value, rr: Value, slot: Value, cap: Value, hd
     k.at(base, col, 4)
 }
 
-/// `[x, w, bias?, positions, table, kcache, vcache, q_out]`.
+/// `[x, w, bias?, positions, table, kv_rows, q_out]`: row `t`'s k and v go to the caches
+/// `kv_rows[t]` names (`Arg::KvRows`: K address, V address, slots).
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_rope(
     k: &mut Kb<'_>,
@@ -67,11 +70,10 @@ pub fn qkv_rope(
     let w = k.ptr(1);
     let b = bias.then(|| k.ptr(2));
     let base = 2 + bias as usize;
-    let (pos, table, kc, vc, out) = (k.ptr(base), k.ptr(base + 1), k.ptr(base + 2), k.ptr(base + 3), k.ptr(base + 4));
+    let (pos, table, kv_rows, out) = (k.ptr(base), k.ptr(base + 1), k.ptr(base + 2), k.ptr(base + 3));
     let c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let m = qw + 2 * kw;
-    let cap = k.cap;
     let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {
         for (tt, vi, v) in vals {
             let r0 = k.muli(p, PANEL as i64);
@@ -94,6 +96,8 @@ pub fn qkv_rope(
                         k.st(y, dst, 0);
                     },
                     |k| {
+                        let kvr = k.at(kv_rows, tok, 24);
+                        let (kc, vc, cap) = (k.ld(I64, kvr, 0), k.ld(I64, kvr, 8), k.ld(I64, kvr, 16));
                         let slot = k.b.ins().urem(ps, cap);
                         let kend = k.ic((qw + kw) as i64);
                         let in_k = k.icmp(IntCC::UnsignedLessThan, r, kend);
