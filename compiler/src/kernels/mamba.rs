@@ -120,25 +120,23 @@ pub fn scan(k: &mut Kb<'_>, heads: usize, hd: usize, ds: usize, groups: usize, w
                 let dx = k.fmul(dtv, xv);
                 let dx4 = k.splat(dx);
                 let st = k.at(ssm, idx, (ds * 4) as i64);
-                let mut acc4 = k.c(V4, 0.0);
-                let mut acc1 = k.f(0.0);
-                for sx in (0..ds / 4 * 4).step_by(4) {
-                    let s = k.ld(V4, st, (sx * 4) as i64);
-                    let b = k.ld(V4, bg, (sx * 4) as i64);
-                    let c = k.ld(V4, cg, (sx * 4) as i64);
-                    let sb = k.fmul(dx4, b);
-                    let nv = k.fma(s, da4, sb);
-                    k.st(nv, st, (sx * 4) as i64);
-                    acc4 = k.fma(nv, c, acc4);
-                }
-                for sx in ds / 4 * 4..ds {
-                    let s = k.ld(F32, st, (sx * 4) as i64);
-                    let b = k.ld(F32, bg, (sx * 4) as i64);
-                    let c = k.ld(F32, cg, (sx * 4) as i64);
+                // state dims `sx..`: h = h·da + dx·B, stored; returns acc + h·C
+                let upd = |k: &mut Kb<'_>, ty, sx: usize, (dx, da): (Value, Value), acc: Value| {
+                    let s = k.ld(ty, st, (sx * 4) as i64);
+                    let b = k.ld(ty, bg, (sx * 4) as i64);
+                    let c = k.ld(ty, cg, (sx * 4) as i64);
                     let sb = k.fmul(dx, b);
                     let nv = k.fma(s, da, sb);
                     k.st(nv, st, (sx * 4) as i64);
-                    acc1 = k.fma(nv, c, acc1);
+                    k.fma(nv, c, acc)
+                };
+                let mut acc4 = k.c(V4, 0.0);
+                let mut acc1 = k.f(0.0);
+                for sx in (0..ds / 4 * 4).step_by(4) {
+                    acc4 = upd(k, V4, sx, (dx4, da4), acc4);
+                }
+                for sx in ds / 4 * 4..ds {
+                    acc1 = upd(k, F32, sx, (dx, da), acc1);
                 }
                 let sum = k.hsum(acc4);
                 let sum = k.fadd(sum, acc1);
@@ -203,12 +201,7 @@ pub fn norm(k: &mut Kb<'_>, inner: usize, width: usize, eps: f32) {
             k.set(ss, nx);
         });
         let s = k.get(ss);
-        let dinv = k.f(1.0 / inner as f32);
-        let e = k.f(eps);
-        let ms = k.fma(s, dinv, e);
-        let r = k.b.ins().sqrt(ms);
-        let one = k.f(1.0);
-        let inv = k.fdiv(one, r);
+        let inv = super::matmul::inv_rms(k, s, inner, eps);
         let c1 = k.ic(0);
         k.for_range(c1, iv, |k, c| {
             let op = k.at(orow, c, 4);
