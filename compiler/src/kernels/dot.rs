@@ -29,6 +29,10 @@ const I8X16: types::Type = types::I8X16;
 /// Bytes of stack the quantized rows of one chunk may take.
 const BUF_BYTES: usize = 256 * 1024;
 
+/// The most columns an int8 projection takes: its buffer holds at least 4 rows (8 buffer rows
+/// with `quant_q8x2`), under 1 MiB of stack; lowering refuses wider inputs.
+pub const MAX_COLS: usize = 65536;
+
 /// The quantized input rows of an int8 projection: a stack buffer of `rows · terms` rows of
 /// `row_bytes` (`k` bytes of q, then per block of 32 the scale `d` (f32) and the correction
 /// `−offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step, `terms` buffer rows each

@@ -83,8 +83,9 @@ fn pick(k: &mut Kb<'_>, route: Value, t: Value, top_k: usize, j: usize) -> (Valu
     (e, w)
 }
 
-/// Bytes of stack the gathered rows of one expert may take (`rows` below).
-const GATHER_BYTES: usize = 256 * 1024;
+/// Bytes of stack the gathered rows of one expert may take (`rows` below); lowering refuses
+/// MoE layers whose rows (`d` or `ff` f32) would not fit one.
+pub const GATHER_BYTES: usize = 256 * 1024;
 
 /// Rows of `kd` f32 gathered per flush: up to a wide tile's `TILE_TOKENS`, within
 /// `GATHER_BYTES`.
@@ -139,10 +140,14 @@ fn by_expert(
                         let src_row = row_of(k, t, j);
                         let src = k.at(x, src_row, (kd * 4) as i64);
                         let dst = k.at(buf, i, (kd * 4) as i64);
-                        for o in (0..kd).step_by(4) {
-                            let v = k.ld(V4, src, (o * 4) as i64);
-                            k.st(v, dst, (o * 4) as i64);
-                        }
+                        // `kd` is a multiple of 8 (lowering checks it)
+                        let (z, end) = (k.ic(0), k.ic(kd as i64));
+                        k.for_step(z, end, 8, |k, o| {
+                            let (s, d) = (k.at(src, o, 4), k.at(dst, o, 4));
+                            let (a, b) = (k.ld(V4, s, 0), k.ld(V4, s, 16));
+                            k.st(a, d, 0);
+                            k.st(b, d, 16);
+                        });
                         let id = k.at(ids, i, 16);
                         let dst_row = dst_of(k, t, j);
                         k.st(dst_row, id, 0);
