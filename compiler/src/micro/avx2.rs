@@ -278,9 +278,6 @@ unsafe fn bfloat_tile<
 ) {
     let (head, block, entry) = super::block_layout(NIB, MIN, KH, HB);
     let table = kd / 32 * block;
-    let nib = _mm_set1_epi8(0x0f);
-    let off = _mm_set1_epi8(OFF);
-    let hmask = _mm_set1_epi8(((1u32 << HB) - 1) as i8);
     let mut facc = [[[_mm256_setzero_ps(); 2]; P]; T];
     // SAFETY (whole body): addresses as in `avx512::bfloat_tile`.
     unsafe {
@@ -329,23 +326,7 @@ unsafe fn bfloat_tile<
                 if NIB {
                     // pair `j`: columns `2j` (low nibbles) and `2j + 1` (high nibbles)
                     for j in 0..16 {
-                        let v = _mm_loadu_si128(qs.add(j * 16) as *const __m128i);
-                        let mut lo = _mm_and_si128(v, nib);
-                        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
-                        if HB > 0 {
-                            let per = if HB == 1 { 4 } else { 2 };
-                            let pl = _mm_loadu_si128(qs.add(256 + j / per * 16) as *const __m128i);
-                            let s = (2 * HB * (j % per)) as i32;
-                            let bits = |sh: i32| {
-                                _mm_slli_epi16::<4>(_mm_and_si128(_mm_srl_epi16(pl, _mm_cvtsi32_si128(sh)), hmask))
-                            };
-                            lo = _mm_or_si128(lo, bits(s));
-                            hi = _mm_or_si128(hi, bits(s + HB as i32));
-                        }
-                        if OFF != 0 {
-                            lo = _mm_sub_epi8(lo, off);
-                            hi = _mm_sub_epi8(hi, off);
-                        }
+                        let (lo, hi) = super::x86::nibble_pair::<HB, OFF>(qs, j);
                         fma(value(lo, j / 8), 8 * j);
                         fma(value(hi, j / 8), 8 * j + 4);
                     }

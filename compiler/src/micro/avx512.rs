@@ -266,9 +266,6 @@ unsafe fn bfloat_tile<
 ) {
     let (head, block, entry) = super::block_layout(NIB, MIN, KH, HB);
     let table = kd / 32 * block;
-    let nib = _mm_set1_epi8(0x0f);
-    let off = _mm_set1_epi8(OFF);
-    let hmask = _mm_set1_epi8(((1u32 << HB) - 1) as i8);
     let mut facc = [[_mm512_setzero_ps(); P]; T];
     // SAFETY (whole body): every address is `w + p·pb + b·block + (< block)` for `p < P`,
     // `b < kd/32`, or `w + p·pb + table + b/8·entry + (< entry)`, or `x + t·rb + 4k` for
@@ -310,24 +307,7 @@ unsafe fn bfloat_tile<
                 if NIB {
                     // pair `j`: columns `2j` (low nibbles) and `2j + 1` (high nibbles)
                     for j in 0..16 {
-                        let v = _mm_loadu_si128(qs.add(j * 16) as *const __m128i);
-                        let mut lo = _mm_and_si128(v, nib);
-                        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
-                        if HB > 0 {
-                            // the plane's bits of this pair (`pack::plane_at`) up to bits 4..
-                            let per = if HB == 1 { 4 } else { 2 };
-                            let pl = _mm_loadu_si128(qs.add(256 + j / per * 16) as *const __m128i);
-                            let s = (2 * HB * (j % per)) as i32;
-                            let bits = |sh: i32| {
-                                _mm_slli_epi16::<4>(_mm_and_si128(_mm_srl_epi16(pl, _mm_cvtsi32_si128(sh)), hmask))
-                            };
-                            lo = _mm_or_si128(lo, bits(s));
-                            hi = _mm_or_si128(hi, bits(s + HB as i32));
-                        }
-                        if OFF != 0 {
-                            lo = _mm_sub_epi8(lo, off);
-                            hi = _mm_sub_epi8(hi, off);
-                        }
+                        let (lo, hi) = super::x86::nibble_pair::<HB, OFF>(qs, j);
                         let (wl, wh) = (value(lo, j / 8), value(hi, j / 8));
                         for (t, row) in facc.iter_mut().enumerate() {
                             let xl = _mm512_set1_ps(rd_f32(xb.add(t * rb + 8 * j)));

@@ -28,6 +28,8 @@ mod avx512;
 mod avx512_attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512_scan;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Most tokens and panels one call computes; `out` holds `[TILE_TOKENS][TILE_PANELS][16]` f32.
 pub const TILE_TOKENS: usize = 8;

@@ -1,0 +1,39 @@
+//! Pieces both x86-64 micro-kernel families share: SSE2 only (the x86-64 baseline), inlined
+//! into their `#[target_feature]` functions.
+
+use std::arch::x86_64::*;
+
+/// Pair `j` of a nibble block's `Panel16` integers (`qs`: the block after its head): columns
+/// `2j` (low nibbles) and `2j + 1` (high nibbles), 16 rows each as i8 lanes, with their `HB`
+/// high bits from the block's plane (`pack::plane_at`) and the type's offset `OFF` taken out,
+/// so each lane is the integer the block means.
+///
+/// # Safety
+/// `qs` holds the block's 256 nibble bytes and, with `HB > 0`, its plane after them.
+#[inline(always)]
+pub unsafe fn nibble_pair<const HB: usize, const OFF: i8>(qs: *const u8, j: usize) -> (__m128i, __m128i) {
+    // SAFETY: `j < 16` pairs of 16 bytes, and the plane's `256 + (j / per)·16 + 16` bytes,
+    // inside the block, as the caller promises.
+    unsafe {
+        let nib = _mm_set1_epi8(0x0f);
+        let v = _mm_loadu_si128(qs.add(j * 16) as *const __m128i);
+        let mut lo = _mm_and_si128(v, nib);
+        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(v), nib);
+        if HB > 0 {
+            // the plane's bits of this pair, moved up to bits 4..
+            let hmask = _mm_set1_epi8(((1u32 << HB) - 1) as i8);
+            let per = if HB == 1 { 4 } else { 2 };
+            let pl = _mm_loadu_si128(qs.add(256 + j / per * 16) as *const __m128i);
+            let s = (2 * HB * (j % per)) as i32;
+            let bits = |sh: i32| _mm_slli_epi16::<4>(_mm_and_si128(_mm_srl_epi16(pl, _mm_cvtsi32_si128(sh)), hmask));
+            lo = _mm_or_si128(lo, bits(s));
+            hi = _mm_or_si128(hi, bits(s + HB as i32));
+        }
+        if OFF != 0 {
+            let off = _mm_set1_epi8(OFF);
+            lo = _mm_sub_epi8(lo, off);
+            hi = _mm_sub_epi8(hi, off);
+        }
+        (lo, hi)
+    }
+}
