@@ -1,5 +1,6 @@
-//! Batched decode steps (`llmc_runtime::Batcher`): several sequences' next tokens in one step
-//! give exactly the logits each sequence's own step gives (rows never mix), on every family,
+//! Batched steps (`llmc_runtime::Batcher`): several sequences' next tokens (and a prefill
+//! chunk among them) in one step give exactly the logits each sequence's own step gives (rows
+//! never mix), on every family,
 //! the Mamba2 hybrids included (each sequence's conv window and SSM state), at float and int8
 //! weights.
 
@@ -34,7 +35,7 @@ fn batch_equals_single(family: &str, extra: &[&str]) {
         assert_eq!(lb, ls);
         next.push(llmc_runtime::sampler::argmax(&lb) as i32);
     }
-    let mut batcher = Batcher::new(&engine, ctx, 4).unwrap();
+    let mut batcher = Batcher::new(&engine, ctx, 8).unwrap();
     let wide = engine.kernels.level != llmc_compiler::jit::IsaLevel::Sse;
     for step in 0..6 {
         let mut refs: Vec<&mut Session<'_>> = batched.iter_mut().collect();
@@ -50,6 +51,26 @@ fn batch_equals_single(family: &str, extra: &[&str]) {
         }
         next = got.iter().map(|l| (llmc_runtime::sampler::argmax(l) as i32 + step) % vocab).collect();
     }
+    // a prefill chunk sharing a step with decode tokens (the IR's rows of several sequences,
+    // `seqs` = 0 0 0 1 2): each sequence's last-row logits are its own step's
+    let chunks: Vec<Vec<i32>> = vec![vec![next[0], 4, 9], vec![next[1]], vec![next[2], 3]];
+    let refs_chunks: Vec<&[i32]> = chunks.iter().map(Vec::as_slice).collect();
+    let mut refs: Vec<&mut Session<'_>> = batched.iter_mut().collect();
+    let got = batcher.step_rows(&mut refs, &refs_chunks).unwrap();
+    assert_eq!(got.len(), 3);
+    for (i, s) in single.iter_mut().enumerate() {
+        let want = s.step(&chunks[i]).unwrap();
+        if wide {
+            assert_eq!(got[i], want, "{family}: mixed step, sequence {i}");
+        } else {
+            let worst = got[i].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{family}: mixed step, sequence {i}: {worst}");
+        }
+    }
+    // more rows than the batch takes is an error, not an overflow
+    let long: Vec<i32> = vec![1; batcher.max_rows() + 1];
+    let mut refs: Vec<&mut Session<'_>> = batched.iter_mut().take(1).collect();
+    assert!(batcher.step_rows(&mut refs, &[&long]).is_err());
     assert_eq!(batched.iter().map(|s| s.pos).collect::<Vec<_>>(), single.iter().map(|s| s.pos).collect::<Vec<_>>());
 }
 

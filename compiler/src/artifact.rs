@@ -27,9 +27,11 @@ pub const MAGIC: &[u8; 8] = b"LLMCART\0";
 /// are a count of terms (`quant_q8x2` before the logits). 9: MoE expert kernels know the
 /// expert count (they walk the experts, grouping the rows that picked each). 10: the Mamba2
 /// mixer is three kernels (conv per channel block, scan per head, gated norm per row). 11: the
-/// fused QKV projection finds each row's KV caches in a per-row table (`Arg::KvRows`). A bump
-/// also retires GGUF artifacts cached by older builds.
-pub const FORMAT_VERSION: u32 = 11;
+/// fused QKV projection finds each row's KV caches in a per-row table (`Arg::KvRows`). 12: the
+/// IR's step has a sequence dimension (the `seqs` input, the last operand of every stateful op
+/// and of `take_last`, whose rows are `[s, d]`). A bump also retires GGUF artifacts cached by
+/// older builds.
+pub const FORMAT_VERSION: u32 = 12;
 /// Bytes before the JSON header.
 pub const PREAMBLE: usize = 24;
 /// The largest JSON header a loader reads (the header lists tensors and kernel calls: a few

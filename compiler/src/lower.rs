@@ -83,6 +83,7 @@ impl Lowerer<'_> {
         let shape = &node.ty.shape.0;
         let rows = match shape.first() {
             Some(Dim::N) => Rows::N,
+            Some(Dim::S) => Rows::Seqs,
             _ => Rows::One,
         };
         let width = node.ty.shape.last_const().unwrap_or(0);
@@ -121,6 +122,7 @@ impl Lowerer<'_> {
         let result = match &node.op {
             Op::Input(InputKind::Tokens) => Arg::Tokens,
             Op::Input(InputKind::Positions) => Arg::Positions,
+            Op::Input(InputKind::Seqs) => Arg::Seqs,
             Op::Weight { name } => Arg::Weight(name.clone()),
             Op::QuantQ8 | Op::QuantQ8x2 => a[0].clone(),
             op => {
@@ -169,7 +171,9 @@ impl Lowerer<'_> {
                         if *bias {
                             args.push(a[2].clone());
                         }
-                        let pos = a[a.len() - 1].clone();
+                        // (the sequences are the executor's: a batched step runs this once over
+                        // all rows, each row writing where its `KvRows` entry says)
+                        let pos = a[a.len() - 2].clone();
                         args.extend([pos, Arg::RopeTable(t), Arg::KvRows(*layer), Arg::Buf(out)]);
                         let spec = KernelSpec::QkvRope {
                             k,

@@ -218,11 +218,13 @@ fn wsuffix(w: DType) -> String {
     }
 }
 
-/// Whether a value has one row per token of the step or a single row.
+/// Whether a value has one row per token of the step, one per sequence of the step (what
+/// follows `take_last`), or a single row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum Rows {
     N,
+    Seqs,
     One,
 }
 
@@ -257,6 +259,9 @@ pub enum Arg {
     Weight(String),
     Tokens,
     Positions,
+    /// Each row's sequence (`i32` per row, the IR's `seqs` input): a sequence's rows are
+    /// contiguous.
+    Seqs,
     KCache(usize),
     VCache(usize),
     /// Where each row of a step writes its K and V for this layer: per row (up to the step's

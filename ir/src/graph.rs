@@ -285,7 +285,7 @@ impl Graph {
 
     /// The same step with `logits` for every row instead of the last one only (what
     /// perplexity needs): each `take_last` node is replaced by its input, every node after it
-    /// gets its type inferred again (`[1, d]` becomes `[n, d]`), and the result is verified.
+    /// gets its type inferred again (`[s, d]` becomes `[n, d]`), and the result is verified.
     /// Weights, per-layer state and every other node are unchanged, so the derived graph reads
     /// exactly the tensors of the original. Refused when the graph has no `take_last` or when
     /// the result's `logits` are not one row per token.
@@ -297,8 +297,8 @@ impl Graph {
             return Err(bad("the graph has no take_last to remove (its logits already cover every row?)".into()));
         }
         for t in takes {
-            let &[input] = g.operands(t).as_slice() else {
-                return Err(bad("take_last must have exactly one operand".into()));
+            let &[input, _seqs] = g.operands(t).as_slice() else {
+                return Err(bad("take_last must have two operands (rows, seqs)".into()));
             };
             g.replace_uses(t, input);
             g.remove(t);
@@ -359,7 +359,7 @@ impl Graph {
                     if !ops.is_empty() {
                         return Err(IrError::Type { node: at(), msg: "weight takes no operands".into() });
                     }
-                    if node.ty.shape.0.iter().any(|d| matches!(d, crate::types::Dim::N)) {
+                    if node.ty.shape.is_symbolic() {
                         return Err(IrError::Type { node: at(), msg: format!("weight {name:?} has a symbolic dim") });
                     }
                 }

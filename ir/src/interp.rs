@@ -119,17 +119,34 @@ fn bad(msg: impl Into<String>) -> IrError {
     IrError::Interp(msg.into())
 }
 
-/// Runs one step of `g`, updating `cache`, and returns the graph's named outputs.
+/// Runs one step of `g` over one sequence, updating `cache`, and returns the graph's named
+/// outputs.
 pub fn run(
     g: &Graph,
     step: StepInput<'_>,
     weights: &dyn WeightSource,
     cache: &mut KvCache,
 ) -> Result<HashMap<String, Tensor>, IrError> {
+    let seqs = vec![0; step.tokens.len()];
+    run_batch(g, step, &seqs, weights, std::slice::from_mut(cache))
+}
+
+/// Runs one step of `g` over the rows of several sequences: row `t` belongs to sequence
+/// `seqs[t]`, whose state is `caches[seqs[t]]`; each sequence's rows are contiguous (see
+/// [`seq_runs`]). Stateful ops read and write each row's own sequence's state; `take_last`
+/// gives each sequence's last row, in row order.
+pub fn run_batch(
+    g: &Graph,
+    step: StepInput<'_>,
+    seqs: &[i32],
+    weights: &dyn WeightSource,
+    caches: &mut [KvCache],
+) -> Result<HashMap<String, Tensor>, IrError> {
     let n = step.tokens.len();
-    if step.positions.len() != n {
-        return Err(bad(format!("{n} tokens but {} positions", step.positions.len())));
+    if step.positions.len() != n || seqs.len() != n {
+        return Err(bad(format!("{n} tokens but {} positions and {} seqs", step.positions.len(), seqs.len())));
     }
+    let s = seq_runs(seqs, caches.len())?.len();
     let order = g.topo_order()?;
     // Remaining uses of each value, so intermediates are freed as soon as possible.
     let mut uses: HashMap<NodeId, usize> = HashMap::new();
@@ -147,7 +164,8 @@ pub fn run(
         let operands = g.operands(id);
         let val = {
             let args: Vec<&Val<'_>> = operands.iter().map(|o| &vals[o]).collect();
-            eval(&node.op, node.ty.dtype, &args, step, weights, cache, n, &node.ty.shape.resolve(n))?
+            let shape = node.ty.shape.resolve_step(n, s);
+            eval(&node.op, node.ty.dtype, &args, (step, seqs), weights, caches, n, &shape)?
         };
         vals.insert(id, val);
         for o in operands {
@@ -223,6 +241,29 @@ pub fn route(x: &[f32], router: &[f32], experts: usize, top_k: usize) -> (Vec<us
     (order, w)
 }
 
+/// The rows of each sequence of a step, in row order: `(sequence, rows)`. Every sequence must
+/// name one of the `count` states and have its rows contiguous (a sequence appearing in two
+/// runs is an error).
+pub fn seq_runs(seqs: &[i32], count: usize) -> Result<Vec<(usize, std::ops::Range<usize>)>, IrError> {
+    let mut runs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    for (t, &sq) in seqs.iter().enumerate() {
+        if sq < 0 || sq as usize >= count {
+            return Err(bad(format!("row {t} names sequence {sq}, but the step has {count} sequence states")));
+        }
+        let sq = sq as usize;
+        match runs.last_mut() {
+            Some((last, r)) if *last == sq => r.end = t + 1,
+            _ => {
+                if runs.iter().any(|(o, _)| *o == sq) {
+                    return Err(bad(format!("the rows of sequence {sq} are not contiguous")));
+                }
+                runs.push((sq, t..t + 1));
+            }
+        }
+    }
+    Ok(runs)
+}
+
 /// Writes this step's keys and values into the cache of `layer` at their positions.
 fn kv_append(cache: &mut KvCache, layer: usize, k: &[f32], v: &[f32], kvw: usize, pos: &[i32]) -> Result<(), IrError> {
     let ctx = cache.ctx;
@@ -292,15 +333,16 @@ fn eval<'w>(
     op: &Op,
     dtype: crate::types::DType,
     args: &[&Val<'w>],
-    step: StepInput<'_>,
+    (step, seqs): (StepInput<'_>, &[i32]),
     weights: &'w dyn WeightSource,
-    cache: &mut KvCache,
+    caches: &mut [KvCache],
     n: usize,
     out_shape: &[usize],
 ) -> Result<Val<'w>, IrError> {
     Ok(match op {
         Op::Input(InputKind::Tokens) => Val::Ids(step.tokens.to_vec()),
         Op::Input(InputKind::Positions) => Val::Ids(step.positions.to_vec()),
+        Op::Input(InputKind::Seqs) => Val::Ids(seqs.to_vec()),
         Op::Weight { name } if dtype == crate::types::DType::U8 => {
             let b = weights.bytes(name).ok_or_else(|| IrError::MissingWeight(name.clone()))?;
             if b.len() != out_shape.iter().product::<usize>() {
@@ -413,15 +455,26 @@ fn eval<'w>(
             let (k, _) = args[1].f32()?;
             let (v, _) = args[2].f32()?;
             let pos = args[3].ids()?;
-            kv_append(cache, *layer, k, v, *kv_heads * head_dim, pos)?;
-            let out = attend(cache, *layer, q, pos, *heads, *kv_heads, *head_dim, *window, *scale)?;
-            owned(vec![pos.len(), heads * head_dim], out)
+            let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+            let mut out = Vec::with_capacity(pos.len() * qw);
+            for (sq, r) in seq_runs(args[4].ids()?, caches.len())? {
+                let (kr, vr) = (&k[r.start * kw..r.end * kw], &v[r.start * kw..r.end * kw]);
+                kv_append(&mut caches[sq], *layer, kr, vr, kw, &pos[r.clone()])?;
+                let qr = &q[r.start * qw..r.end * qw];
+                out.extend(attend(&caches[sq], *layer, qr, &pos[r], *heads, *kv_heads, *head_dim, *window, *scale)?);
+            }
+            owned(vec![pos.len(), qw], out)
         }
         Op::Attend { layer, heads, kv_heads, head_dim, window, scale } => {
             let (q, _) = args[0].f32()?;
             let pos = args[1].ids()?;
-            let out = attend(cache, *layer, q, pos, *heads, *kv_heads, *head_dim, *window, *scale)?;
-            owned(vec![pos.len(), heads * head_dim], out)
+            let qw = heads * head_dim;
+            let mut out = Vec::with_capacity(pos.len() * qw);
+            for (sq, r) in seq_runs(args[2].ids()?, caches.len())? {
+                let qr = &q[r.start * qw..r.end * qw];
+                out.extend(attend(&caches[sq], *layer, qr, &pos[r], *heads, *kv_heads, *head_dim, *window, *scale)?);
+            }
+            owned(vec![pos.len(), qw], out)
         }
         Op::Linear { rms_eps, act, bias, residual } => {
             let (x, xs) = args[0].f32()?;
@@ -457,7 +510,8 @@ fn eval<'w>(
             let (x, xs) = args[0].f32()?;
             let (w, ws) = args[1].f32()?;
             let b = if *bias { Some(args[2].f32()?.0) } else { None };
-            let pos = args[args.len() - 1].ids()?;
+            let pos = args[args.len() - 2].ids()?;
+            let runs = seq_runs(args[args.len() - 1].ids()?, caches.len())?;
             let r = ws[0];
             let mut y = project(x, xs[1], w, r, *rms_eps, b);
             let hd = *head_dim;
@@ -486,7 +540,10 @@ fn eval<'w>(
                 k.extend_from_slice(&row[qw..qw + kw]);
                 v.extend_from_slice(&row[qw + kw..]);
             }
-            kv_append(cache, *layer, &k, &v, kw, pos)?;
+            for (sq, rr) in runs {
+                let (kr, vr) = (&k[rr.start * kw..rr.end * kw], &v[rr.start * kw..rr.end * kw]);
+                kv_append(&mut caches[sq], *layer, kr, vr, kw, &pos[rr])?;
+            }
             owned(vec![pos.len(), qw], q)
         }
         Op::ConcatRows => {
@@ -520,102 +577,16 @@ fn eval<'w>(
         }
         Op::Mamba2 { layer, heads, head_dim, d_state, groups, d_conv, chunk, eps } => {
             let (zx, zs) = args[0].f32()?;
-            let p: Vec<&[f32]> = args[1..].iter().map(|a| a.f32().map(|v| v.0)).collect::<Result<_, _>>()?;
-            let (conv_w, conv_b, dt_bias, a_log, dd, norm_w) = (p[0], p[1], p[2], p[3], p[4], p[5]);
-            let (h, hd, s_, k) = (*heads, *head_dim, *d_state, *d_conv);
-            let (n, i_, gs) = (zs[0], h * hd, groups * s_);
-            let ch = i_ + 2 * gs;
+            let p: Vec<&[f32]> = args[1..7].iter().map(|a| a.f32().map(|v| v.0)).collect::<Result<_, _>>()?;
             let width = zs[1];
-            let (conv, ssm) =
-                cache.mamba.get_mut(layer).ok_or_else(|| bad(format!("no Mamba2 state for layer {layer}")))?;
-            // 1. per token: causal depthwise conv over [window..., x_t] + SiLU; dt = softplus
-            let mut act = vec![0f64; n * ch];
-            let mut dts = vec![0f64; n * h];
-            for t in 0..n {
-                let row = &zx[t * width..(t + 1) * width];
-                let (xbc, dt) = (&row[i_..i_ + ch], &row[i_ + ch..]);
-                for c in 0..ch {
-                    let mut acc = conv_b[c] as f64;
-                    for j in 0..k {
-                        let v = if j + 1 == k { xbc[c] } else { conv[j * ch + c] };
-                        acc += conv_w[c * k + j] as f64 * v as f64;
-                    }
-                    act[t * ch + c] = silu(acc as f32) as f64;
-                }
-                for j in 0..k.saturating_sub(2) {
-                    for c in 0..ch {
-                        conv[j * ch + c] = conv[(j + 1) * ch + c];
-                    }
-                }
-                if k > 1 {
-                    conv[(k - 2) * ch..(k - 1) * ch].copy_from_slice(xbc);
-                }
-                for head in 0..h {
-                    let v = dt[head] as f64 + dt_bias[head] as f64;
-                    dts[t * h + head] = if v > 20.0 { v } else { v.exp().ln_1p() };
-                }
+            let mut out = Vec::with_capacity(zs[0] * heads * head_dim);
+            for (sq, r) in seq_runs(args[7].ids()?, caches.len())? {
+                let (conv, ssm) =
+                    caches[sq].mamba.get_mut(layer).ok_or_else(|| bad(format!("no Mamba2 state for layer {layer}")))?;
+                let attrs = (heads, head_dim, d_state, groups, d_conv, chunk, eps);
+                out.extend(mamba2_rows(attrs, &zx[r.start * width..r.end * width], width, &p, conv, ssm));
             }
-            // 2. the SSM: the recurrence for one token, the chunked (SSD) form for more
-            let mut y = vec![0f64; n * i_];
-            let xi = |t: usize, head: usize, pd: usize| act[t * ch + head * hd + pd];
-            let bi = |t: usize, g: usize, sx: usize| act[t * ch + i_ + g * s_ + sx];
-            let ci = |t: usize, g: usize, sx: usize| act[t * ch + i_ + gs + g * s_ + sx];
-            for head in 0..h {
-                let g = head / (h / groups);
-                let a = -(a_log[head] as f64).exp();
-                let mut t0 = 0;
-                while t0 < n {
-                    let len = if n == 1 { 1 } else { (*chunk).min(n - t0) };
-                    // running log-decay s_τ within the chunk
-                    let mut s = vec![0f64; len];
-                    let mut acc = 0f64;
-                    for (u, su) in s.iter_mut().enumerate() {
-                        acc += dts[(t0 + u) * h + head] * a;
-                        *su = acc;
-                    }
-                    for pd in 0..hd {
-                        let st = &mut ssm[(head * hd + pd) * s_..(head * hd + pd + 1) * s_];
-                        for t in 0..len {
-                            // intra-chunk: Σ_{τ≤t} (C_t·B_τ) e^{s_t - s_τ} dt_τ x_τ
-                            let mut yt = 0f64;
-                            for tau in 0..=t {
-                                let cb: f64 = (0..s_).map(|sx| ci(t0 + t, g, sx) * bi(t0 + tau, g, sx)).sum();
-                                yt += cb * (s[t] - s[tau]).exp() * dts[(t0 + tau) * h + head] * xi(t0 + tau, head, pd);
-                            }
-                            // inter-chunk: e^{s_t} C_t · h_prev
-                            let ch_prev: f64 = (0..s_).map(|sx| ci(t0 + t, g, sx) * st[sx] as f64).sum();
-                            yt += s[t].exp() * ch_prev + dd[head] as f64 * xi(t0 + t, head, pd);
-                            y[(t0 + t) * i_ + head * hd + pd] = yt;
-                        }
-                        // carry the state to the end of the chunk
-                        let last = s[len - 1];
-                        for (sx, stv) in st.iter_mut().enumerate() {
-                            let mut nv = last.exp() * *stv as f64;
-                            for tau in 0..len {
-                                nv += (last - s[tau]).exp()
-                                    * dts[(t0 + tau) * h + head]
-                                    * xi(t0 + tau, head, pd)
-                                    * bi(t0 + tau, g, sx);
-                            }
-                            *stv = nv as f32;
-                        }
-                    }
-                    t0 += len;
-                }
-            }
-            // 3. gated RMSNorm over the whole inner dim, not per group (transformers' semantics,
-            // see the op's doc): norm_w · rms(y · silu(z))
-            let mut out = vec![0f32; n * i_];
-            for t in 0..n {
-                let z = &zx[t * width..t * width + i_];
-                let gated: Vec<f64> = (0..i_).map(|c| y[t * i_ + c] * silu(z[c]) as f64).collect();
-                let ms = gated.iter().map(|v| v * v).sum::<f64>() / i_ as f64;
-                let inv = 1.0 / (ms + *eps as f64).sqrt();
-                for c in 0..i_ {
-                    out[t * i_ + c] = norm_w[c] * (gated[c] * inv) as f32;
-                }
-            }
-            owned(vec![n, i_], out)
+            owned(vec![zs[0], heads * head_dim], out)
         }
         Op::Relu2 => {
             let (x, xs) = args[0].f32()?;
@@ -783,10 +754,122 @@ fn eval<'w>(
         }
         Op::TakeLast => {
             let (x, xs) = args[0].f32()?;
-            if xs[0] == 0 {
+            let d = xs[1];
+            let runs = seq_runs(args[1].ids()?, caches.len())?;
+            if runs.is_empty() {
                 return Err(bad("take_last of an empty step"));
             }
-            owned(vec![1, xs[1]], x[(xs[0] - 1) * xs[1]..].to_vec())
+            let mut out = Vec::with_capacity(runs.len() * d);
+            for (_, r) in &runs {
+                out.extend_from_slice(&x[(r.end - 1) * d..r.end * d]);
+            }
+            owned(vec![runs.len(), d], out)
         }
     })
+}
+
+/// The Mamba2 mixer (`Op::Mamba2`'s semantics) over the rows of one sequence, through that
+/// sequence's conv window and SSM state. `p`: conv weight, conv bias, dt_bias, A_log, D, norm
+/// weight.
+#[allow(clippy::too_many_arguments)]
+fn mamba2_rows(
+    (heads, head_dim, d_state, groups, d_conv, chunk, eps): (&usize, &usize, &usize, &usize, &usize, &usize, &f32),
+    zx: &[f32],
+    width: usize,
+    p: &[&[f32]],
+    conv: &mut [f32],
+    ssm: &mut [f32],
+) -> Vec<f32> {
+    let (conv_w, conv_b, dt_bias, a_log, dd, norm_w) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+    let (h, hd, s_, k) = (*heads, *head_dim, *d_state, *d_conv);
+    let (n, i_, gs) = (zx.len() / width, h * hd, groups * s_);
+    let ch = i_ + 2 * gs;
+    // 1. per token: causal depthwise conv over [window..., x_t] + SiLU; dt = softplus
+    let mut act = vec![0f64; n * ch];
+    let mut dts = vec![0f64; n * h];
+    for t in 0..n {
+        let row = &zx[t * width..(t + 1) * width];
+        let (xbc, dt) = (&row[i_..i_ + ch], &row[i_ + ch..]);
+        for c in 0..ch {
+            let mut acc = conv_b[c] as f64;
+            for j in 0..k {
+                let v = if j + 1 == k { xbc[c] } else { conv[j * ch + c] };
+                acc += conv_w[c * k + j] as f64 * v as f64;
+            }
+            act[t * ch + c] = silu(acc as f32) as f64;
+        }
+        for j in 0..k.saturating_sub(2) {
+            for c in 0..ch {
+                conv[j * ch + c] = conv[(j + 1) * ch + c];
+            }
+        }
+        if k > 1 {
+            conv[(k - 2) * ch..(k - 1) * ch].copy_from_slice(xbc);
+        }
+        for head in 0..h {
+            let v = dt[head] as f64 + dt_bias[head] as f64;
+            dts[t * h + head] = if v > 20.0 { v } else { v.exp().ln_1p() };
+        }
+    }
+    // 2. the SSM: the recurrence for one token, the chunked (SSD) form for more
+    let mut y = vec![0f64; n * i_];
+    let xi = |t: usize, head: usize, pd: usize| act[t * ch + head * hd + pd];
+    let bi = |t: usize, g: usize, sx: usize| act[t * ch + i_ + g * s_ + sx];
+    let ci = |t: usize, g: usize, sx: usize| act[t * ch + i_ + gs + g * s_ + sx];
+    for head in 0..h {
+        let g = head / (h / groups);
+        let a = -(a_log[head] as f64).exp();
+        let mut t0 = 0;
+        while t0 < n {
+            let len = if n == 1 { 1 } else { (*chunk).min(n - t0) };
+            // running log-decay s_τ within the chunk
+            let mut s = vec![0f64; len];
+            let mut acc = 0f64;
+            for (u, su) in s.iter_mut().enumerate() {
+                acc += dts[(t0 + u) * h + head] * a;
+                *su = acc;
+            }
+            for pd in 0..hd {
+                let st = &mut ssm[(head * hd + pd) * s_..(head * hd + pd + 1) * s_];
+                for t in 0..len {
+                    // intra-chunk: Σ_{τ≤t} (C_t·B_τ) e^{s_t - s_τ} dt_τ x_τ
+                    let mut yt = 0f64;
+                    for tau in 0..=t {
+                        let cb: f64 = (0..s_).map(|sx| ci(t0 + t, g, sx) * bi(t0 + tau, g, sx)).sum();
+                        yt += cb * (s[t] - s[tau]).exp() * dts[(t0 + tau) * h + head] * xi(t0 + tau, head, pd);
+                    }
+                    // inter-chunk: e^{s_t} C_t · h_prev
+                    let ch_prev: f64 = (0..s_).map(|sx| ci(t0 + t, g, sx) * st[sx] as f64).sum();
+                    yt += s[t].exp() * ch_prev + dd[head] as f64 * xi(t0 + t, head, pd);
+                    y[(t0 + t) * i_ + head * hd + pd] = yt;
+                }
+                // carry the state to the end of the chunk
+                let last = s[len - 1];
+                for (sx, stv) in st.iter_mut().enumerate() {
+                    let mut nv = last.exp() * *stv as f64;
+                    for tau in 0..len {
+                        nv += (last - s[tau]).exp()
+                            * dts[(t0 + tau) * h + head]
+                            * xi(t0 + tau, head, pd)
+                            * bi(t0 + tau, g, sx);
+                    }
+                    *stv = nv as f32;
+                }
+            }
+            t0 += len;
+        }
+    }
+    // 3. gated RMSNorm over the whole inner dim, not per group (transformers' semantics,
+    // see the op's doc): norm_w · rms(y · silu(z))
+    let mut out = vec![0f32; n * i_];
+    for t in 0..n {
+        let z = &zx[t * width..t * width + i_];
+        let gated: Vec<f64> = (0..i_).map(|c| y[t * i_ + c] * silu(z[c]) as f64).collect();
+        let ms = gated.iter().map(|v| v * v).sum::<f64>() / i_ as f64;
+        let inv = 1.0 / (ms + *eps as f64).sqrt();
+        for c in 0..i_ {
+            out[t * i_ + c] = norm_w[c] * (gated[c] * inv) as f32;
+        }
+    }
+    out
 }

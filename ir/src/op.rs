@@ -1,7 +1,14 @@
 //! The operations of the IR, their attributes, and their typing rules.
 //!
 //! Every activation is a row-major matrix `[n, d]` (one row per token of the step) unless noted.
-//! Weights are `[out, in]` like `torch.nn.Linear`. Token ids and positions are `i32[n]`.
+//! Weights are `[out, in]` like `torch.nn.Linear`. Token ids, positions and sequences are
+//! `i32[n]`.
+//!
+//! A step's rows may belong to several sequences (a batch): row `t` is token `tokens[t]` at
+//! `positions[t]` of sequence `seqs[t]`. A sequence's rows are contiguous and in position order;
+//! each sequence has its own per-layer state (KV caches, Mamba2 conv window and SSM state), and
+//! every stateful op takes `seqs` as its last operand and reads and writes row `t`'s sequence's
+//! state only. `take_last` gives one row per sequence (`[s, d]`). Rows never mix otherwise.
 
 use crate::types::{DType, Dim, Shape, Type};
 
@@ -12,6 +19,9 @@ pub enum InputKind {
     Tokens,
     /// Absolute position of each token in its sequence: `i32[n]`.
     Positions,
+    /// The sequence of each token (its index among the step's sequences, each one's state its
+    /// own): `i32[n]`; a sequence's rows are contiguous.
+    Seqs,
 }
 
 impl InputKind {
@@ -19,6 +29,7 @@ impl InputKind {
         match self {
             InputKind::Tokens => "tokens",
             InputKind::Positions => "positions",
+            InputKind::Seqs => "seqs",
         }
     }
 }
@@ -151,7 +162,7 @@ pub enum StateUse {
 /// One IR operation. Operand order is fixed per op and documented on each variant.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// A step input (`tokens` or `positions`), `i32[n]`.
+    /// A step input (`tokens`, `positions` or `seqs`), `i32[n]`.
     Input(InputKind),
     /// A named weight tensor, supplied at run time; never copied into the IR.
     Weight { name: String },
@@ -167,9 +178,10 @@ pub enum Op {
     /// `(x [n, heads*head_dim], positions) -> same`: rotate-half (NeoX) rotary embedding on the
     /// first `rotary_dim` dims of each head.
     Rope { heads: usize, head_dim: usize, rotary_dim: usize, theta: f32, scaling: RopeScaling },
-    /// `(q [n, heads*hd], k [n, kv_heads*hd], v [n, kv_heads*hd], positions) -> [n, heads*hd]`.
-    /// Appends k and v of every token to the KV cache of `layer` at its position, then each query
-    /// attends causally over the cached positions `p` with `pos - window < p <= pos`.
+    /// `(q [n, heads*hd], k [n, kv_heads*hd], v [n, kv_heads*hd], positions, seqs) -> [n,
+    /// heads*hd]`. Appends k and v of every token to its sequence's KV cache of `layer` at its
+    /// position, then each query attends causally over its sequence's cached positions `p` with
+    /// `pos - window < p <= pos`.
     Attention { layer: usize, heads: usize, kv_heads: usize, head_dim: usize, window: Option<usize>, scale: f32 },
     /// Row-wise softmax over the last dim.
     Softmax,
@@ -189,7 +201,8 @@ pub enum Op {
     Slice { start: usize, len: usize },
     /// Concatenation along the last dim (any number of operands).
     Concat,
-    /// `[n, d] -> [1, d]`: the last row (the logits that sampling needs).
+    /// `(x [n, d], seqs) -> [s, d]`: the last row of each sequence, in the order of the rows
+    /// (the logits that sampling needs).
     TakeLast,
     /// `[n, k] -> [n, k]` (`k` a multiple of 32): each row rounded to int8 blocks of 32 and
     /// back, `x = d · q` (`quant::quantize_act_q8`): the activation quantization of the int8
@@ -210,11 +223,11 @@ pub enum Op {
     /// (`interleave_rows8`) and `m = r / 2`: `out[j] = silu(y[g(j)]) · y[g(j) + 8]`,
     /// `g(j) = 16·(j / 8) + j % 8`.
     Linear { rms_eps: Option<f32>, act: Act, bias: bool, residual: bool },
-    /// `(x [n, k], w [(h+2kv)·hd, k], bias?, positions) -> q [n, h·hd]`: the fused Q/K/V
+    /// `(x [n, k], w [(h+2kv)·hd, k], bias?, positions, seqs) -> q [n, h·hd]`: the fused Q/K/V
     /// projection (with the optional RMS prologue of `linear`), RoPE applied in its epilogue to
     /// q and k in *pair-interleaved* order (the rows of `w` were permuted by `rope_interleave`,
     /// so dims `2i, 2i+1` of a head are a rotated pair), and k, v appended to the KV cache of
-    /// `layer`. Returns the rotated q; an `attend` reads the cache.
+    /// `layer` of each row's sequence. Returns the rotated q; an `attend` reads the cache.
     QkvRope {
         layer: usize,
         heads: usize,
@@ -226,8 +239,8 @@ pub enum Op {
         rms_eps: Option<f32>,
         bias: bool,
     },
-    /// `(q [n, h·hd], positions) -> [n, h·hd]`: attention over the KV cache of `layer`, which a
-    /// `qkv_rope` of the same step filled.
+    /// `(q [n, h·hd], positions, seqs) -> [n, h·hd]`: attention over the KV cache of `layer` of
+    /// each row's sequence, which a `qkv_rope` of the same step filled.
     Attend { layer: usize, heads: usize, kv_heads: usize, head_dim: usize, window: Option<usize>, scale: f32 },
 
     // ---- compile-time ops on weights (the compiler evaluates them once) ----
@@ -259,8 +272,9 @@ pub enum Op {
     BitLinear,
     /// A Mamba2 mixer after its input projection:
     /// `(zxbcdt [n, 2·I + 2·G·S + H], conv_w [C, 1, K], conv_b [C], dt_bias [H], a_log [H],
-    /// d [H], norm_w [I]) -> [n, I]` with `I = heads·head_dim`, `C = I + 2·G·S` conv channels.
-    /// Per token, in order: causal depthwise conv (window of the last K inputs, kept in the
+    /// d [H], norm_w [I], seqs) -> [n, I]` with `I = heads·head_dim`, `C = I + 2·G·S` conv
+    /// channels. Each sequence's rows run through its own conv window and SSM state. Per token,
+    /// in order: causal depthwise conv (window of the last K inputs, kept in the
     /// layer's conv state) + SiLU on `xBC`; `dt = softplus(dt + dt_bias)`; per head
     /// `state = state·exp(dt·A) + dt·x ⊗ B` (`A = -exp(a_log)`, `B`, `C` of the head's group),
     /// `y = state·C + D·x`; then the gated RMSNorm `norm_w · rms(y · silu(z))`, one mean of
@@ -464,6 +478,7 @@ impl Op {
             "input" => Op::Input(match attrs.str("kind")? {
                 "tokens" => InputKind::Tokens,
                 "positions" => InputKind::Positions,
+                "seqs" => InputKind::Seqs,
                 other => return Err(format!("unknown input kind `{other}`")),
             }),
             "weight" => Op::Weight { name: attrs.quoted("name")? },
@@ -822,7 +837,7 @@ impl Op {
                 Ok(ins[0].clone())
             }
             Op::Attention { heads, kv_heads, head_dim, window, .. } => {
-                arity(4, 4)?;
+                arity(5, 5)?;
                 if *kv_heads == 0 || heads % kv_heads != 0 {
                     return Err(format!("heads {heads} must be a multiple of kv_heads {kv_heads}"));
                 }
@@ -838,10 +853,12 @@ impl Op {
                     ));
                 }
                 ids(ins[3], "attention positions")?;
+                ids(ins[4], "attention seqs")?;
                 Ok(ins[0].clone())
             }
             Op::Mamba2 { heads, head_dim, d_state, groups, d_conv, chunk, .. } => {
-                arity(7, 7)?;
+                arity(8, 8)?;
+                ids(ins[7], "mamba2 seqs")?;
                 if *chunk == 0 {
                     return Err("mamba2 chunk must be positive".into());
                 }
@@ -923,9 +940,13 @@ impl Op {
                 Ok(ins[0].clone())
             }
             Op::TakeLast => {
-                arity(1, 1)?;
+                arity(2, 2)?;
                 let d = rows(ins[0], "take_last input")?;
-                Ok(Type::new(DType::F32, Shape::constant(&[1, d])))
+                if ins[0].shape.0[0] != Dim::N {
+                    return Err(format!("take_last input must have a row per token, got {}", ins[0]));
+                }
+                ids(ins[1], "take_last seqs")?;
+                Ok(Type::new(DType::F32, Shape(vec![Dim::S, Dim::C(d)])))
             }
             Op::Linear { act, bias, residual, .. } => {
                 let want = 2 + *bias as usize + *residual as usize;
@@ -953,7 +974,7 @@ impl Op {
                 Ok(out)
             }
             Op::QkvRope { heads, kv_heads, head_dim, rotary_dim, bias, .. } => {
-                let want = 3 + *bias as usize;
+                let want = 4 + *bias as usize;
                 arity(want, want)?;
                 let k = rows(ins[0], "qkv_rope input")?;
                 let rows_w = (heads + 2 * kv_heads) * head_dim;
@@ -963,7 +984,8 @@ impl Op {
                 if *bias {
                     vector(ins[2], rows_w, "qkv_rope bias")?;
                 }
-                ids(ins[want - 1], "qkv_rope positions")?;
+                ids(ins[want - 2], "qkv_rope positions")?;
+                ids(ins[want - 1], "qkv_rope seqs")?;
                 if *kv_heads == 0
                     || heads % kv_heads != 0
                     || rotary_dim % 4 != 0
@@ -975,7 +997,7 @@ impl Op {
                 Ok(same_rows(heads * head_dim))
             }
             Op::Attend { heads, kv_heads, head_dim, window, .. } => {
-                arity(2, 2)?;
+                arity(3, 3)?;
                 if *kv_heads == 0 || heads % kv_heads != 0 || *window == Some(0) {
                     return Err("attend needs kv_heads | heads and a positive window".into());
                 }
@@ -984,6 +1006,7 @@ impl Op {
                     return Err(format!("attend q has {q} columns, expected {}", heads * head_dim));
                 }
                 ids(ins[1], "attend positions")?;
+                ids(ins[2], "attend seqs")?;
                 Ok(ins[0].clone())
             }
             Op::ConcatRows => {
@@ -998,7 +1021,7 @@ impl Op {
                     }
                     match s[0] {
                         Dim::C(r) => total += r,
-                        Dim::N => return Err("concat_rows is for weights".into()),
+                        Dim::N | Dim::S => return Err("concat_rows is for weights".into()),
                     }
                 }
                 let mut shape = first.clone();
@@ -1020,7 +1043,7 @@ impl Op {
             }
             Op::InterleaveRows8 => {
                 arity(2, 2)?;
-                if ins[0] != ins[1] || ins[0].shape.0.contains(&Dim::N) {
+                if ins[0] != ins[1] || ins[0].shape.is_symbolic() {
                     return Err(format!("interleave_rows8 operands differ: {} vs {}", ins[0], ins[1]));
                 }
                 match ins[0].shape.0.first() {

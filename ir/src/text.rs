@@ -130,7 +130,11 @@ fn parse_type(s: &str) -> Result<Type, String> {
     let dims = dims.strip_suffix(']').ok_or_else(|| format!("bad type `{s}`"))?;
     let mut shape = Vec::new();
     for d in dims.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        shape.push(if d == "n" { Dim::N } else { Dim::C(d.parse().map_err(|_| format!("bad dim `{d}`"))?) });
+        shape.push(match d {
+            "n" => Dim::N,
+            "s" => Dim::S,
+            _ => Dim::C(d.parse().map_err(|_| format!("bad dim `{d}`"))?),
+        });
     }
     Ok(Type::new(dtype, Shape(shape)))
 }

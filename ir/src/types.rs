@@ -1,4 +1,5 @@
-//! Element types and shapes. The only symbolic dimension is `n`, the number of tokens in a step.
+//! Element types and shapes. Two dimensions are symbolic: `n`, the number of rows (tokens) in a
+//! step, and `s`, the number of sequences they belong to (`1 <= s <= n`).
 
 use std::fmt;
 
@@ -77,10 +78,12 @@ impl DType {
     }
 }
 
-/// One dimension: the symbolic token count `n` or a constant.
+/// One dimension: the symbolic row count `n`, the symbolic sequence count `s`, or a constant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dim {
     N,
+    /// One per sequence of the step (`take_last`'s rows).
+    S,
     C(usize),
 }
 
@@ -88,6 +91,7 @@ impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Dim::N => write!(f, "n"),
+            Dim::S => write!(f, "s"),
             Dim::C(c) => write!(f, "{c}"),
         }
     }
@@ -117,15 +121,24 @@ impl Shape {
             _ => None,
         }
     }
-    /// Concrete dims for a given `n`.
+    /// Concrete dims for a step of `n` rows of one sequence (`s = 1`).
     pub fn resolve(&self, n: usize) -> Vec<usize> {
+        self.resolve_step(n, 1)
+    }
+    /// Concrete dims for a step of `n` rows of `s` sequences.
+    pub fn resolve_step(&self, n: usize, s: usize) -> Vec<usize> {
         self.0
             .iter()
             .map(|d| match d {
                 Dim::N => n,
+                Dim::S => s,
                 Dim::C(c) => *c,
             })
             .collect()
+    }
+    /// Whether a dim is symbolic (`n` or `s`).
+    pub fn is_symbolic(&self) -> bool {
+        self.0.iter().any(|d| matches!(d, Dim::N | Dim::S))
     }
     /// Number of elements for a given `n`.
     pub fn numel(&self, n: usize) -> usize {

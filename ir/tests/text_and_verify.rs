@@ -12,6 +12,7 @@ fn block(d: usize, heads: usize, kv: usize, window: Option<usize>) -> Graph {
     let mut g = Graph::new("tiny");
     let tok = g.input(InputKind::Tokens);
     let pos = g.input(InputKind::Positions);
+    let seqs = g.input(InputKind::Seqs);
     let emb = g.weight("emb", &[10, d]);
     let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
     let nw = g.weight("norm", &[d]);
@@ -25,11 +26,11 @@ fn block(d: usize, heads: usize, kv: usize, window: Option<usize>) -> Graph {
     let q = g.add(rope(heads), &[q, pos]).unwrap();
     let k = g.add(rope(kv), &[k, pos]).unwrap();
     let a = g
-        .add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale: 0.5 }, &[q, k, v, pos])
+        .add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale: 0.5 }, &[q, k, v, pos, seqs])
         .unwrap();
     let s = g.add(Op::Silu, &[a]).unwrap();
     let y = g.add(Op::Add, &[x, s]).unwrap();
-    let last = g.add(Op::TakeLast, &[y]).unwrap();
+    let last = g.add(Op::TakeLast, &[y, seqs]).unwrap();
     g.output("logits", last);
     g
 }
@@ -61,7 +62,8 @@ fn parse_errors_name_the_line() {
     let bad = good.replace("rms_norm(", "rms_normz(");
     let e = text::parse(&bad).unwrap_err().to_string();
     assert!(e.contains("unknown op `rms_normz`") && e.contains("line"), "{e}");
-    let bad = good.replace("%2 = weight", "%2 = weight_missing_close");
+    let bad = good.replace("%3 = weight", "%3 = weight_missing_close");
+    assert_ne!(bad, good);
     assert!(text::parse(&bad).is_err());
     let e = text::parse("graph \"x\" {\n  %0 = input kind=tokens : i32[n]\n").unwrap_err().to_string();
     assert!(e.contains("missing closing"), "{e}");
@@ -96,13 +98,14 @@ fn attention_window_and_cache_across_steps() {
     let mut g = Graph::new("win");
     let tok = g.input(InputKind::Tokens);
     let pos = g.input(InputKind::Positions);
+    let seqs = g.input(InputKind::Seqs);
     let emb = g.weight("emb", &[4, 1]);
     let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
     let zero = g.add(Op::Scale { factor: 0.0 }, &[x]).unwrap();
     let a = g
         .add(
             Op::Attention { layer: 0, heads: 1, kv_heads: 1, head_dim: 1, window: Some(2), scale: 1.0 },
-            &[zero, zero, x, pos],
+            &[zero, zero, x, pos, seqs],
         )
         .unwrap();
     g.output("out", a);
@@ -172,6 +175,7 @@ fn mamba2_gated_norm_spans_all_groups() {
     let mut g = Graph::new("mamba");
     let tok = g.input(InputKind::Tokens);
     g.input(InputKind::Positions);
+    let seqs = g.input(InputKind::Seqs);
     let zx = g.weight("zx", &[4, width]);
     let x = g.add(Op::Embedding, &[zx, tok]).unwrap();
     let p: Vec<_> = [("cw", vec![ch, 1, 1]), ("cb", vec![ch]), ("dtb", vec![heads]), ("alog", vec![heads])]
@@ -180,7 +184,7 @@ fn mamba2_gated_norm_spans_all_groups() {
         .map(|(n, s)| (n, g.weight(n, &s), s))
         .collect();
     let op = Op::Mamba2 { layer: 0, heads, head_dim: hd, d_state: 1, groups, d_conv: 1, chunk: 2, eps: 1e-5 };
-    let ops: Vec<_> = std::iter::once(x).chain(p.iter().map(|q| q.1)).collect();
+    let ops: Vec<_> = std::iter::once(x).chain(p.iter().map(|q| q.1)).chain([seqs]).collect();
     let m = g.add(op, &ops).unwrap();
     g.output("out", m);
     // Row t: z, then x (group 0 small, group 1 large), then B, C and dt (zeroed by the conv).
@@ -299,9 +303,10 @@ fn all_logits_graph_needs_a_take_last() {
 fn names_with_escaped_characters_round_trip() {
     let mut g = Graph::new("we\"ird\\\u{0}\t");
     let tok = g.input(InputKind::Tokens);
+    let seqs = g.input(InputKind::Seqs);
     let emb = g.weight("\u{0}emb\n\u{200b}\"q\\", &[10, 4]);
     let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
-    let last = g.add(Op::TakeLast, &[x]).unwrap();
+    let last = g.add(Op::TakeLast, &[x, seqs]).unwrap();
     g.output("logits", last);
     let t1 = text::print(&g);
     let parsed = text::parse(&t1).unwrap();
@@ -321,4 +326,55 @@ fn concat_rows_of_scalars_is_a_type_error() {
     let t = "graph \"t\" {\n  %0 = weight name=\"a\" : f32[]\n  %1 = concat_rows(%0, %0) : f32[2]\n  output logits = %1\n}\n";
     let e = text::parse(t).unwrap_err().to_string();
     assert!(e.contains("concat_rows"), "{e}");
+}
+
+/// A step over several sequences (`interp::run_batch`) is each sequence's own step: rows of
+/// two sequences (a decode token of one, a three-token chunk of the other) in one step give
+/// each sequence's last-row logits and leave each cache as that sequence's steps alone do.
+#[test]
+fn batch_step_is_each_sequence_alone() {
+    let (d, vocab) = (8, 5);
+    let mut g = block(d, 2, 1, Some(4));
+    let last = g.outputs[0].1;
+    let head = g.weight("lm_head", &[vocab, d]);
+    let logits = g.add(Op::MatMul, &[last, head]).unwrap();
+    g.outputs = vec![("logits".into(), logits)];
+    g.verify().unwrap();
+    assert!(text::print(&g).contains(&format!("take_last(%")), "{}", text::print(&g));
+    assert!(text::print(&g).contains(&format!(": f32[s, {vocab}]")), "{}", text::print(&g));
+    let val = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + k) % 11) as f32 / 11.0 - 0.4).collect::<Vec<f32>>();
+    let hd = d / 2;
+    let w = weights(&[
+        ("emb", vec![10, d], val(10 * d, 1)),
+        ("norm", vec![d], val(d, 2)),
+        ("qkv", vec![4 * hd, d], val(4 * hd * d, 3)),
+        ("lm_head", vec![vocab, d], val(vocab * d, 5)),
+    ]);
+    let run = |tokens: &[i32], positions: &[i32], cache: &mut KvCache| {
+        interp::run(&g, StepInput { tokens, positions }, &w, cache).unwrap().remove("logits").unwrap()
+    };
+    // each alone: A = [3, 1] then 4; B = [5] then [9, 2, 6]
+    let (mut a, mut b) = (KvCache::new(&g, 8), KvCache::new(&g, 8));
+    run(&[3, 1], &[0, 1], &mut a);
+    run(&[5], &[0], &mut b);
+    let (mut a2, mut b2) = (a.clone(), b.clone());
+    let want_a = run(&[4], &[2], &mut a);
+    let want_b = run(&[9, 2, 6], &[1, 2, 3], &mut b);
+    // together: B's chunk, then A's token
+    let mut caches = vec![b2.clone(), a2.clone()];
+    let step = StepInput { tokens: &[9, 2, 6, 4], positions: &[1, 2, 3, 2] };
+    let got = interp::run_batch(&g, step, &[0, 0, 0, 1], &w, &mut caches).unwrap().remove("logits").unwrap();
+    assert_eq!(got.shape, vec![2, vocab]);
+    assert_eq!(&got.data[..vocab], want_b.data.as_slice());
+    assert_eq!(&got.data[vocab..], want_a.data.as_slice());
+    assert_eq!(caches[0].layers[&0].k, b.layers[&0].k);
+    assert_eq!(caches[1].layers[&0].v, a.layers[&0].v);
+    // a sequence's rows must be contiguous and name a state
+    let step = StepInput { tokens: &[9, 4, 2], positions: &[1, 2, 2] };
+    let e = interp::run_batch(&g, step, &[0, 1, 0], &w, &mut caches).unwrap_err().to_string();
+    assert!(e.contains("not contiguous"), "{e}");
+    let step = StepInput { tokens: &[9], positions: &[1] };
+    let e = interp::run_batch(&g, step, &[2], &w, &mut [b2.clone(), a2.clone()]).unwrap_err().to_string();
+    assert!(e.contains("2 sequence states"), "{e}");
+    let _ = (&mut a2, &mut b2);
 }

@@ -146,7 +146,8 @@ pub fn mamba_mixer(
         chunk: m.chunk,
         eps: m.eps,
     };
-    let y = b.op(op, &[zxbcdt, conv_w, conv_b, dt_bias, a_log, dd, norm])?;
+    let seqs = b.seqs;
+    let y = b.op(op, &[zxbcdt, conv_w, conv_b, dt_bias, a_log, dd, norm, seqs])?;
     b.linear(y, &format!("{p}.out_proj"), d, inner, proj_bias)
 }
 

@@ -12,6 +12,8 @@ pub struct Builder {
     pub g: Graph,
     pub tokens: NodeId,
     pub positions: NodeId,
+    /// Each row's sequence: the last operand of every stateful op and of `take_last`.
+    pub seqs: NodeId,
     pub specs: Vec<WeightSpec>,
     /// Weight nodes by name (a weight read twice is one node), so a lookup does not scan the
     /// graph: building stays linear in the number of layers and experts.
@@ -50,7 +52,8 @@ impl Builder {
         let mut g = Graph::new(name);
         let tokens = g.input(InputKind::Tokens);
         let positions = g.input(InputKind::Positions);
-        Builder { g, tokens, positions, specs: Vec::new(), weights: HashMap::new() }
+        let seqs = g.input(InputKind::Seqs);
+        Builder { g, tokens, positions, seqs, specs: Vec::new(), weights: HashMap::new() }
     }
 
     /// A weight read from the checkpoint tensor of the same name.
@@ -159,7 +162,7 @@ impl Builder {
             }
             None => (q, k),
         };
-        let pos = self.positions;
+        let (pos, seqs) = (self.positions, self.seqs);
         self.op(
             Op::Attention {
                 layer,
@@ -169,7 +172,7 @@ impl Builder {
                 window: p.window,
                 scale: p.scale,
             },
-            &[q, k, v, pos],
+            &[q, k, v, pos, seqs],
         )
     }
 
@@ -203,9 +206,10 @@ impl Builder {
         Ok((q, k, v))
     }
 
-    /// The last row of the residual stream: only it needs logits.
+    /// The last row of each sequence's rows in the residual stream: only they need logits.
     pub fn last_row(&mut self, x: NodeId) -> Result<NodeId> {
-        self.op(Op::TakeLast, &[x])
+        let seqs = self.seqs;
+        self.op(Op::TakeLast, &[x, seqs])
     }
 
     /// Final projection of the (normed) last row to the vocabulary; the graph's output.

@@ -400,15 +400,14 @@ pub fn batch_decode(
         next = logits.iter().map(|l| argmax(l) as i32).collect();
     }
     let rate = (decode * batch) as f64 / t.elapsed().as_secs_f64().max(1e-9);
-    let mut prof: Vec<(String, f64, usize)> = match (batcher.profile(), engine.all_rows()) {
-        (Some(p), Ok(all)) => p
+    let kernels = &engine.art.header.program.kernels;
+    let mut prof: Vec<(String, f64, usize)> = match batcher.profile() {
+        Some(p) => p
             .iter()
             .enumerate()
-            .map(|(k, &(secs, calls))| {
-                (all.program().kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1))
-            })
+            .map(|(k, &(secs, calls))| (kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1)))
             .collect(),
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     prof.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok((rate, prof))

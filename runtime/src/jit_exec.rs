@@ -102,6 +102,8 @@ pub struct JitState<'a> {
     tables: Vec<Vec<f32>>,
     tokens: Vec<i32>,
     positions: Vec<i32>,
+    /// Each row's sequence (`Arg::Seqs`): all 0 in a step of this state's own sequence.
+    seqs: Vec<i32>,
     /// Pointer table of every call, fixed for the session.
     args: Vec<Vec<*mut u8>>,
     caps: Vec<i64>,
@@ -321,6 +323,29 @@ impl<'a> JitState<'a> {
         ctx: usize,
         n_cap: usize,
     ) -> Result<JitState<'a>, RuntimeError> {
+        JitState::own(art, kernels, ctx, n_cap, ctx)
+    }
+
+    /// The state of batched steps (`step_batch`) of `art`'s program: arena rows for `n_cap`
+    /// rows and RoPE tables for `ctx` positions, but KV caches of one position: the sequences
+    /// bring their own.
+    pub fn batch(
+        art: &'a Artifact,
+        kernels: &'a Kernels,
+        ctx: usize,
+        n_cap: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
+        JitState::own(art, kernels, ctx, n_cap, 1)
+    }
+
+    /// `new` with KV caches of `cache_ctx` positions.
+    fn own(
+        art: &'a Artifact,
+        kernels: &'a Kernels,
+        ctx: usize,
+        n_cap: usize,
+        cache_ctx: usize,
+    ) -> Result<JitState<'a>, RuntimeError> {
         if let Some(rows) = art.limits.position_rows {
             if ctx > rows {
                 return Err(RuntimeError::Usage(format!("context size {ctx} exceeds the model's {rows} positions")));
@@ -330,13 +355,14 @@ impl<'a> JitState<'a> {
         // dtype, the layout the program reads, inside the map); the map lives for 'a, as does
         // the program the kernels were checked against below; `token_rows` comes from the same IR.
         unsafe {
-            JitState::with_weights(
+            JitState::build(
                 &art.header.program,
                 kernels,
                 &|name| art.tensor_ptr(name),
                 ctx,
                 n_cap,
                 art.limits.token_rows,
+                cache_ctx,
             )
         }
     }
@@ -354,13 +380,6 @@ impl<'a> JitState<'a> {
         n_cap: usize,
     ) -> Result<JitState<'a>, RuntimeError> {
         JitState::derived(art, all, ctx, n_cap, ctx)
-    }
-
-    /// The state of batched steps (`step_batch`) of `art`'s all-rows program: arena rows for
-    /// `n_cap` sequences and RoPE tables for `ctx` positions, but KV caches of one position:
-    /// the sequences bring their own.
-    pub fn batch(art: &'a Artifact, all: &'a AllRows, ctx: usize, n_cap: usize) -> Result<JitState<'a>, RuntimeError> {
-        JitState::derived(art, all, ctx, n_cap, 1)
     }
 
     /// `all_rows` with KV caches of `cache_ctx` positions.
@@ -490,6 +509,7 @@ impl<'a> JitState<'a> {
             tables,
             tokens: vec![0; n_cap],
             positions: vec![0; n_cap],
+            seqs: vec![0; n_cap],
             args: Vec::new(),
             caps: Vec::new(),
             token_rows,
@@ -540,6 +560,7 @@ impl<'a> JitState<'a> {
                     }
                     Arg::Tokens => self.tokens.as_mut_ptr() as *mut u8,
                     Arg::Positions => self.positions.as_mut_ptr() as *mut u8,
+                    Arg::Seqs => self.seqs.as_mut_ptr() as *mut u8,
                     Arg::KCache(l) | Arg::VCache(l) => {
                         let c = self
                             .caches
@@ -602,43 +623,68 @@ impl<'a> JitState<'a> {
         }
     }
 
-    /// One step over several sequences at once, one token each: `self` is the batch's state
-    /// (its arena holds the rows, row `i` being `seqs[i]`'s token at `positions[i]`; its own
-    /// caches are not used), `seqs` the sequences, whose KV caches the attention calls read
-    /// and write. Calls without per-sequence state (projections, norms, the output layer)
-    /// run once over all rows, reading each weight once for the whole batch; calls with it
-    /// (QKV + RoPE + cache write, attention, the Mamba2 conv and scan) run once per sequence
-    /// on that sequence's row and its cache or recurrent state. `self` must run the all-rows program (logits for every row) of the program the
-    /// sequences run. Returns the `logits` rows, one per sequence. Every row's arithmetic is
-    /// the one a step of that sequence alone does (rows never mix), so on the wide
-    /// micro-kernels batching changes no token.
+    /// One step over several sequences at once: `self` is the batch's state (its arena holds
+    /// the rows; its own caches are not used), `seqs` the sequences, whose caches and
+    /// recurrent states the stateful calls read and write. Sequence `i` has `lens[i] >= 1`
+    /// consecutive rows (`tokens`, `positions`, in position order): one for a decode step,
+    /// more for a prefill chunk sharing the step. This is the IR's step over several
+    /// sequences (`seqs[t]` = the sequence of row `t`, `interp::run_batch`): calls without
+    /// per-sequence state (projections, norms, the output layer) run once over all rows,
+    /// reading each weight once for the whole batch; the fused QKV + RoPE + cache write runs
+    /// once over all rows too, each row writing where its `KvRows` entry (its sequence's
+    /// caches) says; the calls with per-sequence state (attention, an unfused KV append, the
+    /// Mamba2 conv and scan) run once per sequence on its rows and its cache or state.
+    /// `take_last` gathers each sequence's last row. Returns the `logits`: one row per
+    /// sequence. Every row's arithmetic is the one a step of that sequence alone does (rows
+    /// never mix), so on the wide micro-kernels batching changes no token.
     pub fn step_batch(
         &mut self,
         pool: &rayon::ThreadPool,
         seqs: &mut [&mut JitState<'_>],
         tokens: &[i32],
         positions: &[i32],
+        lens: &[usize],
     ) -> Result<Vec<f32>, RuntimeError> {
         let (prog, kernels) = (self.prog, self.kernels);
-        let n = seqs.len();
-        if n == 0 || n > self.n_cap || tokens.len() != n || positions.len() != n {
+        let s = seqs.len();
+        let n = tokens.len();
+        if s == 0
+            || lens.len() != s
+            || lens.contains(&0)
+            || lens.iter().try_fold(0usize, |a, &l| a.checked_add(l)) != Some(n)
+            || n > self.n_cap
+            || positions.len() != n
+        {
             return Err(RuntimeError::Usage(format!(
-                "a batch takes 1..={} sequences with one token and position each (got {n}, {}, {})",
+                "a batch takes 1..={} rows, at least one per sequence, with one position each (got {} sequences, \
+                 {n} tokens, {} positions, {lens:?} rows)",
                 self.n_cap,
-                tokens.len(),
+                s,
                 positions.len()
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.token_rows) {
             return Err(RuntimeError::TokenId { id: bad as i64, vocab: self.token_rows });
         }
-        for (q, &p) in seqs.iter().zip(positions) {
-            if p < 0 || p as usize >= q.ctx || p as usize >= self.ctx {
+        let mut starts = Vec::with_capacity(s);
+        let mut at = 0;
+        for (q, &len) in seqs.iter().zip(lens) {
+            starts.push(at);
+            if len > q.n_cap {
                 return Err(RuntimeError::Usage(format!(
-                    "position {p} is outside the context of {} tokens",
-                    q.ctx.min(self.ctx)
+                    "a sequence takes at most {} rows per step (got {len})",
+                    q.n_cap
                 )));
             }
+            for &p in &positions[at..at + len] {
+                if p < 0 || p as usize >= q.ctx || p as usize >= self.ctx {
+                    return Err(RuntimeError::Usage(format!(
+                        "position {p} is outside the context of {} tokens",
+                        q.ctx.min(self.ctx)
+                    )));
+                }
+            }
+            at += len;
             // the sequence's caches and recurrent states are the ones this program's layers expect
             for c in &self.caches {
                 if !q.caches.iter().any(|d| d.0 == c.0) {
@@ -656,6 +702,9 @@ impl<'a> JitState<'a> {
         }
         self.tokens[..n].copy_from_slice(tokens);
         self.positions[..n].copy_from_slice(positions);
+        for (i, (&st, &len)) in starts.iter().zip(lens).enumerate() {
+            self.seqs[st..st + len].fill(i as i32);
+        }
         let threads = pool.current_num_threads();
         // per-sequence pointer tables of the stateful calls (kept alive through the run)
         let mut owned: Vec<Vec<*mut u8>> = Vec::new();
@@ -670,19 +719,22 @@ impl<'a> JitState<'a> {
                 continue;
             }
             for (i, q) in seqs.iter_mut().enumerate() {
+                let row0 = starts[i];
                 let mut t = self.args[ci].clone();
                 for (p, a) in t.iter_mut().zip(&call.args) {
                     match a {
                         Arg::Buf(b) => {
                             let buf = &prog.buffers[*b];
-                            if buf.rows == Rows::One {
-                                return Err(RuntimeError::Usage("a per-sequence call reads a one-row buffer".into()));
+                            if buf.rows != Rows::N {
+                                return Err(RuntimeError::Usage(
+                                    "a per-sequence call reads a buffer without a row per token".into(),
+                                ));
                             }
-                            // SAFETY: row i < n <= n_cap of a buffer of n_cap rows of `width`.
-                            *p = unsafe { p.add(i * buf.width * 4) };
+                            // SAFETY: row0 < n <= n_cap of a buffer of n_cap rows of `width`.
+                            *p = unsafe { p.add(row0 * buf.width * 4) };
                         }
-                        // SAFETY: index i < n <= n_cap of the n_cap-long token/position rows.
-                        Arg::Tokens | Arg::Positions => *p = unsafe { p.add(i * 4) },
+                        // SAFETY: index row0 < n <= n_cap of the n_cap-long token/position/seq rows.
+                        Arg::Tokens | Arg::Positions | Arg::Seqs => *p = unsafe { p.add(row0 * 4) },
                         Arg::KCache(l) | Arg::VCache(l) => {
                             let c =
                                 q.caches.iter_mut().find(|c| c.0 == *l).ok_or_else(|| {
@@ -703,43 +755,58 @@ impl<'a> JitState<'a> {
                 shape.push((ci, Some((i, owned.len() - 1))));
             }
         }
+        let span_all = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let plan: Vec<Entry> = shape
             .iter()
             .map(|&(ci, per)| match per {
                 None => {
-                    let call = &prog.calls[ci];
-                    let n_call = if call.rows == Rows::One { 1 } else { n };
-                    let span = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
-                    entry(prog, kernels, ci, n_call, span, SendPtr(self.args[ci].as_ptr()), self.caps[ci], threads)
+                    let n_call = call_rows(prog.calls[ci].rows, n, s);
+                    let e = entry(
+                        prog,
+                        kernels,
+                        ci,
+                        n_call,
+                        span_all,
+                        SendPtr(self.args[ci].as_ptr()),
+                        self.caps[ci],
+                        threads,
+                    );
+                    e
                 }
                 Some((i, t)) => {
                     let cap = prog.calls[ci]
                         .layer
                         .and_then(|l| seqs[i].caches.iter().find(|c| c.0 == l))
                         .map_or(0, |c| c.3 as i64);
-                    let span = positions[i] as usize + 1;
-                    let mut e = entry(prog, kernels, ci, 1, span, SendPtr(owned[t].as_ptr()), cap, threads);
+                    let rows = &positions[starts[i]..starts[i] + lens[i]];
+                    let span = rows.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+                    let mut e = entry(prog, kernels, ci, lens[i], span, SendPtr(owned[t].as_ptr()), cap, threads);
                     // the calls of the other sequences follow without a barrier, spread over
                     // the workers when they do not split
-                    e.7 = i + 1 == n;
+                    e.7 = i + 1 == s;
                     e.8 = i;
                     e
                 }
             })
             .collect();
-        // row i writes its K and V into sequence i's caches (the fused QKV projection runs once
-        // over all rows); every sequence has every layer's cache (checked above)
+        // each row writes its K and V into its sequence's caches (the fused QKV projection
+        // runs once over all rows); every sequence has every layer's cache (checked above)
         for (l, rows) in &mut self.kv_rows {
-            for (q, r) in seqs.iter_mut().zip(rows.chunks_exact_mut(3)) {
+            for (i, q) in seqs.iter_mut().enumerate() {
                 if let Some(c) = q.caches.iter_mut().find(|c| c.0 == *l) {
-                    r.copy_from_slice(&[c.1.ptr() as u64, c.2.ptr() as u64, c.3 as u64]);
+                    let entry = [c.1.ptr() as u64, c.2.ptr() as u64, c.3 as u64];
+                    for r in rows[3 * starts[i]..3 * (starts[i] + lens[i])].chunks_exact_mut(3) {
+                        r.copy_from_slice(&entry);
+                    }
                 }
             }
         }
         run_plan(pool, prog, &plan, &mut self.profile);
-        // back to this state's own caches: no pointer into a sequence outlives the step
+        // back to this state's own caches and sequence: no pointer into a sequence outlives
+        // the step
         self.own_kv_rows();
-        self.logits(n)
+        self.seqs[..n].fill(0);
+        self.logits(n, s)
     }
 
     /// Runs one step of `1..=n_cap` tokens at `positions` and returns the `logits` output (all
@@ -768,6 +835,7 @@ impl<'a> JitState<'a> {
         }
         self.tokens[..n].copy_from_slice(tokens);
         self.positions[..n].copy_from_slice(positions);
+        self.seqs[..n].fill(0);
         let span = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let tables: Vec<SendPtr> = self.args.iter().map(|a| SendPtr(a.as_ptr())).collect();
         let plan: Vec<Entry> = prog
@@ -775,22 +843,22 @@ impl<'a> JitState<'a> {
             .iter()
             .enumerate()
             .map(|(ci, call)| {
-                let n_call = if call.rows == Rows::One { 1 } else { n };
+                let n_call = call_rows(call.rows, n, 1);
                 entry(prog, kernels, ci, n_call, span, tables[ci], self.caps[ci], pool.current_num_threads())
             })
             .collect();
         run_plan(pool, prog, &plan, &mut self.profile);
-        self.logits(n)
+        self.logits(n, 1)
     }
 
-    /// The `logits` output of the last step of `n` rows (all its rows).
-    fn logits(&self, n: usize) -> Result<Vec<f32>, RuntimeError> {
+    /// The `logits` output of the last step of `n` rows of `s` sequences (all its rows).
+    fn logits(&self, n: usize, s: usize) -> Result<Vec<f32>, RuntimeError> {
         let prog = self.prog;
         let logits = prog.outputs.iter().find(|(name, _)| name == "logits").map_or(usize::MAX, |(_, b)| *b);
         match prog.buffers.get(logits) {
             Some(buf) => {
                 let start = buf.offset * self.n_cap;
-                let rows = if buf.rows == Rows::One { 1 } else { n };
+                let rows = call_rows(buf.rows, n, s);
                 let arena: &[f32] =
                     // SAFETY: Block is 16 plain f32s; the arena is one contiguous allocation.
                     unsafe { std::slice::from_raw_parts(self.arena.as_ptr() as *const f32, self.arena.len() * 16) };
@@ -798,5 +866,14 @@ impl<'a> JitState<'a> {
             }
             None => Ok(Vec::new()),
         }
+    }
+}
+
+/// The rows a call or buffer of `rows` has in a step of `n` rows of `s` sequences.
+fn call_rows(rows: Rows, n: usize, s: usize) -> usize {
+    match rows {
+        Rows::N => n,
+        Rows::Seqs => s,
+        Rows::One => 1,
     }
 }

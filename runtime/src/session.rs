@@ -385,20 +385,27 @@ pub fn generate(
     Ok(g)
 }
 
-/// Decode steps of several sessions at once: one token each, the weights read once for all
-/// of them (see [`JitState::step_batch`]). Its own state runs the engine's all-rows program
-/// (logits for every row, one row per session); the sessions keep their own KV caches.
+/// Steps of several sessions at once, the weights read once for all of them (see
+/// [`JitState::step_batch`]): decode steps (one token each), and prefill chunks sharing a step
+/// with them. Its own state runs the engine's program over rows of several sequences
+/// (`take_last` gives one row per session); the sessions keep their own KV caches and
+/// recurrent states.
 pub struct Batcher<'a> {
     engine: &'a Engine,
     state: Box<JitState<'a>>,
 }
 
 impl<'a> Batcher<'a> {
-    /// A batcher for up to `max_seqs` sessions whose positions stay below `ctx`.
-    pub fn new(engine: &'a Engine, ctx: usize, max_seqs: usize) -> Result<Batcher<'a>, RuntimeError> {
-        let all = engine.all_rows()?;
-        let state = Box::new(JitState::batch(&engine.art, all, ctx, max_seqs)?);
+    /// A batcher for steps of up to `max_rows` rows (sessions, and their prefill tokens)
+    /// whose positions stay below `ctx`.
+    pub fn new(engine: &'a Engine, ctx: usize, max_rows: usize) -> Result<Batcher<'a>, RuntimeError> {
+        let state = Box::new(JitState::batch(&engine.art, &engine.kernels, ctx, max_rows)?);
         Ok(Batcher { engine, state })
+    }
+
+    /// The most rows a step takes.
+    pub fn max_rows(&self) -> usize {
+        self.state.n_cap
     }
 
     /// Turns per-kernel timing of the batched steps on.
@@ -406,8 +413,8 @@ impl<'a> Batcher<'a> {
         self.state.profile = Some(Vec::new());
     }
 
-    /// Seconds and calls per kernel of the batched steps so far (indexed like the all-rows
-    /// program's kernels), with profiling on.
+    /// Seconds and calls per kernel of the batched steps so far (indexed like the program's
+    /// kernels), with profiling on.
     pub fn profile(&self) -> Option<&[(f64, usize)]> {
         self.state.profile.as_deref()
     }
@@ -415,13 +422,36 @@ impl<'a> Batcher<'a> {
     /// Runs `tokens[i]` through `sessions[i]` at its next position, all in one step; returns
     /// each session's logits. Sessions must be JIT sessions of this engine.
     pub fn step(&mut self, sessions: &mut [&mut Session<'a>], tokens: &[i32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        for s in sessions.iter() {
-            s.check_step(&[0])?;
+        let chunks: Vec<&[i32]> = tokens.iter().map(std::slice::from_ref).collect();
+        self.step_rows(sessions, &chunks)
+    }
+
+    /// Runs `chunks[i]` (one token or more) through `sessions[i]` at its next positions, all
+    /// in one step; returns each session's logits for its last token. Sessions must be JIT
+    /// sessions of this engine; a session's chunk must fit its own steps (`n_cap`).
+    pub fn step_rows(
+        &mut self,
+        sessions: &mut [&mut Session<'a>],
+        chunks: &[&[i32]],
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        if chunks.len() != sessions.len() {
+            return Err(RuntimeError::Usage(format!(
+                "{} sessions but {} chunks of tokens",
+                sessions.len(),
+                chunks.len()
+            )));
+        }
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        for (s, c) in sessions.iter().zip(chunks) {
+            s.check_step(c)?;
             if !std::ptr::eq(s.engine, self.engine) {
                 return Err(RuntimeError::Usage("a batched session belongs to another engine".into()));
             }
+            tokens.extend_from_slice(c);
+            positions.extend((s.pos..s.pos + c.len()).map(|p| p as i32));
         }
-        let positions: Vec<i32> = sessions.iter().map(|s| s.pos as i32).collect();
+        let lens: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
         let mut states: Vec<&mut JitState<'a>> = Vec::with_capacity(sessions.len());
         for s in sessions.iter_mut() {
             match &mut s.state {
@@ -429,14 +459,17 @@ impl<'a> Batcher<'a> {
                 State::Interp(_) => return Err(RuntimeError::Usage("batched steps run on the JIT backend".into())),
             }
         }
-        let logits = self.state.step_batch(&self.engine.pool, &mut states, tokens, &positions)?;
+        let logits = self.state.step_batch(&self.engine.pool, &mut states, &tokens, &positions, &lens)?;
         let n = sessions.len();
         if logits.len() % n.max(1) != 0 {
-            return Err(RuntimeError::Usage(format!("the batch step returned {} logits for {n} rows", logits.len())));
+            return Err(RuntimeError::Usage(format!(
+                "the batch step returned {} logits for {n} sequences",
+                logits.len()
+            )));
         }
         let width = logits.len() / n.max(1);
-        for s in sessions.iter_mut() {
-            s.pos += 1;
+        for (s, c) in sessions.iter_mut().zip(chunks) {
+            s.pos += c.len();
         }
         Ok(logits.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
     }

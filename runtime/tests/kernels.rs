@@ -38,6 +38,7 @@ impl Case {
         let mut g = Graph::new("kernel");
         g.input(InputKind::Tokens);
         g.input(InputKind::Positions);
+        g.input(InputKind::Seqs);
         Case { g, weights: HashMap::new(), bytes: HashMap::new(), stored: HashMap::new(), seed }
     }
     /// Gives weight `id` the storage type `dtype`.
@@ -64,6 +65,9 @@ impl Case {
     }
     fn positions(&self) -> NodeId {
         self.g.node_ids()[1]
+    }
+    fn seqs(&self) -> NodeId {
+        self.g.node_ids()[2]
     }
     fn weight(&mut self, name: &str, dims: &[usize], scale: f32) -> NodeId {
         self.seed += 1;
@@ -225,9 +229,9 @@ proptest! {
         let q = c.rows("q", 64, heads * hd, 2.0);
         let k = c.rows("k", 64, kv * hd, 2.0);
         let v = c.rows("v", 64, kv * hd, 2.0);
-        let pos = c.positions();
+        let (pos, sq) = (c.positions(), c.seqs());
         let scale = 1.0 / (hd as f32).sqrt();
-        let y = c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos]).unwrap();
+        let y = c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos, sq]).unwrap();
         // A prefill of `first` tokens, then single-token decode steps past the window and the
         // ring buffer's size (window + n_cap), then a second multi-token step.
         let mut steps = vec![((0..first as i32).map(|i| (i * 5 + 1) % 64).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
@@ -258,7 +262,10 @@ proptest! {
                 let s = c.g.add(Op::Slice { start: d / 3, len: d - d / 3 }, &[a]).unwrap();
                 c.g.add(Op::Concat, &[s, b, s]).unwrap()
             }
-            _ => c.g.add(Op::TakeLast, &[a]).unwrap(),
+            _ => {
+                let sq = c.seqs();
+                c.g.add(Op::TakeLast, &[a, sq]).unwrap()
+            }
         };
         let err = c.compare(y, &prefill(n), 16, 16);
         prop_assert!(err < TOL, "op {which}: err {err}");
@@ -311,14 +318,14 @@ proptest! {
         if bias {
             args.push(c.weight("b", &[rows], 1.0));
         }
-        let pos = c.positions();
-        args.push(pos);
+        let (pos, sq) = (c.positions(), c.seqs());
+        args.extend([pos, sq]);
         let rms_eps = rms.then_some(1e-5);
         let op = Op::QkvRope { layer: 0, heads, kv_heads: kv, head_dim: hd, rotary_dim: rd, theta: 10000.0,
                                scaling: RopeScaling::None, rms_eps, bias };
         let q = c.g.add(op, &args).unwrap();
         let scale = 1.0 / (hd as f32).sqrt();
-        let y = c.g.add(Op::Attend { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, pos]).unwrap();
+        let y = c.g.add(Op::Attend { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, pos, sq]).unwrap();
         let mut steps = vec![((0..first as i32).map(|i| (i * 5 + 1) % 64).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
         let mut p = first as i32;
         for _ in 0..12 {
@@ -505,7 +512,8 @@ fn mamba_case(heads: usize, hd: usize, ds: usize, groups: usize, dconv: usize, s
     let dd = c.weight("dd", &[heads], 1.0);
     let nw = c.weight("nw", &[inner], 1.0);
     let op = Op::Mamba2 { layer: 0, heads, head_dim: hd, d_state: ds, groups, d_conv: dconv, chunk: 3, eps: 1e-5 };
-    let y = c.g.add(op, &[zx, cw, cb, dtb, alog, dd, nw]).unwrap();
+    let sq = c.seqs();
+    let y = c.g.add(op, &[zx, cw, cb, dtb, alog, dd, nw, sq]).unwrap();
     (c, y)
 }
 
@@ -691,13 +699,13 @@ proptest! {
         // the 32..96-column rows of the other types
         let w = c.weight("w", &[rows, k], (96.0 / k as f32).sqrt().min(1.0));
         c.store(w, dtype);
-        let pos = c.positions();
+        let (pos, sq) = (c.positions(), c.seqs());
         let rms_eps = rms.then_some(1e-5);
         let op = Op::QkvRope { layer: 0, heads, kv_heads: kv, head_dim: hd, rotary_dim: hd, theta: 10000.0,
                                scaling: RopeScaling::None, rms_eps, bias: false };
-        let q = c.g.add(op, &[x, w, pos]).unwrap();
+        let q = c.g.add(op, &[x, w, pos, sq]).unwrap();
         let scale = 1.0 / (hd as f32).sqrt();
-        let y = c.g.add(Op::Attend { layer: 0, heads, kv_heads: kv, head_dim: hd, window: None, scale }, &[q, pos]).unwrap();
+        let y = c.g.add(Op::Attend { layer: 0, heads, kv_heads: kv, head_dim: hd, window: None, scale }, &[q, pos, sq]).unwrap();
         let mut steps = vec![((0..first as i32).map(|i| (i * 5 + 1) % 64).collect::<Vec<_>>(), (0..first as i32).collect::<Vec<_>>())];
         for p in first as i32..first as i32 + 4 {
             steps.push((vec![(p * 11 + 3) % 64], vec![p]));
@@ -789,10 +797,10 @@ fn attention_over_several_key_blocks() {
         let q = c.rows("q", 64, heads * hd, 2.0);
         let k = c.rows("k", 64, kv * hd, 2.0);
         let v = c.rows("v", 64, kv * hd, 2.0);
-        let pos = c.positions();
+        let (pos, sq) = (c.positions(), c.seqs());
         let scale = 1.0 / (hd as f32).sqrt();
         let y =
-            c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos])
+            c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos, sq])
                 .unwrap();
         let step = |from: i32, n: i32| {
             ((from..from + n).map(|i| (i * 7 + 1) % 64).collect::<Vec<_>>(), (from..from + n).collect())

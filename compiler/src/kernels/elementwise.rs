@@ -2,8 +2,9 @@
 //! take-last, softmax. Units are rows; every row is independent.
 
 use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::InstBuilder;
 
-use super::kb::{Kb, F32, V4};
+use super::kb::{Kb, F32, I64, V4};
 use crate::pack::PANEL;
 use crate::program::{Binary, Unary};
 
@@ -177,16 +178,33 @@ pub fn concat(k: &mut Kb<'_>, widths: &[usize]) {
     });
 }
 
-/// `[x, out]`: `out[0] = x[n-1]`.
+/// `[x, seqs, out]`: the last row of each sequence (of each run of equal `seqs`), in row
+/// order: `out[j]` is the last row of the step's `j`-th sequence.
 pub fn take_last(k: &mut Kb<'_>, d: usize) {
-    let (x, out) = (k.ptr(0), k.ptr(1));
+    let (x, seqs, out) = (k.ptr(0), k.ptr(1), k.ptr(2));
     let n = k.n;
+    let last = k.addi(n, -1);
     let zero = k.ic(0);
-    let has = k.icmp(IntCC::SignedGreaterThan, n, zero);
-    k.when(has, |k| {
-        let last = k.addi(n, -1);
-        let src = k.at(x, last, (d * 4) as i64);
-        copy(k, src, out, d);
+    let j = k.var(I64, zero);
+    k.for_range(zero, n, |k, t| {
+        // row t ends its sequence: the step's last row, or the next row's sequence differs
+        let next = k.addi(t, 1);
+        let next = k.b.ins().umin(next, last);
+        let sp = k.at(seqs, t, 4);
+        let s0 = k.ld_i32(sp, 0);
+        let np = k.at(seqs, next, 4);
+        let s1 = k.ld_i32(np, 0);
+        let is_last = k.icmp(IntCC::Equal, t, last);
+        let differs = k.icmp(IntCC::NotEqual, s0, s1);
+        let ends = k.b.ins().bor(is_last, differs);
+        k.when(ends, |k| {
+            let jv = k.get(j);
+            let src = k.at(x, t, (d * 4) as i64);
+            let dst = k.at(out, jv, (d * 4) as i64);
+            copy(k, src, dst, d);
+            let j1 = k.addi(jv, 1);
+            k.set(j, j1);
+        });
     });
 }
 

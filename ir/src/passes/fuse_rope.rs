@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! P = proj(x, W);  attention(rope(P[q]), rope(P[k]), P[v])
-//!   →  q = qkv_rope(x, rope_interleave(W), positions);  attend(q)
+//!   →  q = qkv_rope(x, rope_interleave(W), positions, seqs);  attend(q, positions, seqs)
 //! ```
 //! `rope_interleave` permutes the rows of W at compile time so that every rotated pair sits in
 //! neighbouring rows; q·k is unchanged by the shared permutation, v is not permuted. Fires when
@@ -29,7 +29,7 @@ impl Pass for FuseRope {
             }
             let Op::Attention { layer, heads, kv_heads, head_dim, window, scale } = g.node(id).op else { continue };
             let ops = g.operands(id);
-            let (rq, rk, sv, pos) = (ops[0], ops[1], ops[2], ops[3]);
+            let (rq, rk, sv, pos, seqs) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
             let (Op::Rope { rotary_dim, theta, scaling, .. }, Op::Rope { rotary_dim: rd2, theta: t2, scaling: s2, .. }) =
                 (g.node(rq).op.clone(), g.node(rk).op.clone())
             else {
@@ -66,7 +66,7 @@ impl Pass for FuseRope {
             if let Some(b) = proj.bias {
                 args.push(g.add(perm, &[b])?);
             }
-            args.push(pos);
+            args.extend([pos, seqs]);
             let q = g.add(
                 Op::QkvRope {
                     layer,
@@ -81,7 +81,7 @@ impl Pass for FuseRope {
                 },
                 &args,
             )?;
-            let a = g.add(Op::Attend { layer, heads, kv_heads, head_dim, window, scale }, &[q, pos])?;
+            let a = g.add(Op::Attend { layer, heads, kv_heads, head_dim, window, scale }, &[q, pos, seqs])?;
             g.replace_uses(id, a);
             g.remove(id);
             changed = true;
