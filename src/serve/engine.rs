@@ -1,9 +1,9 @@
 //! The engine thread of `llmc serve`: it owns the model and one session (KV cache) per slot,
-//! takes jobs from the bounded queue into free slots between steps, and advances every busy
-//! slot by one step per round: the slots that are decoding share one batched step (each
-//! weight read once for all of them, `llmc_runtime::Batcher`), the slots still prefilling run
-//! a prompt chunk of at most `PREFILL_CHUNK` tokens each. Requests join and leave between
-//! steps, and a long prompt does not stall the others. A job whose client went away is dropped
+//! takes jobs from the bounded queue into free slots between steps, and advances the busy
+//! slots by one shared step per round (each weight read once for all of them,
+//! `llmc_runtime::Batcher`): a token of every decoding slot and the next prompt chunk (at most
+//! `PREFILL_CHUNK` tokens) of the slots still prefilling, as rows of several sequences.
+//! Requests join and leave between steps, and a long prompt does not stall the others. A job whose client went away is dropped
 //! at the next round; its slot is free again.
 //!
 //! Prompt cache: a new job takes the free slot whose cached tokens share the longest prefix
@@ -130,9 +130,10 @@ pub fn run(
             })
         })
         .collect::<Result<_, llmc_runtime::RuntimeError>>()?;
-    // decode steps of several slots run as one batched step
+    // the busy slots share one batched step: a row per decoding slot and room for a prompt
+    // chunk
     let mut batcher = if slots.len() > 1 {
-        match Batcher::new(engine, slot_ctx, slots.len()) {
+        match Batcher::new(engine, slot_ctx, slots.len() + PREFILL_CHUNK) {
             Ok(b) => Some(b),
             Err(e) => {
                 eprintln!("llmc serve: slots step one by one ({e})");
@@ -214,9 +215,11 @@ fn start(slots: &mut [Slot<'_>], job: Job, metrics: &Metrics) {
     });
 }
 
-/// One round: every busy slot advances by one step. Slots with one token to run (decoding)
-/// share one batched step when there are several; slots still prefilling run a prompt chunk
-/// each.
+/// One round: every busy slot advances. When several are busy they share one batched step
+/// (rows of several sequences): each decoding slot's token, then each prefilling slot's next
+/// prompt chunk (at most `PREFILL_CHUNK` tokens) while the step has rows left, so every weight
+/// is read once for all of them; a slot left without rows waits for the next round. A single
+/// busy slot, or a batch refused as a whole, steps alone.
 fn round_all<'e>(
     slots: &mut [Slot<'e>],
     batcher: Option<&mut Batcher<'e>>,
@@ -231,34 +234,53 @@ fn round_all<'e>(
             }
         }
     }
-    let decoding: Vec<usize> =
-        (0..slots.len()).filter(|&i| slots[i].active.as_ref().is_some_and(|a| a.pending.len() == 1)).collect();
-    let mut batched = vec![false; slots.len()];
-    if let (Some(b), true) = (batcher, decoding.len() > 1) {
-        let tokens: Vec<i32> = decoding.iter().map(|&i| slots[i].active.as_ref().map_or(0, |a| a.pending[0])).collect();
-        let mut sessions: Vec<&mut Session<'e>> =
-            slots.iter_mut().enumerate().filter(|(i, _)| decoding.contains(i)).map(|(_, s)| &mut s.session).collect();
-        match b.step(&mut sessions, &tokens) {
-            Ok(logits) => {
-                for ((&i, l), &tok) in decoding.iter().zip(logits).zip(&tokens) {
-                    batched[i] = true;
-                    let slot = &mut slots[i];
-                    if let Some(a) = slot.active.as_mut() {
-                        a.pending.clear();
+    let pending = |s: &Slot<'_>| s.active.as_ref().map_or(0, |a| a.pending.len());
+    let busy: Vec<usize> = (0..slots.len()).filter(|&i| pending(&slots[i]) > 0).collect();
+    if let (Some(b), true) = (batcher, busy.len() > 1) {
+        // decoding slots first (one row each), then prompt chunks in the rows left
+        let mut order: Vec<usize> = busy.iter().copied().filter(|&i| pending(&slots[i]) == 1).collect();
+        order.extend(busy.iter().copied().filter(|&i| pending(&slots[i]) > 1));
+        let mut rows_left = b.max_rows();
+        let mut members: Vec<(usize, Vec<i32>)> = Vec::new();
+        for i in order {
+            let n = pending(&slots[i]).min(PREFILL_CHUNK).min(rows_left);
+            if n == 0 {
+                break;
+            }
+            rows_left -= n;
+            let chunk = slots[i].active.as_ref().map_or_else(Vec::new, |a| a.pending.iter().take(n).copied().collect());
+            members.push((i, chunk));
+        }
+        let chunks: Vec<&[i32]> = members.iter().map(|(_, c)| c.as_slice()).collect();
+        // the members' sessions, in member order (each slot at most once)
+        let mut by_slot: Vec<Option<&mut Session<'e>>> = slots.iter_mut().map(|s| Some(&mut s.session)).collect();
+        let mut sessions: Vec<&mut Session<'e>> = members.iter().filter_map(|(i, _)| by_slot[*i].take()).collect();
+        let result = b.step_rows(&mut sessions, &chunks);
+        drop(sessions);
+        drop(by_slot);
+        // the batch is refused as a whole (nothing ran): the slots step one by one below
+        if let Ok(logits) = result {
+            for ((i, chunk), l) in members.iter().zip(logits) {
+                let slot = &mut slots[*i];
+                let done = match slot.active.as_mut() {
+                    Some(a) => {
+                        a.pending.drain(..chunk.len());
+                        a.pending.is_empty()
                     }
-                    slot.cached.push(tok);
-                    let end = after_logits(slot, &l, eos, ctx, metrics);
-                    if let Some(end) = end {
+                    None => false,
+                };
+                slot.cached.extend_from_slice(chunk);
+                if done {
+                    if let Some(end) = after_logits(slot, &l, eos, ctx, metrics) {
                         end_job(slot, end);
                     }
                 }
             }
-            // the batch is refused as a whole (nothing ran): the slots step one by one below
-            Err(_) => {}
+            return;
         }
     }
-    for (i, slot) in slots.iter_mut().enumerate() {
-        if batched[i] || slot.active.is_none() {
+    for slot in slots.iter_mut() {
+        if slot.active.is_none() {
             continue;
         }
         if let Some(end) = step_one(slot, eos, ctx, metrics) {
