@@ -428,6 +428,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                     r.prefill_peak_fraction,
                     r.fma_peak_gflop_s
                 )?;
+                if let Some(bf) = r.bf16_dot_peak_gflop_s {
+                    outln!("  (vdpbf16ps peak {bf:.0} GFLOP/s: bf16 pairs, for comparison)")?;
+                }
                 outln!("  decode  {:>5} tokens  {:>9.1} tok/s", r.decode_tokens, r.decode_tok_s)?;
                 if let (Some(b), Some(t)) = (r.batch, r.batch_decode_tok_s) {
                     outln!(

@@ -23,6 +23,12 @@ pub struct BenchReport {
     /// The f32 FMA peak of the pool's threads together, measured in the same run by a loop of
     /// independent FMAs at the widest vector width the host has.
     pub fma_peak_gflop_s: f64,
+    /// Where the host has AVX512_BF16: the peak of `vdpbf16ps` (bf16 pairs multiplied and
+    /// summed into f32, 32 multiply-adds per instruction), measured as `fma_peak_gflop_s`. It
+    /// is what bf16 weights times bf16-rounded activations could reach; the float kernels use
+    /// FMAs on f32 activations (see the closing note of issue 12 for why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bf16_dot_peak_gflop_s: Option<f64>,
     /// `prefill_gflop_s / fma_peak_gflop_s` (int8 dot products do 4 multiply-adds per lane and
     /// instruction, so quantized models may pass 1).
     pub prefill_peak_fraction: f64,
@@ -209,8 +215,88 @@ pub fn measure_bandwidth(pool: &rayon::ThreadPool, bytes: u64) -> f64 {
     (used.len() * 8) as f64 / best / 1e9
 }
 
-/// Independent FMA chains of the peak loop (enough to cover 2 ports × 4 cycles of latency).
+/// Independent FMA chains of the peak loops (enough to cover 2 ports × 4 cycles of latency).
 const CHAINS: usize = 16;
+
+/// `iters` rounds of `step` on `CHAINS` independent accumulators that start at `init`, then
+/// `reduce` of each, summed. The accumulators are distinct locals: held in an array they were
+/// partly kept on the stack (a store and a load in one chain every round), which measured the
+/// FMA peak at 98 GFLOP/s on a host whose FMAs reach 168.
+macro_rules! chains {
+    ($iters:expr, $init:expr, |$x:ident| $step:expr, |$r:ident| $reduce:expr) => {{
+        let (mut c0, mut c1, mut c2, mut c3, mut c4, mut c5, mut c6, mut c7) =
+            ($init, $init, $init, $init, $init, $init, $init, $init);
+        let (mut c8, mut c9, mut c10, mut c11, mut c12, mut c13, mut c14, mut c15) =
+            ($init, $init, $init, $init, $init, $init, $init, $init);
+        for _ in 0..$iters {
+            c0 = {
+                let $x = c0;
+                $step
+            };
+            c1 = {
+                let $x = c1;
+                $step
+            };
+            c2 = {
+                let $x = c2;
+                $step
+            };
+            c3 = {
+                let $x = c3;
+                $step
+            };
+            c4 = {
+                let $x = c4;
+                $step
+            };
+            c5 = {
+                let $x = c5;
+                $step
+            };
+            c6 = {
+                let $x = c6;
+                $step
+            };
+            c7 = {
+                let $x = c7;
+                $step
+            };
+            c8 = {
+                let $x = c8;
+                $step
+            };
+            c9 = {
+                let $x = c9;
+                $step
+            };
+            c10 = {
+                let $x = c10;
+                $step
+            };
+            c11 = {
+                let $x = c11;
+                $step
+            };
+            c12 = {
+                let $x = c12;
+                $step
+            };
+            c13 = {
+                let $x = c13;
+                $step
+            };
+            c14 = {
+                let $x = c14;
+                $step
+            };
+            c15 = {
+                let $x = c15;
+                $step
+            };
+        }
+        [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15].map(|$r| $reduce).iter().sum::<f32>()
+    }};
+}
 
 /// `iters` rounds of `CHAINS` 512-bit FMAs; returns a value that depends on all of them.
 ///
@@ -220,14 +306,8 @@ const CHAINS: usize = 16;
 #[target_feature(enable = "avx512f")]
 unsafe fn fma_loop_avx512(iters: usize) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm512_set1_ps(1.0); CHAINS];
     let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-    for _ in 0..iters {
-        for x in acc.iter_mut() {
-            *x = _mm512_fmadd_ps(*x, a, b);
-        }
-    }
-    acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+    chains!(iters, _mm512_set1_ps(1.0), |x| _mm512_fmadd_ps(x, a, b), |v| _mm512_reduce_add_ps(v))
 }
 
 /// As `fma_loop_avx512` with 256-bit FMAs.
@@ -238,23 +318,57 @@ unsafe fn fma_loop_avx512(iters: usize) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fma_loop_avx2(iters: usize) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
     let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-    for _ in 0..iters {
-        for x in acc.iter_mut() {
-            *x = _mm256_fmadd_ps(*x, a, b);
+    let first = |v: __m256| _mm_cvtss_f32(_mm256_castps256_ps128(v));
+    chains!(iters, _mm256_set1_ps(1.0), |x| _mm256_fmadd_ps(x, a, b), |v| first(v))
+}
+
+/// `iters` rounds of `CHAINS` 512-bit `vdpbf16ps`; returns a value that depends on all of them.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    // bf16 pairs (1.0, 1.0) and (2^-20, 2^-20): the sums grow slowly and stay finite
+    let a: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80));
+    let b: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3580_3580));
+    chains!(iters, _mm512_set1_ps(1.0), |x| _mm512_dpbf16_ps(x, a, b), |v| _mm512_reduce_add_ps(v))
+}
+
+/// GFLOP/s of one thread's `vdpbf16ps` loop (`None` without AVX512_BF16).
+fn bf16_dot_rate(iters: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")) {
+            return None;
         }
+        let t = Instant::now();
+        // SAFETY: AVX-512F and AVX512_BF16 are present (checked just above).
+        std::hint::black_box(unsafe { bf16_dot_loop(iters) });
+        Some((iters * CHAINS * 32 * 2) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
     }
-    let mut out = [0f32; 8];
-    for x in acc {
-        let mut l = [0f32; 8];
-        // SAFETY: `l` has room for 8 floats.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), x) };
-        for (o, v) in out.iter_mut().zip(l) {
-            *o += v;
-        }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = iters;
+        None
     }
-    out.iter().sum()
+}
+
+/// The `vdpbf16ps` peak of the pool's threads running at once (best of 3 rounds), where the
+/// host has it.
+pub fn measure_bf16_dot_peak(pool: &rayon::ThreadPool) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    for _ in 0..3 {
+        let rates = pool.broadcast(|_| bf16_dot_rate(1_000_000));
+        let total: Option<f64> = rates.iter().copied().sum();
+        best = match (best, total) {
+            (Some(b), Some(t)) => Some(b.max(t)),
+            (b, t) => b.or(t),
+        };
+    }
+    best
 }
 
 /// GFLOP/s of one thread's FMA loop (`None` without AVX2/FMA or AVX-512).
@@ -320,6 +434,7 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
     let bytes = bytes_per_token(engine);
     let bw = measure_bandwidth(&engine.pool, bytes);
     let peak = measure_fma_peak(&engine.pool);
+    let bf16_peak = measure_bf16_dot_peak(&engine.pool);
     let decode_tok_s = decode as f64 / decode_s.max(1e-9);
     let prefill_tok_s = prompt.len() as f64 / prefill_s.max(1e-9);
     let prefill_gflop_s = step_flops(engine, prompt.len()) as f64 / prefill_s.max(1e-9) / 1e9;
@@ -353,6 +468,7 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
         decode_tok_s,
         prefill_gflop_s,
         fma_peak_gflop_s: peak,
+        bf16_dot_peak_gflop_s: bf16_peak,
         prefill_peak_fraction: if peak > 0.0 { prefill_gflop_s / peak } else { 0.0 },
         bytes_per_token: bytes,
         bandwidth_gb_s: bw,
