@@ -340,7 +340,7 @@ fn batch_step_is_each_sequence_alone() {
     let logits = g.add(Op::MatMul, &[last, head]).unwrap();
     g.outputs = vec![("logits".into(), logits)];
     g.verify().unwrap();
-    assert!(text::print(&g).contains(&format!("take_last(%")), "{}", text::print(&g));
+    assert!(text::print(&g).contains("take_last(%"), "{}", text::print(&g));
     assert!(text::print(&g).contains(&format!(": f32[s, {vocab}]")), "{}", text::print(&g));
     let val = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + k) % 11) as f32 / 11.0 - 0.4).collect::<Vec<f32>>();
     let hd = d / 2;

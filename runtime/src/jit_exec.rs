@@ -761,17 +761,7 @@ impl<'a> JitState<'a> {
             .map(|&(ci, per)| match per {
                 None => {
                     let n_call = call_rows(prog.calls[ci].rows, n, s);
-                    let e = entry(
-                        prog,
-                        kernels,
-                        ci,
-                        n_call,
-                        span_all,
-                        SendPtr(self.args[ci].as_ptr()),
-                        self.caps[ci],
-                        threads,
-                    );
-                    e
+                    entry(prog, kernels, ci, n_call, span_all, SendPtr(self.args[ci].as_ptr()), self.caps[ci], threads)
                 }
                 Some((i, t)) => {
                     let cap = prog.calls[ci]
