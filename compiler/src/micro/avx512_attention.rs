@@ -141,12 +141,16 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
             while jj < bl {
                 let ks: [*const f32; KS] = std::array::from_fn(|i| a.kc.add(slots[(jj + i).min(bl - 1)]));
                 // the V rows of these keys, and the K rows a block ahead (while it does not
-                // wrap, the next block's): decode reads the cache once, from memory
+                // wrap, the next block's) where the rows attend that far: decode reads the
+                // cache once, from memory
                 for i in 0..KS.min(bl - jj) {
                     let row = slots[jj + i];
+                    let ahead = (j0 + jj + i + BLOCK) as i64 <= jmax as i64;
                     for line in (0..hd).step_by(16) {
                         _mm_prefetch::<_MM_HINT_T0>(a.vc.wrapping_add(row + line) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + BLOCK * hd + line) as *const i8);
+                        if ahead {
+                            _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + BLOCK * hd + line) as *const i8);
+                        }
                     }
                 }
                 let mut acc = [[_mm512_setzero_ps(); V]; KS];
