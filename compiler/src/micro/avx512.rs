@@ -116,6 +116,13 @@ unsafe fn dot_tile<
                     for p in 0..P {
                         let a = bp.add(p * pb + head + g * 64);
                         _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                        if T > 2 {
+                            // several rows (a batched decode step, a prefill): also the same
+                            // line of the next tile's panels, one tile ahead into L2, so the
+                            // memory stream keeps going while this tile computes (8 rows from
+                            // DRAM: 1.45–1.6× one row's time before, 1.2–1.35× after)
+                            _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(P * pb) as *const i8);
+                        }
                         let wv = _mm512_loadu_si512(a as *const __m512i);
                         if NIB {
                             let mut lo = _mm512_and_si512(wv, nib);
