@@ -140,26 +140,23 @@ unsafe fn scan_blocked(c: &ScanCall) {
                         dx[i] = _mm512_mul_ps(_mm512_set1_ps(dt[i]), _mm512_loadu_ps(rows[i].add(h * hd + p)));
                     }
                     let sp = tr.as_mut_ptr().add(p);
+                    // the state dims for `n` tokens; called with `n = T` (whole blocks,
+                    // unrolled) or the rest
+                    let mut pass = |n: usize| {
+                        for j in 0..ds {
+                            let mut s = _mm512_loadu_ps(sp.add(j * hd));
+                            for i in 0..n {
+                                let b = _mm512_set1_ps(*rows[i].add(b0 + j));
+                                s = _mm512_fmadd_ps(s, da[i], _mm512_mul_ps(dx[i], b));
+                                y[i] = _mm512_fmadd_ps(s, _mm512_set1_ps(*rows[i].add(c0 + j)), y[i]);
+                            }
+                            _mm512_storeu_ps(sp.add(j * hd), s);
+                        }
+                    };
                     if m == T {
-                        for j in 0..ds {
-                            let mut s = _mm512_loadu_ps(sp.add(j * hd));
-                            for i in 0..T {
-                                let b = _mm512_set1_ps(*rows[i].add(b0 + j));
-                                s = _mm512_fmadd_ps(s, da[i], _mm512_mul_ps(dx[i], b));
-                                y[i] = _mm512_fmadd_ps(s, _mm512_set1_ps(*rows[i].add(c0 + j)), y[i]);
-                            }
-                            _mm512_storeu_ps(sp.add(j * hd), s);
-                        }
+                        pass(T);
                     } else {
-                        for j in 0..ds {
-                            let mut s = _mm512_loadu_ps(sp.add(j * hd));
-                            for i in 0..m {
-                                let b = _mm512_set1_ps(*rows[i].add(b0 + j));
-                                s = _mm512_fmadd_ps(s, da[i], _mm512_mul_ps(dx[i], b));
-                                y[i] = _mm512_fmadd_ps(s, _mm512_set1_ps(*rows[i].add(c0 + j)), y[i]);
-                            }
-                            _mm512_storeu_ps(sp.add(j * hd), s);
-                        }
+                        pass(m);
                     }
                     for i in 0..m {
                         let x = _mm512_loadu_ps(rows[i].add(h * hd + p));
