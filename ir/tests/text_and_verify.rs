@@ -239,13 +239,10 @@ fn mamba2_gated_norm_spans_all_groups() {
     }
 }
 
-/// `with_all_logits` removes `take_last`, re-types what follows it (`[1, d]` → `[n, d]`) and
-/// leaves everything else alone: on the interpreter its last row is exactly the original
-/// graph's output, and every row is the same step's per-token result.
-#[test]
-fn all_logits_graph_keeps_the_last_row() {
-    let (d, vocab) = (8, 5);
-    let mut g = block(d, 2, 1, None);
+/// `block` with a final RMSNorm and an output projection to `vocab` logits, and weights for
+/// all of it.
+fn block_with_head(d: usize, vocab: usize, window: Option<usize>) -> (Graph, HashMap<String, Tensor>) {
+    let mut g = block(d, 2, 1, window);
     let last = g.outputs[0].1;
     let nw = g.weight("final_norm", &[d]);
     let h = g.add(Op::RmsNorm { eps: 1e-5 }, &[last, nw]).unwrap();
@@ -253,15 +250,6 @@ fn all_logits_graph_keeps_the_last_row() {
     let logits = g.add(Op::MatMul, &[h, head]).unwrap();
     g.outputs = vec![("logits".into(), logits)];
     g.verify().unwrap();
-    let all = g.with_all_logits().unwrap();
-    let text = text::print(&all);
-    assert!(!text.contains("take_last"), "{text}");
-    assert!(text.contains(&format!(": f32[n, {vocab}]")), "{text}");
-    assert_eq!(all.weights(), g.weights(), "same weights, same types");
-    assert_eq!(all.kv_layers(), g.kv_layers());
-    // the derived graph has nothing left to derive
-    assert!(all.with_all_logits().unwrap_err().to_string().contains("no take_last"));
-
     let val = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + k) % 11) as f32 / 11.0 - 0.4).collect::<Vec<f32>>();
     let hd = d / 2;
     let w = weights(&[
@@ -271,6 +259,25 @@ fn all_logits_graph_keeps_the_last_row() {
         ("final_norm", vec![d], val(d, 4)),
         ("lm_head", vec![vocab, d], val(vocab * d, 5)),
     ]);
+    (g, w)
+}
+
+/// `with_all_logits` removes `take_last`, re-types what follows it (`[s, d]` → `[n, d]`) and
+/// leaves everything else alone: on the interpreter its last row is exactly the original
+/// graph's output, and every row is the same step's per-token result.
+#[test]
+fn all_logits_graph_keeps_the_last_row() {
+    let vocab = 5;
+    let (g, w) = block_with_head(8, vocab, None);
+    let all = g.with_all_logits().unwrap();
+    let text = text::print(&all);
+    assert!(!text.contains("take_last"), "{text}");
+    assert!(text.contains(&format!(": f32[n, {vocab}]")), "{text}");
+    assert_eq!(all.weights(), g.weights(), "same weights, same types");
+    assert_eq!(all.kv_layers(), g.kv_layers());
+    // the derived graph has nothing left to derive
+    assert!(all.with_all_logits().unwrap_err().to_string().contains("no take_last"));
+
     let (tokens, positions) = ([3, 1, 4, 1, 5], [0, 1, 2, 3, 4]);
     let step = StepInput { tokens: &tokens, positions: &positions };
     let one = interp::run(&g, step, &w, &mut KvCache::new(&g, 8)).unwrap().remove("logits").unwrap();
@@ -333,23 +340,10 @@ fn concat_rows_of_scalars_is_a_type_error() {
 /// each sequence's last-row logits and leave each cache as that sequence's steps alone do.
 #[test]
 fn batch_step_is_each_sequence_alone() {
-    let (d, vocab) = (8, 5);
-    let mut g = block(d, 2, 1, Some(4));
-    let last = g.outputs[0].1;
-    let head = g.weight("lm_head", &[vocab, d]);
-    let logits = g.add(Op::MatMul, &[last, head]).unwrap();
-    g.outputs = vec![("logits".into(), logits)];
-    g.verify().unwrap();
+    let vocab = 5;
+    let (g, w) = block_with_head(8, vocab, Some(4));
     assert!(text::print(&g).contains("take_last(%"), "{}", text::print(&g));
     assert!(text::print(&g).contains(&format!(": f32[s, {vocab}]")), "{}", text::print(&g));
-    let val = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + k) % 11) as f32 / 11.0 - 0.4).collect::<Vec<f32>>();
-    let hd = d / 2;
-    let w = weights(&[
-        ("emb", vec![10, d], val(10 * d, 1)),
-        ("norm", vec![d], val(d, 2)),
-        ("qkv", vec![4 * hd, d], val(4 * hd * d, 3)),
-        ("lm_head", vec![vocab, d], val(vocab * d, 5)),
-    ]);
     let run = |tokens: &[i32], positions: &[i32], cache: &mut KvCache| {
         interp::run(&g, StepInput { tokens, positions }, &w, cache).unwrap().remove("logits").unwrap()
     };
@@ -357,7 +351,7 @@ fn batch_step_is_each_sequence_alone() {
     let (mut a, mut b) = (KvCache::new(&g, 8), KvCache::new(&g, 8));
     run(&[3, 1], &[0, 1], &mut a);
     run(&[5], &[0], &mut b);
-    let (mut a2, mut b2) = (a.clone(), b.clone());
+    let (a2, b2) = (a.clone(), b.clone());
     let want_a = run(&[4], &[2], &mut a);
     let want_b = run(&[9, 2, 6], &[1, 2, 3], &mut b);
     // together: B's chunk, then A's token
@@ -376,5 +370,4 @@ fn batch_step_is_each_sequence_alone() {
     let step = StepInput { tokens: &[9], positions: &[1] };
     let e = interp::run_batch(&g, step, &[2], &w, &mut [b2.clone(), a2.clone()]).unwrap_err().to_string();
     assert!(e.contains("2 sequence states"), "{e}");
-    let _ = (&mut a2, &mut b2);
 }
