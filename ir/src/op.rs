@@ -765,6 +765,13 @@ impl Op {
                 _ => Err(format!("{what} must be f32[rows, d], got {t}")),
             }
         };
+        // rows paired with the step's positions and sequences: one per token
+        let token_rows = |t: &Type, what: &str| -> Result<usize, String> {
+            match t.shape.0.as_slice() {
+                [Dim::N, Dim::C(d)] if t.dtype == DType::F32 => Ok(*d),
+                _ => Err(format!("{what} must be f32[n, d] (a row per token), got {t}")),
+            }
+        };
         let ids = |t: &Type, what: &str| -> Result<(), String> {
             if t.dtype == DType::I32 && t.shape == Shape::vec_n() {
                 Ok(())
@@ -826,7 +833,7 @@ impl Op {
             }
             Op::Rope { heads, head_dim, rotary_dim, .. } => {
                 arity(2, 2)?;
-                let d = rows(ins[0], "rope input")?;
+                let d = token_rows(ins[0], "rope input")?;
                 if d != heads * head_dim {
                     return Err(format!("rope input has {d} columns, expected heads*head_dim = {}", heads * head_dim));
                 }
@@ -844,9 +851,9 @@ impl Op {
                 if *window == Some(0) {
                     return Err("attention window must be positive".into());
                 }
-                let q = rows(ins[0], "attention q")?;
-                let k = rows(ins[1], "attention k")?;
-                let v = rows(ins[2], "attention v")?;
+                let q = token_rows(ins[0], "attention q")?;
+                let k = token_rows(ins[1], "attention k")?;
+                let v = token_rows(ins[2], "attention v")?;
                 if q != heads * head_dim || k != kv_heads * head_dim || v != k {
                     return Err(format!(
                         "attention q/k/v widths {q}/{k}/{v} do not match heads {heads}, kv_heads {kv_heads}, head_dim {head_dim}"
@@ -865,7 +872,7 @@ impl Op {
                 let (h, i) = (*heads, heads * head_dim);
                 let gs = groups * d_state;
                 let c = i + 2 * gs;
-                let w = rows(ins[0], "mamba2 input")?;
+                let w = token_rows(ins[0], "mamba2 input")?;
                 if w != 2 * i + 2 * gs + h {
                     return Err(format!("mamba2 input has {w} columns, expected 2·{i} + 2·{gs} + {h}"));
                 }
@@ -976,7 +983,7 @@ impl Op {
             Op::QkvRope { heads, kv_heads, head_dim, rotary_dim, bias, .. } => {
                 let want = 4 + *bias as usize;
                 arity(want, want)?;
-                let k = rows(ins[0], "qkv_rope input")?;
+                let k = token_rows(ins[0], "qkv_rope input")?;
                 let rows_w = (heads + 2 * kv_heads) * head_dim;
                 if matrix(ins[1], "qkv_rope weight")? != (rows_w, k) {
                     return Err(format!("qkv_rope weight must be [{rows_w}, {k}], got {}", ins[1]));
@@ -1001,7 +1008,7 @@ impl Op {
                 if *kv_heads == 0 || heads % kv_heads != 0 || *window == Some(0) {
                     return Err("attend needs kv_heads | heads and a positive window".into());
                 }
-                let q = rows(ins[0], "attend q")?;
+                let q = token_rows(ins[0], "attend q")?;
                 if q != heads * head_dim {
                     return Err(format!("attend q has {q} columns, expected {}", heads * head_dim));
                 }

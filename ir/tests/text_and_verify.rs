@@ -371,3 +371,23 @@ fn batch_step_is_each_sequence_alone() {
     let e = interp::run_batch(&g, step, &[2], &w, &mut [b2.clone(), a2.clone()]).unwrap_err().to_string();
     assert!(e.contains("2 sequence states"), "{e}");
 }
+
+/// Ops that pair rows with the step's positions and sequences take a row per token: a
+/// `take_last` result (`[s, d]`, one row per sequence) fed to attention is a type error, not
+/// rows the interpreter would slice past.
+#[test]
+fn stateful_ops_take_a_row_per_token() {
+    let mut g = Graph::new("rows");
+    let tok = g.input(InputKind::Tokens);
+    let pos = g.input(InputKind::Positions);
+    let seqs = g.input(InputKind::Seqs);
+    let emb = g.weight("emb", &[4, 2]);
+    let x = g.add(Op::Embedding, &[emb, tok]).unwrap();
+    let last = g.add(Op::TakeLast, &[x, seqs]).unwrap();
+    let att = Op::Attention { layer: 0, heads: 1, kv_heads: 1, head_dim: 2, window: None, scale: 1.0 };
+    let e = g.add(att.clone(), &[last, x, x, pos, seqs]).unwrap_err().to_string();
+    assert!(e.contains("a row per token"), "{e}");
+    assert!(g.add(att, &[x, x, x, pos, seqs]).is_ok());
+    let rope = Op::Rope { heads: 1, head_dim: 2, rotary_dim: 2, theta: 10000.0, scaling: RopeScaling::None };
+    assert!(g.add(rope, &[last, pos]).unwrap_err().to_string().contains("a row per token"));
+}
