@@ -3,8 +3,8 @@
 //! slots by one shared step per round (each weight read once for all of them,
 //! `llmc_runtime::Batcher`): a token of every decoding slot and the next prompt chunk (at most
 //! `PREFILL_CHUNK` tokens) of the slots still prefilling, as rows of several sequences.
-//! Requests join and leave between steps, and a long prompt does not stall the others. A job whose client went away is dropped
-//! at the next round; its slot is free again.
+//! Requests join and leave between steps, and a long prompt does not stall the others. A job
+//! whose client went away is dropped at the next round; its slot is free again.
 //!
 //! Prompt cache: a new job takes the free slot whose cached tokens share the longest prefix
 //! with its prompt and keeps that prefix (`Session::truncate`), so a chat that resends its
