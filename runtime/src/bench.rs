@@ -215,90 +215,32 @@ pub fn measure_bandwidth(pool: &rayon::ThreadPool, bytes: u64) -> f64 {
     (used.len() * 8) as f64 / best / 1e9
 }
 
-/// Independent FMA chains of the peak loops (enough to cover 2 ports × 4 cycles of latency).
-const CHAINS: usize = 16;
+/// Independent FMA chains of the peak loops: enough to cover 2 ports × 4 cycles of latency,
+/// and few enough that the chains and the loop's two constants stay in registers (32 zmm; 16
+/// ymm, where 16 chains spilled and measured 55 GFLOP/s on a Zen 3 core whose projections run
+/// at 80).
+const CHAINS_512: usize = 16;
+const CHAINS_256: usize = 12;
 
-/// `iters` rounds of `step` on `CHAINS` independent accumulators that start at `init`, then
-/// `reduce` of each, summed. The accumulators are distinct locals: held in an array they were
-/// partly kept on the stack (a store and a load in one chain every round), which measured the
-/// FMA peak at 98 GFLOP/s on a host whose FMAs reach 168.
+/// `iters` rounds of `step` on independent accumulators (the locals named after `;`, one
+/// chain each) that start at `init`, then `reduce` of each, summed. The accumulators are
+/// distinct locals: held in an array they were partly kept on the stack (a store and a load in
+/// one chain every round), which measured the FMA peak at 98 GFLOP/s on a host whose FMAs
+/// reach 168.
 macro_rules! chains {
-    ($iters:expr, $init:expr, |$x:ident| $step:expr, |$r:ident| $reduce:expr) => {{
-        let (mut c0, mut c1, mut c2, mut c3, mut c4, mut c5, mut c6, mut c7) =
-            ($init, $init, $init, $init, $init, $init, $init, $init);
-        let (mut c8, mut c9, mut c10, mut c11, mut c12, mut c13, mut c14, mut c15) =
-            ($init, $init, $init, $init, $init, $init, $init, $init);
+    ($iters:expr, $init:expr, |$x:ident| $step:expr, |$r:ident| $reduce:expr; $($c:ident)+) => {{
+        $(let mut $c = $init;)+
         for _ in 0..$iters {
-            c0 = {
-                let $x = c0;
+            $($c = {
+                let $x = $c;
                 $step
-            };
-            c1 = {
-                let $x = c1;
-                $step
-            };
-            c2 = {
-                let $x = c2;
-                $step
-            };
-            c3 = {
-                let $x = c3;
-                $step
-            };
-            c4 = {
-                let $x = c4;
-                $step
-            };
-            c5 = {
-                let $x = c5;
-                $step
-            };
-            c6 = {
-                let $x = c6;
-                $step
-            };
-            c7 = {
-                let $x = c7;
-                $step
-            };
-            c8 = {
-                let $x = c8;
-                $step
-            };
-            c9 = {
-                let $x = c9;
-                $step
-            };
-            c10 = {
-                let $x = c10;
-                $step
-            };
-            c11 = {
-                let $x = c11;
-                $step
-            };
-            c12 = {
-                let $x = c12;
-                $step
-            };
-            c13 = {
-                let $x = c13;
-                $step
-            };
-            c14 = {
-                let $x = c14;
-                $step
-            };
-            c15 = {
-                let $x = c15;
-                $step
-            };
+            };)+
         }
-        [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15].map(|$r| $reduce).iter().sum::<f32>()
+        [$($c),+].map(|$r| $reduce).iter().sum::<f32>()
     }};
 }
 
-/// `iters` rounds of `CHAINS` 512-bit FMAs; returns a value that depends on all of them.
+/// `iters` rounds of `CHAINS_512` 512-bit FMAs; returns a value that depends on all of them.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
@@ -307,7 +249,8 @@ macro_rules! chains {
 unsafe fn fma_loop_avx512(iters: usize) -> f32 {
     use std::arch::x86_64::*;
     let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-    chains!(iters, _mm512_set1_ps(1.0), |x| _mm512_fmadd_ps(x, a, b), |v| _mm512_reduce_add_ps(v))
+    chains!(iters, _mm512_set1_ps(1.0), |x| _mm512_fmadd_ps(x, a, b), |v| _mm512_reduce_add_ps(v);
+        c0 c1 c2 c3 c4 c5 c6 c7 c8 c9 c10 c11 c12 c13 c14 c15)
 }
 
 /// As `fma_loop_avx512` with 256-bit FMAs.
@@ -320,10 +263,10 @@ unsafe fn fma_loop_avx2(iters: usize) -> f32 {
     use std::arch::x86_64::*;
     let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
     let first = |v: __m256| _mm_cvtss_f32(_mm256_castps256_ps128(v));
-    chains!(iters, _mm256_set1_ps(1.0), |x| _mm256_fmadd_ps(x, a, b), |v| first(v))
+    chains!(iters, _mm256_set1_ps(1.0), |x| _mm256_fmadd_ps(x, a, b), |v| first(v); c0 c1 c2 c3 c4 c5 c6 c7 c8 c9 c10 c11)
 }
 
-/// `iters` rounds of `CHAINS` 512-bit `vdpbf16ps`; returns a value that depends on all of them.
+/// `iters` rounds of `CHAINS_512` 512-bit `vdpbf16ps`; returns a value that depends on all of them.
 ///
 /// # Safety
 /// The CPU must support AVX-512F and AVX512_BF16.
@@ -334,7 +277,8 @@ unsafe fn bf16_dot_loop(iters: usize) -> f32 {
     // bf16 pairs (1.0, 1.0) and (2^-20, 2^-20): the sums grow slowly and stay finite
     let a: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80));
     let b: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3580_3580));
-    chains!(iters, _mm512_set1_ps(1.0), |x| _mm512_dpbf16_ps(x, a, b), |v| _mm512_reduce_add_ps(v))
+    chains!(iters, _mm512_set1_ps(1.0), |x| _mm512_dpbf16_ps(x, a, b), |v| _mm512_reduce_add_ps(v);
+        c0 c1 c2 c3 c4 c5 c6 c7 c8 c9 c10 c11 c12 c13 c14 c15)
 }
 
 /// GFLOP/s of one thread's `vdpbf16ps` loop (`None` without AVX512_BF16).
@@ -347,7 +291,7 @@ fn bf16_dot_rate(iters: usize) -> Option<f64> {
         let t = Instant::now();
         // SAFETY: AVX-512F and AVX512_BF16 are present (checked just above).
         std::hint::black_box(unsafe { bf16_dot_loop(iters) });
-        Some((iters * CHAINS * 32 * 2) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
+        Some((iters * CHAINS_512 * 32 * 2) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -376,18 +320,18 @@ fn fma_rate(iters: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let t = Instant::now();
-        let lanes = if std::arch::is_x86_feature_detected!("avx512f") {
+        let lanes_x_chains = if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present (checked just above).
             std::hint::black_box(unsafe { fma_loop_avx512(iters) });
-            16
+            16 * CHAINS_512
         } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: AVX2 and FMA are present (checked just above).
             std::hint::black_box(unsafe { fma_loop_avx2(iters) });
-            8
+            8 * CHAINS_256
         } else {
             return None;
         };
-        Some((iters * CHAINS * lanes * 2) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
+        Some((iters * lanes_x_chains * 2) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -12,6 +12,8 @@ use super::{AttnCall, MAX_HEAD_DIM};
 const ROWS2: usize = 32;
 const BLOCK: usize = 64;
 const MASKED: f32 = -1e30;
+/// Floats per row of the output scratch: 4 vectors past any chunk of dims below `hd` stay inside.
+const OW: usize = MAX_HEAD_DIM + 32;
 
 /// `e^x` as `Kb::exp` computes it (clamped to [-80, 88.3], `2^n · p(r)`).
 #[inline]
@@ -88,7 +90,6 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
     let mut s_m = MaybeUninit::<[f32; (BLOCK + 8) * ROWS2]>::uninit();
     let mut o_m = MaybeUninit::<[f32; (ROWS2 + 2) * (MAX_HEAD_DIM + 32)]>::uninit();
     let (qt, s, o) = (qt_m.as_mut_ptr() as *mut f32, s_m.as_mut_ptr() as *mut f32, o_m.as_mut_ptr() as *mut f32);
-    const OW: usize = MAX_HEAD_DIM + 32;
     let mut lo_pos = [i32::MAX; ROWS2];
     let mut hi_pos = [-1i32; ROWS2];
     let qrow = |r: usize| (r / group) * qs + (kvh * group + r % group) * hd;
@@ -115,6 +116,10 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
         }
         let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize;
         let jmax = hi_pos[..rc].iter().copied().max().unwrap_or(-1);
+        // every row of the pass attends to positions `lo_all ..= hi_all` (a block inside
+        // them needs no mask; lanes past `rc` are never stored)
+        let lo_all = lo_pos[..rc].iter().copied().max().unwrap_or(i32::MAX) as i64;
+        let hi_all = hi_pos[..rc].iter().copied().min().unwrap_or(-1) as i64;
         let lo: [__m256i; V] = std::array::from_fn(|v| _mm256_loadu_si256(lo_pos.as_ptr().add(8 * v) as *const _));
         let hi: [__m256i; V] = std::array::from_fn(|v| _mm256_loadu_si256(hi_pos.as_ptr().add(8 * v) as *const _));
         let mut m = [_mm256_set1_ps(MASKED); V];
@@ -124,6 +129,7 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
         let mut j0 = jmin;
         while (j0 as i64) <= jmax as i64 {
             let bl = (jmax as usize + 1 - j0).min(BLOCK);
+            let full = lo_all <= j0 as i64 && (j0 + bl - 1) as i64 <= hi_all;
             let mut slot = j0 % cap;
             for sl in slots.iter_mut().take(bl) {
                 *sl = (kvh * cap + slot) * hd;
@@ -157,8 +163,17 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 for (i, acc) in acc.iter().enumerate() {
                     let j = (j0 + jj + i) as i32;
                     for v in 0..V {
-                        let mk = if jj + i < bl { live(j, lo[v], hi[v]) } else { _mm256_setzero_ps() };
-                        let sc = _mm256_blendv_ps(_mm256_set1_ps(MASKED), _mm256_mul_ps(acc[v], scale), mk);
+                        let sc = if jj + i >= bl {
+                            _mm256_set1_ps(MASKED)
+                        } else if full {
+                            _mm256_mul_ps(acc[v], scale)
+                        } else {
+                            _mm256_blendv_ps(
+                                _mm256_set1_ps(MASKED),
+                                _mm256_mul_ps(acc[v], scale),
+                                live(j, lo[v], hi[v]),
+                            )
+                        };
                         _mm256_storeu_ps(s.add((jj + i) * ROWS2 + 8 * v), sc);
                         mx[v] = _mm256_max_ps(mx[v], sc);
                     }
@@ -189,12 +204,30 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 for v in 0..V {
                     let p = s.add(jj * ROWS2 + 8 * v);
                     let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p), m[v]));
-                    let e = _mm256_and_ps(live(j, lo[v], hi[v]), e);
+                    let e = if full { e } else { _mm256_and_ps(live(j, lo[v], hi[v]), e) };
                     _mm256_storeu_ps(p, e);
                     l[v] = _mm256_add_ps(l[v], e);
                 }
             }
-            // 4. out[r] += Σ_j p[j][r] · v_j, 2 rows × 4 vectors of dims in registers
+            // 4. out[r] += Σ_j p[j][r] · v_j: head dims in whole pairs of vectors, 6 rows × 2
+            // vectors in registers; else 2 rows × 4 vectors with the dims past `hd` masked
+            if hd % 16 == 0 {
+                let mut r = 0;
+                while r < rc {
+                    let n = (rc - r).min(6);
+                    match n {
+                        6 => pv_rows::<6>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                        5 => pv_rows::<5>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                        4 => pv_rows::<4>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                        3 => pv_rows::<3>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                        2 => pv_rows::<2>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                        _ => pv_rows::<1>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                    }
+                    r += n;
+                }
+                j0 += bl;
+                continue;
+            }
             let mut c0 = 0;
             while c0 < nvh {
                 let masks: [__m256i; 4] = std::array::from_fn(|c| {
@@ -240,6 +273,38 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
             for ch in 0..nvh {
                 let x = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * OW + 8 * ch)), inv);
                 _mm256_maskstore_ps(dst.add(8 * ch), first((hd - 8 * ch).min(8)), x);
+            }
+        }
+    }
+}
+
+/// `o[r][d] += Σ_jj s[jj][r] · v(slots[jj])[d]` for `R` rows (`o` rows `OW` floats apart, `s`
+/// rows `ROWS2` apart) over `hd` dims, a multiple of 16: `R` rows × 2 vectors of accumulators.
+///
+/// # Safety
+/// `vc + slots[jj]` holds `hd` floats for every `jj`; `s` holds `slots.len()` rows of at least
+/// `R` floats; `o` holds `R` rows of at least `hd` floats; AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv_rows<const R: usize>(vc: *const f32, slots: &[usize], s: *const f32, o: *mut f32, hd: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for d0 in (0..hd).step_by(16) {
+            let mut acc: [[__m256; 2]; R] =
+                std::array::from_fn(|r| std::array::from_fn(|c| _mm256_loadu_ps(o.add(r * OW + d0 + 8 * c))));
+            for (jj, &slot) in slots.iter().enumerate() {
+                let vr = vc.add(slot + d0);
+                let vv = [_mm256_loadu_ps(vr), _mm256_loadu_ps(vr.add(8))];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(*s.add(jj * ROWS2 + r));
+                    acc[0] = _mm256_fmadd_ps(vv[0], w, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(vv[1], w, acc[1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (c, x) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(r * OW + d0 + 8 * c), *x);
+                }
             }
         }
     }
