@@ -3,8 +3,8 @@
 //!   blocks of 16 channels, 4 channels per f32x4, each walking the step's tokens in order with
 //!   its window in registers);
 //! - `scan`: the selective SSM per head (units: heads), each head walking the tokens in order
-//!   through its own state: the recurrence (at AVX-512, `micro::scan`: for prefills, 8 tokens
-//!   per pass over the state, each state vector in a register through them). (The chunked SSD
+//!   through its own state: the recurrence (at AVX-512 and AVX2, `micro::scan`: for prefills,
+//!   8 or 4 tokens per pass over the state, each state vector in a register through them). (The chunked SSD
 //!   form the interpreter uses for multi-token steps does more arithmetic; written as
 //!   vectorized Rust over 64- and 256-token chunks it prefilled a Bamba-shaped model at about
 //!   half the rate of the per-token recurrence, which the blocked one now beats by 1.3–1.7×.)

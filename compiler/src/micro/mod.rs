@@ -27,7 +27,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_attention;
 #[cfg(target_arch = "x86_64")]
-mod avx512_scan;
+mod scan;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -252,15 +252,18 @@ pub const SCAN_WORDS: usize = 16;
 /// A scan micro-kernel: `scan(&ScanCall)`.
 pub type ScanFn = unsafe extern "C" fn(*const ScanCall);
 
-/// The Mamba2 scan micro-kernel of a family, for `ds` state dims: AVX-512 only, `ds` a
-/// multiple of 16 (elsewhere the Cranelift recurrence runs).
+/// The Mamba2 scan micro-kernel of a family, for `ds` state dims, a whole number of the
+/// family's vectors (else the Cranelift recurrence runs).
 pub fn scan(wide: Wide, ds: usize) -> Option<ScanFn> {
-    if wide != Wide::Avx512 || !wide.available() || ds % 16 != 0 {
+    if !wide.available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        Some(avx512_scan::scan)
+        match wide {
+            Wide::Avx512 => (ds % 16 == 0).then_some(scan::scan_avx512 as ScanFn),
+            Wide::Avx2 => (ds % 8 == 0).then_some(scan::scan_avx2 as ScanFn),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
