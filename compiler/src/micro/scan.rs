@@ -35,73 +35,72 @@ trait Lanes: Copy {
     unsafe fn sum(self) -> f32;
 }
 
-// SAFETY (both impls): the intrinsics need AVX-512F (AVX2 and FMA), which the entry points
-// enable; every pointer access is the caller's.
-impl Lanes for __m512 {
-    const W: usize = 16;
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        _mm512_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        _mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        unsafe { _mm512_loadu_ps(p) }
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { _mm512_storeu_ps(p, self) }
-    }
-    #[inline(always)]
-    unsafe fn mul(self, b: Self) -> Self {
-        _mm512_mul_ps(self, b)
-    }
-    #[inline(always)]
-    unsafe fn fma(self, b: Self, c: Self) -> Self {
-        _mm512_fmadd_ps(self, b, c)
-    }
-    #[inline(always)]
-    unsafe fn sum(self) -> f32 {
-        _mm512_reduce_add_ps(self)
-    }
+/// `Lanes` for a vector type from its intrinsics; `|v| sum` adds the lanes of `v`.
+macro_rules! lanes {
+    ($v:ty, $w:expr, $set1:ident, $zero:ident, $load:ident, $store:ident, $mul:ident, $fma:ident, |$x:ident| $sum:expr) => {
+        // SAFETY (every method): the intrinsics need the width's features, which the entry
+        // points enable; every pointer access is the caller's.
+        impl Lanes for $v {
+            const W: usize = $w;
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self {
+                unsafe { $set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                unsafe { $zero() }
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                unsafe { $load(p) }
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                unsafe { $store(p, self) }
+            }
+            #[inline(always)]
+            unsafe fn mul(self, b: Self) -> Self {
+                unsafe { $mul(self, b) }
+            }
+            #[inline(always)]
+            unsafe fn fma(self, b: Self, c: Self) -> Self {
+                unsafe { $fma(self, b, c) }
+            }
+            #[inline(always)]
+            unsafe fn sum(self) -> f32 {
+                let $x = self;
+                unsafe { $sum }
+            }
+        }
+    };
 }
 
-impl Lanes for __m256 {
-    const W: usize = 8;
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        _mm256_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        _mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        unsafe { _mm256_loadu_ps(p) }
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { _mm256_storeu_ps(p, self) }
-    }
-    #[inline(always)]
-    unsafe fn mul(self, b: Self) -> Self {
-        _mm256_mul_ps(self, b)
-    }
-    #[inline(always)]
-    unsafe fn fma(self, b: Self, c: Self) -> Self {
-        _mm256_fmadd_ps(self, b, c)
-    }
-    #[inline(always)]
-    unsafe fn sum(self) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(self), _mm256_extractf128_ps::<1>(self));
+lanes!(
+    __m512,
+    16,
+    _mm512_set1_ps,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_mul_ps,
+    _mm512_fmadd_ps,
+    |v| { _mm512_reduce_add_ps(v) }
+);
+lanes!(
+    __m256,
+    8,
+    _mm256_set1_ps,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_mul_ps,
+    _mm256_fmadd_ps,
+    |v| {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
-}
+);
 
 /// # Safety
 /// `call` points at a `ScanCall` as `kernels::mamba::scan` writes it: `n` rows of `zx`
