@@ -84,7 +84,7 @@ lanes!(
     _mm512_storeu_ps,
     _mm512_mul_ps,
     _mm512_fmadd_ps,
-    |v| { _mm512_reduce_add_ps(v) }
+    |v| _mm512_reduce_add_ps(v)
 );
 lanes!(
     __m256,
@@ -144,14 +144,54 @@ fn dt_decay(raw: f32, bias: f32, a: f32) -> (f32, f32) {
     (dt, (dt * a).exp())
 }
 
+/// A call's sizes, as `usize`, and the ones derived from them.
+struct Dims {
+    n: usize,
+    hd: usize,
+    ds: usize,
+    width: usize,
+    dt_off: usize,
+    /// `heads·hd`: x's (and y's) width.
+    inner: usize,
+    /// `groups·ds`: B's (and C's) width.
+    gs: usize,
+    /// A conv output row: x, B, C.
+    ch: usize,
+    per_group: usize,
+}
+
+impl Dims {
+    fn of(c: &ScanCall) -> Dims {
+        let (heads, hd, ds, groups) = (c.heads as usize, c.hd as usize, c.ds as usize, c.groups as usize);
+        let (inner, gs) = (heads * hd, groups * ds);
+        Dims {
+            n: c.n as usize,
+            hd,
+            ds,
+            width: c.width as usize,
+            dt_off: c.dt_off as usize,
+            inner,
+            gs,
+            ch: inner + 2 * gs,
+            per_group: heads / groups,
+        }
+    }
+}
+
+/// Head `h`'s `A = -e^{a_log}`, dt bias, `D` and state (`state` floats per head).
+///
+/// # Safety
+/// `h < heads` of the call, whose parameters and state hold `heads` entries.
+#[inline(always)]
+unsafe fn head_params(c: &ScanCall, h: usize, state: usize) -> (f32, f32, f32, *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe { (-(*c.a_log.add(h)).exp(), *c.dt_bias.add(h), *c.d.add(h), c.ssm.add(h * state)) }
+}
+
 /// One token at a time, one pass over the state per token (decode, short steps).
 #[inline(always)]
 unsafe fn scan_tokens<V: Lanes>(c: &ScanCall) {
-    let (n, heads, hd, ds) = (c.n as usize, c.heads as usize, c.hd as usize, c.ds as usize);
-    let (groups, width, dt_off) = (c.groups as usize, c.width as usize, c.dt_off as usize);
-    let (inner, gs) = (heads * hd, groups * ds);
-    let ch = inner + 2 * gs;
-    let per_group = heads / groups;
+    let Dims { n, hd, ds, width, dt_off, inner, gs, ch, per_group } = Dims::of(c);
     // SAFETY (whole body): every read is `zx + t·width + dt_off + h`, `act + t·ch + (< ch)`,
     // a parameter at `h < heads`, or the state at `h·hd·ds + (< hd·ds)`; every write the state
     // of a head `h0 <= h < h1` or `y + t·inner + h·hd + (< hd)`, for `t < n`: inside what the
@@ -159,9 +199,7 @@ unsafe fn scan_tokens<V: Lanes>(c: &ScanCall) {
     unsafe {
         for h in c.h0 as usize..c.h1 as usize {
             let g = h / per_group;
-            let a = -(*c.a_log.add(h)).exp();
-            let (dtb, d) = (*c.dt_bias.add(h), *c.d.add(h));
-            let st = c.ssm.add(h * hd * ds);
+            let (a, dtb, d, st) = head_params(c, h, hd * ds);
             for t in 0..n {
                 let (dt, da) = dt_decay(*c.zx.add(t * width + dt_off + h), dtb, a);
                 let da = V::splat(da);
@@ -192,11 +230,7 @@ unsafe fn scan_tokens<V: Lanes>(c: &ScanCall) {
 /// same recurrence as `scan_tokens`, summed over the state dims in another order.
 #[inline(always)]
 unsafe fn scan_blocked<V: Lanes, const T: usize>(c: &ScanCall) {
-    let (n, heads, hd, ds) = (c.n as usize, c.heads as usize, c.hd as usize, c.ds as usize);
-    let (groups, width, dt_off) = (c.groups as usize, c.width as usize, c.dt_off as usize);
-    let (inner, gs) = (heads * hd, groups * ds);
-    let ch = inner + 2 * gs;
-    let per_group = heads / groups;
+    let Dims { n, hd, ds, width, dt_off, inner, gs, ch, per_group } = Dims::of(c);
     let mut tr = vec![0f32; hd * ds];
     // SAFETY (whole body): as `scan_tokens`: reads inside the `n` rows of `zx` and `act`, the
     // parameters at `h < heads` and head `h`'s state; writes head `h`'s state (`h0 <= h <
@@ -205,9 +239,7 @@ unsafe fn scan_blocked<V: Lanes, const T: usize>(c: &ScanCall) {
     unsafe {
         for h in c.h0 as usize..c.h1 as usize {
             let g = h / per_group;
-            let a = -(*c.a_log.add(h)).exp();
-            let (dtb, d) = (*c.dt_bias.add(h), *c.d.add(h));
-            let st = c.ssm.add(h * hd * ds);
+            let (a, dtb, d, st) = head_params(c, h, hd * ds);
             for p in 0..hd {
                 for j in 0..ds {
                     *tr.get_unchecked_mut(j * hd + p) = *st.add(p * ds + j);
