@@ -65,19 +65,20 @@ pub unsafe extern "C" fn attend(a: *const AttnCall) {
         // SAFETY: rows r0..r0+rc of this call, as the contract describes.
         unsafe {
             match rc.div_ceil(8) {
-                1 => attend_rows::<1, 8>(a, r0, rc),
-                2 => attend_rows::<2, 4>(a, r0, rc),
-                3 => attend_rows::<3, 2>(a, r0, rc),
-                _ => attend_rows::<4, 2>(a, r0, rc),
+                1 => attend_rows::<1, 1, 8>(a, r0, rc),
+                2 => attend_rows::<2, 2, 6>(a, r0, rc),
+                3 => attend_rows::<3, 3, 4>(a, r0, rc),
+                _ => attend_rows::<4, 2, 6>(a, r0, rc),
             }
         }
         r0 += rc;
     }
 }
 
-/// Rows `r0 .. r0 + rc` in `V` vectors of 8 lanes (`rc ≤ 8·V`), scores for `KS` keys at a time.
+/// Rows `r0 .. r0 + rc` in `V` vectors of 8 lanes (`rc ≤ 8·V`); scores for `VS` of the
+/// vectors (`VS` divides `V`) and `KS` keys at a time, `VS·KS` accumulators.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, rc: usize) {
+unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &AttnCall, r0: usize, rc: usize) {
     use std::mem::MaybeUninit;
     let (group, hd, qs) = (a.group as usize, a.head_dim as usize, a.q_stride as usize);
     let (cap, kvh) = (a.cap as usize, a.kvh as usize);
@@ -150,32 +151,36 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                         _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + BLOCK * hd + line) as *const i8);
                     }
                 }
-                let mut acc = [[_mm256_setzero_ps(); V]; KS];
-                for d in 0..hd {
-                    let qv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(qt.add(d * ROWS2 + 8 * v)));
-                    for (i, k) in ks.iter().enumerate() {
-                        let kb = _mm256_set1_ps(*k.add(d));
-                        for v in 0..V {
-                            acc[i][v] = _mm256_fmadd_ps(qv[v], kb, acc[i][v]);
+                for v0 in (0..V).step_by(VS) {
+                    let mut acc = [[_mm256_setzero_ps(); VS]; KS];
+                    for d in 0..hd {
+                        let qv: [__m256; VS] =
+                            std::array::from_fn(|v| _mm256_loadu_ps(qt.add(d * ROWS2 + 8 * (v0 + v))));
+                        for (i, k) in ks.iter().enumerate() {
+                            let kb = _mm256_set1_ps(*k.add(d));
+                            for v in 0..VS {
+                                acc[i][v] = _mm256_fmadd_ps(qv[v], kb, acc[i][v]);
+                            }
                         }
                     }
-                }
-                for (i, acc) in acc.iter().enumerate() {
-                    let j = (j0 + jj + i) as i32;
-                    for v in 0..V {
-                        let sc = if jj + i >= bl {
-                            _mm256_set1_ps(MASKED)
-                        } else if full {
-                            _mm256_mul_ps(acc[v], scale)
-                        } else {
-                            _mm256_blendv_ps(
-                                _mm256_set1_ps(MASKED),
-                                _mm256_mul_ps(acc[v], scale),
-                                live(j, lo[v], hi[v]),
-                            )
-                        };
-                        _mm256_storeu_ps(s.add((jj + i) * ROWS2 + 8 * v), sc);
-                        mx[v] = _mm256_max_ps(mx[v], sc);
+                    for (i, acc) in acc.iter().enumerate() {
+                        let j = (j0 + jj + i) as i32;
+                        for (vv, acc) in acc.iter().enumerate() {
+                            let v = v0 + vv;
+                            let sc = if jj + i >= bl {
+                                _mm256_set1_ps(MASKED)
+                            } else if full {
+                                _mm256_mul_ps(*acc, scale)
+                            } else {
+                                _mm256_blendv_ps(
+                                    _mm256_set1_ps(MASKED),
+                                    _mm256_mul_ps(*acc, scale),
+                                    live(j, lo[v], hi[v]),
+                                )
+                            };
+                            _mm256_storeu_ps(s.add((jj + i) * ROWS2 + 8 * v), sc);
+                            mx[v] = _mm256_max_ps(mx[v], sc);
+                        }
                     }
                 }
                 jj += KS;
