@@ -137,19 +137,36 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
             }
             // 1. scores, KS keys at a time (past the block's end: its last key, masked)
             let mut mx = [_mm512_set1_ps(MASKED); V];
+            // the first two groups' K rows (the groups below prefetch two groups on, across
+            // blocks)
+            if j0 == jmin {
+                for &row in slots.iter().take(bl.min(2 * KS)) {
+                    for line in (0..hd).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + line) as *const i8);
+                    }
+                }
+            }
             let mut jj = 0;
             while jj < bl {
                 let ks: [*const f32; KS] = std::array::from_fn(|i| a.kc.add(slots[(jj + i).min(bl - 1)]));
-                // the V rows of these keys, and the K rows a block ahead (while it does not
-                // wrap, the next block's) where the rows attend that far: decode reads the
-                // cache once, from memory
+                // the V rows of these keys (read after the block's scores) and the K rows two
+                // groups ahead: decode reads the cache once, from memory, and stalls on it
+                // without them
                 for i in 0..KS.min(bl - jj) {
                     let row = slots[jj + i];
-                    let ahead = (j0 + jj + i + BLOCK) as i64 <= jmax as i64;
+                    // the K row two groups on (in the next block: its slot from the position)
+                    let jn = j0 + jj + i + 2 * KS;
+                    let next = (jn as i64 <= jmax as i64).then(|| {
+                        if jj + 2 * KS + i < bl {
+                            slots[jj + 2 * KS + i]
+                        } else {
+                            (kvh * cap + jn % cap) * hd
+                        }
+                    });
                     for line in (0..hd).step_by(16) {
                         _mm_prefetch::<_MM_HINT_T0>(a.vc.wrapping_add(row + line) as *const i8);
-                        if ahead {
-                            _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + BLOCK * hd + line) as *const i8);
+                        if let Some(nr) = next {
+                            _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(nr + line) as *const i8);
                         }
                     }
                 }
