@@ -102,57 +102,50 @@ unsafe fn dot_tile<
             };
             let xb = x.add(b * 32);
             let mb = x.add(kd + b * 12);
-            for sub in 0..SUBS {
-                let mut iacc = [[_mm512_setzero_si512(); P]; T];
-                for (t, row) in iacc.iter_mut().enumerate() {
-                    let c = _mm512_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub)));
-                    *row = [c; P];
-                }
-                // q6_k's halves are columns 0..16 and 16..32: with nibbles, the low and the
-                // high nibbles of all 4 groups
-                let (g0, g1) =
-                    if NIB && SUBS == 2 { (0, groups) } else { (sub * groups / SUBS, (sub + 1) * groups / SUBS) };
-                for g in g0..g1 {
-                    for p in 0..P {
-                        let a = bp.add(p * pb + head + g * 64);
-                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
-                        if T > 2 {
-                            // several rows (a batched decode step, a prefill): also the same
-                            // line of the next tile's panels, one tile ahead into L2, so the
-                            // memory stream keeps going while this tile computes (8 rows from
-                            // DRAM: 1.45–1.6× one row's time before, 1.2–1.35× after)
-                            _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(P * pb) as *const i8);
+            // one pass over the block's groups: with two scales per block (q6_k), a group's
+            // low nibbles are columns 0..16 (`iacc[0]`) and its high nibbles 16..32 (`iacc[1]`)
+            let mut iacc: [[[__m512i; P]; T]; SUBS] = std::array::from_fn(|sub| {
+                std::array::from_fn(|t| [_mm512_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub))); P])
+            });
+            for g in 0..groups {
+                for p in 0..P {
+                    let a = bp.add(p * pb + head + g * 64);
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                    if T > 2 {
+                        // several rows (a batched decode step, a prefill): also the same
+                        // line of the next tile's panels, one tile ahead into L2, so the
+                        // memory stream keeps going while this tile computes (8 rows from
+                        // DRAM: 1.45–1.6× one row's time before, 1.2–1.35× after)
+                        _mm_prefetch::<_MM_HINT_T1>(a.wrapping_add(P * pb) as *const i8);
+                    }
+                    let wv = _mm512_loadu_si512(a as *const __m512i);
+                    if NIB {
+                        let mut lo = _mm512_and_si512(wv, nib);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
+                        if HB > 0 {
+                            let at = bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 });
+                            let pl = _mm512_loadu_si512(at as *const __m512i);
+                            let (sl, sh) = if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
+                            lo = _mm512_or_si512(lo, up(pl, sl));
+                            hi = _mm512_or_si512(hi, up(pl, sh));
                         }
-                        let wv = _mm512_loadu_si512(a as *const __m512i);
-                        if NIB {
-                            let mut lo = _mm512_and_si512(wv, nib);
-                            let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
-                            if HB > 0 {
-                                let at = bp.add(p * pb + head + 256 + if HB == 2 { g / 2 * 64 } else { 0 });
-                                let pl = _mm512_loadu_si512(at as *const __m512i);
-                                let (sl, sh) =
-                                    if HB == 1 { (2 * g, 2 * g + 1) } else { (4 * (g % 2), 4 * (g % 2) + 2) };
-                                lo = _mm512_or_si512(lo, up(pl, sl));
-                                hi = _mm512_or_si512(hi, up(pl, sh));
-                            }
-                            for (t, row) in iacc.iter_mut().enumerate() {
-                                let xl = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
-                                let xh = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4 + 16)));
-                                if SUBS == 1 || sub == 0 {
-                                    row[p] = _mm512_dpbusd_epi32(row[p], lo, xl);
-                                }
-                                if SUBS == 1 || sub == 1 {
-                                    row[p] = _mm512_dpbusd_epi32(row[p], hi, xh);
-                                }
-                            }
-                        } else {
-                            for (t, row) in iacc.iter_mut().enumerate() {
-                                let xv = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
-                                row[p] = _mm512_dpbusd_epi32(row[p], wv, xv);
-                            }
+                        for t in 0..T {
+                            let xl = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
+                            let xh = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4 + 16)));
+                            iacc[0][t][p] = _mm512_dpbusd_epi32(iacc[0][t][p], lo, xl);
+                            let h = SUBS - 1;
+                            iacc[h][t][p] = _mm512_dpbusd_epi32(iacc[h][t][p], hi, xh);
+                        }
+                    } else {
+                        let sub = g * SUBS / groups;
+                        for t in 0..T {
+                            let xv = _mm512_set1_epi32(rd_i32(xb.add(t * rb + g * 4)));
+                            iacc[sub][t][p] = _mm512_dpbusd_epi32(iacc[sub][t][p], wv, xv);
                         }
                     }
                 }
+            }
+            for (sub, iacc) in iacc.iter().enumerate() {
                 for t in 0..T {
                     let dx = _mm512_set1_ps(rd_f32(mb.add(t * rb)));
                     let ds = _mm512_set1_ps(if MIN { rd_f32(mb.add(t * rb + 8)) } else { 0.0 });
