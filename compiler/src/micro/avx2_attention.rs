@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::x86::{key_row_ahead, prefetch_row};
 use super::{AttnCall, MAX_HEAD_DIM};
 
 /// Most query rows per pass (4 vectors of 8 lanes).
@@ -145,9 +146,7 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
             // blocks)
             if j0 == jmin {
                 for &row in slots.iter().take(bl.min(2 * KS)) {
-                    for line in (0..hd).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + line) as *const i8);
-                    }
+                    prefetch_row(a.kc.wrapping_add(row), hd);
                 }
             }
             let mut jj = 0;
@@ -156,21 +155,9 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
                 // the V rows of these keys (read after the block's scores) and the K rows two
                 // groups ahead
                 for i in 0..KS.min(bl - jj) {
-                    let row = slots[jj + i];
-                    // the K row two groups on (in the next block: its slot from the position)
-                    let jn = j0 + jj + i + 2 * KS;
-                    let next = (jn as i64 <= jmax as i64).then(|| {
-                        if jj + 2 * KS + i < bl {
-                            slots[jj + 2 * KS + i]
-                        } else {
-                            (kvh * cap + jn % cap) * hd
-                        }
-                    });
-                    for line in (0..hd).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(a.vc.wrapping_add(row + line) as *const i8);
-                        if let Some(nr) = next {
-                            _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(nr + line) as *const i8);
-                        }
+                    prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    if let Some(row) = key_row_ahead(&slots[..bl], j0, jj + i, 2 * KS, jmax, kvh, cap, hd) {
+                        prefetch_row(a.kc.wrapping_add(row), hd);
                     }
                 }
                 for v0 in (0..V).step_by(VS) {

@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 
+use super::x86::{key_row_ahead, prefetch_row};
 use super::{AttnCall, MAX_HEAD_DIM, ROWS};
 
 const BLOCK: usize = 64;
@@ -141,9 +142,7 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
             // blocks)
             if j0 == jmin {
                 for &row in slots.iter().take(bl.min(2 * KS)) {
-                    for line in (0..hd).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(row + line) as *const i8);
-                    }
+                    prefetch_row(a.kc.wrapping_add(row), hd);
                 }
             }
             let mut jj = 0;
@@ -153,21 +152,9 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 // groups ahead: decode reads the cache once, from memory, and stalls on it
                 // without them
                 for i in 0..KS.min(bl - jj) {
-                    let row = slots[jj + i];
-                    // the K row two groups on (in the next block: its slot from the position)
-                    let jn = j0 + jj + i + 2 * KS;
-                    let next = (jn as i64 <= jmax as i64).then(|| {
-                        if jj + 2 * KS + i < bl {
-                            slots[jj + 2 * KS + i]
-                        } else {
-                            (kvh * cap + jn % cap) * hd
-                        }
-                    });
-                    for line in (0..hd).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(a.vc.wrapping_add(row + line) as *const i8);
-                        if let Some(nr) = next {
-                            _mm_prefetch::<_MM_HINT_T0>(a.kc.wrapping_add(nr + line) as *const i8);
-                        }
+                    prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    if let Some(row) = key_row_ahead(&slots[..bl], j0, jj + i, 2 * KS, jmax, kvh, cap, hd) {
+                        prefetch_row(a.kc.wrapping_add(row), hd);
                     }
                 }
                 let mut acc = [[_mm512_setzero_ps(); V]; KS];

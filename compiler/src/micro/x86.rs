@@ -37,3 +37,33 @@ pub unsafe fn nibble_pair<const HB: usize, const OFF: i8>(qs: *const u8, j: usiz
         (lo, hi)
     }
 }
+
+/// Prefetches (T0) the `hd` f32 of a KV-cache row at `p`, a line (16 f32) at a time.
+#[inline(always)]
+#[allow(unused_unsafe)]
+pub fn prefetch_row(p: *const f32, hd: usize) {
+    for line in (0..hd).step_by(16) {
+        // SAFETY: a prefetch is a hint that never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8) };
+    }
+}
+
+/// The cache row of the key `ahead` keys after key `j0 + jj` (`slots`: the cache rows of the
+/// block of keys from `j0`, `(kvh·cap + slot)·hd` each): in this block, or past its end from
+/// the position's slot; none past `jmax`, the last key any row attends to. What attention
+/// prefetches while it scores key `j0 + jj`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn key_row_ahead(
+    slots: &[usize],
+    j0: usize,
+    jj: usize,
+    ahead: usize,
+    jmax: i32,
+    kvh: usize,
+    cap: usize,
+    hd: usize,
+) -> Option<usize> {
+    let j = j0 + jj + ahead;
+    (j as i64 <= jmax as i64).then(|| slots.get(jj + ahead).copied().unwrap_or_else(|| (kvh * cap + j % cap) * hd))
+}
