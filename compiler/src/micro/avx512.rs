@@ -51,6 +51,8 @@ unsafe fn rd_i32(p: *const u8) -> i32 {
 /// f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
 #[allow(clippy::too_many_arguments)]
+// `iacc[sub][t][p]`: indices into three dims at once read plainer than nested iterators
+#[allow(clippy::needless_range_loop)]
 unsafe fn dot_tile<
     const T: usize,
     const P: usize,
