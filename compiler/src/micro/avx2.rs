@@ -221,8 +221,11 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
             for p in 0..P {
                 let a = w.add(p * pb + k * 16 * es);
                 if (k * 16 * es) % 64 == 0 {
+                    // as `avx512::float_tile`: f32 one prefetch per line, 16-bit kinds two
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF + 64) as *const i8);
+                    if WT != F32 {
+                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF + 64) as *const i8);
+                    }
                 }
                 // 8 values of this panel's column k (inside the panel)
                 let half = |h: usize| -> __m256 {
