@@ -82,7 +82,6 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
     let (group, hd, qs) = (a.group as usize, a.head_dim as usize, a.q_stride as usize);
     let (cap, kvh) = (a.cap as usize, a.kvh as usize);
     let nvh = hd.div_ceil(16);
-    let lanes = 16 * V;
     // Scratch, written before it is read: qt[d·ROWS + lane] for d < hd, lane < 16·V; s[jj·ROWS
     // + lane] for jj < bl rounded up to KS, lane < 16·V; o[row·MAX_HEAD_DIM + dim] for rows
     // below rc rounded up to 4 and dims below nvh rounded up to 4 vectors.
@@ -98,15 +97,20 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
     // `d < hd`; cache rows are `(kvh·cap + slot)·hd + d` with `slot < cap`; scratch indices
     // stay below the sizes above (`rc ≤ 16·V ≤ ROWS`, `hd ≤ MAX_HEAD_DIM`, `jj < BLOCK + 8`).
     unsafe {
-        for r in 0..lanes {
-            let q = (r < rc).then(|| a.q.add(qrow(r0 + r)));
-            if q.is_some() {
-                let p = *a.pos.add((r0 + r) / group);
-                hi_pos[r] = p;
-                lo_pos[r] = if a.window > 0 { (p as i64 - a.window as i64 + 1).max(0) as i32 } else { 0 };
+        // lanes past the rows hold zeros: whole vectors of them, then the rows' queries over
+        // them (a decode pass has 1–4 rows in 16 lanes; LLVM writes each row with scatters)
+        for d in 0..hd {
+            for v in 0..V {
+                _mm512_storeu_ps(qt.add(d * ROWS + 16 * v), _mm512_setzero_ps());
             }
+        }
+        for r in 0..rc {
+            let q = a.q.add(qrow(r0 + r));
+            let p = *a.pos.add((r0 + r) / group);
+            hi_pos[r] = p;
+            lo_pos[r] = if a.window > 0 { (p as i64 - a.window as i64 + 1).max(0) as i32 } else { 0 };
             for d in 0..hd {
-                *qt.add(d * ROWS + r) = q.map_or(0.0, |q| *q.add(d));
+                *qt.add(d * ROWS + r) = *q.add(d);
             }
         }
         let rows4 = rc.div_ceil(4) * 4;
