@@ -222,6 +222,7 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::new();
+    let mut sizes = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let name = format!("k{i}_{}", spec.name());
         let cg = |msg: String| JitError::Codegen { kernel: name.clone(), msg };
@@ -238,19 +239,38 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
         if relocs != 0 {
             return Err(cg(format!("has {relocs} relocations; kernels must have none")));
         }
+        sizes.push(ctx.compiled_code().map_or(0, |c| c.code_buffer().len()));
         module.clear_context(&mut ctx);
         ids.push(id);
     }
     module.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "finalize".into(), msg: e.to_string() })?;
-    let fns = ids
+    let code: Vec<*const u8> = ids.into_iter().map(|id| module.get_finalized_function(id)).collect();
+    if std::env::var_os("LLMC_PERF_MAP").is_some() {
+        write_perf_map(specs, &code, &sizes);
+    }
+    let fns = code
         .into_iter()
-        .map(|id| {
-            let p = module.get_finalized_function(id);
+        .map(|p| {
             // SAFETY: the function was declared with `signature`, which is this C ABI type.
             unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
         })
         .collect();
     Ok(Kernels { module: Some(module), fns, features, level, specs: specs.to_vec() })
+}
+
+/// With `LLMC_PERF_MAP` set, names the kernels for `perf report`: appends `addr size name`
+/// lines to `/tmp/perf-<pid>.map` (perf's convention for JIT code). Best effort: a file that
+/// cannot be written only costs the names.
+fn write_perf_map(specs: &[KernelSpec], code: &[*const u8], sizes: &[usize]) {
+    use std::io::Write;
+    let path = format!("/tmp/perf-{}.map", std::process::id());
+    let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) else { return };
+    let lines: String = specs
+        .iter()
+        .zip(code.iter().zip(sizes))
+        .map(|(spec, (p, n))| format!("{:x} {n:x} llmc:{}\n", *p as usize, spec.name()))
+        .collect();
+    let _ = f.write_all(lines.as_bytes());
 }
 
 /// Compiles one spec and returns the machine code listing (VCode) Cranelift produced.

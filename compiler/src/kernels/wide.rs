@@ -91,6 +91,16 @@ fn grid(
     let pstep = k.select(single, pd, pp);
     let (td, tp) = (k.ic(1), k.ic(tokens as i64));
     let tstep = k.select(single, td, tp);
+    // a few rows (a batched decode step) go to the micro-kernel all at once: a tile of every
+    // row over one panel reads each weight line once from memory for all of them
+    let tstep = if tokens * terms < TILE_TOKENS {
+        let rows = k.b.ins().isub(t1, t0);
+        let all = k.ic((TILE_TOKENS / terms) as i64);
+        let few = k.icmp(IntCC::UnsignedLessThanOrEqual, rows, all);
+        k.select(few, all, tstep)
+    } else {
+        tstep
+    };
     let mut sig = Signature::new(k.call_conv());
     sig.params.extend([AbiParam::new(I64); 8]);
     let sig = k.b.import_signature(sig);

@@ -106,9 +106,14 @@ unsafe fn dot_tile<
             let mb = x.add(kd + b * 12);
             // one pass over the block's groups: with two scales per block (q6_k), a group's
             // low nibbles are columns 0..16 (`iacc[0]`) and its high nibbles 16..32 (`iacc[1]`)
-            let mut iacc: [[[__m512i; P]; T]; SUBS] = std::array::from_fn(|sub| {
-                std::array::from_fn(|t| [_mm512_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub))); P])
-            });
+            // (plain loops: `std::array::from_fn`'s closure was left out of line in the larger
+            // tiles, a call per block that spilled every accumulator around it)
+            let mut iacc = [[[_mm512_setzero_si512(); P]; T]; SUBS];
+            for (sub, rows) in iacc.iter_mut().enumerate() {
+                for (t, row) in rows.iter_mut().enumerate() {
+                    *row = [_mm512_set1_epi32(rd_i32(mb.add(t * rb + 4 + 4 * sub))); P];
+                }
+            }
             for g in 0..groups {
                 for p in 0..P {
                     let a = bp.add(p * pb + head + g * 64);
@@ -346,7 +351,7 @@ unsafe fn bfloat_tile<
 /// Splits a call of any `tokens × panels` (each clamped to the tile bounds) into the tiles
 /// `$tile` is instantiated for.
 macro_rules! dispatch {
-    ($name:ident, $tile:ident, $tmax:expr, [$($g:tt)*]) => {
+    ($name:ident, $tile:ident, $tmax:expr, $wide_p:expr, [$($g:tt)*]) => {
         /// # Safety
         /// As the tile function it calls (`MicroFn`'s contract), on a host with the features
         /// `available` checks.
@@ -366,10 +371,11 @@ macro_rules! dispatch {
             let tstep = if nt == 1 { 1 } else { $tmax };
             // two rows (a `quant_q8x2` row's two terms, or two sequences' decode rows) still
             // stream `DECODE_PANELS` panels at once
-            let pstep = if nt <= 2 { super::DECODE_PANELS } else { super::PREFILL_PANELS };
+            let pstep0 = if nt <= 2 { super::DECODE_PANELS } else { super::PREFILL_PANELS };
             let mut t0 = 0;
             while t0 < nt {
                 let tn = (nt - t0).min(tstep);
+                let pstep = if tn > 4 { $wide_p } else { pstep0 };
                 let mut p0 = 0;
                 while p0 < np {
                     let pn = (np - p0).min(pstep);
@@ -408,25 +414,25 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dot_q8, dot_tile, super::DOT_TOKENS, [false, false, 1, false, 0]);
-dispatch!(dot_q4_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false, 0]);
-dispatch!(dot_q5_0, dot_tile, super::DOT_TOKENS, [true, false, 1, false, 1]);
-dispatch!(dot_q4_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 0]);
-dispatch!(dot_q5_1, dot_tile, super::DOT_TOKENS, [true, true, 1, false, 1]);
-dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, [true, false, 2, true, 2]);
-dispatch!(dot_q4_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true, 0]);
-dispatch!(dot_q5_k, dot_tile, super::DOT_TOKENS, [true, true, 1, true, 1]);
-dispatch!(bfloat_q8_0, bfloat_tile, super::FLOAT_TOKENS, [false, false, 1, false, 0, 0]);
-dispatch!(bfloat_q4_0, bfloat_tile, super::FLOAT_TOKENS, [true, false, 1, false, 0, 8]);
-dispatch!(bfloat_q5_0, bfloat_tile, super::FLOAT_TOKENS, [true, false, 1, false, 1, 16]);
-dispatch!(bfloat_q4_1, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, false, 0, 0]);
-dispatch!(bfloat_q5_1, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, false, 1, 0]);
-dispatch!(bfloat_q6_k, bfloat_tile, super::FLOAT_TOKENS, [true, false, 2, true, 2, 32]);
-dispatch!(bfloat_q4_k, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, true, 0, 0]);
-dispatch!(bfloat_q5_k, bfloat_tile, super::FLOAT_TOKENS, [true, true, 1, true, 1, 0]);
-dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, [F32]);
-dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, [BF16]);
-dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, [F16]);
+dispatch!(dot_q8, dot_tile, 8, 1, [false, false, 1, false, 0]);
+dispatch!(dot_q4_0, dot_tile, 8, 1, [true, false, 1, false, 0]);
+dispatch!(dot_q5_0, dot_tile, 8, 1, [true, false, 1, false, 1]);
+dispatch!(dot_q4_1, dot_tile, 8, 1, [true, true, 1, false, 0]);
+dispatch!(dot_q5_1, dot_tile, 8, 1, [true, true, 1, false, 1]);
+dispatch!(dot_q6_k, dot_tile, 8, 1, [true, false, 2, true, 2]);
+dispatch!(dot_q4_k, dot_tile, 8, 1, [true, true, 1, true, 0]);
+dispatch!(dot_q5_k, dot_tile, 8, 1, [true, true, 1, true, 1]);
+dispatch!(bfloat_q8_0, bfloat_tile, super::FLOAT_TOKENS, 2, [false, false, 1, false, 0, 0]);
+dispatch!(bfloat_q4_0, bfloat_tile, super::FLOAT_TOKENS, 2, [true, false, 1, false, 0, 8]);
+dispatch!(bfloat_q5_0, bfloat_tile, super::FLOAT_TOKENS, 2, [true, false, 1, false, 1, 16]);
+dispatch!(bfloat_q4_1, bfloat_tile, super::FLOAT_TOKENS, 2, [true, true, 1, false, 0, 0]);
+dispatch!(bfloat_q5_1, bfloat_tile, super::FLOAT_TOKENS, 2, [true, true, 1, false, 1, 0]);
+dispatch!(bfloat_q6_k, bfloat_tile, super::FLOAT_TOKENS, 2, [true, false, 2, true, 2, 32]);
+dispatch!(bfloat_q4_k, bfloat_tile, super::FLOAT_TOKENS, 2, [true, true, 1, true, 0, 0]);
+dispatch!(bfloat_q5_k, bfloat_tile, super::FLOAT_TOKENS, 2, [true, true, 1, true, 1, 0]);
+dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, 2, [F32]);
+dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, 2, [BF16]);
+dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, 2, [F16]);
 
 pub fn dot(wt: DType) -> Option<MicroFn> {
     Some(match wt {
