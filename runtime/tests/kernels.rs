@@ -760,6 +760,27 @@ fn int8_linear_in_chunks() {
     }
 }
 
+/// A batched decode step's few rows (5 to 8) go to the int8 micro-kernel in one call, which
+/// runs them as one tile over one panel, or over two on rows of 1024 columns and more (q8_0,
+/// q4_0): long rows of every blocked type, an odd panel count, one and two terms.
+#[test]
+fn int8_few_rows_over_long_panels() {
+    let types = [DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_1, DType::Q5_1, DType::Q6K, DType::Q4K, DType::Q5K];
+    for (dtype, terms) in types.into_iter().flat_map(|t| [(t, 1), (t, 2)]) {
+        let k = cols(dtype, if quant::is_k(dtype) { 5 } else { 33 });
+        for n in 5..=8 {
+            let mut c = Case::new(n as u64);
+            let x = c.rows("x", n, k, 2.0);
+            let x = c.quant_act(x, terms);
+            let w = c.weight("w", &[40, k], 1.0);
+            c.store(w, dtype);
+            let y = c.g.add(Op::Linear { rms_eps: None, act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
+            let err = c.compare(y, &prefill(n), 16, 16);
+            assert!(err < tol(dtype), "{dtype:?} terms {terms} n {n}: err {err}");
+        }
+    }
+}
+
 /// Rows too long for many to fit half the host's L2: the wide f32 path walks the step's rows
 /// in blocks (`micro::row_block`: at most 16 rows of 65,536 columns on hosts with up to 8 MiB
 /// of L2), each block through every panel, so 40 rows cross several blocks.
