@@ -77,13 +77,19 @@ impl Sampler {
         Sampler::new(SamplerConfig { temperature: 0.0, ..SamplerConfig::default() })
     }
 
+    /// Whether any penalty changes logits.
+    fn penalizes(&self) -> bool {
+        let (p, pres, freq) = (self.cfg.repeat_penalty, self.cfg.presence_penalty, self.cfg.frequency_penalty);
+        !(p == 1.0 && pres == 0.0 && freq == 0.0) && self.cfg.repeat_last_n != 0
+    }
+
     /// Applies the repetition, presence and frequency penalties to the tokens seen in the last
     /// `repeat_last_n` of `history`.
     pub fn penalize(&self, logits: &mut [f32], history: &[i32]) {
-        let (p, pres, freq) = (self.cfg.repeat_penalty, self.cfg.presence_penalty, self.cfg.frequency_penalty);
-        if (p == 1.0 && pres == 0.0 && freq == 0.0) || self.cfg.repeat_last_n == 0 {
+        if !self.penalizes() {
             return;
         }
+        let (p, pres, freq) = (self.cfg.repeat_penalty, self.cfg.presence_penalty, self.cfg.frequency_penalty);
         let start = history.len().saturating_sub(self.cfg.repeat_last_n);
         let mut seen: Vec<usize> = history[start..].iter().filter_map(|&t| usize::try_from(t).ok()).collect();
         seen.sort_unstable();
@@ -142,6 +148,10 @@ impl Sampler {
 
     /// Picks the next token.
     pub fn sample(&mut self, logits: &[f32], history: &[i32]) -> i32 {
+        if self.cfg.temperature <= 0.0 && !self.penalizes() {
+            // greedy without penalties: no copy of the vocabulary's logits
+            return argmax(logits) as i32;
+        }
         let mut l = logits.to_vec();
         self.penalize(&mut l, history);
         if self.cfg.temperature <= 0.0 {
