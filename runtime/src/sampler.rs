@@ -58,13 +58,23 @@ impl SplitMix64 {
 
 /// Index of the largest value (the first one on ties).
 pub fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+    // the first index of the largest value (NaNs never win; a NaN first wins, as a scan that
+    // keeps the first of `x > best` gives): the maximum over 16 independent lanes (a scan's
+    // compare chain ran at ~4 cycles per logit), then its first index
+    match xs.first() {
+        None => return 0,
+        Some(x) if x.is_nan() => return 0,
+        Some(_) => {}
+    }
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best
+    let top = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    xs.iter().position(|&x| x == top).unwrap_or(0)
 }
 
 impl Sampler {
@@ -182,6 +192,34 @@ mod tests {
     fn temperature_zero_is_argmax_first_on_ties() {
         let mut s = Sampler::greedy();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    /// The lane-parallel argmax picks what a first-of-`>` scan picks: ties, NaNs (first or
+    /// not), infinities, every length around the 16-lane chunks.
+    #[test]
+    fn argmax_equals_a_scan() {
+        fn scan(xs: &[f32]) -> usize {
+            let mut best = 0;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] {
+                    best = i;
+                }
+            }
+            best
+        }
+        let mut rng = SplitMix64(3);
+        let pick = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0, 2.0, -3.0];
+        for len in 0..70 {
+            for _ in 0..200 {
+                let xs: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let r = rng.next_f64();
+                        if r < 0.5 { pick[(r * 16.0) as usize % pick.len()] } else { (r * 8.0).floor() as f32 }
+                    })
+                    .collect();
+                assert_eq!(argmax(&xs), scan(&xs), "{xs:?}");
+            }
+        }
     }
 
     #[test]
