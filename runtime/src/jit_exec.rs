@@ -265,7 +265,10 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
             let part = if chunks == 1 {
                 (barrier.is_none() || tid == owner % threads).then_some(0)
             } else {
-                (tid < chunks).then_some(tid)
+                // the sequences of a batched call take turns at the larger parts (3 kv heads
+                // over 2 workers: 1 + 2 for one sequence, 2 + 1 for the next), so no worker
+                // gets the larger part of every sequence
+                (tid < chunks).then_some((tid + owner) % chunks)
             };
             if let Some(part) = part {
                 let lo = units * part / chunks;
