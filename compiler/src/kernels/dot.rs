@@ -126,6 +126,37 @@ pub fn quantize_rows(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value) {
     });
 }
 
+/// `quantize_rows` by the host's quantization micro-kernel (the same bytes and inverse RMS).
+fn quantize_rows_wide(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value, f: crate::micro::QuantFn) {
+    let mut sig = cranelift_codegen::ir::Signature::new(k.call_conv());
+    sig.params.extend([cranelift_codegen::ir::AbiParam::new(I64); 8]);
+    let sig = k.b.import_signature(sig);
+    let x = k.at(c.x, c0, (c.kd * 4) as i64);
+    let (inv, eps) = match xq.inv {
+        Some((inv, eps)) => (k.at(inv, c0, 4), eps),
+        None => (k.ic(0), 0.0),
+    };
+    let mut mode = crate::pack::dot_offset(c.wt) as i64;
+    if llmc_ir::quant::has_min(c.wt) {
+        mode |= crate::micro::QUANT_MIN as i64;
+    }
+    if c.wt == DType::Q6K {
+        mode |= crate::micro::QUANT_HALVES as i64;
+    }
+    let args = [
+        x,
+        len,
+        xq.buf,
+        inv,
+        k.ic(c.kd as i64),
+        k.ic(xq.terms as i64),
+        k.ic(mode),
+        k.ic(eps.to_bits() as i64),
+    ];
+    let fp = k.ic(f as usize as i64);
+    k.b.ins().call_indirect(sig, fp, &args);
+}
+
 /// Quantizes block `b` (the 8 vectors `v`) of a row into the buffer row at `dst`: its 32
 /// bytes of q and its metadata. Returns the dequantized values `d · q`.
 fn quantize_block(k: &mut Kb<'_>, c: &Ctx, v: &[Value], dst: Value, b: Value) -> Vec<Value> {
@@ -412,7 +443,10 @@ pub fn chunks(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, walk: &mut dyn FnMut(&mut Kb<'_>
         let end = k.select(full, end, n);
         let len = k.b.ins().isub(end, c0);
         k.set(xq.c0, c0);
-        quantize_rows(k, c, xq, c0, len);
+        match k.wide.and_then(crate::micro::quant) {
+            Some(f) => quantize_rows_wide(k, c, xq, c0, len, f),
+            None => quantize_rows(k, c, xq, c0, len),
+        }
         walk(k, c0, end);
     });
 }

@@ -27,6 +27,8 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_attention;
 #[cfg(target_arch = "x86_64")]
+mod quant;
+#[cfg(target_arch = "x86_64")]
 mod scan;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -248,6 +250,43 @@ pub struct ScanCall {
 
 /// Words of `ScanCall`.
 pub const SCAN_WORDS: usize = 16;
+
+/// The int8 prologue's quantization: `(x, rows, dst, inv, kd, terms, mode, eps_bits)` quantizes
+/// `rows` rows of `x` (`kd` f32 each, `kd` a multiple of 32) into `terms` buffer rows each at
+/// `dst` (`kernels::dot`'s layout: `kd` bytes of q, then 12 bytes of metadata per block) and,
+/// when `inv` is not null, writes each row's inverse RMS (`eps` the f32 with bits `eps_bits`)
+/// there. `mode`: the weights' offset in the low byte, `QUANT_MIN`, `QUANT_HALVES`.
+///
+/// # Safety
+/// `x` holds `rows·kd` f32, `dst` `rows·terms·(kd + kd/32·12)` bytes and `inv` (unless null)
+/// `rows` f32, none overlapping.
+pub type QuantFn = unsafe extern "C" fn(*const f32, usize, *mut u8, *mut f32, usize, usize, usize, usize);
+
+#[cfg(target_arch = "x86_64")]
+pub use quant::{MODE_HALVES as QUANT_HALVES, MODE_MIN as QUANT_MIN};
+#[cfg(not(target_arch = "x86_64"))]
+pub const QUANT_MIN: usize = 1 << 8;
+#[cfg(not(target_arch = "x86_64"))]
+pub const QUANT_HALVES: usize = 1 << 9;
+
+/// The quantization micro-kernel of a family (AVX-512 only so far).
+pub fn quant(wide: Wide) -> Option<QuantFn> {
+    if !wide.available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        match wide {
+            Wide::Avx512 => Some(quant::quant_avx512 as QuantFn),
+            // (the 128-bit Cranelift code: no 256-bit version yet)
+            Wide::Avx2 => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
 
 /// A scan micro-kernel: `scan(&ScanCall)`.
 pub type ScanFn = unsafe extern "C" fn(*const ScanCall);

@@ -1,0 +1,220 @@
+//! The int8 prologue's quantization of input rows (`kernels::dot::quantize_rows`) on AVX-512.
+//! Cranelift's 128-bit code took ~5 cycles a value there (scalar divisions, a saturating
+//! conversion expanded into several instructions, lane extractions): 18 % of a q8_0 prefill.
+//! (Plain Rust compiled for AVX-512 was slower still: LLVM keeps the max fold and the
+//! saturating conversions scalar.)
+//!
+//! Same arithmetic as `kernels::dot::quantize_block` and `llmc_ir::quant::quantize_act_q8`
+//! (on finite values):
+//! `d = max|x| / 127`, `q = round_ties_even(x · (1/d))` (0 when `d = 0`), the corrections and
+//! sums of the buffer's metadata, and for an RMS prologue `1/sqrt(Σ(d·q)²/k + eps)` summed in
+//! four lanes as the 128-bit code sums them. So a buffer is bit for bit what that code writes.
+
+use llmc_ir::quant::QK;
+
+/// Bytes of a block's metadata in a quantized row (`kernels::dot`'s `META`).
+const META: usize = 12;
+
+/// `mode` bits: the weights' unsigned offset (low byte), a minimum term (q4_1, q5_1: `d·Σq` at
+/// +8), a correction per half block (q6_k: `−offset·Σq` of the first and last 16 values at +4
+/// and +8).
+pub const MODE_MIN: usize = 1 << 8;
+pub const MODE_HALVES: usize = 1 << 9;
+
+use std::arch::x86_64::*;
+
+/// Writes a block's metadata: `d`, then the corrections or the minimum's sum (`mode`).
+#[inline(always)]
+fn meta(m: &mut [u8], d: f32, lo: i32, hi: i32, mode: usize) {
+    let off = -((mode & 0xff) as i32);
+    let s = lo.wrapping_add(hi);
+    m[0..4].copy_from_slice(&d.to_le_bytes());
+    if mode & MODE_HALVES != 0 {
+        m[4..8].copy_from_slice(&lo.wrapping_mul(off).to_le_bytes());
+        m[8..12].copy_from_slice(&hi.wrapping_mul(off).to_le_bytes());
+    } else {
+        m[4..8].copy_from_slice(&s.wrapping_mul(off).to_le_bytes());
+        if mode & MODE_MIN != 0 {
+            m[8..12].copy_from_slice(&(d * s as f32).to_le_bytes());
+        }
+    }
+}
+
+/// The block `v` (two vectors of 16) quantized: its 32 bytes of q into `q`, its metadata into
+/// `m`; returns the dequantized values `d·q`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL on this host.
+#[inline(always)]
+unsafe fn block(v: [__m512; 2], q: &mut [u8], m: &mut [u8], mode: usize) -> [__m512; 2] {
+    // SAFETY: register arithmetic on a host with the features; the stores write 16 bytes
+    // into each half of `q`, which has 32.
+    unsafe {
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (idv, dv) = (_mm512_set1_ps(id), _mm512_set1_ps(d));
+        let mut dq = [_mm512_setzero_ps(); 2];
+        let mut sums = [0i32; 2];
+        assert!(q.len() >= QK);
+        for h in 0..2 {
+            let qf = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+                v[h], idv,
+            ));
+            dq[h] = _mm512_mul_ps(qf, dv);
+            let qi = _mm512_cvtps_epi32(qf);
+            sums[h] = _mm512_reduce_add_epi32(qi);
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtsepi32_epi8(qi));
+        }
+        meta(m, d, sums[0], sums[1], mode);
+        dq
+    }
+}
+
+/// Rows `0..n` of `x` (`kd` f32 each) into `terms` buffer rows each at `dst`, and with `inv`
+/// each row's inverse RMS.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and FMA on this host.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn rows(x: &[f32], dst: &mut [u8], mut inv: Option<&mut [f32]>, kd: usize, terms: usize, mode: usize, eps: f32) {
+    let row_bytes = kd + kd / QK * META;
+    for (r, src) in x.chunks_exact(kd).enumerate() {
+        let out = &mut dst[r * terms * row_bytes..(r + 1) * terms * row_bytes];
+        let mut ss = _mm_setzero_ps();
+        for (b, xb) in src.chunks_exact(QK).enumerate() {
+            // SAFETY: `xb` holds 32 f32; the features are this function's.
+            let mut rest = unsafe { [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))] };
+            let mut total = [_mm512_setzero_ps(); 2];
+            for term in 0..terms {
+                let row = &mut out[term * row_bytes..(term + 1) * row_bytes];
+                let (q, m) = row.split_at_mut(kd);
+                // SAFETY: the features are this function's.
+                let dq = unsafe { block(rest, &mut q[b * QK..(b + 1) * QK], &mut m[b * META..(b + 1) * META], mode) };
+                for h in 0..2 {
+                    rest[h] = _mm512_sub_ps(rest[h], dq[h]);
+                    total[h] = if term == 0 { dq[h] } else { _mm512_add_ps(total[h], dq[h]) };
+                }
+            }
+            if inv.is_some() {
+                // four lanes, each summing every fourth value in order (as the 128-bit code)
+                for t in total {
+                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<0>(t), _mm512_extractf32x4_ps::<0>(t), ss);
+                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<1>(t), _mm512_extractf32x4_ps::<1>(t), ss);
+                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<2>(t), _mm512_extractf32x4_ps::<2>(t), ss);
+                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<3>(t), _mm512_extractf32x4_ps::<3>(t), ss);
+                }
+            }
+        }
+        if let Some(inv) = inv.as_deref_mut() {
+            let mut l = [0f32; 4];
+            // SAFETY: `l` holds 4 f32.
+            unsafe { _mm_storeu_ps(l.as_mut_ptr(), ss) };
+            let h = (l[0] + l[1]) + (l[2] + l[3]);
+            let ms = h.mul_add(1.0 / kd as f32, eps);
+            inv[r] = 1.0 / ms.sqrt();
+        }
+    }
+}
+
+/// # Safety
+/// `QuantFn`'s contract, on a host with AVX-512 F/BW/VL and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn quant_avx512(
+    x: *const f32,
+    n: usize,
+    dst: *mut u8,
+    inv: *mut f32,
+    kd: usize,
+    terms: usize,
+    mode: usize,
+    eps_bits: usize,
+) {
+    if kd == 0 || kd % QK != 0 || terms == 0 {
+        return;
+    }
+    let row_bytes = kd + kd / QK * META;
+    // SAFETY: the caller's contract: `x` holds n·kd f32, `dst` n·terms·row_bytes bytes, `inv`
+    // (when not null) n f32, none overlapping.
+    let (x, dst, inv) = unsafe {
+        (
+            std::slice::from_raw_parts(x, n * kd),
+            std::slice::from_raw_parts_mut(dst, n * terms * row_bytes),
+            (!inv.is_null()).then(|| std::slice::from_raw_parts_mut(inv, n)),
+        )
+    };
+    // SAFETY: the features are this function's.
+    unsafe { rows(x, dst, inv, kd, terms, mode, f32::from_bits(eps_bits as u32)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmc_ir::quant::quantize_act_q8;
+
+    /// Blocks of random values (with zero blocks, huge and tiny ones) give the IR's `(d, q)`
+    /// and the metadata the buffer layout says, for one and two terms and every mode.
+    #[test]
+    fn matches_the_ir_quantization() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let kd = 4 * QK;
+        for (mode, terms) in [(128, 1), (8, 2), (MODE_MIN, 1), (32 | MODE_HALVES, 2)] {
+            let mut x: Vec<f32> = (0..3 * kd).map(|_| rnd() * 4.0).collect();
+            x[QK..2 * QK].fill(0.0);
+            x[2 * QK] = 3e30;
+            x[3 * QK] = 1e-30;
+            let row_bytes = kd + kd / QK * META;
+            let mut dst = vec![0u8; 3 * terms * row_bytes];
+            let mut inv = [0f32; 3];
+            if !crate::micro::Wide::Avx512.available() {
+                return;
+            }
+            // SAFETY: the host has the features (checked above).
+            unsafe { rows(&x, &mut dst, Some(&mut inv), kd, terms, mode, 1e-5) };
+            for (r, xr) in x.chunks_exact(kd).enumerate() {
+                let mut back = vec![0f32; kd];
+                for (b, xb) in xr.chunks_exact(QK).enumerate() {
+                    let mut rest = xb.to_vec();
+                    for term in 0..terms {
+                        let row = &dst[(r * terms + term) * row_bytes..][..row_bytes];
+                        let (d, q) = quantize_act_q8(&rest);
+                        let got_q: Vec<i8> = row[b * QK..(b + 1) * QK].iter().map(|&u| u as i8).collect();
+                        assert_eq!(got_q, q.to_vec(), "mode {mode:#x} row {r} block {b} term {term}");
+                        let meta = &row[kd + b * META..][..META];
+                        let word = |i: usize| <[u8; 4]>::try_from(&meta[i..i + 4]).unwrap();
+                        assert_eq!(f32::from_le_bytes(word(0)).to_bits(), d.to_bits());
+                        let sum = |qs: &[i8]| qs.iter().map(|&v| v as i32).sum::<i32>();
+                        let off = (mode & 0xff) as i32;
+                        if mode & MODE_HALVES != 0 {
+                            assert_eq!(i32::from_le_bytes(word(4)), -off * sum(&q[..16]));
+                            assert_eq!(i32::from_le_bytes(word(8)), -off * sum(&q[16..]));
+                        } else {
+                            assert_eq!(i32::from_le_bytes(word(4)), -off * sum(&q));
+                        }
+                        if mode & MODE_MIN != 0 {
+                            assert_eq!(f32::from_le_bytes(word(8)), d * sum(&q) as f32);
+                        }
+                        for (i, v) in rest.iter_mut().enumerate() {
+                            let dq = d * q[i] as f32;
+                            back[b * QK + i] += dq;
+                            *v -= dq;
+                        }
+                    }
+                }
+                let mut ss = [0f32; 4];
+                for (i, v) in back.iter().enumerate() {
+                    ss[i % 4] = v.mul_add(*v, ss[i % 4]);
+                }
+                let want = 1.0 / ((ss[0] + ss[1]) + (ss[2] + ss[3])).mul_add(1.0 / kd as f32, 1e-5).sqrt();
+                assert_eq!(inv[r].to_bits(), want.to_bits(), "row {r}");
+            }
+        }
+    }
+}
