@@ -269,7 +269,7 @@ pub const QUANT_MIN: usize = 1 << 8;
 #[cfg(not(target_arch = "x86_64"))]
 pub const QUANT_HALVES: usize = 1 << 9;
 
-/// The quantization micro-kernel of a family (AVX-512 only so far).
+/// The quantization micro-kernel of a family.
 pub fn quant(wide: Wide) -> Option<QuantFn> {
     if !wide.available() {
         return None;
@@ -278,8 +278,7 @@ pub fn quant(wide: Wide) -> Option<QuantFn> {
     {
         match wide {
             Wide::Avx512 => Some(quant::quant_avx512 as QuantFn),
-            // (the 128-bit Cranelift code: no 256-bit version yet)
-            Wide::Avx2 => None,
+            Wide::Avx2 => Some(quant::quant_avx2 as QuantFn),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

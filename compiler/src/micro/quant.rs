@@ -1,4 +1,5 @@
-//! The int8 prologue's quantization of input rows (`kernels::dot::quantize_rows`) on AVX-512.
+//! The int8 prologue's quantization of input rows (`kernels::dot::quantize_rows`) on AVX-512
+//! and AVX2.
 //! Cranelift's 128-bit code took ~5 cycles a value there (scalar divisions, a saturating
 //! conversion expanded into several instructions, lane extractions): 18 % of a q8_0 prefill.
 //! (Plain Rust compiled for AVX-512 was slower still: LLVM keeps the max fold and the
@@ -148,13 +149,127 @@ pub unsafe extern "C" fn quant_avx512(
     unsafe { rows(x, dst, inv, kd, terms, mode, f32::from_bits(eps_bits as u32)) }
 }
 
+/// The AVX2 `block`: four vectors of 8.
+///
+/// # Safety
+/// AVX2 and FMA on this host.
+#[inline(always)]
+unsafe fn block8(v: [__m256; 4], q: &mut [u8], m: &mut [u8], mode: usize) -> [__m256; 4] {
+    // SAFETY: register arithmetic on a host with the features; the store writes 32 bytes into
+    // `q`, which has 32.
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let a = v.map(|x| _mm256_andnot_ps(sign, x));
+        let a = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let a = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+        let amax = _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps::<1>(a, a)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (idv, dv) = (_mm256_set1_ps(id), _mm256_set1_ps(d));
+        let qf = v.map(|x| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, idv)));
+        let dq = qf.map(|x| _mm256_mul_ps(x, dv));
+        let qi = qf.map(|x| _mm256_cvtps_epi32(x));
+        // i32 -> i16 -> i8 with saturation; the packs interleave 128-bit lanes, the permute
+        // puts the 4-byte groups back in order
+        let p01 = _mm256_packs_epi32(qi[0], qi[1]);
+        let p23 = _mm256_packs_epi32(qi[2], qi[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        assert!(q.len() >= QK);
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
+        let hsum = |x: __m256i| {
+            let x = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x));
+            let x = _mm_add_epi32(x, _mm_shuffle_epi32::<0b01_00_11_10>(x));
+            _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32::<0b10_11_00_01>(x)))
+        };
+        let lo = hsum(_mm256_add_epi32(qi[0], qi[1]));
+        let hi = hsum(_mm256_add_epi32(qi[2], qi[3]));
+        meta(m, d, lo, hi, mode);
+        dq
+    }
+}
+
+/// The AVX2 `rows`.
+///
+/// # Safety
+/// AVX2 and FMA on this host.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows8(x: &[f32], dst: &mut [u8], mut inv: Option<&mut [f32]>, kd: usize, terms: usize, mode: usize, eps: f32) {
+    let row_bytes = kd + kd / QK * META;
+    for (r, src) in x.chunks_exact(kd).enumerate() {
+        let out = &mut dst[r * terms * row_bytes..(r + 1) * terms * row_bytes];
+        let mut ss = _mm_setzero_ps();
+        for (b, xb) in src.chunks_exact(QK).enumerate() {
+            // SAFETY: `xb` holds 32 f32; the features are this function's.
+            let mut rest: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
+            let mut total = [_mm256_setzero_ps(); 4];
+            for term in 0..terms {
+                let row = &mut out[term * row_bytes..(term + 1) * row_bytes];
+                let (q, m) = row.split_at_mut(kd);
+                // SAFETY: the features are this function's.
+                let dq = unsafe { block8(rest, &mut q[b * QK..(b + 1) * QK], &mut m[b * META..(b + 1) * META], mode) };
+                for h in 0..4 {
+                    rest[h] = _mm256_sub_ps(rest[h], dq[h]);
+                    total[h] = if term == 0 { dq[h] } else { _mm256_add_ps(total[h], dq[h]) };
+                }
+            }
+            if inv.is_some() {
+                for t in total {
+                    let (l, h) = (_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                    ss = _mm_fmadd_ps(l, l, ss);
+                    ss = _mm_fmadd_ps(h, h, ss);
+                }
+            }
+        }
+        if let Some(inv) = inv.as_deref_mut() {
+            let mut l = [0f32; 4];
+            // SAFETY: `l` holds 4 f32.
+            unsafe { _mm_storeu_ps(l.as_mut_ptr(), ss) };
+            let h = (l[0] + l[1]) + (l[2] + l[3]);
+            let ms = h.mul_add(1.0 / kd as f32, eps);
+            inv[r] = 1.0 / ms.sqrt();
+        }
+    }
+}
+
+/// # Safety
+/// `QuantFn`'s contract, on a host with AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn quant_avx2(
+    x: *const f32,
+    n: usize,
+    dst: *mut u8,
+    inv: *mut f32,
+    kd: usize,
+    terms: usize,
+    mode: usize,
+    eps_bits: usize,
+) {
+    if kd == 0 || kd % QK != 0 || terms == 0 {
+        return;
+    }
+    let row_bytes = kd + kd / QK * META;
+    // SAFETY: the caller's contract, as `quant_avx512`'s.
+    let (x, dst, inv) = unsafe {
+        (
+            std::slice::from_raw_parts(x, n * kd),
+            std::slice::from_raw_parts_mut(dst, n * terms * row_bytes),
+            (!inv.is_null()).then(|| std::slice::from_raw_parts_mut(inv, n)),
+        )
+    };
+    // SAFETY: the features are this function's.
+    unsafe { rows8(x, dst, inv, kd, terms, mode, f32::from_bits(eps_bits as u32)) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use llmc_ir::quant::quantize_act_q8;
 
     /// Blocks of random values (with zero blocks, huge and tiny ones) give the IR's `(d, q)`
-    /// and the metadata the buffer layout says, for one and two terms and every mode.
+    /// and the metadata the buffer layout says, for one and two terms and every mode, on each
+    /// family the host has.
     #[test]
     fn matches_the_ir_quantization() {
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
@@ -165,7 +280,16 @@ mod tests {
             (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
         let kd = 4 * QK;
-        for (mode, terms) in [(128, 1), (8, 2), (MODE_MIN, 1), (32 | MODE_HALVES, 2)] {
+        let mut fams: Vec<crate::micro::QuantFn> = Vec::new();
+        if crate::micro::Wide::Avx512.available() {
+            fams.push(quant_avx512);
+        }
+        if crate::micro::Wide::Avx2.available() {
+            fams.push(quant_avx2);
+        }
+        for (f, (mode, terms)) in
+            fams.into_iter().flat_map(|f| [(128, 1), (8, 2), (MODE_MIN, 1), (32 | MODE_HALVES, 2)].map(|m| (f, m)))
+        {
             let mut x: Vec<f32> = (0..3 * kd).map(|_| rnd() * 4.0).collect();
             x[QK..2 * QK].fill(0.0);
             x[2 * QK] = 3e30;
@@ -173,11 +297,9 @@ mod tests {
             let row_bytes = kd + kd / QK * META;
             let mut dst = vec![0u8; 3 * terms * row_bytes];
             let mut inv = [0f32; 3];
-            if !crate::micro::Wide::Avx512.available() {
-                return;
-            }
-            // SAFETY: the host has the features (checked above).
-            unsafe { rows(&x, &mut dst, Some(&mut inv), kd, terms, mode, 1e-5) };
+            // SAFETY: the host has the family's features (checked above); the buffers hold
+            // 3 rows.
+            unsafe { f(x.as_ptr(), 3, dst.as_mut_ptr(), inv.as_mut_ptr(), kd, terms, mode, 1e-5f32.to_bits() as usize) };
             for (r, xr) in x.chunks_exact(kd).enumerate() {
                 let mut back = vec![0f32; kd];
                 for (b, xb) in xr.chunks_exact(QK).enumerate() {
