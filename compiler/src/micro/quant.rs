@@ -41,123 +41,50 @@ fn meta(m: &mut [u8], d: f32, lo: i32, hi: i32, mode: usize) {
     }
 }
 
-/// The block `v` (two vectors of 16) quantized: its 32 bytes of q into `q`, its metadata into
-/// `m`; returns the dequantized values `d·q`.
+/// The block `v` quantized on AVX-512 (two vectors of 16): its 32 bytes of q into `q`, its
+/// metadata into `m`; returns the dequantized values `d·q`.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL on this host.
 #[inline(always)]
-unsafe fn block(v: [__m512; 2], q: &mut [u8], m: &mut [u8], mode: usize) -> [__m512; 2] {
-    // SAFETY: register arithmetic on a host with the features; the stores write 16 bytes
-    // into each half of `q`, which has 32.
+unsafe fn block16(v: &[f32; QK], q: &mut [u8], m: &mut [u8], mode: usize) -> [f32; QK] {
+    assert!(q.len() >= QK);
+    let mut dq = [0f32; QK];
+    // SAFETY: register arithmetic on a host with the features; loads and stores of 16 f32 at
+    // 0 and 16 of `v` and `dq` (32 each) and of 16 bytes at 0 and 16 of `q` (32).
     unsafe {
+        let v = [_mm512_loadu_ps(v.as_ptr()), _mm512_loadu_ps(v.as_ptr().add(16))];
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let (idv, dv) = (_mm512_set1_ps(id), _mm512_set1_ps(d));
-        let mut dq = [_mm512_setzero_ps(); 2];
         let mut sums = [0i32; 2];
-        assert!(q.len() >= QK);
         for h in 0..2 {
             let qf = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
                 v[h], idv,
             ));
-            dq[h] = _mm512_mul_ps(qf, dv);
+            _mm512_storeu_ps(dq.as_mut_ptr().add(16 * h), _mm512_mul_ps(qf, dv));
             let qi = _mm512_cvtps_epi32(qf);
             sums[h] = _mm512_reduce_add_epi32(qi);
             _mm_storeu_si128(q.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtsepi32_epi8(qi));
         }
         meta(m, d, sums[0], sums[1], mode);
-        dq
     }
+    dq
 }
 
-/// Rows `0..n` of `x` (`kd` f32 each) into `terms` buffer rows each at `dst`, and with `inv`
-/// each row's inverse RMS.
+/// The block `v` quantized on AVX2 (four vectors of 8), as `block16`.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL and FMA on this host.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn rows(x: &[f32], dst: &mut [u8], mut inv: Option<&mut [f32]>, kd: usize, terms: usize, mode: usize, eps: f32) {
-    let row_bytes = kd + kd / QK * META;
-    for (r, src) in x.chunks_exact(kd).enumerate() {
-        let out = &mut dst[r * terms * row_bytes..(r + 1) * terms * row_bytes];
-        let mut ss = _mm_setzero_ps();
-        for (b, xb) in src.chunks_exact(QK).enumerate() {
-            // SAFETY: `xb` holds 32 f32; the features are this function's.
-            let mut rest = unsafe { [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))] };
-            let mut total = [_mm512_setzero_ps(); 2];
-            for term in 0..terms {
-                let row = &mut out[term * row_bytes..(term + 1) * row_bytes];
-                let (q, m) = row.split_at_mut(kd);
-                // SAFETY: the features are this function's.
-                let dq = unsafe { block(rest, &mut q[b * QK..(b + 1) * QK], &mut m[b * META..(b + 1) * META], mode) };
-                for h in 0..2 {
-                    rest[h] = _mm512_sub_ps(rest[h], dq[h]);
-                    total[h] = if term == 0 { dq[h] } else { _mm512_add_ps(total[h], dq[h]) };
-                }
-            }
-            if inv.is_some() {
-                // four lanes, each summing every fourth value in order (as the 128-bit code)
-                for t in total {
-                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<0>(t), _mm512_extractf32x4_ps::<0>(t), ss);
-                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<1>(t), _mm512_extractf32x4_ps::<1>(t), ss);
-                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<2>(t), _mm512_extractf32x4_ps::<2>(t), ss);
-                    ss = _mm_fmadd_ps(_mm512_extractf32x4_ps::<3>(t), _mm512_extractf32x4_ps::<3>(t), ss);
-                }
-            }
-        }
-        if let Some(inv) = inv.as_deref_mut() {
-            let mut l = [0f32; 4];
-            // SAFETY: `l` holds 4 f32.
-            unsafe { _mm_storeu_ps(l.as_mut_ptr(), ss) };
-            let h = (l[0] + l[1]) + (l[2] + l[3]);
-            let ms = h.mul_add(1.0 / kd as f32, eps);
-            inv[r] = 1.0 / ms.sqrt();
-        }
-    }
-}
-
-/// # Safety
-/// `QuantFn`'s contract, on a host with AVX-512 F/BW/VL and FMA.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn quant_avx512(
-    x: *const f32,
-    n: usize,
-    dst: *mut u8,
-    inv: *mut f32,
-    kd: usize,
-    terms: usize,
-    mode: usize,
-    eps_bits: usize,
-) {
-    if kd == 0 || kd % QK != 0 || terms == 0 {
-        return;
-    }
-    let row_bytes = kd + kd / QK * META;
-    // SAFETY: the caller's contract: `x` holds n·kd f32, `dst` n·terms·row_bytes bytes, `inv`
-    // (when not null) n f32, none overlapping.
-    let (x, dst, inv) = unsafe {
-        (
-            std::slice::from_raw_parts(x, n * kd),
-            std::slice::from_raw_parts_mut(dst, n * terms * row_bytes),
-            (!inv.is_null()).then(|| std::slice::from_raw_parts_mut(inv, n)),
-        )
-    };
-    // SAFETY: the features are this function's.
-    unsafe { rows(x, dst, inv, kd, terms, mode, f32::from_bits(eps_bits as u32)) }
-}
-
-/// The AVX2 `block`: four vectors of 8.
-///
-/// # Safety
-/// AVX2 and FMA on this host.
+/// AVX2 on this host.
 #[inline(always)]
-unsafe fn block8(v: [__m256; 4], q: &mut [u8], m: &mut [u8], mode: usize) -> [__m256; 4] {
-    // SAFETY: register arithmetic on a host with the features; the store writes 32 bytes into
-    // `q`, which has 32.
+unsafe fn block8(v: &[f32; QK], q: &mut [u8], m: &mut [u8], mode: usize) -> [f32; QK] {
+    assert!(q.len() >= QK);
+    let mut dq = [0f32; QK];
+    // SAFETY: register arithmetic on a host with the features; loads and stores of 8 f32 at
+    // 0, 8, 16, 24 of `v` and `dq` (32 each) and of 32 bytes at `q` (32).
     unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(v.as_ptr().add(8 * i)));
         let sign = _mm256_set1_ps(-0.0);
         let a = v.map(|x| _mm256_andnot_ps(sign, x));
         let a = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
@@ -168,99 +95,141 @@ unsafe fn block8(v: [__m256; 4], q: &mut [u8], m: &mut [u8], mode: usize) -> [__
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let (idv, dv) = (_mm256_set1_ps(id), _mm256_set1_ps(d));
         let qf = v.map(|x| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, idv)));
-        let dq = qf.map(|x| _mm256_mul_ps(x, dv));
+        for (i, x) in qf.iter().enumerate() {
+            _mm256_storeu_ps(dq.as_mut_ptr().add(8 * i), _mm256_mul_ps(*x, dv));
+        }
         let qi = qf.map(|x| _mm256_cvtps_epi32(x));
         // i32 -> i16 -> i8 with saturation; the packs interleave 128-bit lanes, the permute
         // puts the 4-byte groups back in order
         let p01 = _mm256_packs_epi32(qi[0], qi[1]);
         let p23 = _mm256_packs_epi32(qi[2], qi[3]);
         let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        assert!(q.len() >= QK);
         _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
         let hsum = |x: __m256i| {
             let x = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x));
             let x = _mm_add_epi32(x, _mm_shuffle_epi32::<0b01_00_11_10>(x));
             _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32::<0b10_11_00_01>(x)))
         };
-        let lo = hsum(_mm256_add_epi32(qi[0], qi[1]));
-        let hi = hsum(_mm256_add_epi32(qi[2], qi[3]));
-        meta(m, d, lo, hi, mode);
-        dq
+        meta(m, d, hsum(_mm256_add_epi32(qi[0], qi[1])), hsum(_mm256_add_epi32(qi[2], qi[3])), mode);
     }
+    dq
 }
 
-/// The AVX2 `rows`.
-///
-/// # Safety
-/// AVX2 and FMA on this host.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows8(x: &[f32], dst: &mut [u8], mut inv: Option<&mut [f32]>, kd: usize, terms: usize, mode: usize, eps: f32) {
+/// Rows of `x` (`kd` f32 each) into `terms` buffer rows each at `dst` (each term quantizes what
+/// the previous ones missed), and with `inv` each row's inverse RMS of the dequantized sum;
+/// `block` quantizes one block. Inlined into each family's `#[target_feature]` function.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    x: &[f32],
+    dst: &mut [u8],
+    mut inv: Option<&mut [f32]>,
+    kd: usize,
+    terms: usize,
+    mode: usize,
+    eps: f32,
+    block: impl Fn(&[f32; QK], &mut [u8], &mut [u8], usize) -> [f32; QK],
+) {
     let row_bytes = kd + kd / QK * META;
     for (r, src) in x.chunks_exact(kd).enumerate() {
         let out = &mut dst[r * terms * row_bytes..(r + 1) * terms * row_bytes];
-        let mut ss = _mm_setzero_ps();
+        let mut ss = [0f32; 4];
         for (b, xb) in src.chunks_exact(QK).enumerate() {
-            // SAFETY: `xb` holds 32 f32; the features are this function's.
-            let mut rest: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
-            let mut total = [_mm256_setzero_ps(); 4];
+            let mut rest = [0f32; QK];
+            rest.copy_from_slice(xb);
+            let mut total = [0f32; QK];
             for term in 0..terms {
                 let row = &mut out[term * row_bytes..(term + 1) * row_bytes];
                 let (q, m) = row.split_at_mut(kd);
-                // SAFETY: the features are this function's.
-                let dq = unsafe { block8(rest, &mut q[b * QK..(b + 1) * QK], &mut m[b * META..(b + 1) * META], mode) };
-                for h in 0..4 {
-                    rest[h] = _mm256_sub_ps(rest[h], dq[h]);
-                    total[h] = if term == 0 { dq[h] } else { _mm256_add_ps(total[h], dq[h]) };
+                let dq = block(&rest, &mut q[b * QK..(b + 1) * QK], &mut m[b * META..(b + 1) * META], mode);
+                for i in 0..QK {
+                    rest[i] -= dq[i];
+                    total[i] = if term == 0 { dq[i] } else { total[i] + dq[i] };
                 }
             }
             if inv.is_some() {
-                for t in total {
-                    let (l, h) = (_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-                    ss = _mm_fmadd_ps(l, l, ss);
-                    ss = _mm_fmadd_ps(h, h, ss);
+                // four lanes, each summing every fourth value in order (as the 128-bit code)
+                for (i, t) in total.iter().enumerate() {
+                    ss[i % 4] = t.mul_add(*t, ss[i % 4]);
                 }
             }
         }
         if let Some(inv) = inv.as_deref_mut() {
-            let mut l = [0f32; 4];
-            // SAFETY: `l` holds 4 f32.
-            unsafe { _mm_storeu_ps(l.as_mut_ptr(), ss) };
-            let h = (l[0] + l[1]) + (l[2] + l[3]);
-            let ms = h.mul_add(1.0 / kd as f32, eps);
-            inv[r] = 1.0 / ms.sqrt();
+            let h = (ss[0] + ss[1]) + (ss[2] + ss[3]);
+            inv[r] = 1.0 / h.mul_add(1.0 / kd as f32, eps).sqrt();
         }
     }
 }
 
-/// # Safety
-/// `QuantFn`'s contract, on a host with AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn rows16(x: &[f32], dst: &mut [u8], inv: Option<&mut [f32]>, kd: usize, terms: usize, mode: usize, eps: f32) {
+    // SAFETY: this function's features are what `block16` needs.
+    rows(x, dst, inv, kd, terms, mode, eps, |v, q, m, mode| unsafe { block16(v, q, m, mode) })
+}
+
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn quant_avx2(
+fn rows8(x: &[f32], dst: &mut [u8], inv: Option<&mut [f32]>, kd: usize, terms: usize, mode: usize, eps: f32) {
+    // SAFETY: this function's features are what `block8` needs.
+    rows(x, dst, inv, kd, terms, mode, eps, |v, q, m, mode| unsafe { block8(v, q, m, mode) })
+}
+
+/// A call's rows of `x`, buffer rows and inverse RMS values.
+type Views<'a> = (&'a [f32], &'a mut [u8], Option<&'a mut [f32]>);
+
+/// A call's pointers as slices (none for a shape no kernel asks for).
+///
+/// # Safety
+/// `QuantFn`'s contract.
+unsafe fn views<'a>(
     x: *const f32,
     n: usize,
     dst: *mut u8,
     inv: *mut f32,
     kd: usize,
     terms: usize,
-    mode: usize,
-    eps_bits: usize,
-) {
-    if kd == 0 || kd % QK != 0 || terms == 0 {
-        return;
+) -> Option<Views<'a>> {
+    if kd == 0 || !kd.is_multiple_of(QK) || terms == 0 {
+        return None;
     }
     let row_bytes = kd + kd / QK * META;
-    // SAFETY: the caller's contract, as `quant_avx512`'s.
-    let (x, dst, inv) = unsafe {
-        (
+    // SAFETY: the caller's contract: `x` holds n·kd f32, `dst` n·terms·row_bytes bytes, `inv`
+    // (when not null) n f32, none overlapping.
+    unsafe {
+        Some((
             std::slice::from_raw_parts(x, n * kd),
             std::slice::from_raw_parts_mut(dst, n * terms * row_bytes),
             (!inv.is_null()).then(|| std::slice::from_raw_parts_mut(inv, n)),
-        )
-    };
-    // SAFETY: the features are this function's.
-    unsafe { rows8(x, dst, inv, kd, terms, mode, f32::from_bits(eps_bits as u32)) }
+        ))
+    }
 }
+
+/// The `QuantFn` entry point of a family: its pointers as slices, then its `rows`.
+macro_rules! entry {
+    ($name:ident, $features:literal, $rows:ident, $host:literal) => {
+        /// # Safety
+        #[doc = concat!("`QuantFn`'s contract, on a host with ", $host, ".")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "C" fn $name(
+            x: *const f32,
+            n: usize,
+            dst: *mut u8,
+            inv: *mut f32,
+            kd: usize,
+            terms: usize,
+            mode: usize,
+            eps_bits: usize,
+        ) {
+            // SAFETY: the caller's contract.
+            if let Some((x, dst, inv)) = unsafe { views(x, n, dst, inv, kd, terms) } {
+                $rows(x, dst, inv, kd, terms, mode, f32::from_bits(eps_bits as u32));
+            }
+        }
+    };
+}
+
+entry!(quant_avx512, "avx512f,avx512bw,avx512vl,fma", rows16, "AVX-512 F/BW/VL and FMA");
+entry!(quant_avx2, "avx2,fma", rows8, "AVX2 and FMA");
 
 #[cfg(test)]
 mod tests {
