@@ -13,7 +13,9 @@
 //!
 //! Tiles (AVX-512): `(1, 1..=4)` for a single row (decode: four weight streams in flight) and
 //! `(1..=4, 1..=2)` for int8 prefill, `(1..=8, 1..=2)` for f32/bf16/f16 prefill (register
-//! blocking: each weight vector loaded once per tile feeds every token's FMA). AVX2 (16
+//! blocking: each weight vector loaded once per tile feeds every token's FMA); a batched
+//! decode step's 5–8 rows in one int8 tile over one panel, or two on rows of 1024 columns and
+//! more (q8_0, q4_0), the K types as two 4-row tiles. AVX2 (16
 //! registers): `(1, 1..=2)` int8 and `(1, 1..=4)` float for one row, `(1..=4, 1)` for several.
 
 use llmc_ir::DType;

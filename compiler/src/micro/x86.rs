@@ -65,5 +65,8 @@ pub fn key_row_ahead(
     hd: usize,
 ) -> Option<usize> {
     let j = j0 + jj + ahead;
-    (j as i64 <= jmax as i64).then(|| slots.get(jj + ahead).copied().unwrap_or_else(|| (kvh * cap + j % cap) * hd))
+    // (a position below the capacity is its own slot: no division, which a decode pass paid
+    // for every key it prefetched past a block's end)
+    let slot = |j: usize| if j < cap { j } else { j % cap };
+    (j as i64 <= jmax as i64).then(|| slots.get(jj + ahead).copied().unwrap_or_else(|| (kvh * cap + slot(j)) * hd))
 }
