@@ -34,6 +34,9 @@ pub struct Ctx {
     pub wt: DType,
     /// Int8 activations (`quant_q8`, `quant_q8x2`; the weight is `Dot16`): the quantized rows.
     pub xq: Option<super::dot::Xq>,
+    /// A SwiGLU projection with nothing else in its epilogue: its output and width, for the
+    /// wide tiles' SwiGLU micro-kernel (`kernels::wide`).
+    pub swiglu_out: Option<(Value, usize)>,
 }
 
 impl Ctx {
@@ -50,10 +53,10 @@ impl Ctx {
     ) -> Ctx {
         if xq > 0 {
             let q = super::dot::setup(k, kd, rms_eps, xq as usize);
-            Ctx { x, bias, kd, inv: q.inv.map(|(v, _)| v), wt, xq: Some(q) }
+            Ctx { x, bias, kd, inv: q.inv.map(|(v, _)| v), wt, xq: Some(q), swiglu_out: None }
         } else {
             let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
-            Ctx { x, bias, kd, inv, wt, xq: None }
+            Ctx { x, bias, kd, inv, wt, xq: None, swiglu_out: None }
         }
     }
 }
@@ -421,9 +424,12 @@ pub fn matmul(
         k.ptr(i - 1)
     });
     let out = k.ptr(i);
-    let c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
+    let mut c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
     let swiglu = act == Act::SwiGlu;
     let m_out = if swiglu { m / 2 } else { m };
+    if swiglu && b.is_none() && res.is_none() && m_out % (PANEL / 2) == 0 {
+        c.swiglu_out = Some((out, m_out));
+    }
     let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {
         // (token offset, output vector index within the panel's outputs, value)
         let mut outs: Vec<(usize, usize, Value)> = Vec::new();

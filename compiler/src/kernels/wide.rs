@@ -104,6 +104,10 @@ fn grid(
     let mut sig = Signature::new(k.call_conv());
     sig.params.extend([AbiParam::new(I64); 8]);
     let sig = k.b.import_signature(sig);
+    let swiglu_fn = k.wide.and_then(micro::swiglu);
+    let mut swiglu_sig = Signature::new(k.call_conv());
+    swiglu_sig.params.extend([AbiParam::new(I64); 7]);
+    let swiglu_sig = k.b.import_signature(swiglu_sig);
     let pv = k.var(I64, lo);
     k.for_ptr(pv, hi, |k| {
         let p = k.get(pv);
@@ -122,19 +126,31 @@ fn grid(
             let fp = k.ic(f as usize as i64);
             let ntx = k.muli(nt, terms as i64);
             k.b.ins().call_indirect(sig, fp, &[wp, pbv, np, xp, rbv, ntx, kd, out]);
-            let zero = k.ic(0);
-            k.for_range(zero, np, |k, q| {
-                let panel = k.add(p, q);
+            if let (Some((dst, m_out)), Some(sf)) = (c.swiglu_out, swiglu_fn) {
+                // the SwiGLU epilogue of the whole tile in one call (what `epi` computes)
+                let row = k.at(dst, t, (m_out * 4) as i64);
+                let d = k.at(row, p, (PANEL / 2 * 4) as i64);
+                let inv = match c.inv {
+                    Some(inv) => k.at(inv, t, 4),
+                    None => k.ic(0),
+                };
+                let (terms_v, stride, fv) = (k.ic(terms as i64), k.ic(m_out as i64), k.ic(sf as usize as i64));
+                k.b.ins().call_indirect(swiglu_sig, fv, &[out, nt, np, terms_v, inv, d, stride]);
+            } else {
                 let zero = k.ic(0);
-                k.for_range(zero, nt, |k, tt| {
-                    let tok = k.add(t, tt);
-                    let i = k.muli(tt, (terms * TILE_PANELS) as i64);
-                    let i = k.add(i, q);
-                    let src = k.at(out, i, (PANEL * 4) as i64);
-                    let vals = finish(k, c, panel, tok, src, terms);
-                    epi(k, panel, tok, vals);
+                k.for_range(zero, np, |k, q| {
+                    let panel = k.add(p, q);
+                    let zero = k.ic(0);
+                    k.for_range(zero, nt, |k, tt| {
+                        let tok = k.add(t, tt);
+                        let i = k.muli(tt, (terms * TILE_PANELS) as i64);
+                        let i = k.add(i, q);
+                        let src = k.at(out, i, (PANEL * 4) as i64);
+                        let vals = finish(k, c, panel, tok, src, terms);
+                        epi(k, panel, tok, vals);
+                    });
                 });
-            });
+            }
             let t = k.add(t, nt);
             k.set(tv, t);
         });

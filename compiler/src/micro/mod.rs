@@ -33,6 +33,8 @@ mod quant;
 #[cfg(target_arch = "x86_64")]
 mod scan;
 #[cfg(target_arch = "x86_64")]
+mod swiglu;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 /// Most tokens and panels one call computes; `out` holds `[TILE_TOKENS][TILE_PANELS][16]` f32.
@@ -282,6 +284,25 @@ pub fn quant(wide: Wide) -> Option<QuantFn> {
             Wide::Avx512 => Some(quant::quant_avx512 as QuantFn),
             Wide::Avx2 => Some(quant::quant_avx2 as QuantFn),
         }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// The SwiGLU epilogue of a tile: `(src, tokens, panels, terms, inv, dst, dst_stride)` (see
+/// `swiglu::swiglu_tile`).
+pub type SwigluFn = unsafe extern "C" fn(*const f32, usize, usize, usize, *const f32, *mut f32, usize);
+
+/// The SwiGLU epilogue micro-kernel (8 lanes: AVX2 and FMA, which both families have).
+pub fn swiglu(wide: Wide) -> Option<SwigluFn> {
+    if !wide.available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(swiglu::swiglu_tile as SwigluFn)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
