@@ -214,7 +214,11 @@ mod tests {
                 let xs: Vec<f32> = (0..len)
                     .map(|_| {
                         let r = rng.next_f64();
-                        if r < 0.5 { pick[(r * 16.0) as usize % pick.len()] } else { (r * 8.0).floor() as f32 }
+                        if r < 0.5 {
+                            pick[(r * 16.0) as usize % pick.len()]
+                        } else {
+                            (r * 8.0).floor() as f32
+                        }
                     })
                     .collect();
                 assert_eq!(argmax(&xs), scan(&xs), "{xs:?}");

@@ -774,7 +774,8 @@ fn int8_few_rows_over_long_panels() {
             let x = c.quant_act(x, terms);
             let w = c.weight("w", &[40, k], 1.0);
             c.store(w, dtype);
-            let y = c.g.add(Op::Linear { rms_eps: None, act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
+            let y =
+                c.g.add(Op::Linear { rms_eps: None, act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
             let err = c.compare(y, &prefill(n), 16, 16);
             assert!(err < tol(dtype), "{dtype:?} terms {terms} n {n}: err {err}");
         }

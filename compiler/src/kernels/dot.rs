@@ -143,16 +143,7 @@ fn quantize_rows_wide(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, c0: Value, len: Value, f
     if c.wt == DType::Q6K {
         mode |= crate::micro::QUANT_HALVES as i64;
     }
-    let args = [
-        x,
-        len,
-        xq.buf,
-        inv,
-        k.ic(c.kd as i64),
-        k.ic(xq.terms as i64),
-        k.ic(mode),
-        k.ic(eps.to_bits() as i64),
-    ];
+    let args = [x, len, xq.buf, inv, k.ic(c.kd as i64), k.ic(xq.terms as i64), k.ic(mode), k.ic(eps.to_bits() as i64)];
     let fp = k.ic(f as usize as i64);
     k.b.ins().call_indirect(sig, fp, &args);
 }

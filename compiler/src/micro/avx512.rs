@@ -360,7 +360,11 @@ fn two(_kd: usize) -> usize {
     2
 }
 fn two_if_long(kd: usize) -> usize {
-    if kd >= 1024 { 2 } else { 1 }
+    if kd >= 1024 {
+        2
+    } else {
+        1
+    }
 }
 
 /// Splits a call of any `tokens × panels` (each clamped to the tile bounds) into the tiles

@@ -60,9 +60,8 @@ unsafe fn block16(v: &[f32; QK], q: &mut [u8], m: &mut [u8], mode: usize) -> [f3
         let (idv, dv) = (_mm512_set1_ps(id), _mm512_set1_ps(d));
         let mut sums = [0i32; 2];
         for h in 0..2 {
-            let qf = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-                v[h], idv,
-            ));
+            let qf =
+                _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v[h], idv));
             _mm512_storeu_ps(dq.as_mut_ptr().add(16 * h), _mm512_mul_ps(qf, dv));
             let qi = _mm512_cvtps_epi32(qf);
             sums[h] = _mm512_reduce_add_epi32(qi);
@@ -103,7 +102,8 @@ unsafe fn block8(v: &[f32; QK], q: &mut [u8], m: &mut [u8], mode: usize) -> [f32
         // puts the 4-byte groups back in order
         let p01 = _mm256_packs_epi32(qi[0], qi[1]);
         let p23 = _mm256_packs_epi32(qi[2], qi[3]);
-        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let bytes =
+            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
         let hsum = |x: __m256i| {
             let x = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x));
@@ -268,7 +268,9 @@ mod tests {
             let mut inv = [0f32; 3];
             // SAFETY: the host has the family's features (checked above); the buffers hold
             // 3 rows.
-            unsafe { f(x.as_ptr(), 3, dst.as_mut_ptr(), inv.as_mut_ptr(), kd, terms, mode, 1e-5f32.to_bits() as usize) };
+            unsafe {
+                f(x.as_ptr(), 3, dst.as_mut_ptr(), inv.as_mut_ptr(), kd, terms, mode, 1e-5f32.to_bits() as usize)
+            };
             for (r, xr) in x.chunks_exact(kd).enumerate() {
                 let mut back = vec![0f32; kd];
                 for (b, xb) in xr.chunks_exact(QK).enumerate() {
