@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{key_row_ahead, prefetch_row};
+use super::x86::{exp256, key_row_ahead, prefetch_row};
 use super::{AttnCall, MAX_HEAD_DIM};
 
 /// Most query rows per pass (4 vectors of 8 lanes).
@@ -15,25 +15,6 @@ const BLOCK: usize = 64;
 const MASKED: f32 = -1e30;
 /// Floats per row of the output scratch: 4 vectors past any chunk of dims below `hd` stay inside.
 const OW: usize = MAX_HEAD_DIM + 32;
-
-/// `e^x` as `Kb::exp` computes it (clamped to [-80, 88.3], `2^n · p(r)`).
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp256(x: __m256) -> __m256 {
-    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0)), _mm256_set1_ps(88.3));
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
-    _mm256_mul_ps(p, _mm256_castsi256_ps(e))
-}
 
 /// All-ones lanes where `lo ≤ j ≤ hi`.
 #[inline]

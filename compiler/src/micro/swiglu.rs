@@ -10,32 +10,9 @@
 
 use std::arch::x86_64::*;
 
+use super::x86::exp256;
 use super::TILE_PANELS;
 use crate::pack::PANEL;
-
-/// `e^x` as `Kb::exp` computes it.
-///
-/// # Safety
-/// AVX2 and FMA on this host.
-#[inline(always)]
-unsafe fn exp8(x: __m256) -> __m256 {
-    // SAFETY: register arithmetic on a host with the features.
-    unsafe {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0)), _mm256_set1_ps(88.3));
-        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693_359_4), x);
-        let r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
-    }
-}
 
 /// The tile's `nt` rows × `np` panels of sums at `src` (`[token][term][TILE_PANELS][16]` f32,
 /// `terms` buffer rows per token, added in order) to `dst`: row `t` at `dst + t·stride`, panel
@@ -72,7 +49,7 @@ pub unsafe extern "C" fn swiglu_tile(
                     up = _mm256_mul_ps(up, s);
                 }
                 let neg = _mm256_xor_ps(g, _mm256_set1_ps(-0.0));
-                let silu = _mm256_div_ps(g, _mm256_add_ps(exp8(neg), _mm256_set1_ps(1.0)));
+                let silu = _mm256_div_ps(g, _mm256_add_ps(exp256(neg), _mm256_set1_ps(1.0)));
                 _mm256_storeu_ps(dst.add(t * stride + 8 * q), _mm256_mul_ps(silu, up));
             }
         }

@@ -1,5 +1,6 @@
-//! Pieces both x86-64 micro-kernel families share: SSE2 only (the x86-64 baseline), inlined
-//! into their `#[target_feature]` functions.
+//! Pieces the x86-64 micro-kernels share, inlined into their `#[target_feature]` functions:
+//! SSE2 (the x86-64 baseline) for both families, and the 8-lane `exp256` (AVX2 + FMA, which
+//! every wide host has).
 
 use std::arch::x86_64::*;
 
@@ -69,4 +70,24 @@ pub fn key_row_ahead(
     // for every key it prefetched past a block's end)
     let slot = |j: usize| if j < cap { j } else { j % cap };
     (j as i64 <= jmax as i64).then(|| slots.get(jj + ahead).copied().unwrap_or_else(|| (kvh * cap + slot(j)) * hd))
+}
+
+/// `e^x` as `Kb::exp` computes it (clamped to [-80, 88.3], `2^n · p(r)`), on 8 lanes: the
+/// AVX2 attention's softmax and the SwiGLU epilogue's SiLU.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp256(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0)), _mm256_set1_ps(88.3));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(e))
 }
