@@ -104,10 +104,12 @@ fn grid(
     let mut sig = Signature::new(k.call_conv());
     sig.params.extend([AbiParam::new(I64); 8]);
     let sig = k.b.import_signature(sig);
-    let swiglu_fn = k.wide.and_then(micro::swiglu);
-    let mut swiglu_sig = Signature::new(k.call_conv());
-    swiglu_sig.params.extend([AbiParam::new(I64); 7]);
-    let swiglu_sig = k.b.import_signature(swiglu_sig);
+    // a SwiGLU projection's epilogue by the micro-kernel, where the host has one
+    let swiglu = c.swiglu_out.zip(k.wide.and_then(micro::swiglu)).map(|(dst, f)| {
+        let mut sig = Signature::new(k.call_conv());
+        sig.params.extend([AbiParam::new(I64); 7]);
+        (dst, f, k.b.import_signature(sig))
+    });
     let pv = k.var(I64, lo);
     k.for_ptr(pv, hi, |k| {
         let p = k.get(pv);
@@ -126,7 +128,7 @@ fn grid(
             let fp = k.ic(f as usize as i64);
             let ntx = k.muli(nt, terms as i64);
             k.b.ins().call_indirect(sig, fp, &[wp, pbv, np, xp, rbv, ntx, kd, out]);
-            if let (Some((dst, m_out)), Some(sf)) = (c.swiglu_out, swiglu_fn) {
+            if let Some(((dst, m_out), sf, swiglu_sig)) = swiglu {
                 // the SwiGLU epilogue of the whole tile in one call (what `epi` computes)
                 let row = k.at(dst, t, (m_out * 4) as i64);
                 let d = k.at(row, p, (PANEL / 2 * 4) as i64);
