@@ -433,11 +433,11 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dot_q8, dot_tile, 8, two_if_long, [false, false, 1, false, 0]);
-dispatch!(dot_q4_0, dot_tile, 8, two_if_long, [true, false, 1, false, 0]);
-dispatch!(dot_q5_0, dot_tile, 8, one, [true, false, 1, false, 1]);
-dispatch!(dot_q4_1, dot_tile, 8, one, [true, true, 1, false, 0]);
-dispatch!(dot_q5_1, dot_tile, 8, one, [true, true, 1, false, 1]);
+dispatch!(dot_q8, dot_tile, TILE_TOKENS, two_if_long, [false, false, 1, false, 0]);
+dispatch!(dot_q4_0, dot_tile, TILE_TOKENS, two_if_long, [true, false, 1, false, 0]);
+dispatch!(dot_q5_0, dot_tile, TILE_TOKENS, one, [true, false, 1, false, 1]);
+dispatch!(dot_q4_1, dot_tile, TILE_TOKENS, one, [true, true, 1, false, 0]);
+dispatch!(dot_q5_1, dot_tile, TILE_TOKENS, one, [true, true, 1, false, 1]);
 dispatch!(dot_q6_k, dot_tile, super::DOT_TOKENS, one, [true, false, 2, true, 2]);
 dispatch!(dot_q4_k, dot_tile, super::DOT_TOKENS, one, [true, true, 1, true, 0]);
 dispatch!(dot_q5_k, dot_tile, super::DOT_TOKENS, one, [true, true, 1, true, 1]);
