@@ -151,7 +151,7 @@ fn every_isa_level_matches_transformers() {
         let exp = common::expected(name);
         let prompt = common::ints(&exp["prompt_ids"]);
         let ids = prompt.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-        for level in ["avx2", "sse"] {
+        for level in ["avxvnni", "avx2", "sse"] {
             let o = Command::new(common::llmc_bin())
                 .args(["run", art.to_str().unwrap(), "--ids", &ids, "-n", "24", "--temp", "0", "--json", "--logits"])
                 .env("LLMC_ISA", level)

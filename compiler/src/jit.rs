@@ -46,13 +46,16 @@ fn opt_level() -> String {
 /// The instruction-set level the kernels are compiled for. Every level runs the same
 /// generators (128-bit vectors: Cranelift's x64 backend has no wider ones); the level picks the
 /// instructions Cranelift may use: AVX-512VL/VNNI (`vpdpbusd` for the int8 dot products, EVEX
-/// encodings), AVX2 + FMA (VEX; no VNNI, as on Haswell to Zen 3), or SSE4.2 (no FMA: the
-/// kernels multiply and add in two roundings). `LLMC_ISA=avx2|sse` forces a lower level than
-/// the host's, so every path is tested on one machine.
+/// encodings), AVX2 + FMA with AVX-VNNI (`avxvnni`: the VEX `vpdpbusd` on ymm, as on Intel's
+/// client cores since Alder Lake, which have no AVX-512), AVX2 + FMA (VEX; no VNNI, as on
+/// Haswell to Zen 3), or SSE4.2 (no FMA: the kernels multiply and add in two roundings).
+/// `LLMC_ISA=avxvnni|avx2|sse` forces a lower level than the host's, so every path is tested
+/// on one machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum IsaLevel {
     Sse,
     Avx2,
+    AvxVnni,
     Avx512,
 }
 
@@ -62,12 +65,13 @@ const AVX512_FLAGS: &[&str] =
 const AVX_FLAGS: &[&str] = &["has_avx", "has_avx2", "has_fma", "has_avx_vnni"];
 
 impl IsaLevel {
-    pub const ALL: [IsaLevel; 3] = [IsaLevel::Sse, IsaLevel::Avx2, IsaLevel::Avx512];
+    pub const ALL: [IsaLevel; 4] = [IsaLevel::Sse, IsaLevel::Avx2, IsaLevel::AvxVnni, IsaLevel::Avx512];
 
     pub fn name(self) -> &'static str {
         match self {
             IsaLevel::Sse => "sse",
             IsaLevel::Avx2 => "avx2",
+            IsaLevel::AvxVnni => "avxvnni",
             IsaLevel::Avx512 => "avx512",
         }
     }
@@ -83,6 +87,7 @@ impl IsaLevel {
         use crate::micro::Wide;
         let w = match self {
             IsaLevel::Avx512 => Wide::Avx512,
+            IsaLevel::AvxVnni => Wide::AvxVnni,
             IsaLevel::Avx2 => Wide::Avx2,
             IsaLevel::Sse => return None,
         };
@@ -103,6 +108,8 @@ pub fn host_level() -> Result<IsaLevel, JitError> {
     let has = |x: &str| f.iter().any(|g| g == x);
     Ok(if has("has_avx512f") && has("has_avx512vl") && has("has_avx512dq") {
         IsaLevel::Avx512
+    } else if has("has_avx2") && has("has_fma") && has("has_avx_vnni") {
+        IsaLevel::AvxVnni
     } else if has("has_avx2") && has("has_fma") {
         IsaLevel::Avx2
     } else {
@@ -110,7 +117,7 @@ pub fn host_level() -> Result<IsaLevel, JitError> {
     })
 }
 
-/// The level kernels are compiled for: the host's, or `LLMC_ISA` (`avx512`, `avx2`, `sse`)
+/// The level kernels are compiled for: the host's, or `LLMC_ISA` (`avx512`, `avxvnni`, `avx2`, `sse`)
 /// when it names one the host has.
 pub fn selected_level() -> Result<IsaLevel, JitError> {
     let host = host_level()?;
@@ -121,7 +128,7 @@ pub fn selected_level() -> Result<IsaLevel, JitError> {
             Some(l) => {
                 Err(JitError::Isa(format!("LLMC_ISA={} but this CPU's best level is {}", l.name(), host.name())))
             }
-            None => Err(JitError::Isa(format!("LLMC_ISA={v:?}: expected avx512, avx2 or sse"))),
+            None => Err(JitError::Isa(format!("LLMC_ISA={v:?}: expected avx512, avxvnni, avx2 or sse"))),
         },
     }
 }
@@ -134,6 +141,7 @@ fn isa_builder(level: Option<IsaLevel>) -> Result<OwnedTargetIsa, JitError> {
     if cfg!(target_arch = "x86_64") {
         let off: Vec<&str> = match level {
             None | Some(IsaLevel::Avx512) => Vec::new(),
+            Some(IsaLevel::AvxVnni) => AVX512_FLAGS.to_vec(),
             Some(IsaLevel::Avx2) => [AVX512_FLAGS, &["has_avx_vnni"]].concat(),
             Some(IsaLevel::Sse) => [AVX512_FLAGS, AVX_FLAGS].concat(),
         };

@@ -36,7 +36,7 @@ pub struct BenchReport {
     pub bandwidth_gb_s: f64,
     pub roofline_fraction: f64,
     pub threads: usize,
-    /// The instruction-set level the kernels were compiled for (`avx512`, `avx2`, `sse`;
+    /// The instruction-set level the kernels were compiled for (`avx512`, `avxvnni`, `avx2`, `sse`;
     /// `LLMC_ISA` lowers it).
     pub isa: String,
     pub kernel_calls_per_token: usize,

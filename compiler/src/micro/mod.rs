@@ -58,10 +58,12 @@ pub const PREFILL_PANELS: usize = 2;
 pub type MicroFn = unsafe extern "C" fn(*const u8, usize, usize, *const u8, usize, usize, usize, *mut f32);
 
 /// The micro-kernel family a kernel calls: 512-bit (AVX-512 F/BW/VL, VNNI, F16C) or 256-bit
-/// (AVX2, FMA, F16C; int8 dot products without VNNI).
+/// (AVX2, FMA, F16C; int8 dot products with AVX-VNNI's `vpdpbusd` (`AvxVnni`) or without
+/// (`Avx2`); every other 256-bit kernel is the same for both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wide {
     Avx2,
+    AvxVnni,
     Avx512,
 }
 
@@ -72,6 +74,7 @@ impl Wide {
         {
             match self {
                 Wide::Avx2 => avx2::available(),
+                Wide::AvxVnni => avx2::available() && avx2::vnni_available(),
                 Wide::Avx512 => avx512::available(),
             }
         }
@@ -141,6 +144,7 @@ pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
     {
         match wide {
             Wide::Avx2 => avx2::dot(wt),
+            Wide::AvxVnni => avx2::dot_vnni(wt),
             Wide::Avx512 => avx512::dot(wt),
         }
     }
@@ -160,7 +164,7 @@ pub fn float(wt: DType, wide: Wide) -> Option<MicroFn> {
     #[cfg(target_arch = "x86_64")]
     {
         match wide {
-            Wide::Avx2 => avx2::float(wt),
+            Wide::Avx2 | Wide::AvxVnni => avx2::float(wt),
             Wide::Avx512 => avx512::float(wt),
         }
     }
@@ -216,7 +220,7 @@ pub fn attention(wide: Wide) -> Option<AttnFn> {
     #[cfg(target_arch = "x86_64")]
     {
         Some(match wide {
-            Wide::Avx2 => avx2_attention::attend,
+            Wide::Avx2 | Wide::AvxVnni => avx2_attention::attend,
             Wide::Avx512 => avx512_attention::attend,
         })
     }
@@ -282,7 +286,7 @@ pub fn quant(wide: Wide) -> Option<QuantFn> {
     {
         match wide {
             Wide::Avx512 => Some(quant::quant_avx512 as QuantFn),
-            Wide::Avx2 => Some(quant::quant_avx2 as QuantFn),
+            Wide::Avx2 | Wide::AvxVnni => Some(quant::quant_avx2 as QuantFn),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -323,7 +327,7 @@ pub fn scan(wide: Wide, ds: usize) -> Option<ScanFn> {
     {
         match wide {
             Wide::Avx512 => (ds % 16 == 0).then_some(scan::scan_avx512 as ScanFn),
-            Wide::Avx2 => (ds % 8 == 0).then_some(scan::scan_avx2 as ScanFn),
+            Wide::Avx2 | Wide::AvxVnni => (ds % 8 == 0).then_some(scan::scan_avx2 as ScanFn),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
