@@ -79,7 +79,9 @@ pub fn inspect(path: &Path, as_json: bool, verify: bool) -> Result<()> {
     outln!("  storage        {}", layouts.iter().map(|(k, n)| format!("{n} × {k}")).collect::<Vec<_>>().join(", "))?;
     outln!("  context        {} tokens", h.max_positions)?;
     outln!("  target         {} [{}]", h.target.arch, h.target.features.join(" "))?;
-    outln!("  isa            {isa} (the level this host compiles the kernels for; LLMC_ISA=avxvnni|avx2|sse lowers it)")?;
+    outln!(
+        "  isa            {isa} (the level this host compiles the kernels for; LLMC_ISA=avxvnni|avx2|sse lowers it)"
+    )?;
     match vocab {
         Some(v) => {
             outln!("  tokenizer      {v} tokens; bos {:?}, eos {:?}", h.text.bos_token_id, h.text.eos_token_ids)?

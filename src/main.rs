@@ -52,8 +52,10 @@ enum Cmd {
         /// Activation precision of the projections over q8_0/q4_0 weights. `q8_0` (default):
         /// their inputs are rounded to int8 blocks of 32 and multiplied with integer dot
         /// products (as llama.cpp does). `f32`: weights are widened to f32 in registers, so
-        /// the logits are those of the f32 model on the dequantized weights.
-        #[arg(long, value_parser = ["q8_0", "f32"], default_value = "q8_0")]
+        /// the logits are those of the f32 model on the dequantized weights. `bf16`: as
+        /// `q8_0`, and the inputs of projections over bf16 weights are rounded to bf16, which
+        /// hosts with AVX512_BF16 multiply with `vdpbf16ps` (as llama.cpp runs BF16 weights).
+        #[arg(long, value_parser = ["q8_0", "f32", "bf16"], default_value = "q8_0")]
         activations: String,
     },
     /// Run a compiled artifact.
@@ -338,7 +340,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             signals::clean_up_on_signal(llmc_writer::temp_path(&output));
             let bar = progress_bar(quiet);
             let storage = dtype.map_or(llmc_writer::Storage::Checkpoint, llmc_writer::Storage::All);
-            let act = if activations == "f32" { llmc_writer::Activations::F32 } else { llmc_writer::Activations::Q8 };
+            let act = match activations.as_str() {
+                "f32" => llmc_writer::Activations::F32,
+                "bf16" => llmc_writer::Activations::Bf16,
+                _ => llmc_writer::Activations::Q8,
+            };
             let report = llmc_writer::compile(&m, &output, &pipeline, storage, act, &mut |p| match p {
                 llmc_writer::Progress::Stage(s) => bar.set_message(s),
                 llmc_writer::Progress::Bytes { done, total } => {

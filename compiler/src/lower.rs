@@ -118,6 +118,11 @@ impl Lowerer<'_> {
             )));
         }
         let wlayout = if xq > 0 { Layout::Dot16 } else { Layout::Panel16 };
+        // a projection over bf16 weights whose input `round_bf16` made: bf16-exact
+        let xbf16 = xq_ok
+            && ops.len() > 1
+            && matches!(self.g.node(ops[0]).op, Op::RoundBf16)
+            && self.g.node(ops[1]).ty.dtype == DType::BF16;
         let in_width = |i: usize| self.g.node(ops[i]).ty.shape.last_const().unwrap_or(0);
         let result = match &node.op {
             Op::Input(InputKind::Tokens) => Arg::Tokens,
@@ -150,7 +155,7 @@ impl Lowerer<'_> {
                             self.set_layout(&a[2], Layout::Padded16)?;
                         }
                         let w = self.g.node(ops[1]).ty.dtype;
-                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq };
+                        let spec = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq, xbf16 };
                         self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                     }
                     Op::QkvRope { layer, heads, kv_heads, head_dim, rotary_dim, theta, scaling, rms_eps, bias } => {
@@ -185,6 +190,7 @@ impl Lowerer<'_> {
                             bias: *bias,
                             w: self.g.node(ops[1]).ty.dtype,
                             xq,
+                            xbf16,
                         };
                         self.call(spec, args, Units::Panels(m.div_ceil(PANEL)), rows, PANEL * k);
                         self.prog.calls.last_mut().ok_or_else(|| err("no call"))?.layer = Some(*layer);
@@ -236,6 +242,7 @@ impl Lowerer<'_> {
                             residual: false,
                             w: wt(1),
                             xq: 0,
+                            xbf16: false,
                         };
                         let args = vec![a[0].clone(), a[1].clone(), Arg::Buf(logits)];
                         self.call(router, args, Units::Panels(e.div_ceil(PANEL)), rows, PANEL * d);
@@ -289,6 +296,9 @@ impl Lowerer<'_> {
                     }
                     Op::Relu2 => {
                         self.call(KernelSpec::Unary { op: Unary::Relu2, d: width }, args, Units::Rows, rows, width)
+                    }
+                    Op::RoundBf16 => {
+                        self.call(KernelSpec::Unary { op: Unary::RoundBf16, d: width }, args, Units::Rows, rows, width)
                     }
                     Op::Stack
                     | Op::InterleaveHalves8

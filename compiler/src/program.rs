@@ -38,6 +38,8 @@ pub enum Unary {
     Scale(f32),
     /// `relu(x)²`
     Relu2,
+    /// rounded to bf16 (nearest, ties to even; NaN kept) and widened back
+    RoundBf16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,8 +65,20 @@ pub enum KernelSpec {
     /// `w`: the weight's storage type (`pack::panel_bytes` gives its panel layout). `xq`: the
     /// input's int8 terms: 0 (f32 activations), 1 (`quant_q8`: int8 dot products; `w` is blocked, in
     /// `Dot16`) or 2 (`quant_q8x2`: each row quantized twice, value then residual, and the two
-    /// sums added).
-    MatMul { k: usize, m: usize, bias: bool, rms_eps: Option<f32>, act: Act, residual: bool, w: DType, xq: u8 },
+    /// sums added). `xbf16`: the input is bf16-exact (`round_bf16` made it) and `w` is bf16, so
+    /// hosts with AVX512_BF16 may multiply with `vdpbf16ps`.
+    MatMul {
+        k: usize,
+        m: usize,
+        bias: bool,
+        rms_eps: Option<f32>,
+        act: Act,
+        residual: bool,
+        w: DType,
+        xq: u8,
+        #[serde(default)]
+        xbf16: bool,
+    },
     /// `[x, w (Panel16), bias (Padded16)?, positions, table, kv_rows, q_out]`, units:
     /// panels. The fused QKV projection: RoPE on the pair-interleaved q and k rows (table:
     /// per position `rotary_dim` cosines, each twice, then `rotary_dim` signed sines
@@ -81,6 +95,9 @@ pub enum KernelSpec {
         w: DType,
         /// int8 activations, as for `MatMul`
         xq: u8,
+        /// bf16-exact input, as for `MatMul`
+        #[serde(default)]
+        xbf16: bool,
     },
     /// `[x, w, out]`, units: rows.
     RmsNorm { d: usize, eps: f32 },
@@ -148,7 +165,17 @@ fn xq_suffix(xq: u8) -> &'static str {
 impl KernelSpec {
     /// A plain matmul (no prologue, no activation, no residual).
     pub fn matmul(k: usize, m: usize, bias: bool) -> KernelSpec {
-        KernelSpec::MatMul { k, m, bias, rms_eps: None, act: Act::None, residual: false, w: DType::F32, xq: 0 }
+        KernelSpec::MatMul {
+            k,
+            m,
+            bias,
+            rms_eps: None,
+            act: Act::None,
+            residual: false,
+            w: DType::F32,
+            xq: 0,
+            xbf16: false,
+        }
     }
 
     pub fn name(&self) -> String {
@@ -161,18 +188,22 @@ impl KernelSpec {
                 };
                 format!("embedding_d{d}{l}{}", wsuffix(*w))
             }
-            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq } => format!(
-                "matmul_k{k}_m{m}{}{}{}{}{}{}",
+            KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq, xbf16 } => format!(
+                "matmul_k{k}_m{m}{}{}{}{}{}{}{}",
                 wsuffix(*w),
                 xq_suffix(*xq),
+                if *xbf16 { "_xbf16" } else { "" },
                 if rms_eps.is_some() { "_rms" } else { "" },
                 if *bias { "_bias" } else { "" },
                 if *act != Act::None { format!("_{}", act.name()) } else { String::new() },
                 if *residual { "_res" } else { "" }
             ),
-            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, w, xq, .. } => {
-                format!("qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}{}", wsuffix(*w), xq_suffix(*xq))
-            }
+            KernelSpec::QkvRope { k, heads, kv_heads, head_dim, w, xq, xbf16, .. } => format!(
+                "qkv_rope_k{k}_h{heads}_kv{kv_heads}_hd{head_dim}{}{}{}",
+                wsuffix(*w),
+                xq_suffix(*xq),
+                if *xbf16 { "_xbf16" } else { "" }
+            ),
             KernelSpec::RmsNorm { d, .. } => format!("rms_norm_d{d}"),
             KernelSpec::LayerNorm { d, .. } => format!("layer_norm_d{d}"),
             KernelSpec::Rope { heads, head_dim, rotary_dim } => format!("rope_h{heads}_hd{head_dim}_rd{rotary_dim}"),

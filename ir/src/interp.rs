@@ -588,6 +588,10 @@ fn eval<'w>(
             }
             owned(vec![zs[0], heads * head_dim], out)
         }
+        Op::RoundBf16 => {
+            let (x, xs) = args[0].f32()?;
+            map_rows(x, xs, |v| half::bf16::from_f32(v).to_f32())
+        }
         Op::Relu2 => {
             let (x, xs) = args[0].f32()?;
             map_rows(x, xs, |v| {

@@ -214,6 +214,11 @@ pub enum Op {
     /// it as two quantized rows per input row, each weight load feeding both, and add the two
     /// sums: for the logits projection, whose argmax the int8 rounding of one row moves.
     QuantQ8x2,
+    /// `[n, k] -> [n, k]`: each value rounded to bf16 (to nearest, ties to even; NaN stays
+    /// NaN) and widened back: the bf16 activations of the projections over bf16 weights
+    /// (`llmc compile --activations bf16`), which hosts with AVX512_BF16 multiply with
+    /// `vdpbf16ps`. A kernel of its own; the projection it feeds knows its input is bf16-exact.
+    RoundBf16,
 
     // ---- fused ops, created by passes ----
     /// `(x [n, k], w [r, k], bias? [r], residual? [n, m]) -> [n, m]`: a projection with a fused
@@ -373,6 +378,7 @@ impl Op {
             Op::Stack => "stack",
             Op::InterleaveHalves8 => "interleave_halves8",
             Op::Relu2 => "relu2",
+            Op::RoundBf16 => "round_bf16",
             Op::Mamba2 { .. } => "mamba2",
             Op::BitLinear => "bit_linear",
             Op::Moe { .. } => "moe",
@@ -468,7 +474,8 @@ impl Op {
             | Op::BitLinear
             | Op::TakeLast
             | Op::QuantQ8
-            | Op::QuantQ8x2 => vec![],
+            | Op::QuantQ8x2
+            | Op::RoundBf16 => vec![],
         }
     }
 
@@ -550,6 +557,7 @@ impl Op {
             "stack" => Op::Stack,
             "interleave_halves8" => Op::InterleaveHalves8,
             "relu2" => Op::Relu2,
+            "round_bf16" => Op::RoundBf16,
             "mamba2" => Op::Mamba2 {
                 layer: attrs.num("layer")?,
                 heads: attrs.num("heads")?,
@@ -740,6 +748,7 @@ impl Op {
             | Op::Stack
             | Op::InterleaveHalves8
             | Op::Relu2
+            | Op::RoundBf16
             | Op::BitLinear => Ok(()),
         }
     }
@@ -902,7 +911,7 @@ impl Op {
                 vector(ins[2], 1, "bit_linear scale")?;
                 Ok(same_rows(4 * r))
             }
-            Op::Softmax | Op::Silu | Op::Gelu | Op::GeluErf | Op::Relu2 | Op::Scale { .. } => {
+            Op::Softmax | Op::Silu | Op::Gelu | Op::GeluErf | Op::Relu2 | Op::RoundBf16 | Op::Scale { .. } => {
                 arity(1, 1)?;
                 rows(ins[0], self.name())?;
                 Ok(ins[0].clone())

@@ -800,6 +800,65 @@ fn f32_linear_in_row_blocks() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// bf16 activations (`round_bf16`, `--activations bf16`) into projections over bf16
+    /// weights: the kernels that know their input is bf16-exact (`vdpbf16ps` where the host
+    /// has AVX512_BF16) on odd sizes, with every prologue and epilogue, decode and prefill tiles.
+    #[test]
+    fn bf16_activations(k in 1usize..70, m16 in 1usize..5, extra in 0usize..16, n in 1usize..10, rms in any::<bool>(),
+                        act in 0usize..3, bias in any::<bool>(), residual in any::<bool>(), seed in 0u64..1000) {
+        let act = [Act::None, Act::Gelu, Act::SwiGlu][act];
+        let rows = if act == Act::SwiGlu { 16 * m16 } else { 16 * (m16 - 1) + extra.max(1) };
+        let bias = bias && act != Act::SwiGlu;
+        let m = if act == Act::SwiGlu { rows / 2 } else { rows };
+        let mut c = Case::new(seed);
+        let x = c.rows("x", n, k, 2.0);
+        let xr = c.g.add(Op::RoundBf16, &[x]).unwrap();
+        let w = c.weight("w", &[rows, k], 1.0);
+        c.store(w, DType::BF16);
+        let mut args = vec![xr, w];
+        if bias {
+            args.push(c.weight("b", &[rows], 1.0));
+        }
+        if residual {
+            args.push(c.rows("r", n, m, 1.0));
+        }
+        let y = c.g.add(Op::Linear { rms_eps: rms.then_some(1e-5), act, bias, residual }, &args).unwrap();
+        let err = c.compare(y, &prefill(n), 16, 16);
+        prop_assert!(err < TOL, "err {err}");
+    }
+}
+
+/// `round_bf16` rounds to nearest, ties to even, at every level: ties both ways, negatives,
+/// subnormals, values that carry into the exponent, large finite values.
+#[test]
+fn round_bf16_ties_to_even() {
+    let u = 2f32.powi(-7); // bf16's unit in the last place at 1
+    let vals = [
+        1.0 + u / 2.0,
+        1.0 + 3.0 * u / 2.0,
+        -(1.0 + u / 2.0),
+        -(1.0 + 3.0 * u / 2.0),
+        1.0 + u / 2.0 + 1e-7,
+        2.0 - u / 4.0,
+        1e-40,
+        -3e-39,
+        30_016.0,
+        -1_000.5,
+        0.0,
+        -0.0,
+        3.141_592_7,
+    ];
+    let mut c = Case::new(1);
+    let x = c.rows("x", 1, vals.len(), 1.0);
+    c.weights.get_mut("x").unwrap().data = vals.to_vec();
+    let y = c.g.add(Op::RoundBf16, &[x]).unwrap();
+    let err = c.compare(y, &[(vec![0], vec![0])], 16, 16);
+    assert_eq!(err, 0.0, "round_bf16 differs from the interpreter's");
+}
+
 /// Contexts longer than the attention kernel's key block (128 positions; the wide kernel's 64):
 /// prefills of 200 and then 190 tokens, and decode steps, with and without a sliding window
 /// (whose ring wraps); head dims past the wide kernel's 64-dim register tile, and a group of 70

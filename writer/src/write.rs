@@ -61,8 +61,11 @@ pub fn compile(
     passes::run_pipeline(&mut graph, pipeline)?;
     let mut derived = plan_derived(&mut graph)?;
     assign_storage(&mut graph, model, &derived, storage);
-    if activations == Activations::Q8 {
+    if activations != Activations::F32 {
         quantize_activations(&mut graph)?;
+    }
+    if activations == Activations::Bf16 {
+        round_bf16_activations(&mut graph)?;
     }
     let ir_text = llmc_ir::text::print(&graph);
     let program = llmc_compiler::lower::lower(&graph)?;
@@ -559,6 +562,10 @@ pub enum Activations {
     /// is rounded to int8 blocks (`quant_q8`), and the kernels use integer dot products.
     /// Other weights, and MoE experts, keep f32 activations.
     Q8,
+    /// As `Q8`, and the input of every projection over bf16 weights is rounded to bf16
+    /// (`round_bf16`), which hosts with AVX512_BF16 multiply with `vdpbf16ps` (as llama.cpp
+    /// runs BF16 weights). The logits projection keeps f32 inputs.
+    Bf16,
 }
 
 /// Puts a `quant_q8` before the input of every projection whose weight is blocked (one per
@@ -588,6 +595,33 @@ fn quantize_activations(g: &mut Graph) -> Result<(), CompileError> {
             }
         };
         g.set_operand(id, 0, q);
+    }
+    Ok(())
+}
+
+/// Puts a `round_bf16` before the input of every projection whose weight is bf16 but the
+/// logits projection (one per input value, shared by its projections).
+fn round_bf16_activations(g: &mut Graph) -> Result<(), CompileError> {
+    let output = g.outputs.iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
+    let mut rounded: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in g.topo_order()? {
+        if !matches!(g.node(id).op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. }) {
+            continue;
+        }
+        let ops = g.operands(id);
+        let (Some(&x), Some(&w)) = (ops.first(), ops.get(1)) else { continue };
+        if g.node(w).ty.dtype != DType::BF16 || feeds_logits(g, &[id], output) {
+            continue;
+        }
+        let r = match rounded.get(&x) {
+            Some(&r) => r,
+            None => {
+                let r = g.add(Op::RoundBf16, &[x])?;
+                rounded.insert(x, r);
+                r
+            }
+        };
+        g.set_operand(id, 0, r);
     }
     Ok(())
 }

@@ -37,6 +37,9 @@ pub struct Ctx {
     /// A SwiGLU projection with nothing else in its epilogue: its output and width, for the
     /// wide tiles' SwiGLU micro-kernel (`kernels::wide`).
     pub swiglu_out: Option<(Value, usize)>,
+    /// The input is bf16-exact (`round_bf16`) over bf16 weights: the wide tiles may use
+    /// `vdpbf16ps` (`micro::float_xbf16`).
+    pub xbf16: bool,
 }
 
 impl Ctx {
@@ -53,10 +56,10 @@ impl Ctx {
     ) -> Ctx {
         if xq > 0 {
             let q = super::dot::setup(k, kd, rms_eps, xq as usize);
-            Ctx { x, bias, kd, inv: q.inv.map(|(v, _)| v), wt, xq: Some(q), swiglu_out: None }
+            Ctx { x, bias, kd, inv: q.inv.map(|(v, _)| v), wt, xq: Some(q), swiglu_out: None, xbf16: false }
         } else {
             let inv = rms_eps.map(|eps| rms_prologue(k, x, kd, eps));
-            Ctx { x, bias, kd, inv, wt, xq: None, swiglu_out: None }
+            Ctx { x, bias, kd, inv, wt, xq: None, swiglu_out: None, xbf16: false }
         }
     }
 }
@@ -411,6 +414,7 @@ pub fn matmul(
     residual: bool,
     wt: DType,
     xq: u8,
+    xbf16: bool,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);
@@ -425,6 +429,7 @@ pub fn matmul(
     });
     let out = k.ptr(i);
     let mut c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
+    c.xbf16 = xbf16;
     let swiglu = act == Act::SwiGlu;
     let m_out = if swiglu { m / 2 } else { m };
     if swiglu && b.is_none() && res.is_none() && m_out % (PANEL / 2) == 0 {

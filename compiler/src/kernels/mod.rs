@@ -33,11 +33,12 @@ pub fn build(
     let mut k = Kb::new(b, cfg, fma, wide);
     match spec {
         KernelSpec::Embedding { d, layout, w } => elementwise::embedding(&mut k, *d, *layout, *w),
-        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w, xq } => {
-            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual, *w, *xq)
+        KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w, xq, xbf16 } => {
+            matmul::matmul(&mut k, *kd, *m, *bias, *rms_eps, *act, *residual, *w, *xq, *xbf16)
         }
-        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias, w, xq } => {
-            qkv_rope::qkv_rope(&mut k, *kd, *heads, *kv_heads, *head_dim, *rotary_dim, *rms_eps, *bias, *w, *xq)
+        KernelSpec::QkvRope { k: kd, heads, kv_heads, head_dim, rotary_dim, rms_eps, bias, w, xq, xbf16 } => {
+            let (h, kvh, hd, rd) = (*heads, *kv_heads, *head_dim, *rotary_dim);
+            qkv_rope::qkv_rope(&mut k, *kd, h, kvh, hd, rd, *rms_eps, *bias, *w, *xq, *xbf16)
         }
         KernelSpec::RmsNorm { d, eps } => norm::rms_norm(&mut k, *d, *eps),
         KernelSpec::LayerNorm { d, eps, affine } => norm::layer_norm(&mut k, *d, *eps, *affine),

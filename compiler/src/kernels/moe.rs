@@ -117,7 +117,7 @@ fn by_expert(
     let buf = k.b.ins().stack_addr(I64, slot, 0);
     let islot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (g * 16) as u32, 3));
     let ids = k.b.ins().stack_addr(I64, islot, 0);
-    let c = Ctx { x: buf, bias: None, kd, inv: None, wt, xq: None, swiglu_out: None };
+    let c = Ctx { x: buf, bias: None, kd, inv: None, wt, xq: None, swiglu_out: None, xbf16: false };
     let pb = panel_bytes(wt, kd) as i64;
     let n = k.n;
     let zero = k.ic(0);

@@ -65,13 +65,15 @@ pub fn qkv_rope(
     bias: bool,
     wt: DType,
     xq: u8,
+    xbf16: bool,
 ) {
     let x = k.ptr(0);
     let w = k.ptr(1);
     let b = bias.then(|| k.ptr(2));
     let base = 2 + bias as usize;
     let (pos, table, kv_rows, out) = (k.ptr(base), k.ptr(base + 1), k.ptr(base + 2), k.ptr(base + 3));
-    let c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
+    let mut c = Ctx::new(k, x, b, kd, rms_eps, wt, xq);
+    c.xbf16 = xbf16;
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let m = qw + 2 * kw;
     let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {
