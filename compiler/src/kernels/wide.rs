@@ -22,6 +22,7 @@ fn micro_for(k: &Kb<'_>, c: &Ctx) -> Option<MicroFn> {
     let wide = k.wide?;
     match c.xq {
         Some(_) => micro::dot(c.wt, wide),
+        None if c.xbf16 => micro::float_xbf16(c.wt, wide).or_else(|| micro::float(c.wt, wide)),
         None => micro::float(c.wt, wide),
     }
 }

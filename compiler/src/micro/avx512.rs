@@ -248,6 +248,77 @@ unsafe fn float_tile<const T: usize, const P: usize, const WT: u8>(
     }
 }
 
+/// Whether the host has AVX512_BF16 (`vdpbf16ps`) for `float_xbf16`'s tile.
+pub fn bf16_available() -> bool {
+    available() && is_x86_feature_detected!("avx512bf16")
+}
+
+/// One tile of bf16 weights over bf16-exact activations (`round_bf16` made them; `x` holds f32
+/// rows whose low 16 bits are zero): `T` tokens × `P` panels, two columns per `vdpbf16ps`.
+/// Per column pair one 64-byte load holds both columns' 16 rows (`Panel16`: column `k`, then
+/// `k + 1`), and one `vpermw` interleaves them into (column `k`, column `k + 1`) pairs; each
+/// row's two values, broadcast as one 64-bit load, become its bf16 pair (their high halves:
+/// exact) with one `vpshufb`. An odd last column pairs with zeros. The products are exact,
+/// the sums f32 (denormal inputs count as zero). (Turning each row into bf16 in a stack
+/// buffer first, once per call, and broadcasting pairs from it ran 15–25 % slower on Zen 5.)
+///
+/// # Safety
+/// As `float_tile` with bf16 panels, on a host where `bf16_available`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+unsafe fn dpbf16_tile<const T: usize, const P: usize>(
+    w: *const u8,
+    pb: usize,
+    x: *const u8,
+    rb: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let mut facc = [[_mm512_setzero_ps(); P]; T];
+    // weights: result word 2i = word i (column k, row i), word 2i + 1 = word 16 + i (k + 1)
+    let idx: [i16; 32] = std::array::from_fn(|j| (j / 2 + 16 * (j % 2)) as i16);
+    // activations: bytes 2, 3 (x[k]'s high half) and 6, 7 (x[k + 1]'s) of each 64-bit lane
+    let hi: [i8; 64] = std::array::from_fn(|j| [2, 3, 6, 7][j % 4]);
+    // SAFETY (whole body): `w + p·pb + 32k (+ < 64 when k + 1 < kd, else < 32)` for `p < P`,
+    // `k < kd`, and `x + t·rb + 4k (+ < 8 when k + 1 < kd, else < 4)`: inside what the caller
+    // gave.
+    unsafe {
+        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+        let hi = _mm512_loadu_si512(hi.as_ptr() as *const _);
+        let mut k = 0;
+        while k < kd {
+            let pair = k + 1 < kd;
+            let xv: [__m512bh; T] = std::array::from_fn(|t| {
+                let at = x.add(t * rb + 4 * k);
+                let v = if pair {
+                    _mm512_shuffle_epi8(_mm512_set1_epi64((at as *const i64).read_unaligned()), hi)
+                } else {
+                    _mm512_srli_epi32::<16>(_mm512_set1_epi32((at as *const i32).read_unaligned()))
+                };
+                std::mem::transmute::<__m512i, __m512bh>(v)
+            });
+            for p in 0..P {
+                let a = w.add(p * pb + k * 32);
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PF) as *const i8);
+                let wv = if pair {
+                    _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(a as *const _))
+                } else {
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(a as *const __m256i))
+                };
+                let wv = std::mem::transmute::<__m512i, __m512bh>(wv);
+                for (t, row) in facc.iter_mut().enumerate() {
+                    row[p] = _mm512_dpbf16_ps(row[p], wv, xv[t]);
+                }
+            }
+            k += 2;
+        }
+        for (t, row) in facc.iter().enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add((t * TILE_PANELS + p) * 16), *v);
+            }
+        }
+    }
+}
+
 /// One float tile over blocked weights (`Panel16` layout, `pack::panel_bytes`): `T` tokens ×
 /// `P` panels, f32 activations. Each column's 16 integers are widened to f32 and scaled to the
 /// values they mean (`q·d + m`, one rounding, as the interpreter's definition) before the FMAs,
@@ -452,6 +523,7 @@ dispatch!(bfloat_q5_k, bfloat_tile, super::FLOAT_TOKENS, two, [true, true, 1, tr
 dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, two, [F32]);
 dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, two, [BF16]);
 dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, two, [F16]);
+dispatch!(xbf16_bf16, dpbf16_tile, super::FLOAT_TOKENS, two, []);
 
 pub fn dot(wt: DType) -> Option<MicroFn> {
     Some(match wt {
@@ -465,6 +537,11 @@ pub fn dot(wt: DType) -> Option<MicroFn> {
         DType::Q5K => dot_q5_k,
         _ => return None,
     })
+}
+
+/// The `vdpbf16ps` tile for bf16 weights over bf16-exact activations, where the host has it.
+pub fn float_xbf16(wt: DType) -> Option<MicroFn> {
+    (wt == DType::BF16 && bf16_available()).then_some(xbf16_bf16 as MicroFn)
 }
 
 pub fn float(wt: DType) -> Option<MicroFn> {

@@ -155,6 +155,24 @@ pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
     }
 }
 
+/// The micro-kernel over bf16-exact activations (`round_bf16`) and bf16 `Panel16` weights
+/// that multiplies with `vdpbf16ps` (AVX-512 hosts with AVX512_BF16); `None` elsewhere, where
+/// `float`'s tiles take them as f32.
+pub fn float_xbf16(wt: DType, wide: Wide) -> Option<MicroFn> {
+    if wide != Wide::Avx512 || !wide.available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::float_xbf16(wt)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wt;
+        None
+    }
+}
+
 /// The micro-kernel over f32 activations and `Panel16` weights of type `wt` (float types, and
 /// the blocked types widened to f32 in registers).
 pub fn float(wt: DType, wide: Wide) -> Option<MicroFn> {
