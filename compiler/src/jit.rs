@@ -99,35 +99,48 @@ impl IsaLevel {
     }
 }
 
-/// The best level this CPU has (on other architectures: `Avx512`, meaning "all the host has").
-pub fn host_level() -> Result<IsaLevel, JitError> {
+/// The levels this CPU can run, lowest first (on other architectures: `Avx512` alone, meaning
+/// "all the host has"). Not always a prefix of `IsaLevel::ALL`: AVX-512 hosts without AVX-VNNI
+/// (Skylake-SP, Cascade Lake, Ice Lake) have no `avxvnni` level.
+pub fn host_levels() -> Result<Vec<IsaLevel>, JitError> {
     if !cfg!(target_arch = "x86_64") {
-        return Ok(IsaLevel::Avx512);
+        return Ok(vec![IsaLevel::Avx512]);
     }
     let f = isa_features(&*cpu_isa()?);
-    let has = |x: &str| f.iter().any(|g| g == x);
-    Ok(if has("has_avx512f") && has("has_avx512vl") && has("has_avx512dq") {
-        IsaLevel::Avx512
-    } else if has("has_avx2") && has("has_fma") && has("has_avx_vnni") {
-        IsaLevel::AvxVnni
-    } else if has("has_avx2") && has("has_fma") {
-        IsaLevel::Avx2
-    } else {
-        IsaLevel::Sse
-    })
+    Ok(levels_with(&|x| f.iter().any(|g| g == x)))
+}
+
+/// The x86-64 levels of a CPU with the Cranelift features `has` says it has.
+fn levels_with(has: &dyn Fn(&str) -> bool) -> Vec<IsaLevel> {
+    let avx2 = has("has_avx2") && has("has_fma");
+    let ok = |l: IsaLevel| match l {
+        IsaLevel::Sse => true,
+        IsaLevel::Avx2 => avx2,
+        IsaLevel::AvxVnni => avx2 && has("has_avx_vnni"),
+        IsaLevel::Avx512 => avx2 && has("has_avx512f") && has("has_avx512vl") && has("has_avx512dq"),
+    };
+    IsaLevel::ALL.into_iter().filter(|&l| ok(l)).collect()
+}
+
+/// The best level this CPU has (on other architectures: `Avx512`, meaning "all the host has").
+pub fn host_level() -> Result<IsaLevel, JitError> {
+    Ok(host_levels()?.into_iter().max().unwrap_or(IsaLevel::Sse))
 }
 
 /// The level kernels are compiled for: the host's, or `LLMC_ISA` (`avx512`, `avxvnni`, `avx2`, `sse`)
 /// when it names one the host has.
 pub fn selected_level() -> Result<IsaLevel, JitError> {
-    let host = host_level()?;
+    let levels = host_levels()?;
+    let host = levels.iter().copied().max().unwrap_or(IsaLevel::Sse);
     match std::env::var("LLMC_ISA") {
         Err(_) => Ok(host),
         Ok(v) => match IsaLevel::parse(&v) {
-            Some(l) if l <= host => Ok(l),
-            Some(l) => {
-                Err(JitError::Isa(format!("LLMC_ISA={} but this CPU's best level is {}", l.name(), host.name())))
-            }
+            Some(l) if levels.contains(&l) => Ok(l),
+            Some(l) => Err(JitError::Isa(format!(
+                "LLMC_ISA={} but this CPU lacks that level (its best level is {})",
+                l.name(),
+                host.name()
+            ))),
             None => Err(JitError::Isa(format!("LLMC_ISA={v:?}: expected avx512, avxvnni, avx2 or sse"))),
         },
     }
@@ -337,4 +350,23 @@ pub fn clif_text(spec: &KernelSpec) -> Result<String, JitError> {
     ctx.optimize(&*isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;
     Ok(ctx.func.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Levels by CPU generation: AVX-512 without AVX-VNNI (Skylake-SP to Ice Lake) skips
+    /// `avxvnni`; Alder Lake (AVX-VNNI, no AVX-512) tops at it; Zen 4/5 have every level.
+    #[test]
+    fn levels_by_cpu() {
+        use IsaLevel::*;
+        let cpu = |f: &[&str]| levels_with(&|x| f.contains(&x));
+        let avx512 = ["has_avx2", "has_fma", "has_avx512f", "has_avx512vl", "has_avx512dq"];
+        assert_eq!(cpu(&avx512), vec![Sse, Avx2, Avx512]);
+        assert_eq!(cpu(&["has_avx2", "has_fma", "has_avx_vnni"]), vec![Sse, Avx2, AvxVnni]);
+        let zen = ["has_avx2", "has_fma", "has_avx_vnni", "has_avx512f", "has_avx512vl", "has_avx512dq"];
+        assert_eq!(cpu(&zen), IsaLevel::ALL.to_vec());
+        assert_eq!(cpu(&["has_avx2"]), vec![Sse]);
+    }
 }
