@@ -88,7 +88,9 @@ fn grid(
     let (lo, hi) = (k.lo, k.hi);
     let one = k.addi(t0, 1);
     let single = k.icmp(IntCC::Equal, t1, one);
-    let (pd, pp) = (k.ic(micro::DECODE_PANELS as i64), k.ic(micro::PREFILL_PANELS as i64));
+    // (bf16-exact inputs over bf16: the `vdpbf16ps` tiles take 4 panels at a time)
+    let prefill_panels = if c.xbf16 { TILE_PANELS } else { micro::PREFILL_PANELS };
+    let (pd, pp) = (k.ic(micro::DECODE_PANELS as i64), k.ic(prefill_panels as i64));
     let pstep = k.select(single, pd, pp);
     let (td, tp) = (k.ic(1), k.ic(tokens as i64));
     let tstep = k.select(single, td, tp);

@@ -319,6 +319,62 @@ unsafe fn dpbf16_tile<const T: usize, const P: usize>(
     }
 }
 
+/// `MicroFn` of bf16 weights over bf16-exact activations: tiles of up to 4 rows × 4 panels
+/// (one or two rows: up to 4 panels). Per column pair a tile shuffles once per row (its pair)
+/// and once per panel (the weights), so 4 × 4 makes 8 shuffles per 16 `vdpbf16ps` where the
+/// float tiles' 8 × 2 would make 10: the tile is bound by those shuffles.
+///
+/// # Safety
+/// `MicroFn`'s contract with bf16 `Panel16` panels, on a host where `bf16_available`.
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn xbf16_bf16(
+    w: *const u8,
+    pb: usize,
+    np: usize,
+    x: *const u8,
+    rb: usize,
+    nt: usize,
+    kd: usize,
+    out: *mut f32,
+) {
+    let nt = nt.min(TILE_TOKENS);
+    let np = np.min(TILE_PANELS);
+    let mut t0 = 0;
+    while t0 < nt {
+        let tn = (nt - t0).min(4);
+        let mut p0 = 0;
+        while p0 < np {
+            let pn = (np - p0).min(4);
+            // SAFETY: sub-tiles of the caller's tile: rows `t0..t0+tn` of `x`, panels
+            // `p0..p0+pn` of `w`, and their places in `out`; the host has AVX512_BF16
+            // (`float_xbf16` hands this out only then).
+            unsafe {
+                let (w, x, o) = (w.add(p0 * pb), x.add(t0 * rb), out.add((t0 * TILE_PANELS + p0) * 16));
+                match (tn, pn) {
+                    (1, 1) => dpbf16_tile::<1, 1>(w, pb, x, rb, kd, o),
+                    (1, 2) => dpbf16_tile::<1, 2>(w, pb, x, rb, kd, o),
+                    (1, 3) => dpbf16_tile::<1, 3>(w, pb, x, rb, kd, o),
+                    (1, _) => dpbf16_tile::<1, 4>(w, pb, x, rb, kd, o),
+                    (2, 1) => dpbf16_tile::<2, 1>(w, pb, x, rb, kd, o),
+                    (2, 2) => dpbf16_tile::<2, 2>(w, pb, x, rb, kd, o),
+                    (2, 3) => dpbf16_tile::<2, 3>(w, pb, x, rb, kd, o),
+                    (2, _) => dpbf16_tile::<2, 4>(w, pb, x, rb, kd, o),
+                    (3, 1) => dpbf16_tile::<3, 1>(w, pb, x, rb, kd, o),
+                    (3, 2) => dpbf16_tile::<3, 2>(w, pb, x, rb, kd, o),
+                    (3, 3) => dpbf16_tile::<3, 3>(w, pb, x, rb, kd, o),
+                    (3, _) => dpbf16_tile::<3, 4>(w, pb, x, rb, kd, o),
+                    (_, 1) => dpbf16_tile::<4, 1>(w, pb, x, rb, kd, o),
+                    (_, 2) => dpbf16_tile::<4, 2>(w, pb, x, rb, kd, o),
+                    (_, 3) => dpbf16_tile::<4, 3>(w, pb, x, rb, kd, o),
+                    (_, _) => dpbf16_tile::<4, 4>(w, pb, x, rb, kd, o),
+                }
+            }
+            p0 += pn;
+        }
+        t0 += tn;
+    }
+}
+
 /// One float tile over blocked weights (`Panel16` layout, `pack::panel_bytes`): `T` tokens ×
 /// `P` panels, f32 activations. Each column's 16 integers are widened to f32 and scaled to the
 /// values they mean (`q·d + m`, one rounding, as the interpreter's definition) before the FMAs,
@@ -523,7 +579,6 @@ dispatch!(bfloat_q5_k, bfloat_tile, super::FLOAT_TOKENS, two, [true, true, 1, tr
 dispatch!(float_f32, float_tile, super::FLOAT_TOKENS, two, [F32]);
 dispatch!(float_bf16, float_tile, super::FLOAT_TOKENS, two, [BF16]);
 dispatch!(float_f16, float_tile, super::FLOAT_TOKENS, two, [F16]);
-dispatch!(xbf16_bf16, dpbf16_tile, super::FLOAT_TOKENS, two, []);
 
 pub fn dot(wt: DType) -> Option<MicroFn> {
     Some(match wt {
