@@ -76,7 +76,8 @@ pub enum KernelSpec {
         residual: bool,
         w: DType,
         xq: u8,
-        #[serde(default)]
+        // (written only when true: artifacts without bf16 activations stay as before)
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         xbf16: bool,
     },
     /// `[x, w (Panel16), bias (Padded16)?, positions, table, kv_rows, q_out]`, units:
@@ -96,7 +97,8 @@ pub enum KernelSpec {
         /// int8 activations, as for `MatMul`
         xq: u8,
         /// bf16-exact input, as for `MatMul`
-        #[serde(default)]
+        // (written only when true: artifacts without bf16 activations stay as before)
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         xbf16: bool,
     },
     /// `[x, w, out]`, units: rows.
@@ -374,5 +376,28 @@ pub struct Program {
 impl Program {
     pub fn layout_of(&self, name: &str) -> Layout {
         self.layouts.iter().find(|(n, _)| n == name).map_or(Layout::RowMajor, |(_, l)| *l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `xbf16` is written only when set, so an artifact without bf16 activations has the
+    /// header older builds read; one without the field reads as `false`.
+    #[test]
+    fn xbf16_only_when_set() {
+        let plain = serde_json::to_string(&KernelSpec::matmul(64, 32, false)).unwrap();
+        assert!(!plain.contains("xbf16"), "{plain}");
+        let back: KernelSpec = serde_json::from_str(&plain).unwrap();
+        assert_eq!(back, KernelSpec::matmul(64, 32, false));
+        let KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq, .. } = KernelSpec::matmul(64, 32, false)
+        else {
+            unreachable!()
+        };
+        let set = KernelSpec::MatMul { k, m, bias, rms_eps, act, residual, w, xq, xbf16: true };
+        let text = serde_json::to_string(&set).unwrap();
+        assert!(text.contains("\"xbf16\":true"), "{text}");
+        assert_eq!(serde_json::from_str::<KernelSpec>(&text).unwrap(), set);
     }
 }
