@@ -111,6 +111,19 @@ pub fn apply_unary(
 pub fn unary(k: &mut Kb<'_>, op: Unary, d: usize) {
     let (x, out) = (k.ptr(0), k.ptr(1));
     let (lo, hi) = (k.lo, k.hi);
+    // `round_bf16` at the wide levels: the unit's rows are contiguous, one micro-kernel call
+    if let (Unary::RoundBf16, Some(f)) = (op, k.wide.and_then(crate::micro::round_bf16)) {
+        use cranelift_codegen::ir::{AbiParam, Signature};
+        let mut sig = Signature::new(k.call_conv());
+        sig.params.extend([AbiParam::new(I64); 3]);
+        let sig = k.b.import_signature(sig);
+        let (src, dst) = (k.at(x, lo, (d * 4) as i64), k.at(out, lo, (d * 4) as i64));
+        let rows = k.b.ins().isub(hi, lo);
+        let n = k.muli(rows, d as i64);
+        let fp = k.ic(f as usize as i64);
+        k.b.ins().call_indirect(sig, fp, &[src, dst, n]);
+        return;
+    }
     k.for_range(lo, hi, |k, t| {
         let xr = k.at(x, t, (d * 4) as i64);
         let or = k.at(out, t, (d * 4) as i64);

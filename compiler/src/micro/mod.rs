@@ -31,6 +31,8 @@ mod avx512_attention;
 #[cfg(target_arch = "x86_64")]
 mod quant;
 #[cfg(target_arch = "x86_64")]
+mod round;
+#[cfg(target_arch = "x86_64")]
 mod scan;
 #[cfg(target_arch = "x86_64")]
 mod swiglu;
@@ -306,6 +308,24 @@ pub fn quant(wide: Wide) -> Option<QuantFn> {
             Wide::Avx512 => Some(quant::quant_avx512 as QuantFn),
             Wide::Avx2 | Wide::AvxVnni => Some(quant::quant_avx2 as QuantFn),
         }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// `round_bf16` over `n` contiguous f32: `(src, dst, n)` (see `round::round_bf16`).
+pub type RoundFn = unsafe extern "C" fn(*const f32, *mut f32, usize);
+
+/// The `round_bf16` micro-kernel, at either wide level.
+pub fn round_bf16(wide: Wide) -> Option<RoundFn> {
+    if !wide.available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(round::round_bf16 as RoundFn)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
