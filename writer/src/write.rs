@@ -61,12 +61,7 @@ pub fn compile(
     passes::run_pipeline(&mut graph, pipeline)?;
     let mut derived = plan_derived(&mut graph)?;
     assign_storage(&mut graph, model, &derived, storage);
-    if activations != Activations::F32 {
-        quantize_activations(&mut graph)?;
-    }
-    if activations == Activations::Bf16 {
-        round_bf16_activations(&mut graph)?;
-    }
+    set_activations(&mut graph, activations)?;
     let ir_text = llmc_ir::text::print(&graph);
     let program = llmc_compiler::lower::lower(&graph)?;
 
@@ -568,60 +563,45 @@ pub enum Activations {
     Bf16,
 }
 
-/// Puts a `quant_q8` before the input of every projection whose weight is blocked (one per
-/// input value, shared by its projections); before the logits projection a `quant_q8x2`
-/// (int8 plus its rounding residual): the argmax reads those logits directly, and where two
-/// are close the single rounding decides it (SmolLM2's Q4_1 GGUF followed transformers at 29
-/// of 32 teacher-forced steps with `quant_q8` there, 31 with `quant_q8x2`).
-fn quantize_activations(g: &mut Graph) -> Result<(), CompileError> {
+/// Puts the op `activations` asks for before the input of the projections (`linear`,
+/// `qkv_rope`, `matmul`) it applies to, one per input value and op, shared by its
+/// projections:
+/// - unless `F32`, a `quant_q8` before every projection whose weight is blocked; before the
+///   logits projection a `quant_q8x2` (int8 plus its rounding residual): the argmax reads
+///   those logits directly, and where two are close the single rounding decides it
+///   (SmolLM2's Q4_1 GGUF followed transformers at 29 of 32 teacher-forced steps with
+///   `quant_q8` there, 31 with `quant_q8x2`);
+/// - with `Bf16`, a `round_bf16` before every projection whose weight is bf16 but the logits
+///   projection.
+fn set_activations(g: &mut Graph, activations: Activations) -> Result<(), CompileError> {
+    let pick = |w: DType, logits: bool| {
+        if activations != Activations::F32 && llmc_ir::quant::is_blocked(w) {
+            Some(if logits { Op::QuantQ8x2 } else { Op::QuantQ8 })
+        } else if activations == Activations::Bf16 && w == DType::BF16 && !logits {
+            Some(Op::RoundBf16)
+        } else {
+            None
+        }
+    };
     let output = g.outputs.iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
-    let mut quantized: HashMap<(NodeId, bool), NodeId> = HashMap::new();
+    let mut made: HashMap<(NodeId, &'static str), NodeId> = HashMap::new();
     for id in g.topo_order()? {
         if !matches!(g.node(id).op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. }) {
             continue;
         }
         let ops = g.operands(id);
         let (Some(&x), Some(&w)) = (ops.first(), ops.get(1)) else { continue };
-        if !llmc_ir::quant::is_blocked(g.node(w).ty.dtype) {
-            continue;
-        }
-        let logits = feeds_logits(g, &[id], output);
-        let q = match quantized.get(&(x, logits)) {
-            Some(&q) => q,
+        let Some(op) = pick(g.node(w).ty.dtype, feeds_logits(g, &[id], output)) else { continue };
+        let a = match made.get(&(x, op.name())) {
+            Some(&a) => a,
             None => {
-                let q = g.add(if logits { Op::QuantQ8x2 } else { Op::QuantQ8 }, &[x])?;
-                quantized.insert((x, logits), q);
-                q
+                let key = (x, op.name());
+                let a = g.add(op, &[x])?;
+                made.insert(key, a);
+                a
             }
         };
-        g.set_operand(id, 0, q);
-    }
-    Ok(())
-}
-
-/// Puts a `round_bf16` before the input of every projection whose weight is bf16 but the
-/// logits projection (one per input value, shared by its projections).
-fn round_bf16_activations(g: &mut Graph) -> Result<(), CompileError> {
-    let output = g.outputs.iter().find(|(n, _)| n == "logits").map(|(_, id)| *id);
-    let mut rounded: HashMap<NodeId, NodeId> = HashMap::new();
-    for id in g.topo_order()? {
-        if !matches!(g.node(id).op, Op::MatMul | Op::Linear { .. } | Op::QkvRope { .. }) {
-            continue;
-        }
-        let ops = g.operands(id);
-        let (Some(&x), Some(&w)) = (ops.first(), ops.get(1)) else { continue };
-        if g.node(w).ty.dtype != DType::BF16 || feeds_logits(g, &[id], output) {
-            continue;
-        }
-        let r = match rounded.get(&x) {
-            Some(&r) => r,
-            None => {
-                let r = g.add(Op::RoundBf16, &[x])?;
-                rounded.insert(x, r);
-                r
-            }
-        };
-        g.set_operand(id, 0, r);
+        g.set_operand(id, 0, a);
     }
     Ok(())
 }
