@@ -2,7 +2,7 @@
 //! take-last, softmax. Units are rows; every row is independent.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{InstBuilder, Type, Value};
+use cranelift_codegen::ir::InstBuilder;
 
 use super::kb::{Kb, F32, I64, V4};
 use crate::pack::PANEL;
@@ -98,7 +98,7 @@ pub fn apply_unary(
             let c = k.c(ty, f);
             k.fmul(x, c)
         }
-        Unary::RoundBf16 => round_bf16(k, ty, x),
+        Unary::RoundBf16 => k.round_bf16(ty, x),
         Unary::Relu2 => {
             let z = k.c(ty, 0.0);
             let r = k.fmax(x, z);
@@ -269,35 +269,4 @@ pub fn softmax(k: &mut Kb<'_>, d: usize) {
             k.st(y, dd, 0);
         });
     });
-}
-
-/// `x` rounded to bf16 (to nearest, ties to even, on the bits: `+ 0x7fff + lsb`, then the low
-/// half cleared; overflow rounds to infinity) and widened back; a NaN is kept as it is.
-fn round_bf16(k: &mut Kb<'_>, ty: Type, x: Value) -> Value {
-    use cranelift_codegen::ir::condcodes::FloatCC;
-    use cranelift_codegen::ir::{types, Endianness, MemFlagsData};
-    let vec = ty.is_vector();
-    let ity = if vec { types::I32X4 } else { types::I32 };
-    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
-    let cst = |k: &mut Kb<'_>, v: i64| {
-        let c = k.b.ins().iconst(types::I32, v);
-        if vec {
-            k.b.ins().splat(ity, c)
-        } else {
-            c
-        }
-    };
-    let bits = k.b.ins().bitcast(ity, flags, x);
-    let sixteen = k.b.ins().iconst(types::I32, 16);
-    let high = k.b.ins().ushr(bits, sixteen);
-    let one = cst(k, 1);
-    let lsb = k.b.ins().band(high, one);
-    let half = cst(k, 0x7fff);
-    let r = k.b.ins().iadd(bits, half);
-    let r = k.b.ins().iadd(r, lsb);
-    let mask = cst(k, 0xffff_0000_u32 as i32 as i64);
-    let r = k.b.ins().band(r, mask);
-    let nan = k.b.ins().fcmp(FloatCC::Unordered, x, x);
-    let r = if vec { k.b.ins().bitselect(nan, bits, r) } else { k.b.ins().select(nan, bits, r) };
-    k.b.ins().bitcast(ty, flags, r)
 }

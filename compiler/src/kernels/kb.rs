@@ -354,6 +354,25 @@ impl<'a> Kb<'a> {
         self.b.ins().bitcast(to, MemFlagsData::new().with_endianness(Endianness::Little), x)
     }
 
+    /// `x` (F32 or F32X4) rounded to bf16 (to nearest, ties to even, on the bits: `+ 0x7fff +
+    /// lsb`, then the low half cleared; overflow rounds to infinity) and widened back; a NaN is
+    /// kept as it is.
+    pub fn round_bf16(&mut self, ty: Type, x: Value) -> Value {
+        let bits = self.bitcast(Self::ity(ty), x);
+        let sixteen = self.b.ins().iconst(types::I32, 16);
+        let high = self.b.ins().ushr(bits, sixteen);
+        let one = self.iconst_like(ty, 1);
+        let lsb = self.b.ins().band(high, one);
+        let half = self.iconst_like(ty, 0x7fff);
+        let r = self.b.ins().iadd(bits, half);
+        let r = self.b.ins().iadd(r, lsb);
+        let mask = self.iconst_like(ty, 0xffff_0000_u32 as i32 as i64);
+        let r = self.b.ins().band(r, mask);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        let r = if ty == V4 { self.b.ins().bitselect(nan, bits, r) } else { self.b.ins().select(nan, bits, r) };
+        self.bitcast(ty, r)
+    }
+
     /// `e^x` for F32 or F32X4: range reduction `x = k·ln2 + r`, `|r| <= ln2/2`, a degree-7
     /// Taylor polynomial for `e^r`, and `2^k` built in the exponent bits. Inputs are clamped to
     /// [-80, 88.3]: results never reach inf/NaN, and never come near the denormal range (below
