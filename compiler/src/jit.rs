@@ -190,6 +190,9 @@ pub fn isa_features(isa: &dyn TargetIsa) -> Vec<String> {
 pub struct Kernels {
     module: Option<JITModule>,
     pub fns: Vec<KernelFn>,
+    /// For each int8 projection (`KernelSpec::int8_input`), its shared pre-pass
+    /// (`kernels::dot::prequantize`), indexed like `fns`.
+    pub shared: Vec<Option<KernelFn>>,
     pub features: Vec<String>,
     /// The level the kernels were compiled for.
     pub level: IsaLevel,
@@ -242,10 +245,14 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
     let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
+    // every kernel, then the int8 projections' pre-passes
+    let mut names = Vec::new();
     let mut ids = Vec::new();
     let mut sizes = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        let name = format!("k{i}_{}", spec.name());
+    let jobs =
+        specs.iter().map(|s| (s, false)).chain(specs.iter().filter(|s| s.int8_input().is_some()).map(|s| (s, true)));
+    for (i, (spec, pre)) in jobs.enumerate() {
+        let name = format!("k{i}_{}{}", if pre { "prequantize_" } else { "" }, spec.name());
         let cg = |msg: String| JitError::Codegen { kernel: name.clone(), msg };
         let sig = signature(&*isa);
         let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| cg(e.to_string()))?;
@@ -253,7 +260,11 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
         ctx.func.name = UserFuncName::user(0, i as u32);
         {
             let b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-            kernels::build(spec, b, isa.frontend_config(), level.has_fma(), level.wide());
+            let (cfg, fma, wide) = (isa.frontend_config(), level.has_fma(), level.wide());
+            match spec.int8_input().filter(|_| pre) {
+                Some(q) => kernels::build_prequantize(q, b, cfg, fma, wide),
+                None => kernels::build(spec, b, cfg, fma, wide),
+            }
         }
         module.define_function(id, &mut ctx).map_err(|e| cg(format!("{e:?}")))?;
         let relocs = ctx.compiled_code().map(|c| c.buffer.relocs().len()).unwrap_or(0);
@@ -263,33 +274,36 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
         sizes.push(ctx.compiled_code().map_or(0, |c| c.code_buffer().len()));
         module.clear_context(&mut ctx);
         ids.push(id);
+        names.push(name);
     }
     module.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "finalize".into(), msg: e.to_string() })?;
     let code: Vec<*const u8> = ids.into_iter().map(|id| module.get_finalized_function(id)).collect();
     if std::env::var_os("LLMC_PERF_MAP").is_some() {
-        write_perf_map(specs, &code, &sizes);
+        write_perf_map(&names, &code, &sizes);
     }
-    let fns = code
+    let mut fns: Vec<KernelFn> = code
         .into_iter()
         .map(|p| {
             // SAFETY: the function was declared with `signature`, which is this C ABI type.
             unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
         })
         .collect();
-    Ok(Kernels { module: Some(module), fns, features, level, specs: specs.to_vec() })
+    let mut pre = fns.split_off(specs.len()).into_iter();
+    let shared = specs.iter().map(|s| s.int8_input().and_then(|_| pre.next())).collect();
+    Ok(Kernels { module: Some(module), fns, shared, features, level, specs: specs.to_vec() })
 }
 
 /// With `LLMC_PERF_MAP` set, names the kernels for `perf report`: appends `addr size name`
 /// lines to `/tmp/perf-<pid>.map` (perf's convention for JIT code). Best effort: a file that
 /// cannot be written only costs the names.
-fn write_perf_map(specs: &[KernelSpec], code: &[*const u8], sizes: &[usize]) {
+fn write_perf_map(names: &[String], code: &[*const u8], sizes: &[usize]) {
     use std::io::Write;
     let path = format!("/tmp/perf-{}.map", std::process::id());
     let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) else { return };
-    let lines: String = specs
+    let lines: String = names
         .iter()
         .zip(code.iter().zip(sizes))
-        .map(|(spec, (p, n))| format!("{:x} {n:x} llmc:{}\n", *p as usize, spec.name()))
+        .map(|(name, (p, n))| format!("{:x} {n:x} llmc:{name}\n", *p as usize))
         .collect();
     let _ = f.write_all(lines.as_bytes());
 }

@@ -164,7 +164,29 @@ fn xq_suffix(xq: u8) -> &'static str {
     }
 }
 
+/// What an int8 projection quantizes: its input's columns, RMS prologue, weight type and
+/// int8 terms (`KernelSpec::int8_input`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Int8Input {
+    pub k: usize,
+    pub rms_eps: Option<f32>,
+    pub w: DType,
+    pub terms: usize,
+}
+
 impl KernelSpec {
+    /// For a projection over int8 activations (`xq` > 0), what its prologue quantizes: the
+    /// executor may have the step's workers quantize the rows once, together, before the
+    /// projection's calls (the pre-pass `jit::Kernels::shared` holds).
+    pub fn int8_input(&self) -> Option<Int8Input> {
+        match *self {
+            KernelSpec::MatMul { k, rms_eps, w, xq, .. } | KernelSpec::QkvRope { k, rms_eps, w, xq, .. } if xq > 0 => {
+                Some(Int8Input { k, rms_eps, w, terms: xq as usize })
+            }
+            _ => None,
+        }
+    }
+
     /// A plain matmul (no prologue, no activation, no residual).
     pub fn matmul(k: usize, m: usize, bias: bool) -> KernelSpec {
         KernelSpec::MatMul {

@@ -383,17 +383,7 @@ pub fn run(engine: &Engine, prefill: usize, decode: usize, profile: bool) -> Res
     let prefill_tok_s = prompt.len() as f64 / prefill_s.max(1e-9);
     let prefill_gflop_s = step_flops(engine, prompt.len()) as f64 / prefill_s.max(1e-9) / 1e9;
     let prog = &engine.art.header.program;
-    // (kernel name, milliseconds per step, calls per step) over `steps` profiled steps
-    let per_step = |p: Option<&[(f64, usize)]>, steps: usize| {
-        let mut v: Vec<(String, f64, usize)> = p
-            .unwrap_or(&[])
-            .iter()
-            .enumerate()
-            .map(|(k, &(secs, calls))| (prog.kernels[k].name(), secs * 1e3 / steps.max(1) as f64, calls / steps.max(1)))
-            .collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
-    };
+    let per_step = |p: Option<&[(f64, usize)]>, steps: usize| per_step(&prog.kernels, p.unwrap_or(&[]), steps);
     let decode_profile = per_step(s.profile(), decode);
     let prefill_profile = if profile {
         let mut p = Session::new(engine, Backend::Jit, Some(ctx))?;
@@ -460,15 +450,26 @@ pub fn batch_decode(
         next = logits.iter().map(|l| argmax(l) as i32).collect();
     }
     let rate = (decode * batch) as f64 / t.elapsed().as_secs_f64().max(1e-9);
-    let kernels = &engine.art.header.program.kernels;
-    let mut prof: Vec<(String, f64, usize)> = match batcher.profile() {
-        Some(p) => p
-            .iter()
-            .enumerate()
-            .map(|(k, &(secs, calls))| (kernels[k].name(), secs * 1e3 / decode.max(1) as f64, calls / decode.max(1)))
-            .collect(),
-        None => Vec::new(),
-    };
-    prof.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let prof = per_step(&engine.art.header.program.kernels, batcher.profile().unwrap_or(&[]), decode);
     Ok((rate, prof))
+}
+
+/// A step profile (`JitState::profile`: seconds and calls per kernel, then per kernel's shared
+/// pre-pass) over `steps` steps as (kernel name, milliseconds per step, calls per step), the
+/// slowest first; pre-passes that never ran are left out.
+fn per_step(kernels: &[KernelSpec], p: &[(f64, usize)], steps: usize) -> Vec<(String, f64, usize)> {
+    let mut v: Vec<(String, f64, usize)> = p
+        .iter()
+        .enumerate()
+        .filter(|&(k, &(_, calls))| k < kernels.len() || calls > 0)
+        .filter_map(|(k, &(secs, calls))| {
+            let name = match kernels.get(k) {
+                Some(spec) => spec.name(),
+                None => format!("prequantize_{}", kernels.get(k - kernels.len())?.name()),
+            };
+            Some((name, secs * 1e3 / steps.max(1) as f64, calls / steps.max(1)))
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
 }

@@ -107,11 +107,15 @@ pub struct JitState<'a> {
     /// Pointer table of every call, fixed for the session.
     args: Vec<Vec<*mut u8>>,
     caps: Vec<i64>,
+    /// The int8 projections' shared quantized rows (`kernels::dot::shared_bytes` of the
+    /// largest for `n_cap` rows), if the program has any.
+    shared: Option<Aligned>,
     /// Token ids must be below this (the rows of every table gathered by token).
     token_rows: usize,
     pub n_cap: usize,
     pub ctx: usize,
-    /// When set, seconds spent in each kernel (indexed like `Program::kernels`) and calls.
+    /// When set, seconds spent in each kernel (indexed like `Program::kernels`) and calls,
+    /// then in each kernel's shared pre-pass (at `Program::kernels.len()` + its index).
     pub profile: Option<Vec<(f64, usize)>>,
 }
 
@@ -136,7 +140,9 @@ pub fn state_bytes(prog: &Program, ctx: usize, n_cap: usize) -> Option<u64> {
     for &(_, conv, ssm) in &prog.mamba_layers {
         total = total.checked_add(f(conv)?)?.checked_add(f(ssm)?)?;
     }
-    Some(total)
+    let shared = prog.kernels.iter().filter_map(|k| k.int8_input());
+    let shared = shared.map(|q| llmc_compiler::kernels::dot::shared_bytes(q.k, q.terms, n_cap)).max().unwrap_or(0);
+    total.checked_add(shared as u64)
 }
 
 /// Bytes this machine can still give (MemAvailable + SwapFree), if the kernel says.
@@ -212,12 +218,45 @@ struct SendPtr(*const *mut u8);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// One kernel call of a step: the kernel, its `n`, its units and how many chunks they split
-/// into, its pointer table and cache capacity, the kernel's index (for the profile), whether
-/// the workers wait for each other after it (not between the per-sequence calls of one batched
-/// call: they touch disjoint rows and caches), and the worker that runs it when it does not
-/// split.
-type Entry = (KernelFn, i64, usize, usize, SendPtr, i64, usize, bool, usize);
+/// One kernel call of a step.
+#[derive(Clone, Copy)]
+struct Entry {
+    f: KernelFn,
+    n: i64,
+    units: usize,
+    /// How many parts the units split into (one per worker at most).
+    chunks: usize,
+    table: SendPtr,
+    /// The fifth argument: the cache capacity (KV kernels), or the shared quantized rows of
+    /// an int8 projection (0: none).
+    cap: i64,
+    /// The kernel's index (for the profile).
+    kernel: usize,
+    /// Whether the workers wait for each other after it (not between the per-sequence calls
+    /// of one batched call: they touch disjoint rows and caches).
+    wait: bool,
+    /// The worker that runs it when it does not split.
+    owner: usize,
+    /// Whether it is the kernel's shared pre-pass (`Kernels::shared`), profiled apart.
+    pre: bool,
+}
+
+/// Rows from which an int8 projection split over workers has them quantize its input once,
+/// together, before it (one more barrier) instead of each quantizing every row.
+const SHARED_QUANT_ROWS: usize = 16;
+
+/// Appends `e` to `plan`, preceded by its shared pre-pass when it is an int8 projection
+/// split over workers in a step of at least `SHARED_QUANT_ROWS` rows and `shared` is the
+/// state's buffer for it (at least `dot::shared_bytes` of the projection for `e.n` rows).
+fn push_entry(plan: &mut Vec<Entry>, kernels: &Kernels, mut e: Entry, shared: Option<*mut u8>, threads: usize) {
+    let pre = kernels.shared.get(e.kernel).copied().flatten();
+    if let (Some(pre), Some(buf), true) = (pre, shared, e.chunks > 1 && e.n as usize >= SHARED_QUANT_ROWS) {
+        let rows = e.n as usize;
+        plan.push(Entry { f: pre, units: rows, chunks: threads.min(rows), cap: buf as i64, pre: true, ..e });
+        e.cap = buf as i64;
+    }
+    plan.push(e);
+}
 
 /// The plan entry of call `ci` over `n_call` rows. Attention's work per unit grows with the
 /// context (`span`: the largest position + 1): it splits once the cached positions make it
@@ -244,20 +283,34 @@ fn entry(
     };
     let chunks =
         if threads > 1 && units >= 2 && units.saturating_mul(work) >= SPLIT_THRESHOLD { threads.min(units) } else { 1 };
-    (kernels.fns[call.kernel], n_call as i64, units, chunks, table, cap, call.kernel, true, 0)
+    // an int8 projection's fifth argument is its shared quantized rows, 0 until `push_entry`
+    // gives it some (`qkv_rope` reads each row's cache capacity from its `KvRows` entry)
+    let cap = if prog.kernels[call.kernel].int8_input().is_some() { 0 } else { cap };
+    Entry {
+        f: kernels.fns[call.kernel],
+        n: n_call as i64,
+        units,
+        chunks,
+        table,
+        cap,
+        kernel: call.kernel,
+        wait: true,
+        owner: 0,
+        pre: false,
+    }
 }
 
 /// Runs a step's calls in order, each split over the pool's threads as its entry says.
 fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &mut Option<Vec<(f64, usize)>>) {
     let threads = pool.current_num_threads();
     if let Some(p) = profile.as_mut() {
-        p.resize(prog.kernels.len(), (0.0, 0));
+        p.resize(2 * prog.kernels.len(), (0.0, 0));
     }
     // Worker `tid` runs its chunk of every call in schedule order; a spin barrier between
     // calls keeps the order (one parallel region per step, not one per call).
     let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
         let mut profile = profile;
-        for &(f, n_call, units, chunks, ref table, cap, kernel, wait, owner) in plan {
+        for &Entry { f, n: n_call, units, chunks, ref table, cap, kernel, wait, owner, pre } in plan {
             // alone (no barrier), one worker does every unit
             let chunks = if barrier.is_some() { chunks } else { 1 };
             let t0 = profile.as_ref().map(|_| std::time::Instant::now());
@@ -279,15 +332,20 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
                 // rows/panels/heads of its own range; the barrier after each call makes its
                 // outputs complete before the next call starts. The per-sequence calls of one
                 // batched call run without barriers between them: each writes only its own
-                // sequence's row and cache and reads rows completed before the group.
+                // sequence's row and cache and reads rows completed before the group. An int8
+                // projection's `cap`, when not 0, is the state's shared buffer (at least
+                // `dot::shared_bytes` for its n rows), which its pre-pass filled in the call
+                // before, with a barrier between (`push_entry`).
                 unsafe { f(table.0, n_call, lo as i64, hi as i64, cap) }
             }
             if let (Some(b), true) = (barrier, wait) {
                 b.wait();
             }
             if let (Some(p), Some(t0)) = (profile.as_mut(), t0) {
-                p[kernel].0 += t0.elapsed().as_secs_f64();
-                p[kernel].1 += 1;
+                // (a pre-pass in the slot after every kernel's)
+                let slot = kernel + if pre { prog.kernels.len() } else { 0 };
+                p[slot].0 += t0.elapsed().as_secs_f64();
+                p[slot].1 += 1;
             }
         }
     };
@@ -295,8 +353,8 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
     // thread alone.
     let split_work: usize = plan
         .iter()
-        .filter(|e| e.3 > 1 || e.8 > 0)
-        .map(|e| e.2 * prog.calls.iter().find(|c| c.kernel == e.6).map_or(0, |c| c.work_per_unit))
+        .filter(|e| !e.pre && (e.chunks > 1 || e.owner > 0))
+        .map(|e| e.units * prog.calls.iter().find(|c| c.kernel == e.kernel).map_or(0, |c| c.work_per_unit))
         .sum();
     if threads == 1 || split_work < PARALLEL_STEP_THRESHOLD {
         run_all(0, None, profile.as_mut());
@@ -502,6 +560,13 @@ impl<'a> JitState<'a> {
             mamba.push((l, Aligned::new(conv)?, Aligned::new(ssm)?));
         }
         let kv_rows = caches.iter().map(|c| (c.0, vec![0u64; 3 * n_cap])).collect();
+        let shared_bytes = prog
+            .kernels
+            .iter()
+            .filter_map(|k| k.int8_input())
+            .map(|q| llmc_compiler::kernels::dot::shared_bytes(q.k, q.terms, n_cap))
+            .max();
+        let shared = shared_bytes.map(|b| Aligned::new(b.div_ceil(4))).transpose()?;
         let mut s = JitState {
             prog,
             kernels,
@@ -515,6 +580,7 @@ impl<'a> JitState<'a> {
             seqs: vec![0; n_cap],
             args: Vec::new(),
             caps: Vec::new(),
+            shared,
             token_rows,
             n_cap,
             ctx,
@@ -759,9 +825,10 @@ impl<'a> JitState<'a> {
             }
         }
         let span_all = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
-        let plan: Vec<Entry> = shape
-            .iter()
-            .map(|&(ci, per)| match per {
+        let shared = self.shared.as_mut().map(|b| b.ptr());
+        let mut plan: Vec<Entry> = Vec::with_capacity(shape.len());
+        for &(ci, per) in &shape {
+            let e = match per {
                 None => {
                     let n_call = call_rows(prog.calls[ci].rows, n, s);
                     entry(prog, kernels, ci, n_call, span_all, SendPtr(self.args[ci].as_ptr()), self.caps[ci], threads)
@@ -776,12 +843,13 @@ impl<'a> JitState<'a> {
                     let mut e = entry(prog, kernels, ci, lens[i], span, SendPtr(owned[t].as_ptr()), cap, threads);
                     // the calls of the other sequences follow without a barrier, spread over
                     // the workers when they do not split
-                    e.7 = i + 1 == s;
-                    e.8 = i;
+                    e.wait = i + 1 == s;
+                    e.owner = i;
                     e
                 }
-            })
-            .collect();
+            };
+            push_entry(&mut plan, kernels, e, shared, threads);
+        }
         // each row writes its K and V into its sequence's caches (the fused QKV projection
         // runs once over all rows); every sequence has every layer's cache (checked above)
         for (l, rows) in &mut self.kv_rows {
@@ -831,15 +899,14 @@ impl<'a> JitState<'a> {
         self.seqs[..n].fill(0);
         let span = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let tables: Vec<SendPtr> = self.args.iter().map(|a| SendPtr(a.as_ptr())).collect();
-        let plan: Vec<Entry> = prog
-            .calls
-            .iter()
-            .enumerate()
-            .map(|(ci, call)| {
-                let n_call = call_rows(call.rows, n, 1);
-                entry(prog, kernels, ci, n_call, span, tables[ci], self.caps[ci], pool.current_num_threads())
-            })
-            .collect();
+        let threads = pool.current_num_threads();
+        let shared = self.shared.as_mut().map(|b| b.ptr());
+        let mut plan: Vec<Entry> = Vec::with_capacity(prog.calls.len());
+        for (ci, call) in prog.calls.iter().enumerate() {
+            let n_call = call_rows(call.rows, n, 1);
+            let e = entry(prog, kernels, ci, n_call, span, tables[ci], self.caps[ci], threads);
+            push_entry(&mut plan, kernels, e, shared, threads);
+        }
         run_plan(pool, prog, &plan, &mut self.profile);
         self.logits(n, 1)
     }

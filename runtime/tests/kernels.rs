@@ -97,7 +97,20 @@ impl Case {
     /// Runs `steps` through the interpreter and through the JIT at every ISA level this host
     /// has (`jit::IsaLevel`: the kernels are generated for each), returning the worst error
     /// relative to the largest |expected| of its step.
-    fn compare(mut self, out: NodeId, steps: &[(Vec<i32>, Vec<i32>)], ctx: usize, n_cap: usize) -> f64 {
+    fn compare(self, out: NodeId, steps: &[(Vec<i32>, Vec<i32>)], ctx: usize, n_cap: usize) -> f64 {
+        self.compare_on(out, steps, ctx, n_cap, 2).worst
+    }
+
+    /// `compare` on a pool of `threads` workers, with the JIT's outputs (per level, per step)
+    /// and how many shared int8 pre-passes ran (`JitState::profile`).
+    fn compare_on(
+        mut self,
+        out: NodeId,
+        steps: &[(Vec<i32>, Vec<i32>)],
+        ctx: usize,
+        n_cap: usize,
+        threads: usize,
+    ) -> Compared {
         self.g.output("logits", out);
         self.g.verify().unwrap();
         let prog = lower::lower(&self.g).unwrap();
@@ -126,24 +139,38 @@ impl Case {
                 .or_else(|| packed.get(n).map(|v| v.as_ptr() as *const u8))
         };
         let rows = Limits::of(&self.g).unwrap().token_rows;
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let mut worst = 0f64;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut c = Compared { worst: 0.0, outputs: Vec::new(), prepasses: 0 };
         for level in levels() {
             let kernels = jit::compile_for(&prog.kernels, level).unwrap();
             // SAFETY: `packed`/`bytes` hold every weight in the program's layout and outlive `st`.
             let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, ctx, n_cap, rows) }.unwrap();
+            st.profile = Some(Vec::new());
             for ((tokens, positions), want) in steps.iter().zip(&wants) {
                 let got = st.step(&pool, tokens, positions).unwrap();
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(1f64, |m, x| m.max(x.abs() as f64));
                 for (a, b) in got.iter().zip(want) {
                     assert!(a.is_finite(), "non-finite output at ISA level {level:?}");
-                    worst = worst.max((*a as f64 - *b as f64).abs() / scale);
+                    c.worst = c.worst.max((*a as f64 - *b as f64).abs() / scale);
                 }
+                c.outputs.push(got);
             }
+            let profile = st.profile.unwrap_or_default();
+            c.prepasses += profile.get(prog.kernels.len()..).unwrap_or(&[]).iter().map(|p| p.1).sum::<usize>();
         }
-        worst
+        c
     }
+}
+
+/// What `Case::compare_on` saw.
+struct Compared {
+    /// The worst error relative to the largest |expected| of its step.
+    worst: f64,
+    /// The JIT's output of each step at each ISA level.
+    outputs: Vec<Vec<f32>>,
+    /// Shared int8 pre-passes run, over all levels.
+    prepasses: usize,
 }
 
 /// The ISA levels this host can run (every kernel test runs at each).
@@ -756,6 +783,39 @@ fn int8_linear_in_chunks() {
             c.g.add(Op::Linear { rms_eps: Some(1e-5), act: Act::None, bias: false, residual: false }, &[x, w]).unwrap();
         let err = c.compare(y, &prefill(n), 32, 32);
         assert!(err < TOL, "{dtype:?} terms {terms}: err {err}");
+    }
+}
+
+/// Int8 projections split over two workers in a prefill step quantize their input once, both
+/// workers together (the executor's shared pre-pass, at every ISA level), and then read it
+/// from the shared buffer: the outputs are bit for bit those of one worker quantizing in the
+/// prologue (every blocked type's metadata mode, one and two terms, with and without the RMS
+/// prologue, an odd panel count, a step over the pre-pass row threshold).
+#[test]
+fn int8_shared_quantization_equals_prologue() {
+    for (dtype, terms, rms) in [
+        (DType::Q8_0, 1, true),
+        (DType::Q4_1, 1, false),
+        (DType::Q6K, 2, true),
+        (DType::Q4K, 1, true),
+        (DType::Q5_0, 2, false),
+    ] {
+        let (k, m, n) = (1024, 1040, 37);
+        let run = |threads: usize| {
+            let mut c = Case::new(11);
+            let x = c.rows("x", n, k, 2.0);
+            let x = c.quant_act(x, terms);
+            let w = c.weight("w", &[m, k], 1.0);
+            c.store(w, dtype);
+            let lin = Op::Linear { rms_eps: rms.then_some(1e-5), act: Act::None, bias: false, residual: false };
+            let y = c.g.add(lin, &[x, w]).unwrap();
+            c.compare_on(y, &prefill(n), 64, 64, threads)
+        };
+        let (one, two) = (run(1), run(2));
+        assert_eq!(one.prepasses, 0, "{dtype:?}: one worker quantizes in the prologue");
+        assert!(two.prepasses >= levels().len(), "{dtype:?}: two workers share the quantization");
+        assert!(two.worst < tol(dtype), "{dtype:?} terms {terms}: err {}", two.worst);
+        assert!(one.outputs == two.outputs, "{dtype:?} terms {terms}: shared quantization changed the outputs");
     }
 }
 

@@ -37,14 +37,41 @@ pub const MAX_COLS: usize = 65536;
 /// `row_bytes` (`k` bytes of q, then per block of 32 the scale `d` (f32) and the correction
 /// `−offset · Σq` (i32)), holding rows `c0 .. c0 + rows` of the step, `terms` buffer rows each
 /// (`quant_q8x2`: the row's rounding, then its residual's).
+///
+/// Or, when the kernel's fifth argument (`Kb::cap`) is not 0, the step's rows quantized once
+/// by the workers together ([`prequantize`], the executor's shared pre-pass): that argument is
+/// then the address of a [`shared_bytes`] buffer holding the inverse RMS of each row (at 0,
+/// [`SHARED_INV_BYTES`]) and then every row's `terms` buffer rows, and the prologue only
+/// points `cur` into it.
 pub struct Xq {
+    /// The stack buffer the prologue quantizes a chunk into.
     pub buf: Value,
     pub row_bytes: usize,
     pub rows: usize,
     pub terms: usize,
     pub c0: Variable,
-    /// The inverse RMS of each row of the step (with an RMS prologue).
+    /// Where the chunk's quantized rows are (the stack buffer, or the chunk's part of the
+    /// shared buffer): what the tiles read.
+    pub cur: Variable,
+    /// The shared buffer's address (0: quantize in the prologue).
+    pub shared: Value,
+    /// The inverse RMS of each row of the step (with an RMS prologue): in the stack, or at the
+    /// start of the shared buffer.
     pub inv: Option<(Value, f32)>,
+}
+
+/// Bytes at the start of a shared quantized buffer: the inverse RMS of each row of a step.
+pub const SHARED_INV_BYTES: usize = MAX_ROWS * 4;
+
+/// Bytes of one row of a projection over `kd` columns quantized with `terms` terms.
+pub fn row_bytes(kd: usize, terms: usize) -> usize {
+    terms * (kd + kd / QK * META)
+}
+
+/// Bytes of the shared quantized buffer of a projection over `kd` columns with `terms` terms,
+/// for steps of up to `rows` (at most `MAX_ROWS`) rows.
+pub fn shared_bytes(kd: usize, terms: usize, rows: usize) -> usize {
+    SHARED_INV_BYTES + rows.min(MAX_ROWS) * row_bytes(kd, terms)
 }
 
 fn le() -> MemFlagsData {
@@ -69,13 +96,46 @@ pub fn setup(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>, terms: usize) -> X
     let bytes = (rows * terms * row_bytes) as u32;
     let slot = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
     let buf = k.b.ins().stack_addr(I64, slot, 0);
+    let shared = k.cap;
     let inv = rms_eps.map(|eps| {
         let s = k.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (MAX_ROWS * 4) as u32, 4));
-        (k.b.ins().stack_addr(I64, s, 0), eps)
+        let own = k.b.ins().stack_addr(I64, s, 0);
+        // the shared buffer starts with the rows' inverse RMS
+        (k.b.ins().select(shared, shared, own), eps)
     });
     let zero = k.ic(0);
     let c0 = k.var(I64, zero);
-    Xq { buf, row_bytes, rows, terms, c0, inv }
+    let cur = k.var(I64, buf);
+    Xq { buf, row_bytes, rows, terms, c0, cur, shared, inv }
+}
+
+/// The executor's shared pre-pass of an int8 projection (`[x, ...]`, units: rows): quantizes
+/// rows `lo..hi` of `x` as the projection's prologue would, into the shared buffer at the
+/// kernel's fifth argument (see [`Xq`]); the projection's calls then read every row from there.
+pub fn prequantize(k: &mut Kb<'_>, kd: usize, rms_eps: Option<f32>, wt: DType, terms: usize) {
+    let x = k.ptr(0);
+    let shared = k.cap;
+    let rb = row_bytes(kd, terms) as i64;
+    let (lo, hi) = (k.lo, k.hi);
+    let rows = k.addi(shared, SHARED_INV_BYTES as i64);
+    let buf = k.at(rows, lo, rb);
+    let zero = k.ic(0);
+    let xq = Xq {
+        buf,
+        row_bytes: rb as usize / terms,
+        rows: MAX_ROWS,
+        terms,
+        c0: k.var(I64, zero),
+        cur: k.var(I64, buf),
+        shared,
+        inv: rms_eps.map(|eps| (shared, eps)),
+    };
+    let c = Ctx { x, bias: None, kd, inv: None, wt, xq: None, swiglu_out: None, xbf16: false };
+    let len = k.b.ins().isub(hi, lo);
+    match k.wide.and_then(crate::micro::quant) {
+        Some(f) => quantize_rows_wide(k, &c, &xq, lo, len, f),
+        None => quantize_rows(k, &c, &xq, lo, len),
+    }
 }
 
 /// Quantizes rows `c0 .. c0 + len` of `x` into the buffer (`terms` buffer rows each: the
@@ -273,7 +333,8 @@ pub fn tile_accs(
     let c0 = k.get(xq.c0);
     let r = k.b.ins().isub(t, c0);
     let r = k.muli(r, xq.terms as i64);
-    let x0 = k.at(xq.buf, r, rb);
+    let buf = k.get(xq.cur);
+    let x0 = k.at(buf, r, rb);
     let meta0 = k.addi(x0, c.kd as i64);
     let xv = k.var(I64, x0);
     let mv = k.var(I64, meta0);
@@ -434,10 +495,24 @@ pub fn chunks(k: &mut Kb<'_>, c: &Ctx, xq: &Xq, walk: &mut dyn FnMut(&mut Kb<'_>
         let end = k.select(full, end, n);
         let len = k.b.ins().isub(end, c0);
         k.set(xq.c0, c0);
-        match k.wide.and_then(crate::micro::quant) {
-            Some(f) => quantize_rows_wide(k, c, xq, c0, len, f),
-            None => quantize_rows(k, c, xq, c0, len),
-        }
+        let zero = k.ic(0);
+        let shared = k.icmp(IntCC::NotEqual, xq.shared, zero);
+        k.if_else(
+            shared,
+            |k| {
+                // the pre-pass quantized every row of the step
+                let rows = k.addi(xq.shared, SHARED_INV_BYTES as i64);
+                let at = k.at(rows, c0, (xq.terms * xq.row_bytes) as i64);
+                k.set(xq.cur, at);
+            },
+            |k| {
+                match k.wide.and_then(crate::micro::quant) {
+                    Some(f) => quantize_rows_wide(k, c, xq, c0, len, f),
+                    None => quantize_rows(k, c, xq, c0, len),
+                }
+                k.set(xq.cur, xq.buf);
+            },
+        );
         walk(k, c0, end);
     });
 }

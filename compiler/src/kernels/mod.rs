@@ -66,3 +66,17 @@ pub fn build(
     }
     k.finish();
 }
+
+/// Emits the shared pre-pass of an int8 projection (`dot::prequantize`: its input rows
+/// `lo..hi` quantized into the buffer at the fifth argument).
+pub fn build_prequantize(
+    q: crate::program::Int8Input,
+    b: FunctionBuilder<'_>,
+    cfg: TargetFrontendConfig,
+    fma: bool,
+    wide: Option<crate::micro::Wide>,
+) {
+    let mut k = Kb::new(b, cfg, fma, wide);
+    dot::prequantize(&mut k, q.k, q.rms_eps, q.w, q.terms);
+    k.finish();
+}

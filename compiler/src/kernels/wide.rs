@@ -42,9 +42,10 @@ pub fn panels(k: &mut Kb<'_>, c: &Ctx, w: Value, epi: &mut dyn FnMut(&mut Kb<'_>
     ));
     let out = k.b.ins().stack_addr(I64, slot, 0);
     if let Some(xq) = &c.xq {
-        let (buf, rb, terms) = (xq.buf, xq.row_bytes as i64, xq.terms);
+        let (rb, terms) = (xq.row_bytes as i64, xq.terms);
         debug_assert!(terms * micro::DOT_TOKENS <= TILE_TOKENS);
         super::dot::chunks(k, c, xq, &mut |k, c0, end| {
+            let buf = k.get(xq.cur);
             let row = |k: &mut Kb<'_>, t: Value| {
                 let r = k.b.ins().isub(t, c0);
                 k.at(buf, r, rb * terms as i64)
