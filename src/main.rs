@@ -54,7 +54,7 @@ enum Cmd {
         /// products (as llama.cpp does). `f32`: weights are widened to f32 in registers, so
         /// the logits are those of the f32 model on the dequantized weights. `bf16`: as
         /// `q8_0`, and the inputs of projections over bf16 weights are rounded to bf16, which
-        /// hosts with AVX512_BF16 multiply with `vdpbf16ps` (as llama.cpp runs BF16 weights).
+        /// AMD hosts with AVX512_BF16 multiply with `vdpbf16ps` (as llama.cpp runs BF16 weights).
         #[arg(long, value_parser = ["q8_0", "f32", "bf16"], default_value = "q8_0")]
         activations: String,
     },

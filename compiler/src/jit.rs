@@ -237,8 +237,15 @@ pub fn compile(specs: &[KernelSpec]) -> Result<Kernels, JitError> {
     compile_for(specs, selected_level()?)
 }
 
-/// JIT-compiles every spec at `level` (at most the host's).
+/// JIT-compiles every spec at `level` (at most the host's), with the `vdpbf16ps` tile where
+/// it pays on this host (`micro::bf16_dot_pays`).
 pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, JitError> {
+    compile_with(specs, level, crate::micro::bf16_dot_pays())
+}
+
+/// `compile_for`, choosing whether projections over bf16-exact inputs and bf16 weights use the
+/// `vdpbf16ps` tile where the host has one (`bf16_dot`; tests run both tiles on every host).
+pub fn compile_with(specs: &[KernelSpec], level: IsaLevel, bf16_dot: bool) -> Result<Kernels, JitError> {
     let isa = level_isa(level)?;
     let features = isa_features(&*isa);
     let isa: Arc<dyn TargetIsa> = isa;
@@ -263,7 +270,7 @@ pub fn compile_for(specs: &[KernelSpec], level: IsaLevel) -> Result<Kernels, Jit
             let (cfg, fma, wide) = (isa.frontend_config(), level.has_fma(), level.wide());
             match spec.int8_input().filter(|_| pre) {
                 Some(q) => kernels::build_prequantize(q, b, cfg, fma, wide),
-                None => kernels::build(spec, b, cfg, fma, wide),
+                None => kernels::build(spec, b, cfg, fma, wide, bf16_dot),
             }
         }
         module.define_function(id, &mut ctx).map_err(|e| cg(format!("{e:?}")))?;
@@ -340,6 +347,7 @@ fn vcode_text_for(spec: &KernelSpec, isa: &dyn TargetIsa, level: IsaLevel) -> Re
         isa.frontend_config(),
         level.has_fma(),
         level.wide(),
+        crate::micro::bf16_dot_pays(),
     );
     let code = ctx
         .compile(isa, &mut Default::default())
@@ -360,6 +368,7 @@ pub fn clif_text(spec: &KernelSpec) -> Result<String, JitError> {
         isa.frontend_config(),
         level.has_fma(),
         level.wide(),
+        crate::micro::bf16_dot_pays(),
     );
     ctx.optimize(&*isa, &mut Default::default())
         .map_err(|e| JitError::Codegen { kernel: spec.name(), msg: format!("{e:?}") })?;

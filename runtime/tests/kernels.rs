@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use llmc_compiler::{jit, lower, pack};
+use llmc_compiler::program::KernelSpec;
+use llmc_compiler::{jit, lower, micro, pack};
 use llmc_ir::interp::{self, KvCache, StepInput, Tensor};
 use llmc_ir::{quant, Act, DType, Graph, InputKind, NodeId, Op, RopeScaling};
 use llmc_runtime::artifact::Limits;
@@ -141,8 +142,19 @@ impl Case {
         let rows = Limits::of(&self.g).unwrap().token_rows;
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let mut c = Compared { worst: 0.0, outputs: Vec::new(), prepasses: 0 };
-        for level in levels() {
-            let kernels = jit::compile_for(&prog.kernels, level).unwrap();
+        // every level; where the host has the `vdpbf16ps` tile, a program with bf16-exact
+        // projections runs with it and without it (the default depends on the CPU's vendor)
+        let xbf16 = prog
+            .kernels
+            .iter()
+            .any(|k| matches!(k, KernelSpec::MatMul { xbf16: true, .. } | KernelSpec::QkvRope { xbf16: true, .. }));
+        let variants = levels().into_iter().flat_map(|level| {
+            let both = xbf16 && level.wide().is_some_and(|w| micro::float_xbf16(DType::BF16, w).is_some());
+            let dots = if both { vec![false, true] } else { vec![micro::bf16_dot_pays()] };
+            dots.into_iter().map(move |d| (level, d))
+        });
+        for (level, bf16_dot) in variants {
+            let kernels = jit::compile_with(&prog.kernels, level, bf16_dot).unwrap();
             // SAFETY: `packed`/`bytes` hold every weight in the program's layout and outlive `st`.
             let mut st = unsafe { JitState::with_weights(&prog, &kernels, &lookup, ctx, n_cap, rows) }.unwrap();
             st.profile = Some(Vec::new());

@@ -63,6 +63,9 @@ pub struct Kb<'a> {
     /// The wide micro-kernels projections (and at AVX-512 attention) call (`crate::micro`, via
     /// `kernels::wide`), if any.
     pub wide: Option<crate::micro::Wide>,
+    /// Whether projections over bf16-exact inputs and bf16 weights use the `vdpbf16ps` tile
+    /// (`micro::float_xbf16`) where the host has it.
+    pub bf16_dot: bool,
 }
 
 impl<'a> Kb<'a> {
@@ -89,7 +92,7 @@ impl<'a> Kb<'a> {
             let c = b.ins().splat(types::I32X4, c);
             b.ins().stack_store(I64, c, pool, (16 * (POOL_F32.len() + i)) as i32);
         }
-        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg, pool, has_fma, wide }
+        Kb { b, args: p[0], n: p[1], lo: p[2], hi: p[3], cap: p[4], cfg, pool, has_fma, wide, bf16_dot: false }
     }
 
     pub fn finish(mut self) {

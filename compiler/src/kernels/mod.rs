@@ -22,15 +22,18 @@ use kb::Kb;
 
 /// Emits the body of the kernel for `spec` into `b` (`fma`: whether the target has fused
 /// multiply-add; without it, `Kb::fma` multiplies and adds; `wide`: whether projections call
-/// the wide micro-kernels of `crate::micro`).
+/// the wide micro-kernels of `crate::micro`; `bf16_dot`: whether they use its `vdpbf16ps`
+/// tile where there is one, `Kb::bf16_dot`).
 pub fn build(
     spec: &KernelSpec,
     b: FunctionBuilder<'_>,
     cfg: TargetFrontendConfig,
     fma: bool,
     wide: Option<crate::micro::Wide>,
+    bf16_dot: bool,
 ) {
     let mut k = Kb::new(b, cfg, fma, wide);
+    k.bf16_dot = bf16_dot;
     match spec {
         KernelSpec::Embedding { d, layout, w } => elementwise::embedding(&mut k, *d, *layout, *w),
         KernelSpec::MatMul { k: kd, m, bias, rms_eps, act, residual, w, xq, xbf16 } => {

@@ -17,13 +17,15 @@ use crate::micro::{self, MicroFn, TILE_PANELS, TILE_TOKENS};
 use crate::pack::{panel_bytes, PANEL};
 
 /// The micro-kernel for this projection, if the kernel is built for wide code and one exists
-/// for its weight type and activations.
-fn micro_for(k: &Kb<'_>, c: &Ctx) -> Option<MicroFn> {
+/// for its weight type and activations, and whether it is the `vdpbf16ps` tile.
+fn micro_for(k: &Kb<'_>, c: &Ctx) -> Option<(MicroFn, bool)> {
     let wide = k.wide?;
     match c.xq {
-        Some(_) => micro::dot(c.wt, wide),
-        None if c.xbf16 => micro::float_xbf16(c.wt, wide).or_else(|| micro::float(c.wt, wide)),
-        None => micro::float(c.wt, wide),
+        Some(_) => micro::dot(c.wt, wide).map(|f| (f, false)),
+        None => match micro::float_xbf16(c.wt, wide).filter(|_| c.xbf16 && k.bf16_dot) {
+            Some(f) => Some((f, true)),
+            None => micro::float(c.wt, wide).map(|f| (f, false)),
+        },
     }
 }
 
@@ -31,7 +33,7 @@ fn micro_for(k: &Kb<'_>, c: &Ctx) -> Option<MicroFn> {
 /// `(panel, row)` tile of 16 outputs to `epi` as `matmul::panels` does. Returns false (and
 /// emits nothing) when there is no micro-kernel for this projection.
 pub fn panels(k: &mut Kb<'_>, c: &Ctx, w: Value, epi: &mut dyn FnMut(&mut Kb<'_>, Value, Value, TileVals)) -> bool {
-    let Some(f) = micro_for(k, c) else {
+    let Some((f, bf16_dot)) = micro_for(k, c) else {
         return false;
     };
     let pb = panel_bytes(c.wt, c.kd) as i64;
@@ -50,7 +52,7 @@ pub fn panels(k: &mut Kb<'_>, c: &Ctx, w: Value, epi: &mut dyn FnMut(&mut Kb<'_>
                 let r = k.b.ins().isub(t, c0);
                 k.at(buf, r, rb * terms as i64)
             };
-            grid(k, c, w, pb, f, out, (c0, end), &row, rb, (micro::DOT_TOKENS, terms), &mut *epi);
+            grid(k, c, w, pb, (f, false), out, (c0, end), &row, rb, (micro::DOT_TOKENS, terms), &mut *epi);
         });
     } else {
         // f32 rows in blocks that fit half the host's L2 (`micro::row_block`): each block's
@@ -63,22 +65,22 @@ pub fn panels(k: &mut Kb<'_>, c: &Ctx, w: Value, epi: &mut dyn FnMut(&mut Kb<'_>
         k.for_step(zero, last, block, |k, t0| {
             let end = k.addi(t0, block);
             let end = k.b.ins().smin(end, n);
-            grid(k, c, w, pb, f, out, (t0, end), &row, rb, (micro::FLOAT_TOKENS, 1), &mut *epi);
+            grid(k, c, w, pb, (f, bf16_dot), out, (t0, end), &row, rb, (micro::FLOAT_TOKENS, 1), &mut *epi);
         });
     }
     true
 }
 
 /// Rows `t0..t1` × the unit's panels, in tiles of `DECODE_PANELS` (one row) or
-/// `PREFILL_PANELS` × `tokens`. Each row is `terms` rows of `x` (`rb` bytes apart) whose sums
-/// are added.
+/// `PREFILL_PANELS` × `tokens` (`TILE_PANELS` for the `vdpbf16ps` tile: `f.1`). Each row is
+/// `terms` rows of `x` (`rb` bytes apart) whose sums are added.
 #[allow(clippy::too_many_arguments)]
 fn grid(
     k: &mut Kb<'_>,
     c: &Ctx,
     w: Value,
     pb: i64,
-    f: MicroFn,
+    (f, bf16_dot): (MicroFn, bool),
     out: Value,
     (t0, t1): (Value, Value),
     row: &dyn Fn(&mut Kb<'_>, Value) -> Value,
@@ -89,8 +91,8 @@ fn grid(
     let (lo, hi) = (k.lo, k.hi);
     let one = k.addi(t0, 1);
     let single = k.icmp(IntCC::Equal, t1, one);
-    // (bf16-exact inputs over bf16: the `vdpbf16ps` tiles take 4 panels at a time)
-    let prefill_panels = if c.xbf16 { TILE_PANELS } else { micro::PREFILL_PANELS };
+    // (the `vdpbf16ps` tiles take 4 panels at a time)
+    let prefill_panels = if bf16_dot { TILE_PANELS } else { micro::PREFILL_PANELS };
     let (pd, pp) = (k.ic(micro::DECODE_PANELS as i64), k.ic(prefill_panels as i64));
     let pstep = k.select(single, pd, pp);
     let (td, tp) = (k.ic(1), k.ic(tokens as i64));

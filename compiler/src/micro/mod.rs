@@ -157,9 +157,27 @@ pub fn dot(wt: DType, wide: Wide) -> Option<MicroFn> {
     }
 }
 
+/// Whether the `vdpbf16ps` tile (`float_xbf16`) is faster than `float`'s f32 tile on this host,
+/// so kernels use it by default (`jit::compile`): AMD hosts with AVX512_BF16. Measured on
+/// SmolLM2 bf16 `--activations bf16`, 512-token prefill: 1.46–2× the f32 tile on Zen 5; 0.61×
+/// on an Intel Xeon with AVX512_BF16 (Sapphire Rapids class), where `vdpbf16ps` issues on one
+/// port while f32 FMAs issue on two (the bench's probe there: 81 bf16 GFLOP/s vs 158 f32) and
+/// the tile's `vpermw`/`vpshufb` compete with it.
+pub fn bf16_dot_pays() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::bf16_available() && x86::vendor_is_amd()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The micro-kernel over bf16-exact activations (`round_bf16`) and bf16 `Panel16` weights
 /// that multiplies with `vdpbf16ps` (AVX-512 hosts with AVX512_BF16); `None` elsewhere, where
-/// `float`'s tiles take them as f32.
+/// `float`'s tiles take them as f32. Kernels use it where `bf16_dot_pays` (or when compiled
+/// with it forced, `jit::compile_with`).
 pub fn float_xbf16(wt: DType, wide: Wide) -> Option<MicroFn> {
     // (`avx512::float_xbf16` checks the host: AVX-512 with AVX512_BF16)
     if wide != Wide::Avx512 {
@@ -387,6 +405,19 @@ mod tests {
     fn attn_call_layout_is_what_kernels_write() {
         assert_eq!(std::mem::size_of::<super::AttnCall>(), super::ATTN_BYTES);
         assert_eq!(std::mem::offset_of!(super::AttnCall, scale), super::ATTN_WORDS * 8);
+    }
+
+    /// The vendor CPUID names is the one Linux reports, and the `vdpbf16ps` tile is chosen
+    /// only where it exists and the vendor is AMD.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn bf16_dot_by_vendor() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let vendor = info.lines().find_map(|l| l.strip_prefix("vendor_id")).unwrap();
+        let amd = vendor.trim_start_matches([' ', '\t', ':']) == "AuthenticAMD";
+        assert_eq!(super::x86::vendor_is_amd(), amd, "{vendor}");
+        let tile = super::float_xbf16(llmc_ir::DType::BF16, super::Wide::Avx512).is_some();
+        assert_eq!(super::bf16_dot_pays(), amd && tile);
     }
 
     /// The micro-kernels' byte counts are the packer's, for every blocked type.

@@ -91,3 +91,12 @@ pub unsafe fn exp256(x: __m256) -> __m256 {
     let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
     _mm256_mul_ps(p, _mm256_castsi256_ps(e))
 }
+
+/// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
+pub fn vendor_is_amd() -> bool {
+    // SAFETY: CPUID leaf 0 exists on every x86-64 processor.
+    #[allow(unused_unsafe)]
+    let r = unsafe { __cpuid(0) };
+    let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes == b"AuthenticAMD"
+}
