@@ -339,7 +339,8 @@ pub struct Call {
     pub args: Vec<Arg>,
     pub units: Units,
     pub rows: Rows,
-    /// The attention layer whose cache capacity is passed (KV kernels only).
+    /// The attention layer whose cache capacity is passed (KV kernels only; `qkv_rope` reads
+    /// each row's from its `KvRows` entry, and its fifth argument is its shared int8 rows).
     pub layer: Option<usize>,
     /// Rough work per unit, in floats touched: the executor splits big calls over threads.
     pub work_per_unit: usize,
