@@ -22,14 +22,14 @@ fn swap_pairs(k: &mut Kb<'_>, v: Value) -> Value {
     k.b.ins().insertlane(s, l[2], 3)
 }
 
-/// `v` rotated by the angles of `pos` if column `c` (within its head) is in the rotary part.
-fn rope(k: &mut Kb<'_>, v: Value, table: Value, pos: Value, c: Value, rd: usize) -> Value {
+/// `v` rotated by the angles of its position (`trow`: the position's table row) if column `c`
+/// (within its head) is in the rotary part.
+fn rope(k: &mut Kb<'_>, v: Value, trow: Value, c: Value, rd: usize) -> Value {
     let out = k.var(V4, v);
     let rdv = k.ic(rd as i64);
     let rotary = k.icmp(IntCC::UnsignedLessThan, c, rdv);
     k.when(rotary, |k| {
-        let tp = k.at(table, pos, (2 * rd * 4) as i64);
-        let tp = k.at(tp, c, 4);
+        let tp = k.at(trow, c, 4);
         let cs = k.ld(V4, tp, 0);
         let sn = k.ld(V4, tp, (rd * 4) as i64);
         let sw = swap_pairs(k, v);
@@ -77,50 +77,64 @@ pub fn qkv_rope(
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let m = qw + 2 * kw;
     let mut epi = |k: &mut Kb<'_>, p: Value, t: Value, vals: TileVals| {
-        for (tt, vi, v) in vals {
-            let r0 = k.muli(p, PANEL as i64);
-            let r = k.addi(r0, (vi * 4) as i64);
-            let mv = k.ic(m as i64);
-            let valid = k.icmp(IntCC::UnsignedLessThan, r, mv);
-            k.when(valid, |k| {
-                let tok = k.addi(t, tt as i64);
-                let pp = k.at(pos, tok, 4);
-                let ps = k.ld_i32(pp, 0);
-                let qwv = k.ic(qw as i64);
-                let in_q = k.icmp(IntCC::UnsignedLessThan, r, qwv);
-                k.if_else(
-                    in_q,
-                    |k| {
-                        let col = k.uremi(r, hd as i64);
-                        let y = rope(k, v, table, ps, col, rd);
-                        let row = k.at(out, tok, (qw * 4) as i64);
-                        let dst = k.at(row, r, 4);
-                        k.st(y, dst, 0);
-                    },
-                    |k| {
-                        let kvr = k.at(kv_rows, tok, 24);
-                        let (kc, vc, cap) = (k.ld(I64, kvr, 0), k.ld(I64, kvr, 8), k.ld(I64, kvr, 16));
-                        let slot = k.b.ins().urem(ps, cap);
-                        let kend = k.ic((qw + kw) as i64);
-                        let in_k = k.icmp(IntCC::UnsignedLessThan, r, kend);
-                        k.if_else(
-                            in_k,
-                            |k| {
-                                let rr = k.addi(r, -(qw as i64));
-                                let col = k.uremi(rr, hd as i64);
-                                let y = rope(k, v, table, ps, col, rd);
-                                let dst = cache_at(k, kc, rr, slot, cap, hd);
-                                k.st(y, dst, 0);
-                            },
-                            |k| {
-                                let rr = k.addi(r, -((qw + kw) as i64));
-                                let dst = cache_at(k, vc, rr, slot, cap, hd);
-                                k.st(v, dst, 0);
-                            },
-                        );
-                    },
-                );
+        // per row of the tile: its position, its table row, its caches and its slot, once for
+        // all of its vectors (the slot's division only where a ring wraps)
+        let mut tts: Vec<usize> = vals.iter().map(|v| v.0).collect();
+        tts.sort_unstable();
+        tts.dedup();
+        for tt in tts {
+            let tok = k.addi(t, tt as i64);
+            let pp = k.at(pos, tok, 4);
+            let ps = k.ld_i32(pp, 0);
+            let trow = k.at(table, ps, (2 * rd * 4) as i64);
+            let kvr = k.at(kv_rows, tok, 24);
+            let (kc, vc, cap) = (k.ld(I64, kvr, 0), k.ld(I64, kvr, 8), k.ld(I64, kvr, 16));
+            let slot = k.var(I64, ps);
+            let wraps = k.icmp(IntCC::UnsignedGreaterThanOrEqual, ps, cap);
+            k.when(wraps, |k| {
+                let s = k.b.ins().urem(ps, cap);
+                k.set(slot, s);
             });
+            let slot = k.get(slot);
+            for &(_, vi, v) in vals.iter().filter(|v| v.0 == tt) {
+                let r0 = k.muli(p, PANEL as i64);
+                let r = k.addi(r0, (vi * 4) as i64);
+                let mv = k.ic(m as i64);
+                let valid = k.icmp(IntCC::UnsignedLessThan, r, mv);
+                k.when(valid, |k| {
+                    let qwv = k.ic(qw as i64);
+                    let in_q = k.icmp(IntCC::UnsignedLessThan, r, qwv);
+                    k.if_else(
+                        in_q,
+                        |k| {
+                            let col = k.uremi(r, hd as i64);
+                            let y = rope(k, v, trow, col, rd);
+                            let row = k.at(out, tok, (qw * 4) as i64);
+                            let dst = k.at(row, r, 4);
+                            k.st(y, dst, 0);
+                        },
+                        |k| {
+                            let kend = k.ic((qw + kw) as i64);
+                            let in_k = k.icmp(IntCC::UnsignedLessThan, r, kend);
+                            k.if_else(
+                                in_k,
+                                |k| {
+                                    let rr = k.addi(r, -(qw as i64));
+                                    let col = k.uremi(rr, hd as i64);
+                                    let y = rope(k, v, trow, col, rd);
+                                    let dst = cache_at(k, kc, rr, slot, cap, hd);
+                                    k.st(y, dst, 0);
+                                },
+                                |k| {
+                                    let rr = k.addi(r, -((qw + kw) as i64));
+                                    let dst = cache_at(k, vc, rr, slot, cap, hd);
+                                    k.st(v, dst, 0);
+                                },
+                            );
+                        },
+                    );
+                });
+            }
         }
     };
     panels(k, &c, w, false, &mut epi);
