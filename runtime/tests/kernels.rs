@@ -933,7 +933,8 @@ fn round_bf16_ties_to_even() {
 /// Contexts longer than the attention kernel's key block (128 positions; the wide kernel's 64):
 /// prefills of 200 and then 190 tokens, and decode steps, with and without a sliding window
 /// (whose ring wraps); head dims past the wide kernel's 64-dim register tile, and a group of 70
-/// query heads (more than the 64 rows one wide pass holds).
+/// query heads (more than the 64 rows one wide pass holds); decode groups of up to 6 heads (the
+/// AVX-512 decode path, 128 dims: two passes of 4 vectors) and of 7 and 70 (the row-lane path).
 #[test]
 fn attention_over_several_key_blocks() {
     for (window, hd, kv, group) in [
@@ -943,19 +944,22 @@ fn attention_over_several_key_blocks() {
         (None, 72, 2, 3),
         (Some(40), 5, 1, 70),
         (None, 64, 2, 7),
+        (Some(100), 128, 2, 6),
     ] {
         let heads = kv * group;
         let mut c = Case::new(3);
-        let q = c.rows("q", 64, heads * hd, 2.0);
-        let k = c.rows("k", 64, kv * hd, 2.0);
-        let v = c.rows("v", 64, kv * hd, 2.0);
+        // (a table row per position: keys that repeated every block would leave each block's
+        // maximum that of the first, and a wrong rescale unseen)
+        let q = c.rows("q", 512, heads * hd, 2.0);
+        let k = c.rows("k", 512, kv * hd, 2.0);
+        let v = c.rows("v", 512, kv * hd, 2.0);
         let (pos, sq) = (c.positions(), c.seqs());
         let scale = 1.0 / (hd as f32).sqrt();
         let y =
             c.g.add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos, sq])
                 .unwrap();
         let step = |from: i32, n: i32| {
-            ((from..from + n).map(|i| (i * 7 + 1) % 64).collect::<Vec<_>>(), (from..from + n).collect())
+            ((from..from + n).map(|i| (i * 7 + 1) % 512).collect::<Vec<_>>(), (from..from + n).collect())
         };
         let steps = vec![step(0, 200), step(200, 1), step(201, 190), step(391, 1), step(392, 1)];
         let err = c.compare(y, &steps, 512, 200);

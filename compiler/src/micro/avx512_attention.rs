@@ -58,6 +58,11 @@ pub unsafe extern "C" fn attend(a: *const AttnCall) {
     // SAFETY: the caller's contract.
     let a = unsafe { &*a };
     let rows = a.nt as usize * a.group as usize;
+    if a.nt == 1 && rows <= DECODE_ROWS {
+        // SAFETY: the caller's contract, one step row.
+        unsafe { attend_decode(a, rows) };
+        return;
+    }
     let mut r0 = 0;
     while r0 < rows {
         let rc = (rows - r0).min(ROWS);
@@ -265,6 +270,156 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 let mk = ((1u32 << n) - 1) as __mmask16;
                 let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
                 _mm512_mask_storeu_ps(dst.add(16 * ch), mk, x);
+            }
+        }
+    }
+}
+
+/// The most query rows of one step row (a kv head's group) `attend_decode` takes.
+const DECODE_ROWS: usize = 6;
+
+/// One step row's group of `rc ≤ DECODE_ROWS` query heads (a decode step): lanes are head
+/// dims instead of rows, so each key's score is `head_dim / 16` FMAs per row and a horizontal
+/// sum, not `head_dim` FMAs into a vector whose lanes past `rc` are idle. Every row has the
+/// same position, so every key of `jmin ..= jmax` is live for every row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn attend_decode(a: &AttnCall, rc: usize) {
+    use std::mem::MaybeUninit;
+    let (group, hd, qs) = (a.group as usize, a.head_dim as usize, a.q_stride as usize);
+    let (cap, kvh) = (a.cap as usize, a.kvh as usize);
+    let nvh = hd.div_ceil(16);
+    // the last vector of a row: lanes below `hd` (K rows are read no further)
+    let tail: __mmask16 = if hd % 16 == 0 { 0xffff } else { ((1u32 << (hd % 16)) - 1) as __mmask16 };
+    let mask = |c: usize| if c + 1 == nvh { tail } else { 0xffff };
+    // Scratch, written before it is read: q[r·MAX_HEAD_DIM + d] and o[r·MAX_HEAD_DIM + d] for
+    // r < rc, d < 16·nvh; s[r·BLOCK + jj] for jj < bl.
+    let mut q_m = MaybeUninit::<[f32; DECODE_ROWS * MAX_HEAD_DIM]>::uninit();
+    let mut o_m = MaybeUninit::<[f32; DECODE_ROWS * MAX_HEAD_DIM]>::uninit();
+    let mut s_m = MaybeUninit::<[f32; DECODE_ROWS * BLOCK]>::uninit();
+    let (qb, o, s) = (q_m.as_mut_ptr() as *mut f32, o_m.as_mut_ptr() as *mut f32, s_m.as_mut_ptr() as *mut f32);
+    let qrow = |r: usize| (kvh * group + r) * hd;
+    // SAFETY (whole body): q/out offsets are `qrow(r) + d` for `r < rc ≤ group`, `d < hd`
+    // (masked past it); cache rows are `(kvh·cap + slot)·hd + d`, `slot < cap`, `d < hd`
+    // (masked); scratch indices stay below the sizes above (`rc ≤ DECODE_ROWS`,
+    // `16·nvh ≤ MAX_HEAD_DIM`, `bl ≤ BLOCK`).
+    unsafe {
+        let _ = qs;
+        for r in 0..rc {
+            for c in 0..nvh {
+                let v = _mm512_maskz_loadu_ps(mask(c), a.q.add(qrow(r) + 16 * c));
+                _mm512_storeu_ps(qb.add(r * MAX_HEAD_DIM + 16 * c), v);
+                _mm512_storeu_ps(o.add(r * MAX_HEAD_DIM + 16 * c), _mm512_setzero_ps());
+            }
+        }
+        let p = *a.pos;
+        let jmin = if a.window > 0 { (p as i64 - a.window as i64 + 1).max(0) as usize } else { 0 };
+        let jmax = p as i64;
+        let mut m = [MASKED; DECODE_ROWS];
+        let mut l = [0f32; DECODE_ROWS];
+        let mut slots = [0usize; BLOCK];
+        let mut j0 = jmin;
+        while (j0 as i64) <= jmax {
+            let bl = (jmax as usize + 1 - j0).min(BLOCK);
+            let mut slot = j0 % cap;
+            for sl in slots.iter_mut().take(bl) {
+                *sl = (kvh * cap + slot) * hd;
+                slot += 1;
+                if slot == cap {
+                    slot = 0;
+                }
+            }
+            // 1. scores: per row, 4 keys at a time, a vector of dims each, summed across
+            for jj in (0..bl).step_by(4) {
+                let ks: [*const f32; 4] = std::array::from_fn(|i| a.kc.add(slots[(jj + i).min(bl - 1)]));
+                for i in 0..4.min(bl - jj) {
+                    prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    if let Some(row) = key_row_ahead(&slots[..bl], j0, jj + i, 16, jmax as i32, kvh, cap, hd) {
+                        prefetch_row(a.kc.wrapping_add(row), hd);
+                    }
+                }
+                for r in 0..rc {
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for c in 0..nvh {
+                        let qv = _mm512_loadu_ps(qb.add(r * MAX_HEAD_DIM + 16 * c));
+                        for (i, k) in ks.iter().enumerate() {
+                            let kv = _mm512_maskz_loadu_ps(mask(c), k.add(16 * c));
+                            acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
+                        }
+                    }
+                    for (i, acc) in acc.iter().enumerate().take(4.min(bl - jj)) {
+                        *s.add(r * BLOCK + jj + i) = _mm512_reduce_add_ps(*acc) * a.scale;
+                    }
+                }
+            }
+            // 2. per row: the block's maximum, the rescale, the weights and their sum
+            let nv = bl.div_ceil(16);
+            for r in 0..rc {
+                let sr = s.add(r * BLOCK);
+                let mut mx = _mm512_set1_ps(MASKED);
+                for v in 0..nv {
+                    let live = ((1u64 << (bl - 16 * v).min(16)) - 1) as __mmask16;
+                    let x = _mm512_mask_loadu_ps(_mm512_set1_ps(MASKED), live, sr.add(16 * v));
+                    mx = _mm512_max_ps(mx, x);
+                }
+                let mn = m[r].max(_mm512_reduce_max_ps(mx));
+                let c = _mm_cvtss_f32(_mm512_castps512_ps128(exp512(_mm512_set1_ps(m[r] - mn))));
+                m[r] = mn;
+                let mut sum = _mm512_setzero_ps();
+                for v in 0..nv {
+                    let live = ((1u64 << (bl - 16 * v).min(16)) - 1) as __mmask16;
+                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr.add(16 * v)), _mm512_set1_ps(mn)));
+                    let e = _mm512_maskz_mov_ps(live, e);
+                    _mm512_storeu_ps(sr.add(16 * v), e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                l[r] = l[r] * c + _mm512_reduce_add_ps(sum);
+                if j0 != jmin {
+                    let cb = _mm512_set1_ps(c);
+                    for ch in 0..nvh {
+                        let po = o.add(r * MAX_HEAD_DIM + 16 * ch);
+                        _mm512_storeu_ps(po, _mm512_mul_ps(_mm512_loadu_ps(po), cb));
+                    }
+                }
+            }
+            // 3. out[r] += Σ_j p[r][j] · v_j, every row × 4 vectors of dims in registers
+            for c0 in (0..nvh).step_by(4) {
+                let nc = (nvh - c0).min(4);
+                let mut acc = [[_mm512_setzero_ps(); 4]; DECODE_ROWS];
+                for (r, acc) in acc.iter_mut().enumerate().take(rc) {
+                    for (c, x) in acc.iter_mut().enumerate().take(nc) {
+                        *x = _mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * (c0 + c)));
+                    }
+                }
+                for (jj, &sl) in slots.iter().enumerate().take(bl) {
+                    let vr = a.vc.add(sl);
+                    let vv: [__m512; 4] = std::array::from_fn(|c| {
+                        if c < nc {
+                            _mm512_maskz_loadu_ps(mask(c0 + c), vr.add(16 * (c0 + c)))
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate().take(rc) {
+                        let w = _mm512_set1_ps(*s.add(r * BLOCK + jj));
+                        for c in 0..nc {
+                            acc[c] = _mm512_fmadd_ps(vv[c], w, acc[c]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(rc) {
+                    for (c, x) in acc.iter().enumerate().take(nc) {
+                        _mm512_storeu_ps(o.add(r * MAX_HEAD_DIM + 16 * (c0 + c)), *x);
+                    }
+                }
+            }
+            j0 += bl;
+        }
+        for r in 0..rc {
+            let inv = _mm512_set1_ps(1.0 / l[r]);
+            let dst = a.out.add(qrow(r));
+            for ch in 0..nvh {
+                let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
+                _mm512_mask_storeu_ps(dst.add(16 * ch), mask(ch), x);
             }
         }
     }
