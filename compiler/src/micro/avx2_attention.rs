@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{exp256, key_row_ahead, prefetch_row};
+use super::x86::{block_rows, exp256, key_row_ahead, prefetch_row};
 use super::{AttnCall, MAX_HEAD_DIM};
 
 /// Most query rows per pass (4 vectors of 8 lanes).
@@ -113,14 +113,7 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
         while (j0 as i64) <= jmax as i64 {
             let bl = (jmax as usize + 1 - j0).min(BLOCK);
             let full = lo_all <= j0 as i64 && (j0 + bl - 1) as i64 <= hi_all;
-            let mut slot = j0 % cap;
-            for sl in slots.iter_mut().take(bl) {
-                *sl = (kvh * cap + slot) * hd;
-                slot += 1;
-                if slot == cap {
-                    slot = 0;
-                }
-            }
+            block_rows(&mut slots[..bl], j0, kvh, cap, hd);
             // 1. scores, KS keys at a time (past the block's end: its last key, masked)
             let mut mx = [_mm256_set1_ps(MASKED); V];
             // the first two groups' K rows (the groups below prefetch two groups on, across

@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{key_row_ahead, prefetch_row};
+use super::x86::{block_rows, key_row_ahead, prefetch_row};
 use super::{AttnCall, MAX_HEAD_DIM, ROWS};
 
 const BLOCK: usize = 64;
@@ -137,14 +137,7 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
         let mut j0 = jmin;
         while (j0 as i64) <= jmax as i64 {
             let bl = (jmax as usize + 1 - j0).min(BLOCK);
-            let mut slot = j0 % cap;
-            for sl in slots.iter_mut().take(bl) {
-                *sl = (kvh * cap + slot) * hd;
-                slot += 1;
-                if slot == cap {
-                    slot = 0;
-                }
-            }
+            block_rows(&mut slots[..bl], j0, kvh, cap, hd);
             // 1. scores, KS keys at a time (past the block's end: its last key, masked)
             let mut mx = [_mm512_set1_ps(MASKED); V];
             // the first two groups' K rows (the groups below prefetch two groups on, across
@@ -320,14 +313,7 @@ unsafe fn attend_decode(a: &AttnCall, rc: usize) {
         let mut j0 = jmin;
         while (j0 as i64) <= jmax {
             let bl = (jmax as usize + 1 - j0).min(BLOCK);
-            let mut slot = j0 % cap;
-            for sl in slots.iter_mut().take(bl) {
-                *sl = (kvh * cap + slot) * hd;
-                slot += 1;
-                if slot == cap {
-                    slot = 0;
-                }
-            }
+            block_rows(&mut slots[..bl], j0, kvh, cap, hd);
             // 1. scores: per row, 4 keys at a time, a vector of dims each, summed across
             for jj in (0..bl).step_by(4) {
                 let ks: [*const f32; 4] = std::array::from_fn(|i| a.kc.add(slots[(jj + i).min(bl - 1)]));

@@ -49,6 +49,20 @@ pub fn prefetch_row(p: *const f32, hd: usize) {
     }
 }
 
+/// The cache rows of keys `j0 .. j0 + rows.len()` of kv head `kvh` (`(kvh·cap + slot)·hd`,
+/// slot `j % cap`: one division per block of keys).
+#[inline(always)]
+pub fn block_rows(rows: &mut [usize], j0: usize, kvh: usize, cap: usize, hd: usize) {
+    let mut slot = j0 % cap;
+    for r in rows {
+        *r = (kvh * cap + slot) * hd;
+        slot += 1;
+        if slot == cap {
+            slot = 0;
+        }
+    }
+}
+
 /// The cache row of the key `ahead` keys after key `j0 + jj` (`slots`: the cache rows of the
 /// block of keys from `j0`, `(kvh·cap + slot)·hd` each): in this block, or past its end from
 /// the position's slot; none past `jmax`, the last key any row attends to. What attention
