@@ -252,7 +252,9 @@ fn push_entry(plan: &mut Vec<Entry>, kernels: &Kernels, mut e: Entry, shared: Op
     let pre = kernels.shared.get(e.kernel).copied().flatten();
     if let (Some(pre), Some(buf), true) = (pre, shared, e.chunks > 1 && e.n as usize >= SHARED_QUANT_ROWS) {
         let rows = e.n as usize;
-        plan.push(Entry { f: pre, units: rows, chunks: threads.min(rows), cap: buf as i64, pre: true, ..e });
+        // (the barrier after it is what makes the rows complete before the projection reads them)
+        let (chunks, cap) = (threads.min(rows), buf as i64);
+        plan.push(Entry { f: pre, units: rows, chunks, cap, pre: true, wait: true, owner: 0, ..e });
         e.cap = buf as i64;
     }
     plan.push(e);
