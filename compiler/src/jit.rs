@@ -6,9 +6,9 @@
 //! pointers (the spec says which), the rows of the step, the range of work units this call
 //! does, and the KV cache capacity (KV kernels only; for an int8 projection, the address of
 //! its input rows already quantized by its shared pre-pass, or 0: `kernels::dot::Xq`; the
-//! pre-passes, `Kernels::shared`, have the same signature, units: rows). Kernels call nothing but the wide
-//! micro-kernels of `crate::micro`, by an address in the code (no relocation): the compiler
-//! checks that each has zero relocations.
+//! pre-passes, `Kernels::shared`, have the same signature, units: rows). Kernels call nothing
+//! but the wide micro-kernels of `crate::micro`, by an address in the code (no relocation):
+//! the compiler checks that each has zero relocations.
 
 use std::sync::Arc;
 
