@@ -933,8 +933,7 @@ fn round_bf16_ties_to_even() {
 /// Contexts longer than the attention kernel's key block (128 positions; the wide kernel's 64):
 /// prefills of 200 and then 190 tokens, and decode steps, with and without a sliding window
 /// (whose ring wraps); head dims past the wide kernel's 64-dim register tile, and a group of 70
-/// query heads (more than the 64 rows one wide pass holds); decode groups of up to 6 heads (the
-/// AVX-512 decode path, 128 dims: two passes of 4 vectors) and of 7 and 70 (the row-lane path).
+/// query heads (more than the 64 rows one wide pass holds), and a group of 6 at 128 dims.
 #[test]
 fn attention_over_several_key_blocks() {
     for (window, hd, kv, group) in [
