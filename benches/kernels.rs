@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the JIT kernels that dominate decode: the matvec (one token through
 //! a SmolLM2-sized projection, in cache and streaming from DRAM) and attention over a filled KV
-//! cache. `cargo bench --bench kernels`.
+//! cache; and prefill attention (the last 512 rows of a 2048-token prompt, SmolLM2's heads).
+//! `cargo bench --bench kernels`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llmc_compiler::program::{KernelSpec, Layout};
@@ -51,5 +52,37 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, attention);
+fn attention_prefill(c: &mut Criterion) {
+    let (heads, kv, hd, ctx, n) = (9usize, 3usize, 64usize, 2048usize, 512usize);
+    let kernels =
+        jit::compile(&[KernelSpec::Attention { heads, kv_heads: kv, head_dim: hd, window: None, scale: 0.125 }])
+            .expect("jit");
+    // scores that vary, so the running maximum moves now and then as it would
+    let wave = |len: usize, f: f32| (0..len).map(|i| (i as f32 * f).sin() * 0.5).collect::<Vec<f32>>();
+    let q = wave(n * heads * hd, 0.37);
+    let kc = wave(ctx * kv * hd, 0.11);
+    let vc = wave(ctx * kv * hd, 0.23);
+    let pos: Vec<i32> = (0..n).map(|t| (ctx - n + t) as i32).collect();
+    let mut out = vec![0f32; n * heads * hd];
+    let args = [
+        q.as_ptr() as *mut u8,
+        pos.as_ptr() as *mut u8,
+        kc.as_ptr() as *mut u8,
+        vc.as_ptr() as *mut u8,
+        out.as_mut_ptr() as *mut u8,
+    ];
+    // causal pairs × heads × (score + value) × 2 flops
+    let pairs: usize = pos.iter().map(|&p| p as usize + 1).sum();
+    let mut g = c.benchmark_group("attention_prefill");
+    g.throughput(Throughput::Elements((pairs * heads * hd * 4) as u64));
+    g.sample_size(20);
+    g.bench_function(format!("h{heads}_kv{kv}_hd{hd}_rows{n}_ctx{ctx}"), |b| {
+        // SAFETY: the table matches the Attention spec; the caches hold `ctx` positions, the
+        // n rows sit at positions ctx-n .. ctx-1; units = kv heads × n rows.
+        b.iter(|| unsafe { (kernels.fns[0])(args.as_ptr(), n as i64, 0, (kv * n) as i64, ctx as i64) })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matvec, attention, attention_prefill);
 criterion_main!(benches);

@@ -21,12 +21,13 @@ const BLOCK: usize = 64;
 /// A masked score: finite, so block maxima and rescaling never see infinities.
 const MASKED: f32 = -1e30;
 
-/// `e^x` as `Kb::exp` computes it: clamped to [-80, 88.3], `2^n · p(r)` with a degree-7
-/// polynomial of the reduced argument.
+/// `e^x` for `x ≤ 0` as `Kb::exp` computes it: clamped to [-80, 88.3] (the upper bound never
+/// binds here, so only the lower one is applied), `2^n · p(r)` with a degree-7 polynomial of
+/// the reduced argument. Attention only exponentiates differences from a running maximum.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn exp512(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.0)), _mm512_set1_ps(88.3));
+unsafe fn exp512_nonpos(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-80.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
         x,
         _mm512_set1_ps(std::f32::consts::LOG2_E),
@@ -122,6 +123,9 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
         }
         let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize;
         let jmax = hi_pos[..rc].iter().copied().max().unwrap_or(-1);
+        // keys every row attends to (`all_lo ..= all_hi`): a block inside needs no masks
+        let all_lo = lo_pos[..rc].iter().copied().max().unwrap_or(i32::MAX) as i64;
+        let all_hi = hi_pos[..rc].iter().copied().min().unwrap_or(-1) as i64;
         let lo: [__m512i; V] = std::array::from_fn(|v| _mm512_loadu_si512(lo_pos.as_ptr().add(16 * v) as *const _));
         let hi: [__m512i; V] = std::array::from_fn(|v| _mm512_loadu_si512(hi_pos.as_ptr().add(16 * v) as *const _));
         let mut m = [_mm512_set1_ps(MASKED); V];
@@ -133,6 +137,9 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
         while (j0 as i64) <= jmax as i64 {
             let bl = (jmax as usize + 1 - j0).min(BLOCK);
             block_rows(&mut slots[..bl], j0, kvh, cap, hd);
+            // every row attends to every key of the block: its scores and weights go unmasked
+            // (the lanes past the rows then hold finite scratch nobody reads)
+            let inside = all_lo <= j0 as i64 && (j0 + bl - 1) as i64 <= all_hi;
             // 1. scores, KS keys at a time (past the block's end: its last key, masked)
             let mut mx = [_mm512_set1_ps(MASKED); V];
             // the first two groups' K rows (the groups below prefetch two groups on, across
@@ -149,7 +156,9 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 // groups ahead: decode reads the cache once, from memory, and stalls on it
                 // without them
                 for i in 0..KS.min(bl - jj) {
-                    prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    if V == 1 {
+                        prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    }
                     if let Some(row) = key_row_ahead(&slots[..bl], j0, jj + i, 2 * KS, jmax, kvh, cap, hd) {
                         prefetch_row(a.kc.wrapping_add(row), hd);
                     }
@@ -164,47 +173,50 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                         }
                     }
                 }
-                for (i, acc) in acc.iter().enumerate() {
-                    let j = (j0 + jj + i) as i32;
-                    for v in 0..V {
-                        let mk = if jj + i < bl { live(j, lo[v], hi[v]) } else { 0 };
-                        let sc = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), mk, _mm512_mul_ps(acc[v], scale));
-                        _mm512_storeu_ps(s.add((jj + i) * ROWS + 16 * v), sc);
-                        mx[v] = _mm512_max_ps(mx[v], sc);
+                if inside && jj + KS <= bl {
+                    for (i, acc) in acc.iter().enumerate() {
+                        for v in 0..V {
+                            let sc = _mm512_mul_ps(acc[v], scale);
+                            _mm512_storeu_ps(s.add((jj + i) * ROWS + 16 * v), sc);
+                            mx[v] = _mm512_max_ps(mx[v], sc);
+                        }
+                    }
+                } else {
+                    for (i, acc) in acc.iter().enumerate() {
+                        let j = (j0 + jj + i) as i32;
+                        for v in 0..V {
+                            let mk = if jj + i < bl { live(j, lo[v], hi[v]) } else { 0 };
+                            let sc = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), mk, _mm512_mul_ps(acc[v], scale));
+                            _mm512_storeu_ps(s.add((jj + i) * ROWS + 16 * v), sc);
+                            mx[v] = _mm512_max_ps(mx[v], sc);
+                        }
                     }
                 }
                 jj += KS;
             }
-            // 2. the running maximum moves: rescale l and the outputs so far
+            // 2. the running maximum moves: rescale l (and, in 4., the outputs so far)
             let mut cs = [0f32; ROWS];
             for v in 0..V {
                 let mn = _mm512_max_ps(m[v], mx[v]);
-                let c = exp512(_mm512_sub_ps(m[v], mn));
+                let c = exp512_nonpos(_mm512_sub_ps(m[v], mn));
                 l[v] = _mm512_mul_ps(l[v], c);
                 m[v] = mn;
                 _mm512_storeu_ps(cs.as_mut_ptr().add(16 * v), c);
-            }
-            if j0 != jmin {
-                for (r, &c) in cs.iter().enumerate().take(rc) {
-                    let cb = _mm512_set1_ps(c);
-                    for ch in 0..nvh {
-                        let p = o.add(r * MAX_HEAD_DIM + 16 * ch);
-                        _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), cb));
-                    }
-                }
             }
             // 3. weights e^(s - m) (masked: 0) and their sums
             for jj in 0..bl {
                 let j = (j0 + jj) as i32;
                 for v in 0..V {
                     let p = s.add(jj * ROWS + 16 * v);
-                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p), m[v]));
-                    let e = _mm512_maskz_mov_ps(live(j, lo[v], hi[v]), e);
+                    let e = exp512_nonpos(_mm512_sub_ps(_mm512_loadu_ps(p), m[v]));
+                    let e = if inside { e } else { _mm512_maskz_mov_ps(live(j, lo[v], hi[v]), e) };
                     _mm512_storeu_ps(p, e);
                     l[v] = _mm512_add_ps(l[v], e);
                 }
             }
-            // 4. out[r] += Σ_j p[j][r] · v_j, 4 rows × 4 vectors of dims in registers
+            // 4. out[r] = out[r] · c[r] + Σ_j p[j][r] · v_j (the first block starts from 0), 4
+            // rows × 4 vectors of dims in registers
+            let first = j0 == jmin;
             let mut c0 = 0;
             while c0 < nvh {
                 let masks: [__mmask16; 4] = std::array::from_fn(|c| {
@@ -220,19 +232,21 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 let mut r = 0;
                 while r < rc {
                     let mut acc: [[__m512; 4]; 4] = std::array::from_fn(|rr| {
-                        std::array::from_fn(|c| _mm512_loadu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c))))
-                    });
-                    for jj in 0..bl {
-                        let vr = a.vc.add(slots[jj]);
-                        // lanes past head_dim are masked off (not read)
-                        let vv: [__m512; 4] =
-                            std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], vr.wrapping_add(16 * (c0 + c))));
-                        for (rr, acc) in acc.iter_mut().enumerate() {
-                            let w = _mm512_set1_ps(*s.add(jj * ROWS + r + rr));
-                            for c in 0..4 {
-                                acc[c] = _mm512_fmadd_ps(vv[c], w, acc[c]);
+                        let cb = _mm512_set1_ps(cs[r + rr]);
+                        std::array::from_fn(|c| {
+                            if first {
+                                _mm512_setzero_ps()
+                            } else {
+                                _mm512_mul_ps(_mm512_loadu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c))), cb)
                             }
-                        }
+                        })
+                    });
+                    let vr = a.vc.wrapping_add(16 * c0);
+                    let w = s.add(r);
+                    if masks == [0xffff; 4] {
+                        value_keys::<false>(&mut acc, vr, &slots[..bl], w, masks);
+                    } else {
+                        value_keys::<true>(&mut acc, vr, &slots[..bl], w, masks);
                     }
                     for (rr, acc) in acc.iter().enumerate() {
                         for (c, x) in acc.iter().enumerate() {
@@ -258,6 +272,43 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 let mk = ((1u32 << n) - 1) as __mmask16;
                 let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
                 _mm512_mask_storeu_ps(dst.add(16 * ch), mk, x);
+            }
+        }
+    }
+}
+
+/// `acc[rr][c] += Σ_jj w[jj·ROWS + rr] · v_jj[16c ..]` over the keys whose cache rows (from
+/// `vc`) are `slots`: 4 rows × 4 vectors of dims; with `MASKED`, the lanes of vector `c` past
+/// `masks[c]` are not read (head_dim not a multiple of 64), else every vector is whole.
+///
+/// # Safety
+/// For every slot, the 64 floats from `vc + slot` (the `masks`' lanes of them with `MASKED`)
+/// are readable; `w` has `ROWS·slots.len()` floats; the host has AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn value_keys<const MASKED: bool>(
+    acc: &mut [[__m512; 4]; 4],
+    vc: *const f32,
+    slots: &[usize],
+    w: *const f32,
+    masks: [__mmask16; 4],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (jj, &slot) in slots.iter().enumerate() {
+            let vr = vc.wrapping_add(slot);
+            let vv: [__m512; 4] = std::array::from_fn(|c| {
+                if MASKED {
+                    _mm512_maskz_loadu_ps(masks[c], vr.wrapping_add(16 * c))
+                } else {
+                    _mm512_loadu_ps(vr.add(16 * c))
+                }
+            });
+            for (rr, acc) in acc.iter_mut().enumerate() {
+                let wb = _mm512_set1_ps(*w.add(jj * ROWS + rr));
+                for c in 0..4 {
+                    acc[c] = _mm512_fmadd_ps(vv[c], wb, acc[c]);
+                }
             }
         }
     }
