@@ -239,6 +239,9 @@ struct Entry {
     owner: usize,
     /// Whether it is the kernel's shared pre-pass (`Kernels::shared`), profiled apart.
     pre: bool,
+    /// Where its parts begin and end when they are not equal counts of units: `chunks + 1`
+    /// unit indices from this offset in the plan's bounds (`attention_bounds`).
+    bounds: Option<usize>,
 }
 
 /// Rows from which an int8 projection split over workers has them quantize its input once,
@@ -254,25 +257,65 @@ fn push_entry(plan: &mut Vec<Entry>, kernels: &Kernels, mut e: Entry, shared: Op
         let rows = e.n as usize;
         // (the barrier after it is what makes the rows complete before the projection reads them)
         let (chunks, cap) = (threads.min(rows), buf as i64);
-        plan.push(Entry { f: pre, units: rows, chunks, cap, pre: true, wait: true, owner: 0, ..e });
+        plan.push(Entry { f: pre, units: rows, chunks, cap, pre: true, wait: true, owner: 0, bounds: None, ..e });
         e.cap = buf as i64;
     }
     plan.push(e);
 }
 
-/// The plan entry of call `ci` over `n_call` rows. Attention's work per unit grows with the
-/// context (`span`: the largest position + 1): it splits once the cached positions make it
-/// worth it (decode at a long context has only kv_heads units, each a long scan).
+/// A row's attention cost beside its keys, in keys: loading its query, normalizing and
+/// storing its output.
+const ATTENTION_ROW_COST: usize = 16;
+
+/// Where the `chunks` parts of an attention call over rows at `pos` begin and end: `chunks +
+/// 1` unit indices from 0 to `kv_heads · pos.len()`. Units are (kv head, row) pairs, kv head
+/// major, and a row at position `p` scans `min(p + 1, window)` keys, so in a prompt's chunk the
+/// later rows cost more: the parts get equal shares of that cost, not equal counts of units.
+fn attention_bounds(kv_heads: usize, pos: &[i32], window: Option<usize>, chunks: usize) -> Vec<usize> {
+    let cost = |p: i32| {
+        let keys = (p.max(0) as usize).saturating_add(1);
+        window.map_or(keys, |w| w.min(keys)).saturating_add(ATTENTION_ROW_COST)
+    };
+    let n = pos.len();
+    let units = kv_heads.saturating_mul(n);
+    let total = pos.iter().fold(0u128, |a, &p| a + cost(p) as u128) * kv_heads as u128;
+    let mut bounds = Vec::with_capacity(chunks + 1);
+    bounds.push(0);
+    let (mut done, mut u) = (0u128, 0usize);
+    for part in 1..chunks {
+        let goal = total * part as u128 / chunks as u128;
+        // a unit goes to the part where the larger half of its cost lies
+        while u < units {
+            let c = cost(pos[u % n]) as u128;
+            if done + c / 2 >= goal {
+                break;
+            }
+            done += c;
+            u += 1;
+        }
+        bounds.push(u);
+    }
+    bounds.push(units);
+    bounds
+}
+
+/// The plan entry of call `ci` over `n_call` rows at `pos` (the step's or the sequence's).
+/// Attention's work per unit grows with the context (`span`: the largest position + 1): it
+/// splits once the cached positions make it worth it (decode at a long context has only
+/// kv_heads units, each a long scan), over rows in shares of keys scanned (`attention_bounds`,
+/// appended to `bounds`).
 #[allow(clippy::too_many_arguments)]
 fn entry(
     prog: &Program,
     kernels: &Kernels,
     ci: usize,
     n_call: usize,
+    pos: &[i32],
     span: usize,
     table: SendPtr,
     cap: i64,
     threads: usize,
+    bounds: &mut Vec<usize>,
 ) -> Entry {
     let call = &prog.calls[ci];
     let units = call.units.count(n_call);
@@ -285,6 +328,16 @@ fn entry(
     };
     let chunks =
         if threads > 1 && units >= 2 && units.saturating_mul(work) >= SPLIT_THRESHOLD { threads.min(units) } else { 1 };
+    let split = match prog.kernels[call.kernel] {
+        KernelSpec::Attention { kv_heads, window, .. }
+            if chunks > 1 && n_call > 1 && pos.len() == n_call && units == kv_heads * n_call =>
+        {
+            let at = bounds.len();
+            bounds.extend(attention_bounds(kv_heads, pos, window, chunks));
+            Some(at)
+        }
+        _ => None,
+    };
     // an int8 projection's fifth argument is its shared quantized rows, 0 until `push_entry`
     // gives it some (`qkv_rope` reads each row's cache capacity from its `KvRows` entry)
     let cap = if prog.kernels[call.kernel].int8_input().is_some() { 0 } else { cap };
@@ -299,11 +352,18 @@ fn entry(
         wait: true,
         owner: 0,
         pre: false,
+        bounds: split,
     }
 }
 
 /// Runs a step's calls in order, each split over the pool's threads as its entry says.
-fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &mut Option<Vec<(f64, usize)>>) {
+fn run_plan(
+    pool: &rayon::ThreadPool,
+    prog: &Program,
+    plan: &[Entry],
+    bounds: &[usize],
+    profile: &mut Option<Vec<(f64, usize)>>,
+) {
     let threads = pool.current_num_threads();
     if let Some(p) = profile.as_mut() {
         p.resize(2 * prog.kernels.len(), (0.0, 0));
@@ -312,7 +372,7 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
     // calls keeps the order (one parallel region per step, not one per call).
     let run_all = |tid: usize, barrier: Option<&SpinBarrier>, profile: Option<&mut Vec<(f64, usize)>>| {
         let mut profile = profile;
-        for &Entry { f, n: n_call, units, chunks, ref table, cap, kernel, wait, owner, pre } in plan {
+        for &Entry { f, n: n_call, units, chunks, ref table, cap, kernel, wait, owner, pre, bounds: split } in plan {
             // alone (no barrier), one worker does every unit
             let chunks = if barrier.is_some() { chunks } else { 1 };
             let t0 = profile.as_ref().map(|_| std::time::Instant::now());
@@ -325,9 +385,11 @@ fn run_plan(pool: &rayon::ThreadPool, prog: &Program, plan: &[Entry], profile: &
                 // gets the larger part of every sequence
                 (tid < chunks).then_some((tid + owner) % chunks)
             };
-            if let Some(part) = part {
-                let lo = units * part / chunks;
-                let hi = units * (part + 1) / chunks;
+            let range = part.map(|part| match split {
+                Some(at) if chunks > 1 => (bounds[at + part], bounds[at + part + 1]),
+                _ => (units * part / chunks, units * (part + 1) / chunks),
+            });
+            if let Some((lo, hi)) = range.filter(|(lo, hi)| lo < hi) {
                 // SAFETY: the pointer table matches the kernel's spec (built by lowering, and
                 // for a batch row-offset inside the arena); every buffer holds n_cap >= n rows;
                 // workers get disjoint unit ranges and a kernel writes only the
@@ -829,11 +891,13 @@ impl<'a> JitState<'a> {
         let span_all = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let shared = self.shared.as_mut().map(|b| b.ptr());
         let mut plan: Vec<Entry> = Vec::with_capacity(shape.len());
+        let mut bounds = Vec::new();
         for &(ci, per) in &shape {
             let e = match per {
                 None => {
                     let n_call = call_rows(prog.calls[ci].rows, n, s);
-                    entry(prog, kernels, ci, n_call, span_all, SendPtr(self.args[ci].as_ptr()), self.caps[ci], threads)
+                    let table = SendPtr(self.args[ci].as_ptr());
+                    entry(prog, kernels, ci, n_call, positions, span_all, table, self.caps[ci], threads, &mut bounds)
                 }
                 Some((i, t)) => {
                     let cap = prog.calls[ci]
@@ -842,7 +906,8 @@ impl<'a> JitState<'a> {
                         .map_or(0, |c| c.3 as i64);
                     let rows = &positions[starts[i]..starts[i] + lens[i]];
                     let span = rows.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
-                    let mut e = entry(prog, kernels, ci, lens[i], span, SendPtr(owned[t].as_ptr()), cap, threads);
+                    let table = SendPtr(owned[t].as_ptr());
+                    let mut e = entry(prog, kernels, ci, lens[i], rows, span, table, cap, threads, &mut bounds);
                     // the calls of the other sequences follow without a barrier, spread over
                     // the workers when they do not split
                     e.wait = i + 1 == s;
@@ -864,7 +929,7 @@ impl<'a> JitState<'a> {
                 }
             }
         }
-        run_plan(pool, prog, &plan, &mut self.profile);
+        run_plan(pool, prog, &plan, &bounds, &mut self.profile);
         // back to this state's own caches and sequence: no pointer into a sequence outlives
         // the step
         self.own_kv_rows();
@@ -904,12 +969,13 @@ impl<'a> JitState<'a> {
         let threads = pool.current_num_threads();
         let shared = self.shared.as_mut().map(|b| b.ptr());
         let mut plan: Vec<Entry> = Vec::with_capacity(prog.calls.len());
+        let mut bounds = Vec::new();
         for (ci, call) in prog.calls.iter().enumerate() {
             let n_call = call_rows(call.rows, n, 1);
-            let e = entry(prog, kernels, ci, n_call, span, tables[ci], self.caps[ci], threads);
+            let e = entry(prog, kernels, ci, n_call, positions, span, tables[ci], self.caps[ci], threads, &mut bounds);
             push_entry(&mut plan, kernels, e, shared, threads);
         }
-        run_plan(pool, prog, &plan, &mut self.profile);
+        run_plan(pool, prog, &plan, &bounds, &mut self.profile);
         self.logits(n, 1)
     }
 
@@ -937,5 +1003,44 @@ fn call_rows(rows: Rows, n: usize, s: usize) -> usize {
         Rows::N => n,
         Rows::Seqs => s,
         Rows::One => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{attention_bounds, ATTENTION_ROW_COST};
+
+    /// The parts cover every unit once, in order, and their costs differ by at most one unit's.
+    #[test]
+    fn attention_bounds_share_the_keys() {
+        for (kv, from, n, window, chunks) in [
+            (3usize, 0i32, 512usize, None, 2usize),
+            (3, 1536, 512, None, 2),
+            (3, 0, 512, None, 16),
+            (8, 0, 300, Some(64), 7),
+            (2, 100, 3, None, 5),
+            (1, 0, 1, None, 2),
+        ] {
+            let pos: Vec<i32> = (from..from + n as i32).collect();
+            let b = attention_bounds(kv, &pos, window, chunks);
+            assert_eq!(b.len(), chunks + 1);
+            assert_eq!((b[0], b[chunks]), (0, kv * n));
+            assert!(b.windows(2).all(|w| w[0] <= w[1]), "{b:?}");
+            let cost = |u: usize| {
+                let keys = pos[u % n] as usize + 1;
+                window.map_or(keys, |w| w.min(keys)) + ATTENTION_ROW_COST
+            };
+            let parts: Vec<usize> = b.windows(2).map(|w| (w[0]..w[1]).map(cost).sum()).collect();
+            let most = (0..kv * n).map(cost).max().unwrap_or(0);
+            let total: usize = parts.iter().sum();
+            for &p in &parts {
+                // each part is within one unit's cost of an equal share (and at most a unit off
+                // from each neighbour's boundary)
+                assert!(
+                    p.abs_diff(total / chunks) <= most + most / 2 + 1,
+                    "parts {parts:?} of {total} (unit at most {most})"
+                );
+            }
+        }
     }
 }

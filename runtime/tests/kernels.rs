@@ -966,6 +966,37 @@ fn attention_over_several_key_blocks() {
     }
 }
 
+/// Prefill attention splits over the workers in shares of keys scanned (a chunk's later rows
+/// scan more): whatever the split, every row's output is the one a single worker computes.
+#[test]
+fn attention_split_by_keys_equals_one_worker() {
+    for (window, hd, kv, group) in [(None, 64, 3, 3), (Some(150), 12, 2, 3)] {
+        let heads = kv * group;
+        let run = |threads: usize| {
+            let mut c = Case::new(3);
+            let q = c.rows("q", 512, heads * hd, 2.0);
+            let k = c.rows("k", 512, kv * hd, 2.0);
+            let v = c.rows("v", 512, kv * hd, 2.0);
+            let (pos, sq) = (c.positions(), c.seqs());
+            let scale = 1.0 / (hd as f32).sqrt();
+            let y = c
+                .g
+                .add(Op::Attention { layer: 0, heads, kv_heads: kv, head_dim: hd, window, scale }, &[q, k, v, pos, sq])
+                .unwrap();
+            let step = |from: i32, n: i32| {
+                ((from..from + n).map(|i| (i * 5 + 3) % 512).collect::<Vec<_>>(), (from..from + n).collect())
+            };
+            c.compare_on(y, &[step(0, 200), step(200, 190), step(390, 1)], 512, 200, threads)
+        };
+        let one = run(1);
+        assert!(one.worst < TOL, "window {window:?} hd {hd}: err {}", one.worst);
+        for threads in [2, 3, 5] {
+            let got = run(threads);
+            assert!(got.outputs == one.outputs, "{threads} workers differ from one (window {window:?}, hd {hd})");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 

@@ -97,7 +97,10 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
                 *o.add(r * OW + d) = 0.0;
             }
         }
-        let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize;
+        // blocks start at multiples of BLOCK, so a row's blocks (and its rounding) are the same
+        // whichever rows share its pass (another split over threads, a batch); a block wholly
+        // before a row's window changes nothing of it (weights 0, rescale by 1)
+        let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize / BLOCK * BLOCK;
         let jmax = hi_pos[..rc].iter().copied().max().unwrap_or(-1);
         // every row of the pass attends to positions `lo_all ..= hi_all` (a block inside
         // them needs no mask; lanes past `rc` are never stored)

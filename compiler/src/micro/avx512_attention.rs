@@ -121,7 +121,10 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                 *o.add(r * MAX_HEAD_DIM + d) = 0.0;
             }
         }
-        let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize;
+        // blocks start at multiples of BLOCK, so a row's blocks (and its rounding) are the same
+        // whichever rows share its pass (another split over threads, a batch); a block wholly
+        // before a row's window changes nothing of it (weights 0, rescale by 1)
+        let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize / BLOCK * BLOCK;
         let jmax = hi_pos[..rc].iter().copied().max().unwrap_or(-1);
         // keys every row attends to (`all_lo ..= all_hi`): a block inside needs no masks
         let all_lo = lo_pos[..rc].iter().copied().max().unwrap_or(i32::MAX) as i64;
