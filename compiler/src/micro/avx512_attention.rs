@@ -155,9 +155,11 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
             let mut jj = 0;
             while jj < bl {
                 let ks: [*const f32; KS] = std::array::from_fn(|i| a.kc.add(slots[(jj + i).min(bl - 1)]));
-                // the V rows of these keys (read after the block's scores) and the K rows two
-                // groups ahead: decode reads the cache once, from memory, and stalls on it
-                // without them
+                // the K rows two groups ahead, and in a pass of at most 16 rows (decode) the V
+                // rows of these keys (read after the block's scores): decode reads the cache
+                // once, from memory, and stalls on it without them; a prefill tile's value pass
+                // rereads each V row 16 times and its scratch fills L1 (with the V prefetches
+                // too it measured no faster)
                 for i in 0..KS.min(bl - jj) {
                     if V == 1 {
                         prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
@@ -286,7 +288,8 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
 ///
 /// # Safety
 /// For every slot, the 64 floats from `vc + slot` (the `masks`' lanes of them with `MASKED`)
-/// are readable; `w` has `ROWS·slots.len()` floats; the host has AVX-512 F.
+/// are readable; so is `w[jj·ROWS + rr]` for every key `jj` and `rr < 4`; the host has
+/// AVX-512 F.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn value_keys<const MASKED: bool>(
