@@ -132,7 +132,10 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
                 // the V rows of these keys (read after the block's scores) and the K rows two
                 // groups ahead
                 for i in 0..KS.min(bl - jj) {
-                    prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    // (V rows only in decode-sized passes, as in `avx512_attention`)
+                    if V == 1 {
+                        prefetch_row(a.vc.wrapping_add(slots[jj + i]), hd);
+                    }
                     if let Some(row) = key_row_ahead(&slots[..bl], j0, jj + i, 2 * KS, jmax, kvh, cap, hd) {
                         prefetch_row(a.kc.wrapping_add(row), hd);
                     }
@@ -180,15 +183,9 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
                 m[v] = mn;
                 _mm256_storeu_ps(cs.as_mut_ptr().add(8 * v), c);
             }
-            if j0 != jmin {
-                for (r, &c) in cs.iter().enumerate().take(rc) {
-                    let cb = _mm256_set1_ps(c);
-                    for ch in 0..nvh {
-                        let p = o.add(r * OW + 8 * ch);
-                        _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), cb));
-                    }
-                }
-            }
+            // (the outputs so far are rescaled as the value pass loads them; the first block's
+            // start from 0)
+            let rescale = |r: usize| (j0 != jmin).then(|| cs.as_ptr().add(r));
             // 3. weights e^(s - m) (masked: 0) and their sums
             for jj in 0..bl {
                 let j = (j0 + jj) as i32;
@@ -207,12 +204,12 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
                 while r < rc {
                     let n = (rc - r).min(6);
                     match n {
-                        6 => pv_rows::<6>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
-                        5 => pv_rows::<5>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
-                        4 => pv_rows::<4>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
-                        3 => pv_rows::<3>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
-                        2 => pv_rows::<2>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
-                        _ => pv_rows::<1>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd),
+                        6 => pv_rows::<6>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd, rescale(r)),
+                        5 => pv_rows::<5>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd, rescale(r)),
+                        4 => pv_rows::<4>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd, rescale(r)),
+                        3 => pv_rows::<3>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd, rescale(r)),
+                        2 => pv_rows::<2>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd, rescale(r)),
+                        _ => pv_rows::<1>(a.vc, &slots[..bl], s.add(r), o.add(r * OW), hd, rescale(r)),
                     }
                     r += n;
                 }
@@ -228,7 +225,12 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
                 let mut r = 0;
                 while r < rc {
                     let mut acc: [[__m256; 4]; 2] = std::array::from_fn(|rr| {
-                        std::array::from_fn(|c| _mm256_loadu_ps(o.add((r + rr) * OW + 8 * (c0 + c))))
+                        std::array::from_fn(|c| match rescale(r + rr) {
+                            Some(cr) => {
+                                _mm256_mul_ps(_mm256_loadu_ps(o.add((r + rr) * OW + 8 * (c0 + c))), _mm256_set1_ps(*cr))
+                            }
+                            None => _mm256_setzero_ps(),
+                        })
                     });
                     for jj in 0..bl {
                         let vr = a.vc.add(slots[jj]);
@@ -269,20 +271,32 @@ unsafe fn attend_rows<const V: usize, const VS: usize, const KS: usize>(a: &Attn
     }
 }
 
-/// `o[r][d] += Σ_jj s[jj][r] · v(slots[jj])[d]` for `R` rows (`o` rows `OW` floats apart, `s`
-/// rows `ROWS2` apart) over `hd` dims, a multiple of 16: `R` rows × 2 vectors of accumulators.
+/// `o[r][d] = o[r][d] · c[r] + Σ_jj s[jj][r] · v(slots[jj])[d]` for `R` rows (`o` rows `OW`
+/// floats apart, `s` rows `ROWS2` apart) over `hd` dims, a multiple of 16: `R` rows × 2
+/// vectors of accumulators; without `c`, `o` starts from 0 (the first block).
 ///
 /// # Safety
 /// `vc + slots[jj]` holds `hd` floats for every `jj`; `s` holds `slots.len()` rows of at least
-/// `R` floats; `o` holds `R` rows of at least `hd` floats; AVX2 and FMA.
+/// `R` floats; `o` holds `R` rows of at least `hd` floats; `c`, if any, `R` floats; AVX2 and FMA.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_rows<const R: usize>(vc: *const f32, slots: &[usize], s: *const f32, o: *mut f32, hd: usize) {
+unsafe fn pv_rows<const R: usize>(
+    vc: *const f32,
+    slots: &[usize],
+    s: *const f32,
+    o: *mut f32,
+    hd: usize,
+    c: Option<*const f32>,
+) {
     // SAFETY: the caller's contract.
     unsafe {
         for d0 in (0..hd).step_by(16) {
-            let mut acc: [[__m256; 2]; R] =
-                std::array::from_fn(|r| std::array::from_fn(|c| _mm256_loadu_ps(o.add(r * OW + d0 + 8 * c))));
+            let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|v| match c {
+                    Some(c) => _mm256_mul_ps(_mm256_loadu_ps(o.add(r * OW + d0 + 8 * v)), _mm256_set1_ps(*c.add(r))),
+                    None => _mm256_setzero_ps(),
+                })
+            });
             for (jj, &slot) in slots.iter().enumerate() {
                 let vr = vc.add(slot + d0);
                 let vv = [_mm256_loadu_ps(vr), _mm256_loadu_ps(vr.add(8))];
