@@ -65,6 +65,9 @@ pub unsafe extern "C" fn attend(a: *const AttnCall) {
         // SAFETY: rows r0..r0+rc of this call, as the contract describes.
         unsafe {
             match rc.div_ceil(16) {
+                // a decode pass: a group of heads of one row, or a few rows
+                _ if rc <= 4 => attend_keys::<4>(a, r0, rc),
+                _ if rc <= 8 => attend_keys::<8>(a, r0, rc),
                 1 => attend_rows::<1, 8>(a, r0, rc),
                 2 => attend_rows::<2, 4>(a, r0, rc),
                 3 => attend_rows::<3, 4>(a, r0, rc),
@@ -249,9 +252,9 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                     let vr = a.vc.wrapping_add(16 * c0);
                     let w = s.add(r);
                     if masks == [0xffff; 4] {
-                        value_keys::<false>(&mut acc, vr, &slots[..bl], w, masks);
+                        value_keys::<false>(&mut acc, vr, &slots[..bl], w, (ROWS, 1), masks);
                     } else {
-                        value_keys::<true>(&mut acc, vr, &slots[..bl], w, masks);
+                        value_keys::<true>(&mut acc, vr, &slots[..bl], w, (ROWS, 1), masks);
                     }
                     for (rr, acc) in acc.iter().enumerate() {
                         for (c, x) in acc.iter().enumerate() {
@@ -282,13 +285,14 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
     }
 }
 
-/// `acc[rr][c] += Σ_jj w[jj·ROWS + rr] · v_jj[16c ..]` over the keys whose cache rows (from
-/// `vc`) are `slots`: 4 rows × 4 vectors of dims; with `MASKED`, the lanes of vector `c` past
-/// `masks[c]` are not read (head_dim not a multiple of 64), else every vector is whole.
+/// `acc[rr][c] += Σ_jj w[jj·kstep + rr·rstep] · v_jj[16c ..]` (keys in order) over the keys
+/// whose cache rows (from `vc`) are `slots`: 4 rows × 4 vectors of dims; with `MASKED`, the
+/// lanes of vector `c` past `masks[c]` are not read (head_dim not a multiple of 64), else
+/// every vector is whole.
 ///
 /// # Safety
 /// For every slot, the 64 floats from `vc + slot` (the `masks`' lanes of them with `MASKED`)
-/// are readable; so is `w[jj·ROWS + rr]` for every key `jj` and `rr < 4`; the host has
+/// are readable; so is `w[jj·kstep + rr·rstep]` for every key `jj` and `rr < 4`; the host has
 /// AVX-512 F.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
@@ -297,6 +301,7 @@ unsafe fn value_keys<const MASKED: bool>(
     vc: *const f32,
     slots: &[usize],
     w: *const f32,
+    (kstep, rstep): (usize, usize),
     masks: [__mmask16; 4],
 ) {
     // SAFETY: the caller's contract.
@@ -311,10 +316,263 @@ unsafe fn value_keys<const MASKED: bool>(
                 }
             });
             for (rr, acc) in acc.iter_mut().enumerate() {
-                let wb = _mm512_set1_ps(*w.add(jj * ROWS + rr));
+                let wb = _mm512_set1_ps(*w.add(jj * kstep + rr * rstep));
                 for c in 0..4 {
                     acc[c] = _mm512_fmadd_ps(vv[c], wb, acc[c]);
                 }
+            }
+        }
+    }
+}
+
+/// The 16×16 block `r` transposed: lane `i` of `t[c]` is lane `c` of `r[i]` (unpacks of pairs
+/// of rows, of pairs of pairs, then two rounds of 128-bit lane shuffles).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4k + j]: in each 128-bit lane L, column 4L + j of rows 4k .. 4k + 4
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (k, j) = (i / 4, i % 4);
+        let x = _mm512_castps_pd(t[4 * k + j / 2]);
+        let y = _mm512_castps_pd(t[4 * k + 2 + j / 2]);
+        _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(x, y) } else { _mm512_unpackhi_pd(x, y) })
+    });
+    let mut out = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[j], u[4 + j]);
+        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+        let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+        out[j + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+        out[j + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+        out[j + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+    }
+    out
+}
+
+/// `attend_rows` for a decode pass of `rc ≤ R` rows (`R` is 4 or 8): lanes over keys instead
+/// of rows. The K rows of 16 keys are transposed in registers, 16 dims at a time, so a row's
+/// scores for 16 keys take one FMA per dim with its query element broadcast (with rows as
+/// lanes, a pass of 3 heads used 3 of 16 lanes and broadcast every K element). Every score,
+/// weight, sum and output is computed with the same operations in the same order as
+/// `attend_rows` (a score: FMAs over dims in order; the running sum: the block's weights in
+/// key order), so the results are bit-identical; only the lanes differ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn attend_keys<const R: usize>(a: &AttnCall, r0: usize, rc: usize) {
+    use std::mem::MaybeUninit;
+    static ZEROS: [f32; MAX_HEAD_DIM] = [0.0; MAX_HEAD_DIM];
+    let (group, hd, qs) = (a.group as usize, a.head_dim as usize, a.q_stride as usize);
+    let (cap, kvh) = (a.cap as usize, a.kvh as usize);
+    let nvh = hd.div_ceil(16);
+    let qrow = |r: usize| (r / group) * qs + (kvh * group + r % group) * hd;
+    // rows past rc score zero queries (finite scratch, never stored)
+    let mut qp = [ZEROS.as_ptr(); 8];
+    let mut lo_pos = [i32::MAX; 8];
+    let mut hi_pos = [-1i32; 8];
+    // Scratch: w[r·BLOCK + jj] the block's scores, then weights, for rows below R (written
+    // before read: every block writes its keys rounded up to 16); o[r·MAX_HEAD_DIM + d] as in
+    // `attend_rows` for rows below rc rounded up to 4 (≤ R) and dims below nvh rounded up to 4
+    // vectors.
+    let mut w = [0f32; 8 * BLOCK];
+    let mut o_m = MaybeUninit::<[f32; 8 * MAX_HEAD_DIM]>::uninit();
+    let o = o_m.as_mut_ptr() as *mut f32;
+    // SAFETY (whole body): as in `attend_rows`; K rows are those of keys below the block's
+    // length (the last one for lanes past it), query reads `qp[r] + d` with `d < hd` (a query
+    // row, or ZEROS of MAX_HEAD_DIM ≥ hd floats); `w` indices below R·BLOCK; `o` rows below R.
+    unsafe {
+        for r in 0..rc {
+            qp[r] = a.q.add(qrow(r0 + r));
+            let p = *a.pos.add((r0 + r) / group);
+            hi_pos[r] = p;
+            lo_pos[r] = if a.window > 0 { (p as i64 - a.window as i64 + 1).max(0) as i32 } else { 0 };
+        }
+        let rows4 = rc.div_ceil(4) * 4;
+        let dims4 = nvh.div_ceil(4) * 4 * 16;
+        for r in 0..rows4 {
+            for d in 0..dims4 {
+                *o.add(r * MAX_HEAD_DIM + d) = 0.0;
+            }
+        }
+        let jmin = lo_pos[..rc].iter().copied().min().unwrap_or(0).max(0) as usize / BLOCK * BLOCK;
+        let jmax = hi_pos[..rc].iter().copied().max().unwrap_or(-1);
+        let all_lo = lo_pos[..rc].iter().copied().max().unwrap_or(i32::MAX) as i64;
+        let all_hi = hi_pos[..rc].iter().copied().min().unwrap_or(-1) as i64;
+        let mut m = [MASKED; 8];
+        let mut l = [0f32; 8];
+        let scale = _mm512_set1_ps(a.scale);
+        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let mut slots = [0usize; BLOCK];
+        let mut j0 = jmin;
+        while (j0 as i64) <= jmax as i64 {
+            let bl = (jmax as usize + 1 - j0).min(BLOCK);
+            block_rows(&mut slots[..bl], j0, kvh, cap, hd);
+            let inside = all_lo <= j0 as i64 && (j0 + bl - 1) as i64 <= all_hi;
+            if j0 == jmin {
+                for &row in slots.iter().take(bl.min(16)) {
+                    prefetch_row(a.kc.wrapping_add(row), hd);
+                }
+            }
+            // 1. scores, 16 keys a turn (past the block's end: its last key, masked)
+            let mut mx = [_mm512_set1_ps(MASKED); 8];
+            for g in 0..bl.div_ceil(16) {
+                let jj0 = 16 * g;
+                let live_n = (bl - jj0).min(16);
+                // this group's V rows (read in 4.) and the next group's K rows
+                for i in 0..live_n {
+                    prefetch_row(a.vc.wrapping_add(slots[jj0 + i]), hd);
+                    if let Some(row) = key_row_ahead(&slots[..bl], j0, jj0 + i, 16, jmax, kvh, cap, hd) {
+                        prefetch_row(a.kc.wrapping_add(row), hd);
+                    }
+                }
+                let krow: [*const f32; 16] = std::array::from_fn(|i| a.kc.add(slots[(jj0 + i).min(bl - 1)]));
+                let mut acc = [_mm512_setzero_ps(); R];
+                for ch in 0..nvh {
+                    let n = (hd - 16 * ch).min(16);
+                    let mk = ((1u32 << n) - 1) as __mmask16;
+                    let kr: [__m512; 16] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(mk, krow[i].add(16 * ch)));
+                    let kt = transpose16(&kr);
+                    for (dd, kt) in kt.iter().enumerate().take(n) {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm512_fmadd_ps(*kt, _mm512_set1_ps(*qp[r].add(16 * ch + dd)), *acc);
+                        }
+                    }
+                }
+                let unmasked = inside && live_n == 16;
+                let jv = _mm512_add_epi32(_mm512_set1_epi32((j0 + jj0) as i32), iota);
+                let in_block = ((1u32 << live_n) - 1) as __mmask16;
+                for (r, acc) in acc.iter().enumerate() {
+                    let sc = _mm512_mul_ps(*acc, scale);
+                    let sc = if unmasked {
+                        sc
+                    } else {
+                        let mk = _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(hi_pos[r]))
+                            & _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(lo_pos[r]))
+                            & in_block;
+                        _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), mk, sc)
+                    };
+                    _mm512_storeu_ps(w.as_mut_ptr().add(r * BLOCK + jj0), sc);
+                    mx[r] = _mm512_max_ps(mx[r], sc);
+                }
+            }
+            // 2. the running maximum moves; 3. weights e^(s - m) (masked: 0) and their sums,
+            // key by key
+            let mut cs = [0f32; 8];
+            for r in 0..R {
+                let mb = _mm512_reduce_max_ps(mx[r]);
+                // (`_mm512_max_ps(m, mx)` of `attend_rows`, lane by lane)
+                let mn = if m[r] > mb { m[r] } else { mb };
+                let c = _mm512_cvtss_f32(exp512_nonpos(_mm512_set1_ps(m[r] - mn)));
+                l[r] *= c;
+                m[r] = mn;
+                cs[r] = c;
+                let mv = _mm512_set1_ps(mn);
+                for g in 0..bl.div_ceil(16) {
+                    let jj0 = 16 * g;
+                    let live_n = (bl - jj0).min(16);
+                    let p = w.as_mut_ptr().add(r * BLOCK + jj0);
+                    let e = exp512_nonpos(_mm512_sub_ps(_mm512_loadu_ps(p), mv));
+                    let e = if inside {
+                        e
+                    } else {
+                        let jv = _mm512_add_epi32(_mm512_set1_epi32((j0 + jj0) as i32), iota);
+                        let mk = _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(hi_pos[r]))
+                            & _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(lo_pos[r]));
+                        _mm512_maskz_mov_ps(mk, e)
+                    };
+                    _mm512_storeu_ps(p, e);
+                    for i in 0..live_n {
+                        l[r] += *p.add(i);
+                    }
+                }
+            }
+            // 4. out[r] = out[r] · c[r] + Σ_j p[r][j] · v_j, as in `attend_rows`
+            let first = j0 == jmin;
+            let mut c0 = 0;
+            while c0 < nvh {
+                let masks: [__mmask16; 4] = std::array::from_fn(|c| {
+                    let first = 16 * (c0 + c);
+                    if first >= hd {
+                        0
+                    } else if hd - first >= 16 {
+                        0xffff
+                    } else {
+                        ((1u32 << (hd - first)) - 1) as __mmask16
+                    }
+                });
+                let mut r = 0;
+                while r < rc {
+                    let mut acc: [[__m512; 4]; 4] = std::array::from_fn(|rr| {
+                        let cb = _mm512_set1_ps(cs[r + rr]);
+                        std::array::from_fn(|c| {
+                            if first {
+                                _mm512_setzero_ps()
+                            } else {
+                                _mm512_mul_ps(_mm512_loadu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c))), cb)
+                            }
+                        })
+                    });
+                    let vr = a.vc.wrapping_add(16 * c0);
+                    let wr = w.as_ptr().add(r * BLOCK);
+                    if masks == [0xffff; 4] {
+                        value_keys::<false>(&mut acc, vr, &slots[..bl], wr, (1, BLOCK), masks);
+                    } else {
+                        value_keys::<true>(&mut acc, vr, &slots[..bl], wr, (1, BLOCK), masks);
+                    }
+                    for (rr, acc) in acc.iter().enumerate() {
+                        for (c, x) in acc.iter().enumerate() {
+                            _mm512_storeu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c)), *x);
+                        }
+                    }
+                    r += 4;
+                }
+                c0 += 4;
+            }
+            j0 += bl;
+        }
+        // normalize and store
+        for (r, &lr) in l.iter().enumerate().take(rc) {
+            let inv = _mm512_set1_ps(1.0 / lr);
+            let dst = a.out.add(qrow(r0 + r));
+            for ch in 0..nvh {
+                let n = (hd - 16 * ch).min(16);
+                let mk = ((1u32 << n) - 1) as __mmask16;
+                let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
+                _mm512_mask_storeu_ps(dst.add(16 * ch), mk, x);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        // SAFETY: AVX-512 F is present; the loads read the 256 floats of `m`.
+        let got = unsafe {
+            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            transpose16(&r)
+        };
+        for (c, t) in got.iter().enumerate() {
+            let mut lanes = [0f32; 16];
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *t) };
+            for (i, &x) in lanes.iter().enumerate() {
+                assert_eq!(x, m[16 * i + c], "lane {i} of column {c}");
             }
         }
     }
