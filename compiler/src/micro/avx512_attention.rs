@@ -222,49 +222,9 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
                     l[v] = _mm512_add_ps(l[v], e);
                 }
             }
-            // 4. out[r] = out[r] · c[r] + Σ_j p[j][r] · v_j (the first block starts from 0), 4
-            // rows × 4 vectors of dims in registers
-            let first = j0 == jmin;
-            let mut c0 = 0;
-            while c0 < nvh {
-                let masks: [__mmask16; 4] = std::array::from_fn(|c| {
-                    let first = 16 * (c0 + c);
-                    if first >= hd {
-                        0
-                    } else if hd - first >= 16 {
-                        0xffff
-                    } else {
-                        ((1u32 << (hd - first)) - 1) as __mmask16
-                    }
-                });
-                let mut r = 0;
-                while r < rc {
-                    let mut acc: [[__m512; 4]; 4] = std::array::from_fn(|rr| {
-                        let cb = _mm512_set1_ps(cs[r + rr]);
-                        std::array::from_fn(|c| {
-                            if first {
-                                _mm512_setzero_ps()
-                            } else {
-                                _mm512_mul_ps(_mm512_loadu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c))), cb)
-                            }
-                        })
-                    });
-                    let vr = a.vc.wrapping_add(16 * c0);
-                    let w = s.add(r);
-                    if masks == [0xffff; 4] {
-                        value_keys::<false>(&mut acc, vr, &slots[..bl], w, (ROWS, 1), masks);
-                    } else {
-                        value_keys::<true>(&mut acc, vr, &slots[..bl], w, (ROWS, 1), masks);
-                    }
-                    for (rr, acc) in acc.iter().enumerate() {
-                        for (c, x) in acc.iter().enumerate() {
-                            _mm512_storeu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c)), *x);
-                        }
-                    }
-                    r += 4;
-                }
-                c0 += 4;
-            }
+            // 4. out[r] = out[r] · c[r] + Σ_j p[j][r] · v_j (the first block starts from 0)
+            let c = (j0 != jmin).then_some(&cs[..]);
+            value_pass(o, a.vc, &slots[..bl], s, (ROWS, 1), c, rc, hd);
             j0 += bl;
         }
         // normalize and store
@@ -272,14 +232,89 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
         for (v, lv) in l.iter().enumerate() {
             _mm512_storeu_ps(ls.as_mut_ptr().add(16 * v), *lv);
         }
-        for (r, &lr) in ls.iter().enumerate().take(rc) {
+        store_rows(o, &ls[..rc], hd, |r| a.out.add(qrow(r0 + r)));
+    }
+}
+
+/// Step 4. of a block of keys (cache rows `slots`) for the rows below `rc`:
+/// `o[r] = o[r] · c[r] + Σ_jj w[jj·kstep + r·rstep] · v_jj` (keys in order; without `c`, `o`
+/// starts from 0: the first block), 4 rows × 4 vectors of dims in registers.
+///
+/// # Safety
+/// `o` has `rc` rounded up to 4 rows of `MAX_HEAD_DIM` floats; `w` and every slot's V row are
+/// readable as `value_keys` says for those rows; `c` has that many factors; `hd ≤
+/// MAX_HEAD_DIM`; the host has AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_pass(
+    o: *mut f32,
+    vc: *const f32,
+    slots: &[usize],
+    w: *const f32,
+    (kstep, rstep): (usize, usize),
+    c: Option<&[f32]>,
+    rc: usize,
+    hd: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut c0 = 0;
+        while c0 < hd.div_ceil(16) {
+            let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+                let first = 16 * (c0 + v);
+                if first >= hd {
+                    0
+                } else if hd - first >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (hd - first)) - 1) as __mmask16
+                }
+            });
+            let mut r = 0;
+            while r < rc {
+                let at = |rr: usize, v: usize| o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + v));
+                let mut acc: [[__m512; 4]; 4] = std::array::from_fn(|rr| {
+                    std::array::from_fn(|v| match c {
+                        Some(c) => _mm512_mul_ps(_mm512_loadu_ps(at(rr, v)), _mm512_set1_ps(c[r + rr])),
+                        None => _mm512_setzero_ps(),
+                    })
+                });
+                let (vr, wr) = (vc.wrapping_add(16 * c0), w.add(r * rstep));
+                if masks == [0xffff; 4] {
+                    value_keys::<false>(&mut acc, vr, slots, wr, (kstep, rstep), masks);
+                } else {
+                    value_keys::<true>(&mut acc, vr, slots, wr, (kstep, rstep), masks);
+                }
+                for (rr, acc) in acc.iter().enumerate() {
+                    for (v, x) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(at(rr, v), *x);
+                    }
+                }
+                r += 4;
+            }
+            c0 += 4;
+        }
+    }
+}
+
+/// Row `r < l.len()` of `o` (`MAX_HEAD_DIM` floats apart) times `1 / l[r]`, its `hd` floats
+/// stored at `dst(r)`.
+///
+/// # Safety
+/// `o` has those rows; `dst(r)` takes `hd ≤ MAX_HEAD_DIM` floats; the host has AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows(o: *const f32, l: &[f32], hd: usize, dst: impl Fn(usize) -> *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (r, &lr) in l.iter().enumerate() {
             let inv = _mm512_set1_ps(1.0 / lr);
-            let dst = a.out.add(qrow(r0 + r));
-            for ch in 0..nvh {
+            for ch in 0..hd.div_ceil(16) {
                 let n = (hd - 16 * ch).min(16);
                 let mk = ((1u32 << n) - 1) as __mmask16;
                 let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
-                _mm512_mask_storeu_ps(dst.add(16 * ch), mk, x);
+                _mm512_mask_storeu_ps(dst(r).add(16 * ch), mk, x);
             }
         }
     }
@@ -495,60 +530,12 @@ unsafe fn attend_keys<const R: usize>(a: &AttnCall, r0: usize, rc: usize) {
                 }
             }
             // 4. out[r] = out[r] · c[r] + Σ_j p[r][j] · v_j, as in `attend_rows`
-            let first = j0 == jmin;
-            let mut c0 = 0;
-            while c0 < nvh {
-                let masks: [__mmask16; 4] = std::array::from_fn(|c| {
-                    let first = 16 * (c0 + c);
-                    if first >= hd {
-                        0
-                    } else if hd - first >= 16 {
-                        0xffff
-                    } else {
-                        ((1u32 << (hd - first)) - 1) as __mmask16
-                    }
-                });
-                let mut r = 0;
-                while r < rc {
-                    let mut acc: [[__m512; 4]; 4] = std::array::from_fn(|rr| {
-                        let cb = _mm512_set1_ps(cs[r + rr]);
-                        std::array::from_fn(|c| {
-                            if first {
-                                _mm512_setzero_ps()
-                            } else {
-                                _mm512_mul_ps(_mm512_loadu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c))), cb)
-                            }
-                        })
-                    });
-                    let vr = a.vc.wrapping_add(16 * c0);
-                    let wr = w.as_ptr().add(r * BLOCK);
-                    if masks == [0xffff; 4] {
-                        value_keys::<false>(&mut acc, vr, &slots[..bl], wr, (1, BLOCK), masks);
-                    } else {
-                        value_keys::<true>(&mut acc, vr, &slots[..bl], wr, (1, BLOCK), masks);
-                    }
-                    for (rr, acc) in acc.iter().enumerate() {
-                        for (c, x) in acc.iter().enumerate() {
-                            _mm512_storeu_ps(o.add((r + rr) * MAX_HEAD_DIM + 16 * (c0 + c)), *x);
-                        }
-                    }
-                    r += 4;
-                }
-                c0 += 4;
-            }
+            let c = (j0 != jmin).then_some(&cs[..]);
+            value_pass(o, a.vc, &slots[..bl], w.as_ptr(), (1, BLOCK), c, rc, hd);
             j0 += bl;
         }
         // normalize and store
-        for (r, &lr) in l.iter().enumerate().take(rc) {
-            let inv = _mm512_set1_ps(1.0 / lr);
-            let dst = a.out.add(qrow(r0 + r));
-            for ch in 0..nvh {
-                let n = (hd - 16 * ch).min(16);
-                let mk = ((1u32 << n) - 1) as __mmask16;
-                let x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * MAX_HEAD_DIM + 16 * ch)), inv);
-                _mm512_mask_storeu_ps(dst.add(16 * ch), mk, x);
-            }
-        }
+        store_rows(o, &l[..rc], hd, |r| a.out.add(qrow(r0 + r)));
     }
 }
 
