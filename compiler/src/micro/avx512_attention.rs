@@ -101,20 +101,28 @@ unsafe fn attend_rows<const V: usize, const KS: usize>(a: &AttnCall, r0: usize, 
     // `d < hd`; cache rows are `(kvh·cap + slot)·hd + d` with `slot < cap`; scratch indices
     // stay below the sizes above (`rc ≤ 16·V ≤ ROWS`, `hd ≤ MAX_HEAD_DIM`, `jj < BLOCK + 8`).
     unsafe {
-        // lanes past the rows hold zeros: whole vectors of them, then the rows' queries over
-        // them (a decode pass has 1–4 rows in 16 lanes; LLVM writes each row with scatters)
-        for d in 0..hd {
-            for v in 0..V {
-                _mm512_storeu_ps(qt.add(d * ROWS + 16 * v), _mm512_setzero_ps());
-            }
-        }
         for r in 0..rc {
-            let q = a.q.add(qrow(r0 + r));
             let p = *a.pos.add((r0 + r) / group);
             hi_pos[r] = p;
             lo_pos[r] = if a.window > 0 { (p as i64 - a.window as i64 + 1).max(0) as i32 } else { 0 };
-            for d in 0..hd {
-                *qt.add(d * ROWS + r) = *q.add(d);
+        }
+        // the rows' queries transposed, 16 rows × 16 dims at a time in registers (lanes past
+        // the rows hold zeros)
+        for v in 0..V {
+            for ch in 0..hd.div_ceil(16) {
+                let n = (hd - 16 * ch).min(16);
+                let mk = ((1u32 << n) - 1) as __mmask16;
+                let rows: [__m512; 16] = std::array::from_fn(|i| {
+                    let r = 16 * v + i;
+                    if r < rc {
+                        _mm512_maskz_loadu_ps(mk, a.q.add(qrow(r0 + r) + 16 * ch))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (dd, t) in transpose16(&rows).iter().enumerate().take(n) {
+                    _mm512_storeu_ps(qt.add((16 * ch + dd) * ROWS + 16 * v), *t);
+                }
             }
         }
         let rows4 = rc.div_ceil(4) * 4;
